@@ -1,0 +1,12 @@
+//! Bartleby: a backup MX mail relay for a 486 with 16 MB of RAM.
+//!
+//! Data flows one way: socket → [`session`] → [`spool`] → [`scheduler`] →
+//! [`delivery`] → the primary. [`bounces`] turns failures into RFC 3464
+//! reports, [`status`] shows the queue on the LAN, [`init`] does the
+//! appliance's PID 1 duties.
+
+pub mod config;
+pub mod logging;
+pub mod spool;
+pub mod stats;
+pub mod util;

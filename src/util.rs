@@ -1,0 +1,118 @@
+//! Small helpers shared by several roles: clock, dates, queue IDs.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// (year, month 1-12, day 1-31) of a day count since 1970-01-01
+/// (Howard Hinnant's civil_from_days; no time zone database on a floppy).
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = if z >= 0 { z } else { z - 146_096 } / 146_097;
+    let doe = (z - era * 146_097) as u64;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe as i64 + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+
+/// RFC 5322 date, always UTC: `Sun, 22 Nov 2026 04:15:58 +0000`.
+pub fn rfc5322_date(t: u64) -> String {
+    let days = (t / 86400) as i64;
+    let (y, m, d) = civil_from_days(days);
+    let s = t % 86400;
+    format!(
+        "{}, {} {} {} {:02}:{:02}:{:02} +0000",
+        DAYS[(days % 7) as usize],
+        d,
+        MONTHS[(m - 1) as usize],
+        y,
+        s / 3600,
+        (s / 60) % 60,
+        s % 60
+    )
+}
+
+/// The `mailq` date column: `Sun Nov 22 04:15:58`.
+pub fn mailq_date(t: u64) -> String {
+    let days = (t / 86400) as i64;
+    let (_, m, d) = civil_from_days(days);
+    let s = t % 86400;
+    format!("{} {} {:2} {:02}:{:02}:{:02}", DAYS[(days % 7) as usize], MONTHS[(m - 1) as usize], d, s / 3600, (s / 60) % 60, s % 60)
+}
+
+/// ISO 8601 / RFC 3339 in UTC: `2026-11-22T04:15:58Z`.
+pub fn iso_date(t: u64) -> String {
+    let (y, m, d) = civil_from_days((t / 86400) as i64);
+    let s = t % 86400;
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, (s / 60) % 60, s % 60)
+}
+
+/// A short human duration: `45s`, `12m`, `3h07m`, `2d04h`.
+pub fn human_duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86400 => format!("{}h{:02}m", s / 3600, (s / 60) % 60),
+        s => format!("{}d{:02}h", s / 86400, (s / 3600) % 24),
+    }
+}
+
+/// A queue ID: uppercase hex, 13 characters, like Postfix's short IDs.
+pub type QueueId = heapless::String<16>;
+
+static ID_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A new queue ID. The time part orders IDs by arrival; the counter part
+/// starts from the clock's microseconds so that a restart within the same
+/// second does not reuse IDs. The spool still creates files exclusively.
+pub fn new_queue_id() -> QueueId {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let mut c = ID_COUNTER.load(Ordering::Relaxed);
+    if c == 0 {
+        let _ = ID_COUNTER.compare_exchange(0, d.subsec_micros() | 1, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    c = ID_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut id = QueueId::new();
+    use std::fmt::Write;
+    let _ = write!(id, "{:08X}{:05X}", d.as_secs() as u32, c & 0xF_FFFF);
+    id
+}
+
+/// True for a string shaped like a queue ID (defends file names built from input).
+pub fn valid_queue_id(s: &str) -> bool {
+    (6..=16).contains(&s.len()) && s.bytes().all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(&c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc5322_date(0), "Thu, 1 Jan 1970 00:00:00 +0000");
+        assert_eq!(rfc5322_date(1_795_320_958), "Sun, 22 Nov 2026 04:15:58 +0000");
+        assert_eq!(iso_date(1_795_320_958), "2026-11-22T04:15:58Z");
+        assert_eq!(mailq_date(1_795_320_958), "Sun Nov 22 04:15:58");
+        assert_eq!(human_duration(3 * 3600 + 7 * 60), "3h07m");
+    }
+
+    #[test]
+    fn ids_unique_and_valid() {
+        let a = new_queue_id();
+        let b = new_queue_id();
+        assert_ne!(a, b);
+        assert!(valid_queue_id(&a), "{a}");
+        assert!(!valid_queue_id("../etc"));
+    }
+}
