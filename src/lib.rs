@@ -2,11 +2,19 @@
 //!
 //! Data flows one way: socket → [`session`] → [`spool`] → [`scheduler`] →
 //! [`delivery`] → the primary. [`bounces`] turns failures into RFC 3464
-//! reports, [`status`] shows the queue on the LAN, [`init`] does the
+//! reports, `status` shows the queue on the LAN, `init` does the
 //! appliance's PID 1 duties.
 
+pub mod bounces;
 pub mod config;
+pub mod data;
+pub mod delivery;
 pub mod logging;
+pub mod mailq;
+pub mod policy;
+pub mod scheduler;
+pub mod server;
+pub mod session;
 pub mod spool;
 pub mod stats;
 pub mod util;

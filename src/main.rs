@@ -1,1 +1,166 @@
-fn main() {}
+//! `bartleby`: command line of the backup MX relay.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use bartleby::config::Config;
+use bartleby::stats::Stats;
+use bartleby::{logging, mailq, server, spool};
+
+const DEFAULT_CONFIG: &str = "/etc/bartleby/bartleby.toml";
+
+const USAGE: &str = "\
+Usage: bartleby COMMAND [-c FILE]
+
+A backup MX mail relay: accepts mail for the configured domains while the
+primary mail server is down, spools it durably and forwards it when the
+primary is back.
+
+Commands:
+  serve     run the relay in the foreground (SMTP, scheduler, status page)
+  mailq     list the queue (like sendmail -bp / Postfix mailq)
+  flush     ask the running server to try all queued mail now (like sendmail -q)
+  check     validate the configuration file and exit
+
+Options:
+  -c, --config FILE   configuration file (default /etc/bartleby/bartleby.toml)
+  -h, --help          this help
+  -V, --version       version
+";
+
+struct Args {
+    command: String,
+    config: PathBuf,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut command = None;
+    let mut config = PathBuf::from(DEFAULT_CONFIG);
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "-h" | "--help" | "help" => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            "-V" | "--version" => {
+                println!("bartleby {}", env!("CARGO_PKG_VERSION"));
+                std::process::exit(0);
+            }
+            "-c" | "--config" => config = PathBuf::from(it.next().ok_or("-c needs a file name")?),
+            s if s.starts_with("--config=") => config = PathBuf::from(&s[9..]),
+            s if s.starts_with('-') => return Err(format!("unknown option `{s}`")),
+            s if command.is_none() => command = Some(s.to_string()),
+            s => return Err(format!("unexpected argument `{s}`")),
+        }
+    }
+    let command = command.ok_or("no command given")?;
+    Ok(Args { command, config })
+}
+
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("bartleby: {e}");
+        ExitCode::from(78) // EX_CONFIG
+    })
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bartleby: {e}\n\n{USAGE}");
+            return ExitCode::from(64); // EX_USAGE
+        }
+    };
+    match args.command.as_str() {
+        "check" => match load(&args.config) {
+            Ok(c) => {
+                println!(
+                    "{}: OK: {} relaying for {} to {}",
+                    args.config.display(),
+                    c.hostname,
+                    c.relay_domains.join(", "),
+                    c.primary
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        "mailq" => {
+            let cfg = match load(&args.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let sp = match spool::Spool::open(&cfg.spool) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("bartleby: {e}");
+                    return ExitCode::from(69);
+                }
+            };
+            let stdout = std::io::stdout();
+            match mailq::print(&sp, &mut stdout.lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("bartleby: mailq: {e}");
+                    ExitCode::from(74)
+                }
+            }
+        }
+        "flush" => {
+            let cfg = match load(&args.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match server::control_request(&cfg.spool, "flush") {
+                Ok(answer) => {
+                    println!("bartleby: {answer}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("bartleby: flush: {e}");
+                    ExitCode::from(69) // EX_UNAVAILABLE
+                }
+            }
+        }
+        "serve" => serve(&args.config),
+        other => {
+            eprintln!("bartleby: unknown command `{other}`\n\n{USAGE}");
+            ExitCode::from(64)
+        }
+    }
+}
+
+fn serve(path: &std::path::Path) -> ExitCode {
+    let cfg = match load(path) {
+        Ok(c) => Arc::new(c),
+        Err(code) => return code,
+    };
+    if let Err(e) = logging::init(cfg.log_level, cfg.log_file.as_deref()) {
+        eprintln!("bartleby: {e}");
+        return ExitCode::from(73);
+    }
+    let stats = Arc::new(Stats::new());
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(2)
+        .thread_stack_size(256 * 1024)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bartleby: cannot start runtime: {e}");
+            return ExitCode::from(71);
+        }
+    };
+    match rt.block_on(server::serve(cfg, stats)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!(target: logging::MASTER, "fatal: {e}");
+            eprintln!("bartleby: fatal: {e}");
+            ExitCode::from(75)
+        }
+    }
+}

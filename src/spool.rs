@@ -519,6 +519,7 @@ impl SpoolWriter {
 
 /// Group commit: sessions that finished a message ask for a sync and wait;
 /// one `syncfs` on a blocking thread serves all who asked before it began.
+#[derive(Clone)]
 pub struct Committer {
     tx: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Result<(), String>>>,
 }

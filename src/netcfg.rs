@@ -1,0 +1,530 @@
+//! Network configuration for the appliance (PID 1 only): interfaces up, static
+//! IPv4 or a small DHCP client, default route, `/etc/resolv.conf`.
+//!
+//! Everything is done with plain ioctls on a UDP socket (`SIOCSIFFLAGS`,
+//! `SIOCSIFADDR`, `SIOCSIFNETMASK`, `SIOCADDRT`), so the image needs no `ip`
+//! or `udhcpc`. The DHCP client speaks DISCOVER/OFFER/REQUEST/ACK over an
+//! ordinary UDP socket bound to `0.0.0.0:68` with `SO_BROADCAST` and
+//! `SO_BINDTODEVICE` (Linux routes limited broadcasts out of a bound device
+//! even before it has an address). Retries and waiting time are bounded; a
+//! lease is renewed by a small background thread at half its lifetime.
+//!
+//! IPv6 needs nothing here: the kernel gives every interface a link-local
+//! address and follows router advertisements (SLAAC) on its own.
+
+use std::io::{self, Error, ErrorKind};
+use std::net::{Ipv4Addr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+macro_rules! say {
+    ($($a:tt)*) => { eprintln!("bartleby-net: {}", format_args!($($a)*)) };
+}
+
+/// What the last successful `configure` did: (arguments, summary).
+static LAST: Mutex<Option<(String, String)>> = Mutex::new(None);
+
+/// Configures `iface` (default: the first interface other than `lo`) with
+/// `address` (`"dhcp"` or `"a.b.c.d/prefix"`), an optional default `gateway`,
+/// and `dns` servers (written to `/etc/resolv.conf`; with DHCP an empty list
+/// means "use the servers the lease names"). Also brings `lo` up.
+///
+/// Returns a one-line summary such as `eth0 10.0.2.15/24 via 10.0.2.2`.
+/// Calling it again with the same arguments returns the first summary
+/// without redoing anything (so both init and main may call it).
+pub fn configure(iface: Option<&str>, address: &str, gateway: Option<&str>, dns: &[String]) -> io::Result<String> {
+    let key = format!("{iface:?}|{address}|{gateway:?}|{dns:?}");
+    if let Some((k, s)) = LAST.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if *k == key {
+            return Ok(s.clone());
+        }
+    }
+    let _ = set_up("lo");
+    let name = match iface {
+        Some(n) if !n.is_empty() => n.to_string(),
+        _ => first_interface(Duration::from_secs(3))
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, "no network interface found (no NIC driver matched the hardware?)"))?,
+    };
+    set_up(&name)?;
+    let summary = if address.trim().eq_ignore_ascii_case("dhcp") {
+        let gw: Option<Ipv4Addr> = gateway.and_then(|g| g.parse().ok());
+        let lease = match dhcp(&name, Duration::from_secs(20)) {
+            Ok(l) => l,
+            Err(e) => {
+                // keep trying in the background: the DHCP server may simply be down
+                spawn_renewer(name.clone(), None, gw, dns.to_vec());
+                return Err(Error::new(e.kind(), format!("{e}; retrying every minute in the background")));
+            }
+        };
+        apply(&name, lease.addr, lease.mask, gw.or(lease.router))?;
+        let servers: Vec<String> = if dns.is_empty() { lease.dns.iter().map(|a| a.to_string()).collect() } else { dns.to_vec() };
+        write_resolv_conf(&servers);
+        let s = format!(
+            "{name} {}/{} via {} dns {} (dhcp from {}, lease {})",
+            lease.addr,
+            prefix_len(lease.mask),
+            lease.router.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+            if servers.is_empty() { "-".to_string() } else { servers.join(",") },
+            lease.server,
+            if lease.lease_secs == u32::MAX { "infinite".to_string() } else { format!("{}s", lease.lease_secs) }
+        );
+        if lease.lease_secs != u32::MAX && lease.lease_secs > 0 {
+            spawn_renewer(name.clone(), Some(lease), gw, dns.to_vec());
+        }
+        s
+    } else {
+        let (addr, prefix) = parse_cidr(address)?;
+        let mask = mask_of(prefix);
+        let gw = match gateway {
+            Some(g) if !g.is_empty() => Some(g.parse::<Ipv4Addr>().map_err(|_| inval(format!("gateway `{g}` is not an IPv4 address")))?),
+            _ => None,
+        };
+        apply(&name, addr, mask, gw)?;
+        write_resolv_conf(dns);
+        format!(
+            "{name} {addr}/{prefix} via {} dns {} (static)",
+            gw.map(|g| g.to_string()).unwrap_or_else(|| "-".into()),
+            if dns.is_empty() { "-".to_string() } else { dns.join(",") }
+        )
+    };
+    *LAST.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, summary.clone()));
+    Ok(summary)
+}
+
+fn inval(m: String) -> Error {
+    Error::new(ErrorKind::InvalidInput, m)
+}
+
+/// `"192.168.1.20/24"` → (address, prefix). A bare address means /24.
+pub fn parse_cidr(s: &str) -> io::Result<(Ipv4Addr, u8)> {
+    let s = s.trim();
+    let (a, p) = s.split_once('/').unwrap_or((s, "24"));
+    let addr = a.parse::<Ipv4Addr>().map_err(|_| inval(format!("`{a}` is not an IPv4 address")))?;
+    let prefix = p.parse::<u8>().ok().filter(|p| *p <= 32).ok_or_else(|| inval(format!("`{p}` is not a prefix length")))?;
+    Ok((addr, prefix))
+}
+
+fn mask_of(prefix: u8) -> Ipv4Addr {
+    Ipv4Addr::from(if prefix == 0 { 0 } else { u32::MAX << (32 - prefix as u32) })
+}
+
+fn prefix_len(mask: Ipv4Addr) -> u32 {
+    u32::from(mask).count_ones()
+}
+
+/// The first interface in /sys/class/net that is not loopback, waiting up to
+/// `wait` for a driver to register one.
+pub fn first_interface(wait: Duration) -> Option<String> {
+    let until = Instant::now() + wait;
+    loop {
+        let mut names: Vec<String> = std::fs::read_dir("/sys/class/net")
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        names.retain(|n| n != "lo" && !n.starts_with("sit") && !n.starts_with("ip6") && !n.starts_with("dummy"));
+        names.sort();
+        if let Some(n) = names.into_iter().next() {
+            return Some(n);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+// ---------------------------------------------------------------- ioctls
+
+/// `struct ifreq`: 16-byte name + a union (24 bytes covers every ABI).
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    data: [u8; 24],
+}
+
+impl IfReq {
+    fn new(name: &str) -> io::Result<IfReq> {
+        let b = name.as_bytes();
+        if b.is_empty() || b.len() > 15 {
+            return Err(inval(format!("bad interface name `{name}`")));
+        }
+        let mut r = IfReq { name: [0; 16], data: [0; 24] };
+        r.name[..b.len()].copy_from_slice(b);
+        Ok(r)
+    }
+    fn with_addr(name: &str, a: Ipv4Addr) -> io::Result<IfReq> {
+        let mut r = IfReq::new(name)?;
+        r.data[..16].copy_from_slice(&sockaddr_in(a));
+        Ok(r)
+    }
+}
+
+/// A `struct sockaddr_in` as bytes (family is host order, port/address network order).
+fn sockaddr_in(a: Ipv4Addr) -> [u8; 16] {
+    let mut s = [0u8; 16];
+    s[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
+    s[4..8].copy_from_slice(&a.octets());
+    s
+}
+
+fn ctl_socket() -> io::Result<UdpSocket> {
+    UdpSocket::bind("0.0.0.0:0").or_else(|_| UdpSocket::bind("127.0.0.1:0"))
+}
+
+fn ioctl(fd: i32, req: libc::c_ulong, arg: *mut libc::c_void) -> io::Result<()> {
+    // SAFETY: every caller passes a pointer to a live, correctly sized request struct.
+    let r = unsafe { libc::ioctl(fd, req as _, arg) };
+    if r < 0 { Err(Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Sets IFF_UP (and IFF_RUNNING) on an interface.
+pub fn set_up(name: &str) -> io::Result<()> {
+    let s = ctl_socket().or_else(|_| raw_dgram())?;
+    let mut r = IfReq::new(name)?;
+    ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut r as *mut _ as *mut _)?;
+    let mut flags = i16::from_ne_bytes([r.data[0], r.data[1]]);
+    flags |= (libc::IFF_UP | libc::IFF_RUNNING) as i16;
+    r.data[..2].copy_from_slice(&flags.to_ne_bytes());
+    ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS as _, &mut r as *mut _ as *mut _)
+        .map_err(|e| Error::new(e.kind(), format!("{name}: cannot set up: {e}")))
+}
+
+/// A UDP socket without binding: works before `lo` has its address.
+fn raw_dgram() -> io::Result<UdpSocket> {
+    // SAFETY: plain socket(2); the fd is owned by the returned UdpSocket.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(Error::last_os_error());
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: fd is a fresh, valid socket.
+    Ok(unsafe { UdpSocket::from_raw_fd(fd) })
+}
+
+/// MAC address of an interface.
+fn hw_addr(name: &str) -> io::Result<[u8; 6]> {
+    let s = raw_dgram()?;
+    let mut r = IfReq::new(name)?;
+    ioctl(s.as_raw_fd(), libc::SIOCGIFHWADDR as _, &mut r as *mut _ as *mut _)?;
+    let mut m = [0u8; 6];
+    m.copy_from_slice(&r.data[2..8]);
+    Ok(m)
+}
+
+/// `struct rtentry` (route.h); unsigned long/pointers follow the target ABI.
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: [u8; 16],
+    rt_gateway: [u8; 16],
+    rt_genmask: [u8; 16],
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_pad4: *mut libc::c_void,
+    rt_metric: libc::c_short,
+    rt_dev: *mut libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+/// Address, netmask, broadcast, and (optionally) the default route.
+fn apply(name: &str, addr: Ipv4Addr, mask: Ipv4Addr, gw: Option<Ipv4Addr>) -> io::Result<()> {
+    let s = raw_dgram()?;
+    let fd = s.as_raw_fd();
+    let mut r = IfReq::with_addr(name, addr)?;
+    ioctl(fd, libc::SIOCSIFADDR as _, &mut r as *mut _ as *mut _).map_err(|e| Error::new(e.kind(), format!("{name}: SIOCSIFADDR {addr}: {e}")))?;
+    let mut r = IfReq::with_addr(name, mask)?;
+    ioctl(fd, libc::SIOCSIFNETMASK as _, &mut r as *mut _ as *mut _).map_err(|e| Error::new(e.kind(), format!("{name}: SIOCSIFNETMASK {mask}: {e}")))?;
+    let bcast = Ipv4Addr::from(u32::from(addr) | !u32::from(mask));
+    let mut r = IfReq::with_addr(name, bcast)?;
+    let _ = ioctl(fd, libc::SIOCSIFBRDADDR as _, &mut r as *mut _ as *mut _);
+    set_up(name)?;
+    if let Some(g) = gw {
+        let mut dev = [0u8; 16];
+        dev[..name.len()].copy_from_slice(name.as_bytes());
+        let mut rt = RtEntry {
+            rt_pad1: 0,
+            rt_dst: sockaddr_in(Ipv4Addr::UNSPECIFIED),
+            rt_gateway: sockaddr_in(g),
+            rt_genmask: sockaddr_in(Ipv4Addr::UNSPECIFIED),
+            rt_flags: (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort,
+            rt_pad2: 0,
+            rt_pad3: 0,
+            rt_pad4: std::ptr::null_mut(),
+            rt_metric: 0,
+            rt_dev: dev.as_mut_ptr() as *mut libc::c_char,
+            rt_mtu: 0,
+            rt_window: 0,
+            rt_irtt: 0,
+        };
+        // remove a stale default route (lease renewal with a new router); errors are fine
+        match ioctl(fd, libc::SIOCADDRT as _, &mut rt as *mut _ as *mut _) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(Error::new(e.kind(), format!("default route via {g}: {e}"))),
+        }
+    }
+    Ok(())
+}
+
+/// Writes /etc/resolv.conf (musl re-reads it on every lookup).
+pub fn write_resolv_conf(servers: &[String]) {
+    if servers.is_empty() {
+        return;
+    }
+    let mut s = String::new();
+    for d in servers {
+        s.push_str("nameserver ");
+        s.push_str(d.trim());
+        s.push('\n');
+    }
+    let _ = std::fs::create_dir_all("/etc");
+    let tmp = "/etc/resolv.conf.tmp";
+    if std::fs::write(tmp, s.as_bytes()).is_ok() {
+        let _ = std::fs::rename(tmp, "/etc/resolv.conf");
+    }
+}
+
+// ---------------------------------------------------------------- DHCP
+
+/// What a DHCPACK gave us.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub addr: Ipv4Addr,
+    pub mask: Ipv4Addr,
+    pub router: Option<Ipv4Addr>,
+    pub dns: Vec<Ipv4Addr>,
+    pub server: Ipv4Addr,
+    /// Seconds; `u32::MAX` means infinite.
+    pub lease_secs: u32,
+}
+
+const DISCOVER: u8 = 1;
+const OFFER: u8 = 2;
+const REQUEST: u8 = 3;
+const ACK: u8 = 5;
+const NAK: u8 = 6;
+const COOKIE: [u8; 4] = [99, 130, 83, 99];
+
+/// Builds a BOOTREQUEST (300 bytes, the BOOTP minimum some servers insist on).
+fn build(buf: &mut [u8; 300], xid: u32, mac: &[u8; 6], kind: u8, want: Option<(Ipv4Addr, Ipv4Addr)>, secs: u16) -> usize {
+    buf.fill(0);
+    buf[0] = 1; // BOOTREQUEST
+    buf[1] = 1; // ethernet
+    buf[2] = 6;
+    buf[4..8].copy_from_slice(&xid.to_be_bytes());
+    buf[8..10].copy_from_slice(&secs.to_be_bytes());
+    buf[10] = 0x80; // broadcast flag: we cannot take unicast before we have an address
+    buf[28..34].copy_from_slice(mac);
+    buf[236..240].copy_from_slice(&COOKIE);
+    let mut i = 240;
+    let mut opt = |buf: &mut [u8; 300], code: u8, data: &[u8]| {
+        buf[i] = code;
+        buf[i + 1] = data.len() as u8;
+        buf[i + 2..i + 2 + data.len()].copy_from_slice(data);
+        i += 2 + data.len();
+    };
+    opt(buf, 53, &[kind]);
+    let mut cid = [1u8; 7];
+    cid[1..].copy_from_slice(mac);
+    opt(buf, 61, &cid);
+    if let Some((addr, server)) = want {
+        opt(buf, 50, &addr.octets());
+        opt(buf, 54, &server.octets());
+    }
+    opt(buf, 55, &[1, 3, 6, 15, 51, 54, 58, 59]);
+    opt(buf, 57, &576u16.to_be_bytes());
+    buf[i] = 255;
+    300
+}
+
+/// Parses a BOOTREPLY for us; returns (message type, lease fields).
+fn parse(p: &[u8], xid: u32, mac: &[u8; 6]) -> Option<(u8, Lease)> {
+    if p.len() < 241 || p[0] != 2 || p[4..8] != xid.to_be_bytes() || p[28..34] != mac[..] || p[236..240] != COOKIE {
+        return None;
+    }
+    let ip = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    let mut l = Lease {
+        addr: ip(&p[16..20]),
+        mask: Ipv4Addr::new(255, 255, 255, 0),
+        router: None,
+        dns: Vec::new(),
+        server: ip(&p[20..24]),
+        lease_secs: 3600,
+    };
+    let mut kind = 0;
+    let mut i = 240;
+    while i < p.len() {
+        let code = p[i];
+        if code == 0 {
+            i += 1;
+            continue;
+        }
+        if code == 255 || i + 1 >= p.len() {
+            break;
+        }
+        let len = p[i + 1] as usize;
+        let Some(d) = p.get(i + 2..i + 2 + len) else { break };
+        match (code, len) {
+            (53, 1) => kind = d[0],
+            (1, 4) => l.mask = ip(d),
+            (3, n) if n >= 4 => l.router = Some(ip(d)),
+            (6, n) if n >= 4 => l.dns = d.chunks_exact(4).take(3).map(ip).collect(),
+            (51, 4) => l.lease_secs = u32::from_be_bytes([d[0], d[1], d[2], d[3]]),
+            (54, 4) => l.server = ip(d),
+            _ => {}
+        }
+        i += 2 + len;
+    }
+    Some((kind, l))
+}
+
+fn random_u32(mac: &[u8; 6]) -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom into a 4-byte stack buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut _, 4, libc::GRND_NONBLOCK) };
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let r = if n == 4 { u32::from_ne_bytes(b) } else { 0 };
+    r ^ t ^ u32::from_be_bytes([mac[2], mac[3], mac[4], mac[5]])
+}
+
+fn dhcp_socket(name: &str) -> io::Result<UdpSocket> {
+    let s = UdpSocket::bind("0.0.0.0:68").map_err(|e| Error::new(e.kind(), format!("dhcp: bind 0.0.0.0:68: {e}")))?;
+    s.set_broadcast(true)?;
+    let n = name.as_bytes();
+    // SAFETY: setsockopt with a byte buffer of the given length.
+    let r = unsafe {
+        libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_BINDTODEVICE, n.as_ptr() as *const _, n.len() as libc::socklen_t)
+    };
+    if r < 0 {
+        return Err(Error::last_os_error());
+    }
+    Ok(s)
+}
+
+/// Sends `msg` and waits for a reply of one of `want` kinds; bounded retries.
+fn exchange(s: &UdpSocket, msg: &[u8], xid: u32, mac: &[u8; 6], want: &[u8], deadline: Instant) -> io::Result<Option<(u8, Lease)>> {
+    let mut buf = [0u8; 1500];
+    let mut wait = Duration::from_secs(2);
+    while Instant::now() < deadline {
+        s.send_to(msg, "255.255.255.255:67")?;
+        let until = (Instant::now() + wait).min(deadline);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            s.set_read_timeout(Some(left))?;
+            match s.recv_from(&mut buf) {
+                Ok((n, _)) => {
+                    if let Some((k, l)) = parse(&buf[..n], xid, mac) {
+                        if want.contains(&k) {
+                            return Ok(Some((k, l)));
+                        }
+                    }
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        wait = (wait * 2).min(Duration::from_secs(8));
+    }
+    Ok(None)
+}
+
+/// One full DISCOVER/OFFER/REQUEST/ACK exchange on `name`, at most `limit` long.
+pub fn dhcp(name: &str, limit: Duration) -> io::Result<Lease> {
+    let mac = hw_addr(name)?;
+    let s = dhcp_socket(name)?;
+    let start = Instant::now();
+    let deadline = start + limit;
+    for _attempt in 0..3 {
+        let xid = random_u32(&mac);
+        let mut pkt = [0u8; 300];
+        let n = build(&mut pkt, xid, &mac, DISCOVER, None, start.elapsed().as_secs() as u16);
+        let Some((_, offer)) = exchange(&s, &pkt[..n], xid, &mac, &[OFFER], deadline)? else { break };
+        let n = build(&mut pkt, xid, &mac, REQUEST, Some((offer.addr, offer.server)), start.elapsed().as_secs() as u16);
+        match exchange(&s, &pkt[..n], xid, &mac, &[ACK, NAK], deadline)? {
+            Some((ACK, lease)) => return Ok(lease),
+            Some(_) => say!("{name}: DHCPNAK from {}, starting over", offer.server),
+            None => break,
+        }
+    }
+    Err(Error::new(ErrorKind::TimedOut, format!("{name}: no DHCP lease within {}s", limit.as_secs())))
+}
+
+/// Renews at half the lease time (a full exchange, re-applied if anything
+/// changed); with no lease yet, retries every minute until one arrives.
+fn spawn_renewer(name: String, mut lease: Option<Lease>, gw: Option<Ipv4Addr>, dns: Vec<String>) {
+    let _ = std::thread::Builder::new().name("dhcp".into()).stack_size(64 * 1024).spawn(move || {
+        loop {
+            let wait = match &lease {
+                Some(l) if l.lease_secs == u32::MAX => return,
+                Some(l) => Duration::from_secs((l.lease_secs / 2).clamp(30, 7 * 86400) as u64),
+                None => Duration::from_secs(60),
+            };
+            std::thread::sleep(wait);
+            match dhcp(&name, Duration::from_secs(30)) {
+                Ok(new) => {
+                    let changed = lease.as_ref().map_or(true, |l| new.addr != l.addr || new.mask != l.mask || new.router != l.router);
+                    if changed {
+                        say!("{name}: lease {}/{} via {} ({}s)", new.addr, prefix_len(new.mask),
+                            new.router.map(|r| r.to_string()).unwrap_or_else(|| "-".into()), new.lease_secs);
+                        if let Err(e) = apply(&name, new.addr, new.mask, gw.or(new.router)) {
+                            say!("{name}: {e}");
+                        }
+                        if dns.is_empty() {
+                            write_resolv_conf(&new.dns.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+                        }
+                    }
+                    lease = Some(new);
+                }
+                Err(e) => match &lease {
+                    Some(l) => say!("{name}: lease renewal failed ({e}); keeping {}", l.addr),
+                    None => {}
+                },
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_and_mask() {
+        assert_eq!(parse_cidr("192.168.1.20/24").unwrap(), (Ipv4Addr::new(192, 168, 1, 20), 24));
+        assert_eq!(parse_cidr("10.0.0.1").unwrap().1, 24);
+        assert!(parse_cidr("10.0.0.1/33").is_err());
+        assert!(parse_cidr("nope/8").is_err());
+        assert_eq!(mask_of(24), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(mask_of(0), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(prefix_len(Ipv4Addr::new(255, 255, 240, 0)), 20);
+    }
+
+    #[test]
+    fn dhcp_roundtrip() {
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let mut p = [0u8; 300];
+        let n = build(&mut p, 0xdeadbeef, &mac, DISCOVER, None, 0);
+        assert_eq!(n, 300);
+        assert_eq!(&p[236..240], &COOKIE);
+        // turn our request into a fake server reply
+        let mut r = p.to_vec();
+        r[0] = 2;
+        r[16..20].copy_from_slice(&[10, 0, 2, 15]);
+        let opts: &[u8] = &[53, 1, ACK, 1, 4, 255, 255, 255, 0, 3, 4, 10, 0, 2, 2, 6, 4, 10, 0, 2, 3, 51, 4, 0, 1, 81, 128, 54, 4, 10, 0, 2, 2, 255];
+        r.truncate(240);
+        r.extend_from_slice(opts);
+        let (k, l) = parse(&r, 0xdeadbeef, &mac).unwrap();
+        assert_eq!(k, ACK);
+        assert_eq!(l.addr, Ipv4Addr::new(10, 0, 2, 15));
+        assert_eq!(l.router, Some(Ipv4Addr::new(10, 0, 2, 2)));
+        assert_eq!(l.dns, vec![Ipv4Addr::new(10, 0, 2, 3)]);
+        assert_eq!(l.lease_secs, 86400);
+        assert!(parse(&r, 1, &mac).is_none());
+    }
+}

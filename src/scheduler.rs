@@ -1,0 +1,348 @@
+//! The scheduler: decides when each queued message is tried again.
+//!
+//! * A new message is tried at once, unless the primary was found down
+//!   less than `minimal_backoff` ago (a dead-host cache, as Postfix's qmgr
+//!   keeps): then it waits with the others instead of hammering the primary.
+//! * After a failed attempt the delay doubles from `minimal_backoff` up to
+//!   `maximal_backoff`.
+//! * Every `queue_run_interval`, and on `flush`, ETRN or the page's button,
+//!   a full queue run tries every message now, like `sendmail -q`.
+//! * A message still undelivered after `max_queue_lifetime` is bounced.
+//!
+//! All due messages of a run travel over one connection to the primary.
+//! The in-memory index holds only a few numbers per message; envelopes are
+//! read from the spool when a message is tried.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::watch;
+
+use crate::bounces::{self, Reason};
+use crate::config::Config;
+use crate::delivery::{Connection, Outcome, Reply};
+use crate::logging::QMGR;
+use crate::spool::{Committer, QueuedMessage, RcptStatus, Spool};
+use crate::stats::Stats;
+use crate::util::{self, QueueId};
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    next: u64,
+    size: u64,
+}
+
+pub struct Scheduler {
+    cfg: Arc<Config>,
+    spool: Spool,
+    stats: Arc<Stats>,
+    committer: Committer,
+    rx: UnboundedReceiver<QueueId>,
+    entries: BTreeMap<QueueId, Entry>,
+    /// The primary is taken as down until then (unix seconds).
+    dead_until: u64,
+    /// Why the primary could not be reached on the last try.
+    down_reply: Option<Reply>,
+    last_full_run: u64,
+}
+
+/// The delay before attempt `attempts + 1`.
+pub fn backoff(cfg: &Config, attempts: u32) -> Duration {
+    let min = cfg.minimal_backoff.as_secs().max(1);
+    let shift = attempts.saturating_sub(1).min(30);
+    Duration::from_secs(min.saturating_mul(1u64 << shift).min(cfg.maximal_backoff.as_secs().max(min)))
+}
+
+impl Scheduler {
+    pub fn new(cfg: Arc<Config>, spool: Spool, stats: Arc<Stats>, committer: Committer, rx: UnboundedReceiver<QueueId>) -> Scheduler {
+        Scheduler { cfg, spool, stats, committer, rx, entries: BTreeMap::new(), dead_until: 0, down_reply: None, last_full_run: util::now() }
+    }
+
+    /// Indexes what is already in the spool (after a restart).
+    fn load(&mut self) {
+        let ids = match self.spool.ids() {
+            Ok(ids) => ids,
+            Err(e) => {
+                log::error!(target: QMGR, "error: cannot read the queue: {e}");
+                return;
+            }
+        };
+        for id in ids {
+            match self.spool.read(&id) {
+                Ok(m) => {
+                    self.entries.insert(id, Entry { next: m.state.next_attempt, size: m.size });
+                }
+                Err(e) => log::error!(target: QMGR, "error: {id}: cannot read queue file: {e}"),
+            }
+        }
+        self.publish();
+        if !self.entries.is_empty() {
+            log::info!(target: QMGR, "{} messages in the queue at start", self.entries.len());
+        }
+    }
+
+    /// Updates the queue figures the status page reads.
+    fn publish(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.queue_messages.store(self.entries.len() as u32, Relaxed);
+        let kib: u64 = self.entries.values().map(|e| e.size).sum::<u64>() / 1024;
+        self.stats.queue_kib.store(kib.min(u32::MAX as u64) as u32, Relaxed);
+    }
+
+    fn add(&mut self, id: QueueId) {
+        let size = self.spool.read(&id).map(|m| m.size).unwrap_or(0);
+        let now = util::now();
+        let next = if now < self.dead_until { self.dead_until } else { now };
+        self.entries.insert(id, Entry { next, size });
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        self.load();
+        let stats = self.stats.clone();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let now = util::now();
+            let interval = self.cfg.queue_run_interval.as_secs();
+            let full_at = self.last_full_run + interval;
+            let due_at = self.entries.values().map(|e| e.next).min().unwrap_or(u64::MAX).min(full_at);
+            let wait = Duration::from_secs(due_at.saturating_sub(now)).min(self.cfg.queue_run_interval);
+            tokio::select! {
+                id = self.rx.recv() => {
+                    let Some(id) = id else { break };
+                    self.add(id);
+                    while let Ok(id) = self.rx.try_recv() {
+                        self.add(id);
+                    }
+                    self.publish();
+                }
+                _ = stats.flush.notified() => {
+                    log::info!(target: QMGR, "queue run requested (flush)");
+                    self.run_queue(true, &shutdown).await;
+                }
+                _ = tokio::time::sleep(wait) => {
+                    let now = util::now();
+                    let full = now >= full_at;
+                    self.run_queue(full, &shutdown).await;
+                }
+                _ = shutdown.changed() => {}
+            }
+        }
+        log::info!(target: QMGR, "scheduler stopped");
+    }
+
+    /// Tries every due message (all of them when `full`) over one connection.
+    async fn run_queue(&mut self, full: bool, shutdown: &watch::Receiver<bool>) {
+        let now = util::now();
+        if full {
+            self.last_full_run = now;
+            self.dead_until = 0;
+        }
+        let due: Vec<QueueId> = self.entries.iter().filter(|(_, e)| full || e.next <= now).map(|(id, _)| id.clone()).collect();
+        if due.is_empty() {
+            return;
+        }
+        let mut conn = match Connection::open(&self.cfg).await {
+            Ok(c) => {
+                self.stats.primary_result(true, "");
+                self.down_reply = None;
+                Some(c)
+            }
+            Err(e) => {
+                self.primary_down(&e.reply);
+                None
+            }
+        };
+        for (i, id) in due.iter().enumerate() {
+            if *shutdown.borrow() {
+                break;
+            }
+            let msg = match self.spool.read(id) {
+                Ok(m) => m,
+                Err(e) => {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        self.entries.remove(id);
+                    } else {
+                        log::error!(target: QMGR, "error: {id}: cannot read queue file: {e}");
+                    }
+                    continue;
+                }
+            };
+            if conn.is_none() && i > 0 && self.dead_until == 0 {
+                // The connection broke mid-run: try once more for the rest.
+                match Connection::open(&self.cfg).await {
+                    Ok(c) => conn = Some(c),
+                    Err(e) => self.primary_down(&e.reply),
+                }
+            }
+            let outcome = match conn.as_mut() {
+                Some(c) => {
+                    let o = c.deliver(&self.spool, &msg).await;
+                    let relay = c.relay.clone();
+                    if !o.reusable {
+                        if let Some(c) = conn.take() {
+                            c.quit().await;
+                        }
+                    }
+                    (o, relay)
+                }
+                None => {
+                    let reply = self.down_reply.clone().unwrap_or_else(|| Reply::local(421, "4.4.1 primary unreachable"));
+                    (Outcome { rcpts: msg.pending().map(|r| (r.addr.clone(), reply.clone())).collect(), reusable: false }, "none".to_string())
+                }
+            };
+            self.apply(&msg, outcome.0, &outcome.1).await;
+            // Give sessions a turn between messages on the single thread.
+            tokio::task::yield_now().await;
+        }
+        if let Some(c) = conn {
+            c.quit().await;
+        }
+        self.publish();
+    }
+
+    fn primary_down(&mut self, reply: &Reply) {
+        log::warn!(target: QMGR, "warning: primary unreachable: {}", reply.text);
+        self.stats.primary_result(false, &reply.text);
+        self.dead_until = util::now() + self.cfg.minimal_backoff.as_secs();
+        self.down_reply = Some(reply.clone());
+    }
+
+    /// Records the outcome of one attempt: sent recipients are done, 5xx
+    /// ones bounce, 4xx ones wait; an expired message bounces whatever is left.
+    async fn apply(&mut self, msg: &QueuedMessage, outcome: Outcome, relay: &str) {
+        let now = util::now();
+        let id = &msg.env.id;
+        let delay = now.saturating_sub(msg.env.arrival);
+        let mut state = msg.state.clone();
+        state.attempts += 1;
+        state.last_attempt = now;
+        state.errors.clear();
+        let mut rejected: Vec<(String, Reply)> = Vec::new();
+        let mut deferred: Vec<(String, Reply)> = Vec::new();
+        let mut newly_done = false;
+        for (rcpt, reply) in outcome.rcpts {
+            let status = if reply.is_ok() {
+                "sent"
+            } else if reply.is_permanent() {
+                "bounced"
+            } else {
+                "deferred"
+            };
+            log::info!(
+                target: crate::logging::SMTP,
+                "{id}: to=<{rcpt}>, relay={relay}, delay={delay}, tries={}, status={status} ({})",
+                state.attempts,
+                reply.text
+            );
+            if reply.is_ok() {
+                state.done.push((rcpt, RcptStatus::Sent, reply.text));
+                newly_done = true;
+            } else if reply.is_permanent() {
+                rejected.push((rcpt, reply));
+            } else {
+                deferred.push((rcpt, reply));
+            }
+        }
+        let lifetime = self.cfg.max_queue_lifetime.as_secs();
+        let expired = !deferred.is_empty() && now.saturating_sub(msg.env.arrival) >= lifetime;
+        let mut expired_list = Vec::new();
+        if expired {
+            for (rcpt, reply) in &deferred {
+                log::info!(
+                    target: QMGR,
+                    "{id}: to=<{rcpt}>, relay={relay}, delay={delay}, status=expired, returned to sender ({})",
+                    reply.text
+                );
+            }
+            expired_list = std::mem::take(&mut deferred);
+        }
+        // Bounces first, durably, and only then mark the recipients done:
+        // a crash in between bounces twice at worst, never loses the notice.
+        for (list, reason) in [(&rejected, Reason::Rejected), (&expired_list, Reason::Expired)] {
+            if list.is_empty() {
+                continue;
+            }
+            let bounce = bounces::queue_bounce(&self.cfg, &self.spool, &{ let mut m = msg.clone(); m.state.last_attempt = now; m }, list, reason);
+            let ok = match bounce {
+                Ok(Some(bid)) => match self.committer.commit().await {
+                    Ok(()) => {
+                        log::info!(target: crate::logging::BOUNCE, "{id}: sender non-delivery notification: {bid}");
+                        Stats::inc(&self.stats.bounced);
+                        self.add(bid);
+                        true
+                    }
+                    Err(e) => {
+                        log::error!(target: crate::logging::BOUNCE, "error: {id}: cannot make bounce durable: {e}");
+                        let _ = self.spool.remove(&bid);
+                        false
+                    }
+                },
+                Ok(None) => {
+                    log::info!(target: crate::logging::BOUNCE, "{id}: bounce of a bounce (null sender): discarded");
+                    Stats::inc(&self.stats.bounced);
+                    true
+                }
+                Err(e) => {
+                    log::error!(target: crate::logging::BOUNCE, "error: {id}: cannot write bounce: {e}");
+                    false
+                }
+            };
+            for (rcpt, reply) in list {
+                if ok {
+                    state.done.push((rcpt.clone(), RcptStatus::Bounced, reply.text.clone()));
+                    newly_done = true;
+                } else {
+                    deferred.push((rcpt.clone(), reply.clone()));
+                }
+            }
+        }
+        let pending_left = msg.env.recipients.iter().any(|r| !state.done.iter().any(|(d, _, _)| d == r));
+        if !pending_left {
+            if let Err(e) = self.spool.remove(id) {
+                log::error!(target: QMGR, "error: {id}: cannot remove queue file: {e}");
+            }
+            self.entries.remove(id);
+            if state.done.iter().any(|(_, s, _)| *s == RcptStatus::Sent) {
+                Stats::inc(&self.stats.delivered);
+            }
+            log::info!(target: QMGR, "{id}: removed");
+            self.publish();
+            return;
+        }
+        Stats::inc(&self.stats.deferred);
+        let wait = backoff(&self.cfg, state.attempts).as_secs();
+        state.next_attempt = now + wait;
+        if let Some((_, r)) = deferred.first() {
+            state.last_error = r.text.clone();
+        }
+        state.errors = deferred.iter().map(|(a, r)| (a.clone(), r.text.clone())).collect();
+        if let Err(e) = self.spool.write_state(id, &state, newly_done) {
+            log::error!(target: QMGR, "error: {id}: cannot write delivery state: {e}");
+        }
+        if let Some(e) = self.entries.get_mut(id) {
+            e.next = state.next_attempt;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let cfg = Config::parse(
+            "hostname = \"b.example.org\"\nrelay_domains = [\"example.org\"]\nprimary = \"127.0.0.1\"\nminimal_backoff = \"5m\"\nmaximal_backoff = \"1h\"\n",
+            std::path::Path::new("t"),
+        )
+        .unwrap();
+        let secs: Vec<u64> = (1..=6).map(|a| backoff(&cfg, a).as_secs()).collect();
+        assert_eq!(secs, vec![300, 600, 1200, 2400, 3600, 3600]);
+        assert_eq!(backoff(&cfg, 1000).as_secs(), 3600);
+    }
+}

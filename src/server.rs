@@ -1,0 +1,233 @@
+//! The server: listeners, the connection cap, the control socket, signals
+//! and graceful shutdown; it wires session → spool → scheduler together.
+//!
+//! Everything runs on one current_thread tokio runtime (one core, 16 MB):
+//! sessions are tasks, not threads. A semaphore caps concurrent sessions;
+//! a client past the cap gets "421" at once instead of a queue it cannot see.
+
+use std::net::SocketAddr;
+use std::os::unix::io::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{Semaphore, watch};
+
+use crate::config::{Cidr, Config, split_host_port};
+use crate::logging::MASTER;
+use crate::policy::RecipientList;
+use crate::scheduler::Scheduler;
+use crate::session::{self, Ctx};
+use crate::spool::{Committer, Spool};
+use crate::stats::Stats;
+
+/// How long running sessions may take to finish at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Holds the spool lock for the life of the server.
+pub struct SpoolLock {
+    _file: std::fs::File,
+}
+
+/// Takes an exclusive lock on the spool, so two servers never share one.
+pub fn lock_spool(spool: &Spool) -> Result<SpoolLock, String> {
+    let path = spool.root().join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!("another bartleby is already serving the spool {}", spool.root().display()));
+    }
+    Ok(SpoolLock { _file: f })
+}
+
+/// The hosts allowed to send ETRN: configured, or the primary's addresses.
+fn etrn_allow(cfg: &Config) -> Vec<Cidr> {
+    if !cfg.etrn_allow.is_empty() {
+        return cfg.etrn_allow.clone();
+    }
+    let mut v = vec![Cidr::parse("127.0.0.1/32").unwrap(), Cidr::parse("::1/128").unwrap()];
+    if let Ok((host, port)) = split_host_port(&cfg.primary) {
+        use std::net::ToSocketAddrs;
+        match (host.as_str(), port).to_socket_addrs() {
+            Ok(addrs) => {
+                for a in addrs {
+                    v.push(Cidr { addr: a.ip(), prefix: if a.is_ipv4() { 32 } else { 128 } });
+                }
+            }
+            Err(e) => log::warn!(target: MASTER, "warning: cannot resolve primary {host} for etrn_allow: {e}"),
+        }
+    }
+    v
+}
+
+/// Runs the relay until SIGTERM/SIGINT. Returns an error for problems at
+/// start (bad listen address, unusable spool).
+pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
+    let spool = Spool::create(&cfg.spool).map_err(|e| format!("spool {}: {e}", cfg.spool.display()))?;
+    let _lock = lock_spool(&spool)?;
+    let rec = spool.recover().map_err(|e| format!("spool {}: recovery failed: {e}", cfg.spool.display()))?;
+    log::info!(
+        target: MASTER,
+        "spool {}: {} queued, {} partial removed, {} damaged moved to corrupt/",
+        cfg.spool.display(),
+        rec.queued,
+        rec.removed_incoming,
+        rec.corrupt.len()
+    );
+    let recipients = RecipientList::load(cfg.recipients.as_deref())?;
+    if recipients.is_enabled() {
+        log::info!(target: MASTER, "recipients list: {} entries", recipients.len());
+    }
+    let mut listeners = Vec::new();
+    for addr in &cfg.listen {
+        let l = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        listeners.push(l);
+    }
+    let sock_path = spool.control_socket();
+    let _ = std::fs::remove_file(&sock_path);
+    let control = UnixListener::bind(&sock_path).map_err(|e| format!("control socket {}: {e}", sock_path.display()))?;
+
+    let committer = Committer::start(spool.clone());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let ctx = Arc::new(Ctx {
+        cfg: cfg.clone(),
+        spool: spool.clone(),
+        committer: committer.clone(),
+        stats: stats.clone(),
+        recipients: Mutex::new(recipients),
+        queued: tx,
+        etrn_allow: etrn_allow(&cfg),
+    });
+    let scheduler = Scheduler::new(cfg.clone(), spool.clone(), stats.clone(), committer, rx);
+    let sched_task = tokio::spawn(scheduler.run(shutdown_rx.clone()));
+
+    let sem = Arc::new(Semaphore::new(cfg.max_connections));
+    for l in listeners {
+        tokio::spawn(accept_loop(l, ctx.clone(), sem.clone(), shutdown_rx.clone()));
+    }
+    tokio::spawn(control_loop(control, stats.clone(), shutdown_rx.clone()));
+    log::info!(
+        target: MASTER,
+        "daemon started -- version {}, listening on {}, primary {}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" "),
+        cfg.primary
+    );
+
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = usr1.recv() => stats.request_flush(),
+            _ = hup.recv() => log::info!(target: MASTER, "SIGHUP: the recipients list reloads by itself when it changes"),
+        }
+    }
+    log::info!(target: MASTER, "terminating on signal");
+    let _ = shutdown_tx.send(true);
+    // Wait for sessions to finish (everything acknowledged is already durable;
+    // this only spares clients a broken connection).
+    let all = cfg.max_connections as u32;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, sem.acquire_many(all)).await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, sched_task).await;
+    let _ = std::fs::remove_file(&sock_path);
+    log::info!(target: MASTER, "stopped");
+    Ok(())
+}
+
+async fn accept_loop(l: TcpListener, ctx: Arc<Ctx>, sem: Arc<Semaphore>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            a = l.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (stream, peer): (_, SocketAddr) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: keep accepting once the pressure is gone.
+                log::warn!(target: MASTER, "warning: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        match sem.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    ctx.stats.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    session::run(stream, peer, ctx.clone()).await;
+                    ctx.stats.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                log::warn!(target: MASTER, "warning: too many connections: refusing unknown[{}]", peer.ip().to_canonical());
+                let host = ctx.cfg.hostname.clone();
+                tokio::spawn(async move {
+                    let mut stream = stream;
+                    let msg = format!("421 4.7.0 {host} Error: too many connections; try again later\r\n");
+                    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(msg.as_bytes())).await;
+                });
+            }
+        }
+    }
+}
+
+/// `bartleby flush` and friends talk to the server over a Unix socket in
+/// the spool directory: one command line, one answer line.
+async fn control_loop(l: UnixListener, stats: Arc<Stats>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let conn = tokio::select! {
+            c = l.accept() => c,
+            _ = shutdown.changed() => return,
+        };
+        let Ok((stream, _)) = conn else { continue };
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = stream.into_split();
+            let mut line = String::new();
+            let mut rd = BufReader::with_capacity(128, tokio::io::AsyncReadExt::take(r, 128));
+            if tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line)).await.is_err() {
+                return;
+            }
+            let n = Stats::get(&stats.queue_messages);
+            let answer = match line.trim() {
+                "flush" => {
+                    stats.request_flush();
+                    format!("ok queue run started: {n} messages in the queue\n")
+                }
+                "ping" => format!("ok {n} messages in the queue\n"),
+                other => format!("error unknown command `{}`\n", other.chars().take(20).collect::<String>()),
+            };
+            let _ = w.write_all(answer.as_bytes()).await;
+        });
+    }
+}
+
+/// Client side of the control socket (`bartleby flush`).
+pub fn control_request(spool_root: &std::path::Path, cmd: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let path = spool_root.join("control.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&path)
+        .map_err(|e| format!("no bartleby server is running on spool {} ({}: {e})", spool_root.display(), path.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    s.write_all(format!("{cmd}\n").as_bytes()).map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    s.take(512).read_to_string(&mut answer).map_err(|e| e.to_string())?;
+    match answer.strip_prefix("ok ") {
+        Some(rest) => Ok(rest.trim().to_string()),
+        None => Err(answer.trim().to_string()),
+    }
+}

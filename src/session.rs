@@ -1,0 +1,627 @@
+//! The SMTP server session: one per client connection.
+//!
+//! Reads commands line by line (strict CR LF, bounded length, bounded time),
+//! parses them with smtp-proto, applies [`policy`](crate::policy), streams
+//! DATA through [`DataParser`](crate::data::DataParser) into the spool, and
+//! answers "250" only after the committer reports the message durable.
+//!
+//! Memory per session is small and fixed: a 2 KiB read buffer, one command
+//! line, one 1 KiB DATA line piece and the spool writer's 4 KiB buffer.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use smtp_proto::{Error as ProtoError, MAIL_BODY_8BITMIME, MAIL_RET_FULL, MAIL_RET_HDRS, MAIL_SMTPUTF8, Request};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::timeout;
+
+use crate::config::{BareNewline, Cidr, Config};
+use crate::data::DataParser;
+use crate::logging::SMTPD;
+use crate::policy::{self, RecipientList};
+use crate::spool::{Committer, Envelope, Spool};
+use crate::stats::Stats;
+use crate::util::{self, QueueId};
+
+/// Junk commands (NOOP, RSET, VRFY, ETRN, HELP) allowed per session, as
+/// Postfix's smtpd_junk_command_limit.
+const JUNK_LIMIT: u32 = 100;
+/// Read buffer per session.
+const READ_BUF: usize = 2048;
+
+/// What every session shares.
+pub struct Ctx {
+    pub cfg: Arc<Config>,
+    pub spool: Spool,
+    pub committer: Committer,
+    pub stats: Arc<Stats>,
+    pub recipients: Mutex<RecipientList>,
+    /// New committed messages go to the scheduler here.
+    pub queued: UnboundedSender<QueueId>,
+    /// Hosts that may send ETRN.
+    pub etrn_allow: Vec<Cidr>,
+}
+
+struct Txn {
+    id: QueueId,
+    sender: String,
+    body_8bit: bool,
+    rcpts: Vec<String>,
+}
+
+enum LineRead {
+    Line,
+    TooLong,
+    Eof,
+}
+
+/// Why a session ends early.
+enum Close {
+    /// Reply already queued in `out`; flush it and close.
+    After,
+    /// The peer went away or the socket failed.
+    Gone,
+}
+
+struct Session<'a, W> {
+    ctx: &'a Ctx,
+    peer: SocketAddr,
+    client: String,
+    helo: Option<String>,
+    esmtp: bool,
+    txn: Option<Txn>,
+    errors: u32,
+    junk: u32,
+    out: Vec<u8>,
+    wr: W,
+}
+
+/// Runs one SMTP session to its end.
+pub async fn run<S>(stream: S, peer: SocketAddr, ctx: Arc<Ctx>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (rd, wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(READ_BUF, rd);
+    let client = format!("unknown[{}]", peer.ip().to_canonical());
+    log::info!(target: SMTPD, "connect from {client}");
+    let mut s = Session {
+        ctx: &ctx,
+        peer,
+        client,
+        helo: None,
+        esmtp: false,
+        txn: None,
+        errors: 0,
+        junk: 0,
+        out: Vec::with_capacity(512),
+        wr,
+    };
+    let cfg = &ctx.cfg;
+    s.reply(220, "", &format!("{} ESMTP Bartleby", cfg.hostname));
+    let mut line = Vec::with_capacity(256);
+    let result: Result<(), Close> = async {
+        s.flush().await?;
+        loop {
+            let r = match timeout(cfg.command_timeout, read_line(&mut rd, &mut line, cfg.max_line_length)).await {
+                Err(_) => {
+                    s.reply(421, "4.4.2", &format!("{} Error: timeout exceeded", cfg.hostname));
+                    return Err(Close::After);
+                }
+                Ok(Err(_)) => return Err(Close::Gone),
+                Ok(Ok(r)) => r,
+            };
+            match r {
+                LineRead::Eof => return Err(Close::Gone),
+                LineRead::TooLong => {
+                    s.reply(500, "5.5.2", "Error: line too long");
+                    s.error()?;
+                }
+                LineRead::Line => {
+                    if s.command(&line, &mut rd).await? {
+                        return Ok(());
+                    }
+                }
+            }
+            if rd.buffer().is_empty() {
+                s.flush().await?;
+            }
+        }
+    }
+    .await;
+    if let Err(Close::After) = result {
+        let _ = s.flush().await;
+    }
+    if let Some(t) = s.txn.take() {
+        log::info!(target: SMTPD, "{}: lost connection or aborted before DATA completed", t.id);
+    }
+    let _ = s.wr.shutdown().await;
+    log::info!(target: SMTPD, "disconnect from {}", s.client);
+}
+
+/// Reads one line (through LF) into `buf`, at most `max` bytes. A longer
+/// line is consumed and reported as `TooLong`, never stored.
+async fn read_line<R: AsyncRead + Unpin>(rd: &mut BufReader<R>, buf: &mut Vec<u8>, max: usize) -> std::io::Result<LineRead> {
+    buf.clear();
+    let mut too_long = false;
+    loop {
+        let avail = rd.fill_buf().await?;
+        if avail.is_empty() {
+            return Ok(LineRead::Eof);
+        }
+        let (take, done) = match avail.iter().position(|&c| c == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (avail.len(), false),
+        };
+        if !too_long {
+            if buf.len() + take > max {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(&avail[..take]);
+            }
+        }
+        rd.consume(take);
+        if done {
+            return Ok(if too_long { LineRead::TooLong } else { LineRead::Line });
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> Session<'_, W> {
+    fn reply(&mut self, code: u16, status: &str, text: &str) {
+        use std::io::Write;
+        if status.is_empty() {
+            let _ = write!(self.out, "{code} {text}\r\n");
+        } else {
+            let _ = write!(self.out, "{code} {status} {text}\r\n");
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), Close> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let r = timeout(Duration::from_secs(60), self.wr.write_all(&self.out)).await;
+        self.out.clear();
+        match r {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Close::Gone),
+        }
+    }
+
+    /// Counts an error; past the budget the session is closed.
+    fn error(&mut self) -> Result<(), Close> {
+        self.errors += 1;
+        if self.errors > self.ctx.cfg.error_limit {
+            log::warn!(target: SMTPD, "warning: too many errors from {}", self.client);
+            self.reply(421, "4.7.0", &format!("{} Error: too many errors", self.ctx.cfg.hostname));
+            return Err(Close::After);
+        }
+        Ok(())
+    }
+
+    fn junk(&mut self) -> Result<(), Close> {
+        self.junk += 1;
+        if self.junk > JUNK_LIMIT {
+            self.reply(421, "4.7.0", &format!("{} Error: too many junk commands", self.ctx.cfg.hostname));
+            return Err(Close::After);
+        }
+        Ok(())
+    }
+
+    fn refuse(&mut self, r: &policy::Refusal) -> Result<(), Close> {
+        self.reply(r.code, r.status, &r.text);
+        Stats::inc(&self.ctx.stats.rejected);
+        self.error()
+    }
+
+    /// Handles one command line. Returns `Ok(true)` after QUIT.
+    async fn command<R: AsyncRead + Unpin>(&mut self, line: &[u8], rd: &mut BufReader<R>) -> Result<bool, Close> {
+        // Strict CR LF: a bare LF line end or a CR inside the line is refused
+        // (Postfix smtpd_forbid_bare_newline = reject for commands).
+        let body = match line.strip_suffix(b"\r\n") {
+            Some(b) if !b.contains(&b'\r') => b,
+            _ => {
+                self.reply(500, "5.5.2", "Error: bare <CR> or <LF> received; commands end with <CR><LF>");
+                self.error()?;
+                return Ok(false);
+            }
+        };
+        let parsed = Request::parse(&mut line.iter());
+        let req = match parsed {
+            Ok(r) => r,
+            Err(e) => {
+                let (code, status, text) = match e {
+                    ProtoError::UnknownCommand => (500, "5.5.2", "Error: command not recognized".to_string()),
+                    ProtoError::InvalidSenderAddress => (501, "5.1.7", "Bad sender address syntax".to_string()),
+                    ProtoError::InvalidRecipientAddress => (501, "5.1.3", "Bad recipient address syntax".to_string()),
+                    ProtoError::SyntaxError { syntax } => (501, "5.5.4", format!("Syntax: {syntax}")),
+                    ProtoError::InvalidParameter { param } => (501, "5.5.4", format!("Invalid parameter {param}")),
+                    ProtoError::UnsupportedParameter { param } => {
+                        (555, "5.5.4", format!("Unsupported option: {}", param.chars().take(40).collect::<String>()))
+                    }
+                    _ => (500, "5.5.2", "Error: command not recognized".to_string()),
+                };
+                self.reply(code, status, &text);
+                self.error()?;
+                return Ok(false);
+            }
+        };
+        let cfg = self.ctx.cfg.clone();
+        match req {
+            Request::Ehlo { host } if !host.is_empty() => {
+                self.txn = None;
+                self.helo = Some(clean_helo(&host));
+                self.esmtp = true;
+                let caps = [
+                    "PIPELINING".to_string(),
+                    format!("SIZE {}", cfg.max_message_size),
+                    "ETRN".to_string(),
+                    "ENHANCEDSTATUSCODES".to_string(),
+                    "8BITMIME".to_string(),
+                ];
+                self.out.extend_from_slice(format!("250-{}\r\n", cfg.hostname).as_bytes());
+                for (i, c) in caps.iter().enumerate() {
+                    let sep = if i + 1 == caps.len() { ' ' } else { '-' };
+                    self.out.extend_from_slice(format!("250{sep}{c}\r\n").as_bytes());
+                }
+            }
+            Request::Helo { host } if !host.is_empty() => {
+                self.txn = None;
+                self.helo = Some(clean_helo(&host));
+                self.esmtp = false;
+                self.reply(250, "", &cfg.hostname);
+            }
+            Request::Ehlo { .. } | Request::Helo { .. } => {
+                self.reply(501, "5.5.4", "Syntax: EHLO hostname");
+                self.error()?;
+            }
+            Request::Lhlo { .. } => {
+                self.reply(500, "5.5.2", "Error: command not recognized");
+                self.error()?;
+            }
+            Request::Mail { from } => self.mail(body, &from.address, from.flags, from.env_id.is_some()).await?,
+            Request::Rcpt { to } => self.rcpt(body, &to.address, to.flags, to.orcpt.is_some())?,
+            Request::Data => return self.data(rd).await.map(|()| false),
+            Request::Rset => {
+                self.txn = None;
+                self.reply(250, "2.0.0", "Ok");
+                self.junk()?;
+            }
+            Request::Noop { .. } => {
+                self.reply(250, "2.0.0", "Ok");
+                self.junk()?;
+            }
+            Request::Quit => {
+                self.reply(221, "2.0.0", "Bye");
+                let _ = self.flush().await;
+                return Ok(true);
+            }
+            Request::Vrfy { .. } | Request::Expn { .. } => {
+                self.reply(502, "5.5.1", "Error: command disabled on a backup MX");
+                self.junk()?;
+            }
+            Request::Help { .. } => {
+                self.reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT ETRN");
+                self.junk()?;
+            }
+            Request::Etrn { name } => {
+                self.etrn(&name);
+                self.junk()?;
+            }
+            Request::StartTls | Request::Auth { .. } | Request::Bdat { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
+                self.reply(502, "5.5.1", "Error: command not implemented");
+                self.error()?;
+            }
+        }
+        Ok(false)
+    }
+
+    async fn mail(&mut self, line: &[u8], parsed: &str, flags: u64, env_id: bool) -> Result<(), Close> {
+        let cfg = self.ctx.cfg.clone();
+        if self.helo.is_none() {
+            self.reply(503, "5.5.1", "Error: send HELO/EHLO first");
+            return self.error();
+        }
+        if self.txn.is_some() {
+            self.reply(503, "5.5.1", "Error: nested MAIL command");
+            return self.error();
+        }
+        if flags & MAIL_SMTPUTF8 != 0 || flags & (MAIL_RET_FULL | MAIL_RET_HDRS) != 0 || env_id {
+            self.reply(555, "5.5.4", "Unsupported option: SMTPUTF8 and DSN are not offered");
+            return self.error();
+        }
+        let size = match policy::size_param(line) {
+            Ok(s) => s.unwrap_or(0),
+            Err(()) => {
+                self.reply(501, "5.5.4", "Bad SIZE parameter");
+                return self.error();
+            }
+        };
+        if size > cfg.max_message_size {
+            self.reply(552, "5.3.4", "Message size exceeds fixed limit");
+            return self.error();
+        }
+        let raw = policy::raw_path(line).unwrap_or(parsed);
+        let sender = match policy::check_sender(raw) {
+            Ok(s) => s,
+            Err(r) => return self.refuse(&r),
+        };
+        // Disk and queue space: say 452 now rather than 250 and lose it later.
+        let space = self.ctx.spool.disk_space();
+        let full = match space {
+            Ok(d) => d.avail < cfg.min_free_space.saturating_add(size),
+            Err(_) => true,
+        };
+        let queued = Stats::get(&self.ctx.stats.queue_messages) as usize;
+        if full || queued >= cfg.max_queue_messages {
+            log::warn!(
+                target: SMTPD,
+                "warning: {}: refusing mail: {}",
+                self.client,
+                if full { "spool free space below reserve" } else { "queue is full" }
+            );
+            self.reply(452, "4.3.1", "Insufficient system storage");
+            return Ok(());
+        }
+        let id = util::new_queue_id();
+        log::info!(target: SMTPD, "{id}: client={}", self.client);
+        self.txn = Some(Txn { id, sender, body_8bit: flags & MAIL_BODY_8BITMIME != 0, rcpts: Vec::new() });
+        self.reply(250, "2.1.0", "Ok");
+        Ok(())
+    }
+
+    fn rcpt(&mut self, line: &[u8], parsed: &str, flags: u64, orcpt: bool) -> Result<(), Close> {
+        let cfg = self.ctx.cfg.clone();
+        let Some(txn) = &self.txn else {
+            self.reply(503, "5.5.1", "Error: need MAIL command");
+            return self.error();
+        };
+        if flags != 0 || orcpt {
+            self.reply(555, "5.5.4", "Unsupported option: DSN is not offered");
+            return self.error();
+        }
+        if txn.rcpts.len() >= cfg.max_recipients {
+            self.reply(452, "4.5.3", "Error: too many recipients");
+            return Ok(());
+        }
+        let raw = match policy::raw_path(line) {
+            Some(r) => r,
+            None => {
+                self.reply(501, "5.5.4", "Syntax: RCPT TO:<address>");
+                return self.error();
+            }
+        };
+        let verdict = {
+            let mut list = match self.ctx.recipients.lock() {
+                Ok(l) => l,
+                Err(p) => p.into_inner(),
+            };
+            list.refresh(util::now());
+            policy::check_recipient(&cfg, raw, parsed, &list)
+        };
+        match verdict {
+            Ok(addr) => {
+                if let Some(t) = self.txn.as_mut() {
+                    if !t.rcpts.iter().any(|r| r.eq_ignore_ascii_case(&addr)) {
+                        t.rcpts.push(addr);
+                    }
+                }
+                self.reply(250, "2.1.5", "Ok");
+                Ok(())
+            }
+            Err(r) => {
+                log::info!(
+                    target: SMTPD,
+                    "NOQUEUE: reject: RCPT from {}: {}; from=<{}> to=<{}> proto={} helo=<{}>",
+                    self.client,
+                    r.line(),
+                    txn.sender,
+                    raw,
+                    if self.esmtp { "ESMTP" } else { "SMTP" },
+                    self.helo.as_deref().unwrap_or("")
+                );
+                self.refuse(&r)
+            }
+        }
+    }
+
+    fn etrn(&mut self, name: &str) {
+        let cfg = &self.ctx.cfg;
+        if self.helo.is_none() {
+            self.reply(503, "5.5.1", "Error: send HELO/EHLO first");
+            return;
+        }
+        if self.txn.is_some() {
+            self.reply(503, "5.5.1", "Error: MAIL transaction in progress");
+            return;
+        }
+        let name = name.trim();
+        if name.is_empty() {
+            self.reply(500, "5.5.4", "Syntax: ETRN domain");
+            return;
+        }
+        if !crate::config::allowed(&self.ctx.etrn_allow, self.peer.ip()) {
+            log::info!(target: SMTPD, "reject: ETRN from {}: 459 4.7.1 client not allowed", self.client);
+            self.reply(459, "4.7.1", &format!("<{name}>: Client access denied"));
+            return;
+        }
+        if name.starts_with('#') {
+            self.reply(458, "4.5.0", &format!("Unable to queue messages for node <{name}>"));
+            return;
+        }
+        let domain = name.trim_start_matches('@').trim_end_matches('.');
+        let known = cfg.is_relay_domain(domain)
+            || (name.starts_with('@') && cfg.relay_domains.iter().any(|d| d.ends_with(&format!(".{}", domain.to_ascii_lowercase()))));
+        if !known {
+            self.reply(459, "4.7.1", &format!("<{name}>: service unavailable"));
+            return;
+        }
+        let waiting = Stats::get(&self.ctx.stats.queue_messages);
+        self.ctx.stats.request_flush();
+        log::info!(target: SMTPD, "ETRN {name} from {}: queue run started ({waiting} messages)", self.client);
+        if waiting == 0 {
+            self.reply(251, "2.0.0", &format!("No messages waiting for node {domain}"));
+        } else {
+            self.reply(250, "2.0.0", "Queuing started");
+        }
+    }
+
+    async fn data<R: AsyncRead + Unpin>(&mut self, rd: &mut BufReader<R>) -> Result<(), Close> {
+        let cfg = self.ctx.cfg.clone();
+        match &self.txn {
+            None => {
+                self.reply(503, "5.5.1", "Error: need RCPT command");
+                return self.error();
+            }
+            Some(t) if t.rcpts.is_empty() => {
+                self.reply(554, "5.5.1", "Error: no valid recipients");
+                return self.error();
+            }
+            _ => {}
+        }
+        // A client must wait for 354 before sending the message; bytes
+        // already waiting mean command/data stuffing. Refuse and close.
+        if !rd.buffer().is_empty() {
+            log::warn!(target: SMTPD, "warning: {}: SMTP protocol synchronization error after DATA", self.client);
+            self.reply(554, "5.5.0", "Error: SMTP protocol synchronization");
+            self.txn = None;
+            return Err(Close::After);
+        }
+        let txn = self.txn.take().expect("checked above");
+        let now = util::now();
+        let helo = self.helo.clone().unwrap_or_default();
+        let env = Envelope {
+            id: txn.id.clone(),
+            arrival: now,
+            client: self.client.clone(),
+            helo: helo.clone(),
+            sender: txn.sender.clone(),
+            body_8bit: txn.body_8bit,
+            recipients: txn.rcpts.clone(),
+        };
+        let mut w = match self.ctx.spool.begin(&env) {
+            Ok(w) => w,
+            Err(e) => {
+                log::error!(target: SMTPD, "error: {}: cannot create queue file: {e}", txn.id);
+                self.reply(451, "4.3.0", "Error: queue file write error");
+                return Ok(());
+            }
+        };
+        let for_clause = if txn.rcpts.len() == 1 { format!("\r\n\tfor <{}>", txn.rcpts[0]) } else { String::new() };
+        let received = format!(
+            "Received: from {helo} ({} [{}])\r\n\tby {} (Bartleby) with {} id {}{for_clause};\r\n\t{}\r\n",
+            self.client.split('[').next().unwrap_or("unknown"),
+            self.peer.ip().to_canonical(),
+            cfg.hostname,
+            if self.esmtp { "ESMTP" } else { "SMTP" },
+            txn.id,
+            util::rfc5322_date(now)
+        );
+        let mut io_error: Option<std::io::Error> = w.write(received.as_bytes()).err();
+        self.reply(354, "", "End data with <CR><LF>.<CR><LF>");
+        if let Err(c) = self.flush().await {
+            w.abort();
+            return Err(c);
+        }
+
+        let mut parser = DataParser::new();
+        let max = cfg.max_message_size;
+        let mut too_big = false;
+        loop {
+            let avail = match timeout(cfg.data_timeout, rd.fill_buf()).await {
+                Err(_) => {
+                    w.abort();
+                    log::info!(target: SMTPD, "{}: timeout after DATA from {}", txn.id, self.client);
+                    self.reply(421, "4.4.2", &format!("{} Error: timeout exceeded", cfg.hostname));
+                    return Err(Close::After);
+                }
+                Ok(Err(_)) => {
+                    w.abort();
+                    return Err(Close::Gone);
+                }
+                Ok(Ok(a)) if a.is_empty() => {
+                    w.abort();
+                    log::info!(target: SMTPD, "{}: lost connection after DATA from {}", txn.id, self.client);
+                    return Err(Close::Gone);
+                }
+                Ok(Ok(a)) => a,
+            };
+            let mut sink = |b: &[u8]| {
+                if too_big || io_error.is_some() {
+                    return;
+                }
+                if w.size() + b.len() as u64 > max {
+                    too_big = true;
+                    return;
+                }
+                if let Err(e) = w.write(b) {
+                    io_error = Some(e);
+                }
+            };
+            let end = parser.feed(avail, &mut sink);
+            let n = end.unwrap_or(avail.len());
+            rd.consume(n);
+            if end.is_some() {
+                break;
+            }
+        }
+        let refusal = if too_big {
+            Some((552, "5.3.4", "Error: message file too big".to_string()))
+        } else if parser.received > cfg.max_received_headers {
+            Some((554, "5.4.6", format!("Error: too many hops ({} Received: headers): mail loop?", parser.received)))
+        } else if parser.bare_newlines > 0 && cfg.bare_newline == BareNewline::Reject {
+            Some((550, "5.5.2", "Error: bare <CR> or <LF> received in message data".to_string()))
+        } else if let Some(e) = &io_error {
+            log::error!(target: SMTPD, "error: {}: queue file write error: {e}", txn.id);
+            Some((451, "4.3.0", "Error: queue file write error".to_string()))
+        } else {
+            None
+        };
+        if let Some((code, status, text)) = refusal {
+            w.abort();
+            log::info!(target: SMTPD, "{}: reject: DATA from {}: {code} {status} {text}", txn.id, self.client);
+            Stats::inc(&self.ctx.stats.rejected);
+            self.reply(code, status, &text);
+            return if code >= 500 { self.error() } else { Ok(()) };
+        }
+        if parser.bare_newlines > 0 {
+            log::info!(target: SMTPD, "{}: {} bare <CR>/<LF> from {} normalised to <CR><LF>", txn.id, parser.bare_newlines, self.client);
+        }
+        let size = match w.finish() {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!(target: SMTPD, "error: {}: queue file write error: {e}", txn.id);
+                self.reply(451, "4.3.0", "Error: queue file write error");
+                return Ok(());
+            }
+        };
+        // Durability: no "250" before the message and its queue entry are
+        // on stable storage.
+        if let Err(e) = self.ctx.committer.commit().await {
+            log::error!(target: SMTPD, "error: {}: cannot make queue file durable: {e}", txn.id);
+            let _ = self.ctx.spool.remove(&txn.id);
+            self.reply(451, "4.3.0", "Error: queue file write error");
+            return Ok(());
+        }
+        log::info!(
+            target: SMTPD,
+            "{}: from=<{}>, size={size}, nrcpt={} (queue active)",
+            txn.id,
+            txn.sender,
+            txn.rcpts.len()
+        );
+        Stats::inc(&self.ctx.stats.received);
+        let _ = self.ctx.queued.send(txn.id.clone());
+        self.reply(250, "2.0.0", &format!("Ok: queued as {}", txn.id));
+        Ok(())
+    }
+}
+
+/// The HELO name as it may appear in a header: printable ASCII, bounded.
+fn clean_helo(h: &str) -> String {
+    h.chars().filter(|c| c.is_ascii_graphic()).take(255).collect()
+}

@@ -1,0 +1,504 @@
+//! The gate: a small, bounded front end that vets every HTTP connection
+//! before tiny_http sees it.
+//!
+//! Why: tiny_http 0.12 spawns a thread per connection, buffers headers
+//! without limit, has no timeouts and stops accepting for good after one
+//! `accept()` error (see /work/shared/research/crates.md §2). On a 16 MB
+//! machine one client could exhaust memory or threads. So tiny_http listens
+//! only on a private socket, and this gate is the only thing on the network:
+//!
+//! * **One thread** multiplexes every connection that has not yet sent its
+//!   whole request with `poll(2)`. An idle connection costs a socket and a
+//!   few dozen bytes, never a thread. At most [`MAX_PENDING`] are kept; when
+//!   a new one arrives and the set is full the *oldest* is dropped, so a
+//!   flood of idle connections can delay a real browser by milliseconds, not
+//!   lock it out.
+//! * The **allow-list** is checked at `accept`: other peers get a 403 and
+//!   nothing else, and are never read from (beyond draining for a clean close).
+//! * The request head must fit in [`MAX_HEAD`] bytes (else 431), a body in
+//!   [`MAX_BODY`] bytes (else 413), and both must arrive within
+//!   [`REQUEST_DEADLINE`] (else 408). Chunked request bodies are refused.
+//! * A vetted request is re-written (hop-by-hop headers and any client
+//!   `X-Bartleby-*` header removed; `Connection: close`, `X-Bartleby-Peer`
+//!   and the per-process `X-Bartleby-Gate` secret added) and queued for one
+//!   of [`WORKERS`] threads with 64 KiB stacks, which forward it to tiny_http
+//!   and copy the response back under write timeouts and a total deadline.
+//!   When all workers are busy and the small queue is full: 503.
+//! * Errors never stop the accept loop: on EMFILE and the like it drops the
+//!   oldest pending connection, sleeps 50 ms and carries on.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{SocketAddr as UnixAddr, UnixStream};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::config::{self, Cidr};
+use crate::logging::STATUS;
+
+/// Connections still sending their request (or being drained after an error).
+pub const MAX_PENDING: usize = 32;
+/// Largest request head (request line and headers).
+pub const MAX_HEAD: usize = 8 * 1024;
+/// Largest request body (only `POST /flush` has one: a token).
+pub const MAX_BODY: usize = 4 * 1024;
+/// Time a client has to send its whole request.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Worker threads forwarding requests to tiny_http.
+pub const WORKERS: usize = 4;
+/// Vetted requests waiting for a worker; beyond this, 503.
+pub const QUEUE: usize = 4;
+/// Stack of the gate's own threads (they hold at most a 2 KiB buffer).
+pub const STACK: usize = 64 * 1024;
+/// Read/write timeout of a single socket operation.
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// A response must be delivered within this time, however slow the reader.
+const RESPONSE_DEADLINE: Duration = Duration::from_secs(30);
+/// Time to wait for the page to be rendered (a big queue on a 486 is slow).
+const BACKEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// After an error reply, input is read and thrown away this long (at most
+/// [`LINGER_BYTES`]) so that closing does not send an RST that would destroy
+/// the reply before the client read it (Apache's "lingering close").
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// What the gate shares with the rest of the status page.
+pub struct Gate {
+    pub allow: Vec<Cidr>,
+    /// Where tiny_http listens now (replaced if it has to be restarted).
+    pub backend: Mutex<Option<UnixAddr>>,
+    /// Proves to the handler that a request came through the gate.
+    pub secret: String,
+}
+
+/// A vetted request on its way to a worker.
+pub struct Job {
+    stream: TcpStream,
+    request: Vec<u8>,
+}
+
+enum Phase {
+    /// Reading the request; `need` is its full length once the head is parsed.
+    Reading { need: Option<usize> },
+    /// An error reply was sent; draining input until EOF or the deadline.
+    Linger { discarded: usize },
+}
+
+struct Conn {
+    stream: TcpStream,
+    peer: IpAddr,
+    deadline: Instant,
+    buf: Vec<u8>,
+    phase: Phase,
+}
+
+enum Step {
+    Keep,
+    Close,
+    Dispatch,
+}
+
+/// Writes a complete small response. The socket's send buffer is empty at
+/// this point, so one non-blocking write takes it whole.
+fn reply(stream: &mut TcpStream, code: u16, reason: &str, extra: &str) {
+    let body_len = reason.len() + 5;
+    let msg = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {body_len}\r\nCache-Control: no-store\r\nConnection: close\r\n{extra}\r\n{code} {reason}\n"
+    );
+    let _ = stream.write(msg.as_bytes());
+}
+
+impl Conn {
+    /// Sends an error reply and switches to draining.
+    fn fail(&mut self, code: u16, reason: &str, extra: &str) {
+        reply(&mut self.stream, code, reason, extra);
+        let _ = self.stream.shutdown(Shutdown::Write);
+        self.buf = Vec::new();
+        self.phase = Phase::Linger { discarded: 0 };
+        self.deadline = Instant::now() + LINGER;
+    }
+
+    /// Reads what is available. Never blocks: the socket is non-blocking.
+    fn step(&mut self, chunk: &mut [u8], gate: &Gate) -> Step {
+        loop {
+            let n = match self.stream.read(chunk) {
+                Ok(0) => return Step::Close,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Keep,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return Step::Close,
+            };
+            let need = match &mut self.phase {
+                Phase::Linger { discarded } => {
+                    *discarded += n;
+                    if *discarded > LINGER_BYTES {
+                        return Step::Close;
+                    }
+                    continue;
+                }
+                Phase::Reading { need } => *need,
+            };
+            let cap = need.unwrap_or(MAX_HEAD + MAX_BODY);
+            let take = n.min(cap.saturating_sub(self.buf.len()));
+            let old = self.buf.len();
+            if self.buf.capacity() == 0 {
+                self.buf.reserve_exact(1024);
+            }
+            self.buf.extend_from_slice(&chunk[..take]);
+            if need.is_none() {
+                let from = old.saturating_sub(2);
+                let limit = self.buf.len().min(MAX_HEAD);
+                match head_end(&self.buf[..limit], from) {
+                    None if self.buf.len() >= MAX_HEAD => {
+                        self.fail(431, "Request Header Fields Too Large", "");
+                        continue;
+                    }
+                    None => continue,
+                    Some(end) => match rewrite(&self.buf[..end], self.peer, &gate.secret) {
+                        Err((code, reason)) => {
+                            self.fail(code, reason, "");
+                            continue;
+                        }
+                        Ok((mut fwd, body_len, expect)) => {
+                            let head_len = fwd.len();
+                            let have = (self.buf.len() - end).min(body_len);
+                            fwd.extend_from_slice(&self.buf[end..end + have]);
+                            self.buf = fwd;
+                            self.phase = Phase::Reading { need: Some(head_len + body_len) };
+                            if expect && have < body_len {
+                                let _ = self.stream.write(b"HTTP/1.1 100 Continue\r\n\r\n");
+                            }
+                        }
+                    },
+                }
+            }
+            if let Phase::Reading { need: Some(need) } = self.phase {
+                if self.buf.len() >= need {
+                    self.buf.truncate(need);
+                    return Step::Dispatch;
+                }
+            }
+        }
+    }
+}
+
+/// Index just past the blank line ending a request head, searching from `from`.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            if buf.get(i + 1) == Some(&b'\n') {
+                return Some(i + 2);
+            }
+            if buf.get(i + 1) == Some(&b'\r') && buf.get(i + 2) == Some(&b'\n') {
+                return Some(i + 3);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c))
+}
+
+/// Headers the gate never forwards: hop-by-hop ones (the gate speaks one
+/// request per connection) and `Expect` (the gate already has the body).
+const DROP: [&str; 8] = ["connection", "keep-alive", "proxy-connection", "upgrade", "te", "trailer", "expect", "content-length"];
+
+/// Validates a request head and re-writes it for tiny_http. Returns the new
+/// head, the body length and whether the client expects `100 Continue`.
+pub fn rewrite(head: &[u8], peer: IpAddr, secret: &str) -> Result<(Vec<u8>, usize, bool), (u16, &'static str)> {
+    let text = std::str::from_utf8(head).map_err(|_| (400, "Bad Request"))?;
+    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let request_line = lines.next().unwrap_or("");
+    let mut parts = request_line.split(' ');
+    let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(m), Some(t), Some(v), None) => (m, t, v),
+        _ => return Err((400, "Bad Request")),
+    };
+    if !is_token(method) || !target.starts_with('/') || target.bytes().any(|c| c <= b' ' || c == 0x7f) {
+        return Err((400, "Bad Request"));
+    }
+    if version != "HTTP/1.1" && version != "HTTP/1.0" {
+        return Err((505, "HTTP Version Not Supported"));
+    }
+    let mut out = Vec::with_capacity(head.len() + 160);
+    out.extend_from_slice(request_line.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut length: Option<usize> = None;
+    let mut expect = false;
+    for line in lines {
+        if line.is_empty() {
+            continue; // only the final blank line(s)
+        }
+        if line.starts_with([' ', '\t']) {
+            return Err((400, "Bad Request")); // obsolete line folding (RFC 9112 §5.2)
+        }
+        let (name, value) = line.split_once(':').ok_or((400, "Bad Request"))?;
+        if !is_token(name) {
+            return Err((400, "Bad Request"));
+        }
+        let value = value.trim_matches([' ', '\t']);
+        if name.eq_ignore_ascii_case("content-length") {
+            let n: usize = if !value.is_empty() && value.bytes().all(|c| c.is_ascii_digit()) {
+                value.parse().unwrap_or(usize::MAX)
+            } else {
+                return Err((400, "Bad Request"));
+            };
+            if length.is_some_and(|l| l != n) {
+                return Err((400, "Bad Request"));
+            }
+            if n > MAX_BODY {
+                return Err((413, "Content Too Large"));
+            }
+            length = Some(n);
+        }
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err((501, "Not Implemented"));
+        }
+        if name.eq_ignore_ascii_case("expect") && value.eq_ignore_ascii_case("100-continue") {
+            expect = true;
+        }
+        if DROP.iter().any(|d| name.eq_ignore_ascii_case(d))
+            || name.get(..11).is_some_and(|p| p.eq_ignore_ascii_case("x-bartleby-"))
+        {
+            continue;
+        }
+        out.extend_from_slice(line.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let length = length.unwrap_or(0);
+    let peer = peer.to_canonical();
+    let fixed = format!("Content-Length: {length}\r\nConnection: close\r\nX-Bartleby-Peer: {peer}\r\nX-Bartleby-Gate: {secret}\r\n\r\n");
+    out.extend_from_slice(fixed.as_bytes());
+    Ok((out, length, expect))
+}
+
+/// The accept-and-read loop. Runs forever on its own thread.
+pub fn run(listener: TcpListener, gate: Arc<Gate>, jobs: SyncSender<Job>) {
+    if let Err(e) = listener.set_nonblocking(true) {
+        log::error!(target: STATUS, "status page: {e}");
+        return;
+    }
+    let mut conns: Vec<Conn> = Vec::with_capacity(MAX_PENDING);
+    let mut fds: Vec<libc::pollfd> = Vec::with_capacity(MAX_PENDING + 1);
+    let mut chunk = [0u8; 2048];
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        conns.retain_mut(|c| {
+            if c.deadline > now {
+                return true;
+            }
+            if let Phase::Reading { .. } = c.phase {
+                reply(&mut c.stream, 408, "Request Timeout", "");
+            }
+            false
+        });
+        fds.clear();
+        fds.push(libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        for c in &conns {
+            fds.push(libc::pollfd { fd: c.stream.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        let timeout = conns
+            .iter()
+            .map(|c| c.deadline.saturating_duration_since(now).as_millis() as i32 + 1)
+            .min()
+            .unwrap_or(-1);
+        // SAFETY: `fds` is a valid, initialised array of `fds.len()` pollfd structs.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if rc < 0 {
+            if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            continue;
+        }
+        // Pending connections first, from the back so removals keep indices valid.
+        for i in (0..conns.len()).rev() {
+            if fds[i + 1].revents == 0 {
+                continue;
+            }
+            match conns[i].step(&mut chunk, &gate) {
+                Step::Keep => {}
+                Step::Close => drop(conns.remove(i)),
+                Step::Dispatch => {
+                    let Conn { stream, buf, peer, .. } = conns.remove(i);
+                    if let Err(TrySendError::Full(j) | TrySendError::Disconnected(j)) = jobs.try_send(Job { stream, request: buf }) {
+                        // Every worker busy: say so rather than queue without bound.
+                        let mut c = Conn { stream: j.stream, peer, deadline: now, buf: Vec::new(), phase: Phase::Reading { need: None } };
+                        c.fail(503, "Service Unavailable", "Retry-After: 2\r\n");
+                        conns.push(c);
+                    }
+                }
+            }
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
+        for _ in 0..64 {
+            match listener.accept() {
+                Ok((stream, addr)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    if conns.len() >= MAX_PENDING {
+                        drop(conns.remove(0)); // the oldest: most likely idle or abusive
+                    }
+                    let peer = addr.ip();
+                    let mut c = Conn {
+                        stream,
+                        peer,
+                        deadline: Instant::now() + REQUEST_DEADLINE,
+                        buf: Vec::new(),
+                        phase: Phase::Reading { need: None },
+                    };
+                    if !config::allowed(&gate.allow, peer) {
+                        log::debug!(target: STATUS, "status page: refused {peer} (not in [status] allow)");
+                        c.fail(403, "Forbidden", "");
+                    }
+                    conns.push(c);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS, ENOMEM: free a descriptor, back off, go on.
+                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                        log::warn!(target: STATUS, "warning: status page: accept: {e}");
+                        last_warning = Some(Instant::now());
+                    }
+                    if !conns.is_empty() {
+                        drop(conns.remove(0));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A worker: forwards vetted requests to tiny_http, copies responses back.
+pub fn worker(jobs: Arc<Mutex<Receiver<Job>>>, gate: Arc<Gate>) {
+    let mut buf = [0u8; 2048];
+    loop {
+        let job = match jobs.lock() {
+            Ok(rx) => match rx.recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            },
+            Err(_) => return,
+        };
+        forward(job, &gate, &mut buf);
+    }
+}
+
+fn forward(job: Job, gate: &Gate, buf: &mut [u8]) {
+    let Job { mut stream, request } = job;
+    if stream.set_nonblocking(false).is_err() {
+        return;
+    }
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    let addr = gate.backend.lock().ok().and_then(|a| a.clone());
+    let mut backend = match addr.and_then(|a| UnixStream::connect_addr(&a).ok()) {
+        Some(b) => b,
+        None => return reply(&mut stream, 503, "Service Unavailable", "Retry-After: 2\r\n"),
+    };
+    let _ = backend.set_read_timeout(Some(BACKEND_TIMEOUT));
+    let _ = backend.set_write_timeout(Some(IO_TIMEOUT));
+    if backend.write_all(&request).is_err() {
+        return reply(&mut stream, 502, "Bad Gateway", "");
+    }
+    drop(request);
+    let start = Instant::now();
+    let mut first = true;
+    loop {
+        let n = match backend.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                if first {
+                    reply(&mut stream, 504, "Gateway Timeout", "");
+                }
+                return;
+            }
+        };
+        let data = &buf[..n];
+        let ok = if first {
+            first = false;
+            // tiny_http refuses to set `Connection` itself; the gate closes
+            // after every response, so it says so after the status line.
+            match data.iter().position(|&c| c == b'\n') {
+                Some(i) => {
+                    stream.write_all(&data[..=i]).is_ok()
+                        && stream.write_all(b"Connection: close\r\n").is_ok()
+                        && stream.write_all(&data[i + 1..]).is_ok()
+                }
+                None => stream.write_all(data).is_ok(),
+            }
+        } else {
+            stream.write_all(data).is_ok()
+        };
+        if !ok || start.elapsed() > RESPONSE_DEADLINE {
+            return;
+        }
+    }
+    // Half-close and drain briefly so the response is not cut by an RST.
+    let _ = stream.shutdown(Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    for _ in 0..8 {
+        match stream.read(buf) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_head_end() {
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody", 0), Some(27));
+        assert_eq!(head_end(b"GET / HTTP/1.0\n\n", 0), Some(16));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n", 0), None);
+    }
+
+    #[test]
+    fn rewrites_and_strips() {
+        let ip: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        let (out, len, expect) = rewrite(
+            b"POST /flush HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nX-Bartleby-Peer: 10.0.0.1\r\nx-bartleby-gate: guess\r\nContent-Length: 3\r\n\r\n",
+            ip,
+            "s3cret",
+        )
+        .unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(len, 3);
+        assert!(!expect);
+        assert_eq!(
+            out,
+            "POST /flush HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nConnection: close\r\nX-Bartleby-Peer: 192.0.2.7\r\nX-Bartleby-Gate: s3cret\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn refuses_bad_heads() {
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let bad = |h: &[u8]| rewrite(h, ip, "s").unwrap_err().0;
+        assert_eq!(bad(b"GET http://x/ HTTP/1.1\r\n\r\n"), 400);
+        assert_eq!(bad(b"GET / HTTP/2.0\r\n\r\n"), 505);
+        assert_eq!(bad(b"GET /  HTTP/1.1\r\n\r\n"), 400);
+        assert_eq!(bad(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"), 501);
+        assert_eq!(bad(b"POST / HTTP/1.1\r\nContent-Length: 99999\r\n\r\n"), 413);
+        assert_eq!(bad(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"), 400);
+        assert_eq!(bad(b"GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n"), 400);
+        assert_eq!(bad(b"GET / HTTP/1.1\r\nno colon\r\n\r\n"), 400);
+    }
+}

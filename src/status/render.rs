@@ -1,0 +1,549 @@
+//! Rendering of the status page, the JSON queue and the Prometheus metrics.
+//!
+//! Everything is written by hand into a `String` (no template engine, no
+//! serde): it keeps the binary small and makes the escaping explicit. Every
+//! string that comes from mail (senders, recipients, errors, log lines) goes
+//! through [`html`] or [`json`]; nothing else is ever written raw except our
+//! own constants and numbers.
+//!
+//! Memory is bounded on purpose: the page shows at most [`MAX_ROWS`] messages,
+//! at most [`MAX_RCPTS`] recipients per message and cuts long strings at
+//! [`MAX_TEXT`] characters, so a queue of 10,000 messages with 100 recipients
+//! each still renders a page of a few hundred KiB at most.
+
+use std::fmt::Write as _;
+use std::io::{self, Write};
+use std::time::Duration;
+
+use crate::spool::{DiskSpace, QueuedMessage, RcptStatus, Spool};
+use crate::stats::PrimaryState;
+use crate::util::{human_duration, iso_date};
+
+/// Queue rows shown on the page; the rest are counted ("and N more").
+pub const MAX_ROWS: usize = 200;
+/// Recipients shown per row.
+pub const MAX_RCPTS: usize = 3;
+/// Longest sender/recipient/error text shown, in characters.
+pub const MAX_TEXT: usize = 160;
+/// Log lines shown.
+pub const LOG_LINES: usize = 50;
+
+/// Appends `s` HTML-escaped (text and attribute values). Control characters
+/// become spaces so a hostile error text cannot break the layout.
+pub fn html(out: &mut String, s: &str) {
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Appends `s` HTML-escaped, cut at `max` characters with an ellipsis.
+pub fn html_cut(out: &mut String, s: &str, max: usize) {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => {
+            html(out, &s[..i]);
+            out.push('…');
+        }
+        None => html(out, s),
+    }
+}
+
+/// Appends `s` as a JSON string literal, quotes included (RFC 8259 §7).
+pub fn json(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            // U+2028/2029 are valid JSON but break JavaScript string literals.
+            c if (c as u32) < 0x20 || c == '\u{2028}' || c == '\u{2029}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// Bytes as `df -h` shows them: `512`, `1.5K`, `20M`, `3.2G`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n}")
+    } else if v < 10.0 {
+        format!("{v:.1}{}", UNITS[u])
+    } else {
+        format!("{v:.0}{}", UNITS[u])
+    }
+}
+
+/// What the queue holds: totals over every message, and the first
+/// [`MAX_ROWS`] messages (oldest first) in full.
+#[derive(Default)]
+pub struct QueueView {
+    pub count: u64,
+    pub bytes: u64,
+    pub oldest: Option<u64>,
+    pub rows: Vec<QueuedMessage>,
+    /// Queue files that could not be read (shown, never fatal).
+    pub unreadable: u32,
+    /// Set when the spool itself could not be opened or listed.
+    pub error: Option<String>,
+}
+
+impl QueueView {
+    /// Reads the spool one message at a time, keeping at most `keep` in
+    /// memory. Messages that vanish meanwhile (delivered) are skipped.
+    pub fn read(spool: io::Result<Spool>, keep: usize) -> QueueView {
+        let mut v = QueueView::default();
+        let spool = match spool {
+            Ok(s) => s,
+            Err(e) => {
+                v.error = Some(e.to_string());
+                return v;
+            }
+        };
+        let ids = match spool.ids() {
+            Ok(ids) => ids,
+            Err(e) => {
+                v.error = Some(e.to_string());
+                return v;
+            }
+        };
+        for id in &ids {
+            match spool.read(id) {
+                Ok(m) => {
+                    v.count += 1;
+                    v.bytes += m.size;
+                    v.oldest = Some(v.oldest.map_or(m.env.arrival, |o| o.min(m.env.arrival)));
+                    if v.rows.len() < keep {
+                        v.rows.push(m);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(_) => v.unreadable += 1,
+            }
+        }
+        v
+    }
+}
+
+/// Memory, uptime and load from sysinfo (memory only: never `new_all`,
+/// which would enumerate every process on the 486).
+#[derive(Default)]
+pub struct SystemView {
+    pub mem_total: u64,
+    pub mem_available: u64,
+    pub uptime: Option<u64>,
+    pub load: Option<(f64, f64, f64)>,
+}
+
+impl SystemView {
+    pub fn read() -> SystemView {
+        use sysinfo::{MemoryRefreshKind, RefreshKind, System};
+        let mut v = SystemView::default();
+        if let Ok(sys) =
+            System::new_with_specifics(RefreshKind::nothing().with_memory(MemoryRefreshKind::nothing().with_ram()))
+        {
+            v.mem_total = sys.total_memory();
+            v.mem_available = sys.available_memory();
+        }
+        v.uptime = System::uptime().ok();
+        v.load = System::load_average().ok().map(|l| (l.one, l.five, l.fifteen));
+        v
+    }
+}
+
+/// The recipients list's state, for the page and the metrics.
+pub enum RecipientsList {
+    NotConfigured,
+    Missing(String),
+    Age(u64),
+}
+
+/// Everything the page shows, gathered before rendering.
+pub struct PageData<'a> {
+    pub hostname: &'a str,
+    pub primary_name: &'a str,
+    pub spool_path: &'a str,
+    pub now: u64,
+    pub started: u64,
+    pub queue: QueueView,
+    pub disk: Result<DiskSpace, String>,
+    pub system: SystemView,
+    pub primary: PrimaryState,
+    pub counters: [(&'static str, u32); 7],
+    pub persistent_spool: bool,
+    pub spool_note: String,
+    pub recipients_path: Option<String>,
+    pub recipients: RecipientsList,
+    pub recipients_max_age: Duration,
+    pub log: Vec<String>,
+    pub token: &'a str,
+    pub flushed: bool,
+    pub flush_interval: Duration,
+}
+
+const CSS: &str = "\
+body{font:15px/1.4 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}\
+main{max-width:1180px;margin:0 auto;padding:12px 16px 32px}\
+header{background:#24292f;color:#fff;padding:10px 16px}\
+header h1{font-size:20px;margin:0;display:inline}\
+header span{color:#c9d1d9;margin-left:10px}\
+h2{font-size:16px;margin:22px 0 8px;border-bottom:1px solid #d0d7de;padding-bottom:4px}\
+table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #d0d7de}\
+th,td{text-align:left;padding:5px 8px;border-bottom:1px solid #eaeef2;vertical-align:top}\
+th{background:#f0f3f6;font-weight:600;white-space:nowrap}\
+table.kv th{width:14em}\
+td.n{text-align:right;white-space:nowrap}\
+td.id,.mono,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px}\
+.scroll{overflow-x:auto}\
+.ok{color:#1a7f37;font-weight:600}.bad{color:#cf222e;font-weight:600}.dim{color:#656d76}\
+.warn{background:#fff8c5;border:1px solid #d4a72c;padding:8px 12px;margin:10px 0}\
+.alert{background:#ffebe9;border:1px solid #cf222e;padding:8px 12px;margin:10px 0}\
+.note{background:#dafbe1;border:1px solid #1a7f37;padding:8px 12px;margin:10px 0}\
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin-top:12px}\
+.card{background:#fff;border:1px solid #d0d7de;padding:8px 14px;min-width:120px;flex:1}\
+.card b{display:block;font-size:20px}\
+form{margin:8px 0}\
+button{font:inherit;padding:6px 14px;background:#1f883d;color:#fff;border:1px solid #1a7f37;border-radius:6px;cursor:pointer}\
+pre{background:#fff;border:1px solid #d0d7de;padding:8px;overflow-x:auto;white-space:pre-wrap;word-break:break-all;margin:0}\
+footer{color:#656d76;font-size:13px;margin-top:24px}\
+";
+
+fn when(out: &mut String, t: Option<u64>, now: u64) {
+    match t {
+        None | Some(0) => out.push_str("<span class=\"dim\">never</span>"),
+        Some(t) => {
+            let _ = write!(out, "{} <span class=\"dim\">({} ago)</span>", iso_date(t), human_duration(now.saturating_sub(t)));
+        }
+    }
+}
+
+/// Renders `GET /`.
+pub fn page(d: &PageData) -> String {
+    let q = &d.queue;
+    let mut o = String::with_capacity(16 * 1024 + q.rows.len() * 400);
+    o.push_str("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n");
+    o.push_str("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n");
+    o.push_str("<meta name=\"robots\" content=\"noindex\">\n<title>Bartleby status: ");
+    html(&mut o, d.hostname);
+    let _ = write!(o, "</title>\n<style>{CSS}</style></head>\n<body>\n<header><h1>Bartleby</h1><span>backup MX ");
+    html(&mut o, d.hostname);
+    o.push_str("</span></header>\n<main>\n");
+
+    // Notices first: what an administrator must act on.
+    if d.flushed {
+        o.push_str("<p class=\"note\" id=\"flushed\">Flush requested: the queue manager is retrying every queued message now.</p>\n");
+    }
+    if !d.persistent_spool {
+        o.push_str("<p class=\"alert\" id=\"spool-warning\"><strong>Warning: the spool is not persistent.</strong> ");
+        if d.spool_note.is_empty() {
+            o.push_str("Queued mail is kept in RAM and is lost on power failure or reboot.");
+        } else {
+            html(&mut o, &d.spool_note);
+        }
+        o.push_str("</p>\n");
+    }
+    if d.primary.up == Some(false) {
+        o.push_str("<p class=\"alert\">The primary mail server ");
+        html(&mut o, d.primary_name);
+        o.push_str(" is not reachable");
+        if let Some(t) = d.primary.down_since {
+            let _ = write!(o, " (down for {})", human_duration(d.now.saturating_sub(t)));
+        }
+        o.push_str(": mail is being queued here.</p>\n");
+    }
+    match &d.recipients {
+        RecipientsList::Missing(e) => {
+            o.push_str("<p class=\"warn\" id=\"recipients-warning\">Warning: the recipients list ");
+            html(&mut o, d.recipients_path.as_deref().unwrap_or(""));
+            o.push_str(" cannot be read (");
+            html(&mut o, e);
+            o.push_str(").</p>\n");
+        }
+        RecipientsList::Age(age) if *age > d.recipients_max_age.as_secs() => {
+            o.push_str("<p class=\"warn\" id=\"recipients-warning\">Warning: the recipients list ");
+            html(&mut o, d.recipients_path.as_deref().unwrap_or(""));
+            let _ = write!(
+                o,
+                " is {} old (more than {}): it may not know recent addresses.</p>\n",
+                human_duration(*age),
+                human_duration(d.recipients_max_age.as_secs())
+            );
+        }
+        _ => {}
+    }
+    if let Some(e) = &q.error {
+        o.push_str("<p class=\"alert\">Cannot read the spool: ");
+        html(&mut o, e);
+        o.push_str("</p>\n");
+    }
+
+    // At a glance.
+    o.push_str("<div class=\"cards\">");
+    let _ = write!(o, "<div class=\"card\">Queued<b id=\"queue-count\">{}</b></div>", q.count);
+    let _ = write!(o, "<div class=\"card\">Queue size<b>{}B</b></div>", human_bytes(q.bytes));
+    let _ = write!(
+        o,
+        "<div class=\"card\">Oldest<b>{}</b></div>",
+        q.oldest.map_or("–".to_string(), |t| human_duration(d.now.saturating_sub(t)))
+    );
+    let (cls, txt) = match d.primary.up {
+        Some(true) => ("ok", "reachable"),
+        Some(false) => ("bad", "unreachable"),
+        None => ("dim", "not tried yet"),
+    };
+    let _ = write!(o, "<div class=\"card\">Primary<b class=\"{cls}\">{txt}</b></div>");
+    if let Ok(ds) = &d.disk {
+        let _ = write!(o, "<div class=\"card\">Spool disk free<b>{}B</b></div>", human_bytes(ds.avail));
+    }
+    o.push_str("</div>\n");
+
+    // The queue.
+    let _ = write!(o, "<h2 id=\"queue\">Queue: {} message{}, {}B</h2>\n", q.count, if q.count == 1 { "" } else { "s" }, human_bytes(q.bytes));
+    o.push_str("<form method=\"post\" action=\"/flush\"><input type=\"hidden\" name=\"token\" value=\"");
+    html(&mut o, d.token);
+    let _ = write!(
+        o,
+        "\"><button type=\"submit\">Flush queue now</button> <span class=\"dim\">retries every queued message at once (at most once every {})</span></form>\n",
+        human_duration(d.flush_interval.as_secs())
+    );
+    if q.count == 0 && q.error.is_none() {
+        o.push_str("<p class=\"dim\">The queue is empty.</p>\n");
+    } else {
+        o.push_str("<div class=\"scroll\"><table id=\"queue-table\"><thead><tr><th>ID</th><th>Age</th><th>Size</th><th>Sender</th><th>Recipients</th><th>Attempts</th><th>Next retry</th><th>Last error</th></tr></thead>\n<tbody>\n");
+        for m in &q.rows {
+            queue_row(&mut o, m, d.now);
+        }
+        o.push_str("</tbody></table></div>\n");
+        let more = q.count.saturating_sub(q.rows.len() as u64);
+        if more > 0 {
+            let _ = write!(o, "<p id=\"queue-more\">… and {more} more message{} not shown (oldest first; the full list is at <a href=\"/api/queue\">/api/queue</a>).</p>\n", if more == 1 { "" } else { "s" });
+        }
+    }
+    if q.unreadable > 0 {
+        let _ = write!(o, "<p class=\"warn\">{} queue file(s) could not be read.</p>\n", q.unreadable);
+    }
+
+    // The primary.
+    o.push_str("<h2>Primary mail server</h2>\n<table class=\"kv\" id=\"primary\">");
+    o.push_str("<tr><th>Host</th><td class=\"mono\">");
+    html(&mut o, d.primary_name);
+    let _ = write!(o, "</td></tr><tr><th>State</th><td class=\"{cls}\">{txt}</td></tr>");
+    o.push_str("<tr><th>Last successful delivery</th><td>");
+    when(&mut o, d.primary.last_success, d.now);
+    o.push_str("</td></tr><tr><th>Last attempt</th><td>");
+    when(&mut o, d.primary.last_attempt, d.now);
+    o.push_str("</td></tr><tr><th>Last error</th><td>");
+    if d.primary.last_error.is_empty() {
+        o.push_str("<span class=\"dim\">none</span>");
+    } else {
+        html_cut(&mut o, &d.primary.last_error, 300);
+    }
+    o.push_str("</td></tr><tr><th>Down since</th><td>");
+    match d.primary.down_since {
+        Some(t) => when(&mut o, Some(t), d.now),
+        None => o.push_str("<span class=\"dim\">–</span>"),
+    }
+    o.push_str("</td></tr></table>\n");
+
+    // The machine.
+    o.push_str("<h2>System</h2>\n<table class=\"kv\" id=\"system\">");
+    o.push_str("<tr><th>Spool file system</th><td>");
+    match &d.disk {
+        Ok(ds) => {
+            let _ = write!(
+                o,
+                "<table><tr><th>Size</th><th>Used</th><th>Avail</th><th>Use%</th><th>Spool</th></tr><tr><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}%</td><td class=\"mono\">",
+                human_bytes(ds.total),
+                human_bytes(ds.used),
+                human_bytes(ds.avail),
+                ds.percent_used()
+            );
+            html(&mut o, d.spool_path);
+            o.push_str("</td></tr></table>");
+        }
+        Err(e) => {
+            o.push_str("<span class=\"bad\">cannot read: ");
+            html(&mut o, e);
+            o.push_str("</span>");
+        }
+    }
+    o.push_str("</td></tr>");
+    let s = &d.system;
+    if s.mem_total > 0 {
+        let _ = write!(
+            o,
+            "<tr><th>Memory</th><td>{}B available of {}B ({}% used)</td></tr>",
+            human_bytes(s.mem_available),
+            human_bytes(s.mem_total),
+            100 - (s.mem_available.min(s.mem_total) * 100 / s.mem_total)
+        );
+    }
+    if let Some(u) = s.uptime {
+        let _ = write!(o, "<tr><th>Machine uptime</th><td>{}</td></tr>", human_duration(u));
+    }
+    let _ = write!(o, "<tr><th>Relay running for</th><td>{}</td></tr>", human_duration(d.now.saturating_sub(d.started)));
+    if let Some((a, b, c)) = s.load {
+        let _ = write!(o, "<tr><th>Load average</th><td>{a:.2} {b:.2} {c:.2}</td></tr>");
+    }
+    o.push_str("<tr><th>Recipients list</th><td>");
+    match (&d.recipients, &d.recipients_path) {
+        (RecipientsList::NotConfigured, _) | (_, None) => {
+            o.push_str("<span class=\"dim\">not configured: every address in the relay domains is accepted</span>")
+        }
+        (RecipientsList::Missing(_), Some(p)) => {
+            o.push_str("<span class=\"bad\">missing</span> <span class=\"mono\">");
+            html(&mut o, p);
+            o.push_str("</span>");
+        }
+        (RecipientsList::Age(a), Some(p)) => {
+            let stale = *a > d.recipients_max_age.as_secs();
+            let _ = write!(o, "<span class=\"{}\">updated {} ago</span> <span class=\"mono\">", if stale { "bad" } else { "ok" }, human_duration(*a));
+            html(&mut o, p);
+            o.push_str("</span>");
+        }
+    }
+    o.push_str("</td></tr><tr><th>Spool</th><td>");
+    if d.persistent_spool {
+        o.push_str("<span class=\"ok\">persistent</span>");
+    } else {
+        o.push_str("<span class=\"bad\">not persistent (RAM)</span>");
+    }
+    o.push_str("</td></tr></table>\n");
+
+    // Counters since start.
+    o.push_str("<h2>Since start</h2>\n<table id=\"counters\"><tr>");
+    for (name, _) in &d.counters {
+        let _ = write!(o, "<th>{name}</th>");
+    }
+    o.push_str("</tr><tr>");
+    for (_, v) in &d.counters {
+        let _ = write!(o, "<td class=\"n\">{v}</td>");
+    }
+    o.push_str("</tr></table>\n");
+
+    // Recent log.
+    let skip = d.log.len().saturating_sub(LOG_LINES);
+    let _ = write!(o, "<h2>Recent log (last {})</h2>\n<pre id=\"log\">", d.log.len() - skip);
+    if d.log.is_empty() {
+        o.push_str("(nothing logged yet)");
+    }
+    for l in &d.log[skip..] {
+        html(&mut o, l);
+        o.push('\n');
+    }
+    o.push_str("</pre>\n");
+    let _ = write!(
+        o,
+        "<footer>Generated {} · <a href=\"/\">reload</a> · <a href=\"/api/queue\">queue as JSON</a> · <a href=\"/metrics\">metrics</a></footer>\n</main></body></html>\n",
+        iso_date(d.now)
+    );
+    o
+}
+
+fn queue_row(o: &mut String, m: &QueuedMessage, now: u64) {
+    let st = &m.state;
+    o.push_str("<tr><td class=\"id\">");
+    html(o, &m.env.id);
+    let _ = write!(
+        o,
+        "</td><td class=\"n\" title=\"{}\">{}</td><td class=\"n\">{}</td><td>",
+        iso_date(m.env.arrival),
+        human_duration(now.saturating_sub(m.env.arrival)),
+        human_bytes(m.size)
+    );
+    if m.env.sender.is_empty() {
+        o.push_str("<span class=\"dim\">&lt;&gt;</span>");
+    } else {
+        html_cut(o, &m.env.sender, MAX_TEXT);
+    }
+    o.push_str("</td><td>");
+    for (i, r) in m.recipients.iter().take(MAX_RCPTS).enumerate() {
+        if i > 0 {
+            o.push_str("<br>");
+        }
+        html_cut(o, &r.addr, MAX_TEXT);
+        match r.status {
+            RcptStatus::Pending => {}
+            RcptStatus::Sent => o.push_str(" <span class=\"ok\">(sent)</span>"),
+            RcptStatus::Bounced => o.push_str(" <span class=\"bad\">(bounced)</span>"),
+        }
+    }
+    if m.recipients.len() > MAX_RCPTS {
+        let _ = write!(o, "<br><span class=\"dim\">+{} more</span>", m.recipients.len() - MAX_RCPTS);
+    }
+    let _ = write!(o, "</td><td class=\"n\">{}</td><td class=\"n\">", st.attempts);
+    if st.next_attempt <= now {
+        o.push_str("now");
+    } else {
+        let _ = write!(o, "<span title=\"{}\">in {}</span>", iso_date(st.next_attempt), human_duration(st.next_attempt - now));
+    }
+    o.push_str("</td><td>");
+    html_cut(o, &st.last_error, MAX_TEXT);
+    o.push_str("</td></tr>\n");
+}
+
+/// Writes one message of `/api/queue` as a JSON object into `o`.
+pub fn json_message(o: &mut String, m: &QueuedMessage) {
+    o.push_str("{\"id\":");
+    json(o, &m.env.id);
+    let _ = write!(o, ",\"size\":{},\"sender\":", m.size);
+    json(o, &m.env.sender);
+    o.push_str(",\"recipients\":[");
+    for (i, r) in m.recipients.iter().enumerate() {
+        if i > 0 {
+            o.push(',');
+        }
+        json(o, &r.addr);
+    }
+    let _ = write!(o, "],\"arrival\":{},\"arrival_iso\":\"{}\",\"attempts\":{},\"next_attempt\":{},\"last_error\":", m.env.arrival, iso_date(m.env.arrival), m.state.attempts, m.state.next_attempt);
+    json(o, &m.state.last_error);
+    o.push('}');
+}
+
+/// Streams `/api/queue` to `w`, one message at a time: the queue may hold
+/// thousands of messages, and the JSON is never held in memory whole.
+pub fn write_queue_json<W: Write>(w: &mut W, spool: &Spool) -> io::Result<()> {
+    let ids = spool.ids()?;
+    let mut buf = String::with_capacity(1024);
+    let (mut count, mut bytes) = (0u64, 0u64);
+    w.write_all(b"{\"messages\":[")?;
+    for id in &ids {
+        let m = match spool.read(id) {
+            Ok(m) => m,
+            Err(_) => continue, // delivered meanwhile, or unreadable
+        };
+        buf.clear();
+        if count > 0 {
+            buf.push(',');
+        }
+        json_message(&mut buf, &m);
+        w.write_all(buf.as_bytes())?;
+        count += 1;
+        bytes += m.size;
+    }
+    write!(w, "],\"count\":{count},\"bytes\":{bytes}}}\n")
+}
+
+/// Appends one metric with its HELP and TYPE lines.
+pub fn metric(o: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    let _ = write!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
+}
