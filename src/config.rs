@@ -587,7 +587,7 @@ impl Builder {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             max_line_length: 2048,
-            error_limit: 10,
+            error_limit: 20,
             max_received_headers: 50,
             min_free_space: 0,
             max_queue_messages: 10_000,

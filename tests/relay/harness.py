@@ -1,0 +1,256 @@
+"""Test harness: start the relay with a config, a Postfix smtp-sink as the
+primary, talk SMTP over raw sockets. Loopback only; ports chosen free."""
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BINARY = os.environ.get("BARTLEBY", os.path.join(ROOT, "target", "release", "bartleby"))
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_port(port, host="127.0.0.1", timeout=10.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def proc_status(pid):
+    """VmRSS, VmHWM, Threads of a process, in kB / count."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "VmHWM", "VmSize", "Threads"):
+                out[k] = int(v.split()[0])
+    return out
+
+
+class Relay:
+    """A bartleby server in a temp dir."""
+
+    def __init__(self, primary_port=None, extra="", recipients=None, status=None):
+        self.dir = tempfile.mkdtemp(prefix="bartleby-test-")
+        self.port = free_port()
+        self.primary_port = primary_port or free_port()
+        self.spool = os.path.join(self.dir, "spool")
+        self.log = os.path.join(self.dir, "bartleby.log")
+        self.config = os.path.join(self.dir, "bartleby.toml")
+        lines = [
+            'hostname = "backup.example.org"',
+            f'listen = ["127.0.0.1:{self.port}"]',
+            f'spool = "{self.spool}"',
+            'relay_domains = ["example.org", "example.net"]',
+            f'primary = "127.0.0.1:{self.primary_port}"',
+            'minimal_backoff = "5m"',
+            'maximal_backoff = "1h"',
+            'min_free_space = "1M"',
+        ]
+        if recipients is not None:
+            rpath = os.path.join(self.dir, "recipients")
+            with open(rpath, "w") as f:
+                f.write("\n".join(recipients) + "\n")
+            lines.append(f'recipients = "{rpath}"')
+        lines.append(extra)
+        if status:
+            lines.append(status)
+        with open(self.config, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.proc = None
+
+    def start(self, wait=True):
+        self.logf = open(self.log, "ab")
+        self.proc = subprocess.Popen([BINARY, "serve", "-c", self.config], stdout=self.logf, stderr=self.logf)
+        if wait and not wait_port(self.port):
+            raise RuntimeError("relay did not start:\n" + self.read_log())
+        return self
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def kill(self):
+        self.stop(signal.SIGKILL)
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def read_log(self):
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def cli(self, *args, check=False):
+        return subprocess.run([BINARY, *args, "-c", self.config], capture_output=True, text=True, timeout=30, check=check)
+
+    def mailq(self):
+        return self.cli("mailq").stdout
+
+    def flush(self):
+        return self.cli("flush")
+
+    def queue_ids(self):
+        q = os.path.join(self.spool, "queue")
+        return sorted(os.listdir(q)) if os.path.isdir(q) else []
+
+    def wait_empty(self, timeout=30.0):
+        end = time.time() + timeout
+        while time.time() < end:
+            if not self.queue_ids():
+                return True
+            time.sleep(0.1)
+        return False
+
+
+class Sink:
+    """Postfix's smtp-sink as the primary, writing each message to a file."""
+
+    def __init__(self, port, extra_args=()):
+        self.port = port
+        self.dir = tempfile.mkdtemp(prefix="bartleby-sink-")
+        os.chmod(self.dir, 0o777)
+        self.proc = subprocess.Popen(
+            ["smtp-sink", "-u", "nobody", *extra_args, "-d", self.dir + "/%M.", f"127.0.0.1:{port}", "64"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if not wait_port(port):
+            raise RuntimeError("smtp-sink did not start")
+
+    def files(self):
+        out = []
+        for root, _, names in os.walk(self.dir):
+            for n in names:
+                out.append(os.path.join(root, n))
+        return sorted(out)
+
+    def messages(self):
+        res = []
+        for p in self.files():
+            with open(p, "rb") as f:
+                res.append(f.read())
+        return res
+
+    def wait_count(self, n, timeout=30.0):
+        end = time.time() + timeout
+        while time.time() < end:
+            if len(self.files()) >= n:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def strip_sink_headers(raw):
+    """Removes what smtp-sink and Bartleby prepended: smtp-sink's X-* lines and
+    its Received header, then Bartleby's Received header. Returns the rest."""
+    lines = raw.split(b"\r\n") if b"\r\n" in raw else raw.split(b"\n")
+    i = 0
+    while i < len(lines) and lines[i].startswith(b"X-"):
+        i += 1
+    received_seen = 0
+    while i < len(lines) and received_seen < 2:
+        if lines[i].startswith(b"Received:"):
+            received_seen += 1
+            i += 1
+            while i < len(lines) and lines[i][:1] in (b" ", b"\t"):
+                i += 1
+        else:
+            break
+    sep = b"\r\n" if b"\r\n" in raw else b"\n"
+    return sep.join(lines[i:])
+
+
+class Client:
+    """A raw SMTP client for exact protocol tests."""
+
+    def __init__(self, port, source=None, timeout=10):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0) if source else None)
+        self.buf = b""
+        self.banner = self.reply()
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode()
+        self.sock.sendall(data)
+
+    def reply(self):
+        """Reads one (possibly multi-line) reply; returns (code, text)."""
+        lines = []
+        while True:
+            while b"\n" not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    if lines or self.buf:
+                        break
+                    return (0, "closed")
+                self.buf += chunk
+            if b"\n" not in self.buf:
+                break
+            line, _, self.buf = self.buf.partition(b"\n")
+            line = line.rstrip(b"\r").decode(errors="replace")
+            lines.append(line)
+            if len(line) < 4 or line[3] != "-":
+                break
+        if not lines:
+            return (0, "closed")
+        return (int(lines[-1][:3]), "\n".join(lines))
+
+    def cmd(self, line):
+        self.send(line + "\r\n")
+        return self.reply()
+
+    def closed(self, timeout=5):
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                d = self.sock.recv(4096)
+                if not d:
+                    return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def queued_id(text):
+    m = re.search(r"queued as ([0-9A-F]+)", text)
+    return m.group(1) if m else None
