@@ -17,4 +17,5 @@ pub mod server;
 pub mod session;
 pub mod spool;
 pub mod stats;
+pub mod status;
 pub mod util;

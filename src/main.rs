@@ -133,7 +133,29 @@ fn main() -> ExitCode {
     }
 }
 
+/// Process-wide settings that must be made before any thread starts.
+fn prepare_process() {
+    // tiny_http starts its threads with std's default stack size; std reads
+    // RUST_MIN_STACK once, at the first spawn. 64 KiB is enough for them and
+    // keeps the address space small on a 16 MB machine.
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        // SAFETY: called first thing in serve, before any other thread exists.
+        unsafe { std::env::set_var("RUST_MIN_STACK", "65536") };
+    }
+    // Raise the descriptor limit to the hard limit: running out of
+    // descriptors must mean 421/503 to clients, not an abort in a library.
+    // SAFETY: plain getrlimit/setrlimit on a struct we own.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn serve(path: &std::path::Path) -> ExitCode {
+    prepare_process();
     let cfg = match load(path) {
         Ok(c) => Arc::new(c),
         Err(code) => return code,

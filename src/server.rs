@@ -114,6 +114,9 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
         tokio::spawn(accept_loop(l, ctx.clone(), sem.clone(), shutdown_rx.clone()));
     }
     tokio::spawn(control_loop(control, stats.clone(), shutdown_rx.clone()));
+    // The status page lives on its own threads and only reads the spool and
+    // the shared counters: it can never stall SMTP.
+    crate::status::start(cfg.clone(), stats.clone()).map_err(|e| format!("status page: {e}"))?;
     log::info!(
         target: MASTER,
         "daemon started -- version {}, listening on {}, primary {}",
@@ -138,7 +141,7 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
     let _ = shutdown_tx.send(true);
     // Wait for sessions to finish (everything acknowledged is already durable;
     // this only spares clients a broken connection).
-    let all = cfg.max_connections as u32;
+    let all = u32::try_from(cfg.max_connections).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, sem.acquire_many(all)).await;
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, sched_task).await;
     let _ = std::fs::remove_file(&sock_path);

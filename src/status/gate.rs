@@ -23,7 +23,8 @@
 //!   and the per-process `X-Bartleby-Gate` secret added) and queued for one
 //!   of [`WORKERS`] threads with 64 KiB stacks, which forward it to tiny_http
 //!   and copy the response back under write timeouts and a total deadline.
-//!   When all workers are busy and the small queue is full: 503.
+//!   When all workers are busy, a complete request waits (unread, in the
+//!   pending set) up to [`READY_WAIT`] for one, and gets 503 after that.
 //! * Errors never stop the accept loop: on EMFILE and the like it drops the
 //!   oldest pending connection, sleeps 50 ms and carries on.
 
@@ -38,8 +39,13 @@ use std::time::{Duration, Instant};
 use crate::config::{self, Cidr};
 use crate::logging::STATUS;
 
-/// Connections still sending their request (or being drained after an error).
-pub const MAX_PENDING: usize = 32;
+/// Connections the gate holds: still sending their request, waiting for a
+/// worker, or being drained after an error. Worst case in memory:
+/// `MAX_PENDING * (MAX_HEAD + MAX_BODY)` = 480 KiB; an idle one costs a socket.
+pub const MAX_PENDING: usize = 40;
+/// Complete requests waiting for a worker; more get 503 at once, so a burst
+/// of real requests never pushes the idle-connection eviction onto them.
+pub const MAX_READY: usize = 16;
 /// Largest request head (request line and headers).
 pub const MAX_HEAD: usize = 8 * 1024;
 /// Largest request body (only `POST /flush` has one: a token).
@@ -48,10 +54,13 @@ pub const MAX_BODY: usize = 4 * 1024;
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 /// Worker threads forwarding requests to tiny_http.
 pub const WORKERS: usize = 4;
-/// Vetted requests waiting for a worker; beyond this, 503.
-pub const QUEUE: usize = 4;
+/// Vetted requests handed over but not yet taken by a worker (more wait in
+/// the gate's pending set, where they cost no thread).
+pub const QUEUE: usize = 2;
 /// Stack of the gate's own threads (they hold at most a 2 KiB buffer).
 pub const STACK: usize = 64 * 1024;
+/// A complete request waits at most this long for a free worker (then 503).
+const READY_WAIT: Duration = Duration::from_secs(10);
 /// Read/write timeout of a single socket operation.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// A response must be delivered within this time, however slow the reader.
@@ -71,6 +80,56 @@ pub struct Gate {
     pub backend: Mutex<Option<UnixAddr>>,
     /// Proves to the handler that a request came through the gate.
     pub secret: String,
+    /// When `accept` last failed for want of descriptors (see [`fd_headroom`]).
+    pub fd_pressure: Mutex<Option<Instant>>,
+    /// Held by a worker from its descriptor check until tiny_http has
+    /// accepted its connection; the gate does not accept meanwhile.
+    pub fd_lock: Mutex<()>,
+}
+
+impl Gate {
+    fn under_fd_pressure(&self) -> bool {
+        self.fd_pressure.lock().ok().and_then(|t| *t).is_some_and(|t| t.elapsed() < FD_PRESSURE)
+    }
+}
+
+/// Free descriptors needed before connecting to tiny_http: ours, its
+/// accepted socket and clone, and a couple for the handler's spool reads.
+const FD_HEADROOM: usize = 6;
+/// How long a worker keeps the gate from accepting after connecting to
+/// tiny_http (its accept thread does nothing else, so this is ample).
+const ACCEPT_GRACE: Duration = Duration::from_millis(200);
+
+/// After an EMFILE, requests are not passed to tiny_http for this long.
+const FD_PRESSURE: Duration = Duration::from_secs(1);
+
+/// True when `n` more descriptors can be opened now (by dup'ing `fd` and
+/// closing the copies).
+///
+/// Why: tiny_http's accept thread clones every accepted stream with
+/// `try_clone().unwrap()` (util/refined_tcp_stream.rs), so an EMFILE at that
+/// moment is a panic, and with `panic = "abort"` the whole relay dies. The
+/// gate is the only thing that connects to tiny_http, so it checks first.
+/// Descriptors are process-wide, so this narrows the window, it cannot close
+/// it. The gate's own use is bounded (about [`MAX_PENDING`] + 3 x [`WORKERS`]),
+/// and it does not accept while a worker holds [`Gate::fd_lock`]; what remains
+/// is the SMTP side opening descriptors in that window of a few milliseconds.
+fn fd_headroom(fd: std::os::unix::io::RawFd, n: usize) -> bool {
+    let mut dups = [-1; 8];
+    let mut ok = true;
+    for d in dups.iter_mut().take(n) {
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own; copies are closed below.
+        *d = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if *d < 0 {
+            ok = false;
+            break;
+        }
+    }
+    for d in dups.into_iter().filter(|d| *d >= 0) {
+        // SAFETY: `d` is a descriptor this function just created.
+        unsafe { libc::close(d) };
+    }
+    ok
 }
 
 /// A vetted request on its way to a worker.
@@ -82,6 +141,8 @@ pub struct Job {
 enum Phase {
     /// Reading the request; `need` is its full length once the head is parsed.
     Reading { need: Option<usize> },
+    /// The request is complete and waits for a free worker (not polled for input).
+    Ready,
     /// An error reply was sent; draining input until EOF or the deadline.
     Linger { discarded: usize },
 }
@@ -97,7 +158,6 @@ struct Conn {
 enum Step {
     Keep,
     Close,
-    Dispatch,
 }
 
 /// Writes a complete small response. The socket's send buffer is empty at
@@ -139,6 +199,7 @@ impl Conn {
                     continue;
                 }
                 Phase::Reading { need } => *need,
+                Phase::Ready => return Step::Keep,
             };
             let cap = need.unwrap_or(MAX_HEAD + MAX_BODY);
             let take = n.min(cap.saturating_sub(self.buf.len()));
@@ -174,11 +235,13 @@ impl Conn {
                     },
                 }
             }
-            if let Phase::Reading { need: Some(need) } = self.phase {
-                if self.buf.len() >= need {
-                    self.buf.truncate(need);
-                    return Step::Dispatch;
-                }
+            if let Phase::Reading { need: Some(need) } = self.phase
+                && self.buf.len() >= need
+            {
+                self.buf.truncate(need);
+                self.phase = Phase::Ready;
+                self.deadline = Instant::now() + READY_WAIT;
+                return Step::Keep;
             }
         }
     }
@@ -294,21 +357,56 @@ pub fn run(listener: TcpListener, gate: Arc<Gate>, jobs: SyncSender<Job>) {
             if c.deadline > now {
                 return true;
             }
-            if let Phase::Reading { .. } = c.phase {
-                reply(&mut c.stream, 408, "Request Timeout", "");
+            match c.phase {
+                Phase::Reading { .. } => reply(&mut c.stream, 408, "Request Timeout", ""),
+                Phase::Ready => reply(&mut c.stream, 503, "Service Unavailable", "Retry-After: 5\r\n"),
+                Phase::Linger { .. } => {}
             }
             false
         });
-        fds.clear();
-        fds.push(libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 });
-        for c in &conns {
-            fds.push(libc::pollfd { fd: c.stream.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        // Hand complete requests to the workers, oldest first, while they take them.
+        let mut i = 0;
+        while i < conns.len() {
+            if !matches!(conns[i].phase, Phase::Ready) {
+                i += 1;
+                continue;
+            }
+            let Conn { stream, buf, peer, deadline, .. } = conns.remove(i);
+            match jobs.try_send(Job { stream, request: buf }) {
+                Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+                Err(TrySendError::Full(j)) => {
+                    conns.insert(i, Conn { stream: j.stream, peer, deadline, buf: j.request, phase: Phase::Ready });
+                    break;
+                }
+            }
         }
-        let timeout = conns
+        let mut ready = 0;
+        for c in conns.iter_mut().filter(|c| matches!(c.phase, Phase::Ready)) {
+            ready += 1;
+            if ready > MAX_READY {
+                c.fail(503, "Service Unavailable", "Retry-After: 2\r\n");
+            }
+        }
+        let waiting = ready > 0;
+        // A worker is connecting to tiny_http: leave new connections in the backlog.
+        let paused = gate.fd_lock.try_lock().is_err();
+        fds.clear();
+        let events = if paused { 0 } else { libc::POLLIN };
+        fds.push(libc::pollfd { fd: listener.as_raw_fd(), events, revents: 0 });
+        for c in &conns {
+            // A ready request is not read from; poll still reports errors and hang-ups.
+            let events = if matches!(c.phase, Phase::Ready) { 0 } else { libc::POLLIN };
+            fds.push(libc::pollfd { fd: c.stream.as_raw_fd(), events, revents: 0 });
+        }
+        let mut timeout = conns
             .iter()
             .map(|c| c.deadline.saturating_duration_since(now).as_millis() as i32 + 1)
             .min()
             .unwrap_or(-1);
+        if waiting || paused {
+            // Workers do not signal when they free up; look again soon.
+            timeout = if timeout < 0 { 20 } else { timeout.min(20) };
+        }
         // SAFETY: `fds` is a valid, initialised array of `fds.len()` pollfd structs.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if rc < 0 {
@@ -319,34 +417,34 @@ pub fn run(listener: TcpListener, gate: Arc<Gate>, jobs: SyncSender<Job>) {
         }
         // Pending connections first, from the back so removals keep indices valid.
         for i in (0..conns.len()).rev() {
-            if fds[i + 1].revents == 0 {
+            let re = fds[i + 1].revents;
+            if re == 0 {
                 continue;
             }
-            match conns[i].step(&mut chunk, &gate) {
-                Step::Keep => {}
-                Step::Close => drop(conns.remove(i)),
-                Step::Dispatch => {
-                    let Conn { stream, buf, peer, .. } = conns.remove(i);
-                    if let Err(TrySendError::Full(j) | TrySendError::Disconnected(j)) = jobs.try_send(Job { stream, request: buf }) {
-                        // Every worker busy: say so rather than queue without bound.
-                        let mut c = Conn { stream: j.stream, peer, deadline: now, buf: Vec::new(), phase: Phase::Reading { need: None } };
-                        c.fail(503, "Service Unavailable", "Retry-After: 2\r\n");
-                        conns.push(c);
-                    }
-                }
+            let close = if matches!(conns[i].phase, Phase::Ready) {
+                re & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
+            } else {
+                matches!(conns[i].step(&mut chunk, &gate), Step::Close)
+            };
+            if close {
+                drop(conns.remove(i));
             }
         }
         if fds[0].revents == 0 {
             continue;
         }
+        let Ok(_accepting) = gate.fd_lock.try_lock() else {
+            continue;
+        };
         for _ in 0..64 {
             match listener.accept() {
-                Ok((stream, addr)) => {
+                Ok((mut stream, addr)) => {
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
-                    if conns.len() >= MAX_PENDING {
-                        drop(conns.remove(0)); // the oldest: most likely idle or abusive
+                    if conns.len() >= MAX_PENDING && !evict_oldest(&mut conns) {
+                        reply(&mut stream, 503, "Service Unavailable", "Retry-After: 5\r\n");
+                        continue;
                     }
                     let peer = addr.ip();
                     let mut c = Conn {
@@ -359,6 +457,10 @@ pub fn run(listener: TcpListener, gate: Arc<Gate>, jobs: SyncSender<Job>) {
                     if !config::allowed(&gate.allow, peer) {
                         log::debug!(target: STATUS, "status page: refused {peer} (not in [status] allow)");
                         c.fail(403, "Forbidden", "");
+                    } else if let Step::Close = c.step(&mut chunk, &gate) {
+                        // Read at once: a request already waiting becomes
+                        // Ready, and Ready connections are never evicted.
+                        continue;
                     }
                     conns.push(c);
                 }
@@ -366,18 +468,32 @@ pub fn run(listener: TcpListener, gate: Arc<Gate>, jobs: SyncSender<Job>) {
                 Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
                 Err(e) => {
                     // EMFILE, ENFILE, ENOBUFS, ENOMEM: free a descriptor, back off, go on.
+                    if let Ok(mut p) = gate.fd_pressure.lock() {
+                        *p = Some(Instant::now());
+                    }
                     if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                         log::warn!(target: STATUS, "warning: status page: accept: {e}");
                         last_warning = Some(Instant::now());
                     }
-                    if !conns.is_empty() {
-                        drop(conns.remove(0));
-                    }
+                    evict_oldest(&mut conns);
                     std::thread::sleep(Duration::from_millis(50));
                     break;
                 }
             }
         }
+    }
+}
+
+/// Closes the oldest connection that is still sending (or being drained):
+/// under a flood of idle connections that is the flood, not the browser
+/// that connected a moment ago. Complete requests are never evicted.
+fn evict_oldest(conns: &mut Vec<Conn>) -> bool {
+    match conns.iter().position(|c| !matches!(c.phase, Phase::Ready)) {
+        Some(i) => {
+            drop(conns.remove(i));
+            true
+        }
+        None => false,
     }
 }
 
@@ -403,12 +519,18 @@ fn forward(job: Job, gate: &Gate, buf: &mut [u8]) {
     }
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    // No new descriptors for the gate until tiny_http has accepted (and
+    // cloned) this connection: see fd_headroom.
+    let mut guard = Some(gate.fd_lock.lock().unwrap_or_else(|e| e.into_inner()));
+    if gate.under_fd_pressure() || !fd_headroom(stream.as_raw_fd(), FD_HEADROOM) {
+        return reply(&mut stream, 503, "Service Unavailable", "Retry-After: 5\r\n");
+    }
     let addr = gate.backend.lock().ok().and_then(|a| a.clone());
     let mut backend = match addr.and_then(|a| UnixStream::connect_addr(&a).ok()) {
         Some(b) => b,
         None => return reply(&mut stream, 503, "Service Unavailable", "Retry-After: 2\r\n"),
     };
-    let _ = backend.set_read_timeout(Some(BACKEND_TIMEOUT));
+    let _ = backend.set_read_timeout(Some(ACCEPT_GRACE));
     let _ = backend.set_write_timeout(Some(IO_TIMEOUT));
     if backend.write_all(&request).is_err() {
         return reply(&mut stream, 502, "Bad Gateway", "");
@@ -421,6 +543,12 @@ fn forward(job: Job, gate: &Gate, buf: &mut [u8]) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if guard.is_some() && matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                // tiny_http has had time to accept; let the gate go on.
+                guard = None;
+                let _ = backend.set_read_timeout(Some(BACKEND_TIMEOUT));
+                continue;
+            }
             Err(_) => {
                 if first {
                     reply(&mut stream, 504, "Gateway Timeout", "");
@@ -428,6 +556,9 @@ fn forward(job: Job, gate: &Gate, buf: &mut [u8]) {
                 return;
             }
         };
+        if guard.take().is_some() {
+            let _ = backend.set_read_timeout(Some(BACKEND_TIMEOUT));
+        }
         let data = &buf[..n];
         let ok = if first {
             first = false;

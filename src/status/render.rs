@@ -75,9 +75,9 @@ pub fn json(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// Bytes as `df -h` shows them: `512`, `1.5K`, `20M`, `3.2G`.
+/// Bytes for people: `44 B`, `1.5 KiB`, `20 MiB`, `3.2 GiB` (powers of 1024, like `df -h`).
 pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["", "K", "M", "G", "T"];
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
     let mut u = 0;
     while v >= 1024.0 && u < UNITS.len() - 1 {
@@ -85,11 +85,11 @@ pub fn human_bytes(n: u64) -> String {
         u += 1;
     }
     if u == 0 {
-        format!("{n}")
+        format!("{n} B")
     } else if v < 10.0 {
-        format!("{v:.1}{}", UNITS[u])
+        format!("{v:.1} {}", UNITS[u])
     } else {
-        format!("{v:.0}{}", UNITS[u])
+        format!("{v:.0} {}", UNITS[u])
     }
 }
 
@@ -219,8 +219,11 @@ td.id,.mono,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px
 .alert{background:#ffebe9;border:1px solid #cf222e;padding:8px 12px;margin:10px 0}\
 .note{background:#dafbe1;border:1px solid #1a7f37;padding:8px 12px;margin:10px 0}\
 .cards{display:flex;flex-wrap:wrap;gap:10px;margin-top:12px}\
-.card{background:#fff;border:1px solid #d0d7de;padding:8px 14px;min-width:120px;flex:1}\
+.card{background:#fff;border:1px solid #d0d7de;padding:8px 14px;min-width:110px;flex:1}\
+#counters .card b{font-size:17px}\
 .card b{display:block;font-size:20px}\
+.cols{display:flex;flex-wrap:wrap;gap:0 20px}.cols section{flex:1 1 340px;min-width:0}\
+@media(max-width:600px){table.kv th{width:auto;white-space:normal}main{padding:8px}}\
 form{margin:8px 0}\
 button{font:inherit;padding:6px 14px;background:#1f883d;color:#fff;border:1px solid #1a7f37;border-radius:6px;cursor:pointer}\
 pre{background:#fff;border:1px solid #d0d7de;padding:8px;overflow-x:auto;white-space:pre-wrap;word-break:break-all;margin:0}\
@@ -281,9 +284,9 @@ pub fn page(d: &PageData) -> String {
         RecipientsList::Age(age) if *age > d.recipients_max_age.as_secs() => {
             o.push_str("<p class=\"warn\" id=\"recipients-warning\">Warning: the recipients list ");
             html(&mut o, d.recipients_path.as_deref().unwrap_or(""));
-            let _ = write!(
+            let _ = writeln!(
                 o,
-                " is {} old (more than {}): it may not know recent addresses.</p>\n",
+                " is {} old (more than {}): it may not know recent addresses.</p>",
                 human_duration(*age),
                 human_duration(d.recipients_max_age.as_secs())
             );
@@ -299,7 +302,7 @@ pub fn page(d: &PageData) -> String {
     // At a glance.
     o.push_str("<div class=\"cards\">");
     let _ = write!(o, "<div class=\"card\">Queued<b id=\"queue-count\">{}</b></div>", q.count);
-    let _ = write!(o, "<div class=\"card\">Queue size<b>{}B</b></div>", human_bytes(q.bytes));
+    let _ = write!(o, "<div class=\"card\">Queue size<b>{}</b></div>", human_bytes(q.bytes));
     let _ = write!(
         o,
         "<div class=\"card\">Oldest<b>{}</b></div>",
@@ -312,37 +315,12 @@ pub fn page(d: &PageData) -> String {
     };
     let _ = write!(o, "<div class=\"card\">Primary<b class=\"{cls}\">{txt}</b></div>");
     if let Ok(ds) = &d.disk {
-        let _ = write!(o, "<div class=\"card\">Spool disk free<b>{}B</b></div>", human_bytes(ds.avail));
+        let _ = write!(o, "<div class=\"card\">Spool disk free<b>{}</b></div>", human_bytes(ds.avail));
     }
     o.push_str("</div>\n");
 
-    // The queue.
-    let _ = write!(o, "<h2 id=\"queue\">Queue: {} message{}, {}B</h2>\n", q.count, if q.count == 1 { "" } else { "s" }, human_bytes(q.bytes));
-    o.push_str("<form method=\"post\" action=\"/flush\"><input type=\"hidden\" name=\"token\" value=\"");
-    html(&mut o, d.token);
-    let _ = write!(
-        o,
-        "\"><button type=\"submit\">Flush queue now</button> <span class=\"dim\">retries every queued message at once (at most once every {})</span></form>\n",
-        human_duration(d.flush_interval.as_secs())
-    );
-    if q.count == 0 && q.error.is_none() {
-        o.push_str("<p class=\"dim\">The queue is empty.</p>\n");
-    } else {
-        o.push_str("<div class=\"scroll\"><table id=\"queue-table\"><thead><tr><th>ID</th><th>Age</th><th>Size</th><th>Sender</th><th>Recipients</th><th>Attempts</th><th>Next retry</th><th>Last error</th></tr></thead>\n<tbody>\n");
-        for m in &q.rows {
-            queue_row(&mut o, m, d.now);
-        }
-        o.push_str("</tbody></table></div>\n");
-        let more = q.count.saturating_sub(q.rows.len() as u64);
-        if more > 0 {
-            let _ = write!(o, "<p id=\"queue-more\">… and {more} more message{} not shown (oldest first; the full list is at <a href=\"/api/queue\">/api/queue</a>).</p>\n", if more == 1 { "" } else { "s" });
-        }
-    }
-    if q.unreadable > 0 {
-        let _ = write!(o, "<p class=\"warn\">{} queue file(s) could not be read.</p>\n", q.unreadable);
-    }
-
-    // The primary.
+    // The primary and the machine, side by side on wide screens.
+    o.push_str("<div class=\"cols\"><section>");
     o.push_str("<h2>Primary mail server</h2>\n<table class=\"kv\" id=\"primary\">");
     o.push_str("<tr><th>Host</th><td class=\"mono\">");
     html(&mut o, d.primary_name);
@@ -364,21 +342,22 @@ pub fn page(d: &PageData) -> String {
     }
     o.push_str("</td></tr></table>\n");
 
+    o.push_str("</section><section>");
     // The machine.
     o.push_str("<h2>System</h2>\n<table class=\"kv\" id=\"system\">");
-    o.push_str("<tr><th>Spool file system</th><td>");
+    o.push_str("<tr><th>Spool directory</th><td class=\"mono\">");
+    html(&mut o, d.spool_path);
+    o.push_str("</td></tr><tr><th>Spool file system</th><td>");
     match &d.disk {
         Ok(ds) => {
             let _ = write!(
                 o,
-                "<table><tr><th>Size</th><th>Used</th><th>Avail</th><th>Use%</th><th>Spool</th></tr><tr><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}%</td><td class=\"mono\">",
+                "<table id=\"df\"><tr><th>Size</th><th>Used</th><th>Avail</th><th>Use%</th></tr><tr><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}%</td></tr></table>",
                 human_bytes(ds.total),
                 human_bytes(ds.used),
                 human_bytes(ds.avail),
                 ds.percent_used()
             );
-            html(&mut o, d.spool_path);
-            o.push_str("</td></tr></table>");
         }
         Err(e) => {
             o.push_str("<span class=\"bad\">cannot read: ");
@@ -391,7 +370,7 @@ pub fn page(d: &PageData) -> String {
     if s.mem_total > 0 {
         let _ = write!(
             o,
-            "<tr><th>Memory</th><td>{}B available of {}B ({}% used)</td></tr>",
+            "<tr><th>Memory</th><td>{} available of {} ({}% used)</td></tr>",
             human_bytes(s.mem_available),
             human_bytes(s.mem_total),
             100 - (s.mem_available.min(s.mem_total) * 100 / s.mem_total)
@@ -428,17 +407,40 @@ pub fn page(d: &PageData) -> String {
         o.push_str("<span class=\"bad\">not persistent (RAM)</span>");
     }
     o.push_str("</td></tr></table>\n");
+    o.push_str("</section></div>\n");
 
     // Counters since start.
-    o.push_str("<h2>Since start</h2>\n<table id=\"counters\"><tr>");
-    for (name, _) in &d.counters {
-        let _ = write!(o, "<th>{name}</th>");
+    o.push_str("<h2>Since start</h2>\n<div class=\"cards\" id=\"counters\">");
+    for (name, v) in &d.counters {
+        let _ = write!(o, "<div class=\"card\">{name}<b>{v}</b></div>");
     }
-    o.push_str("</tr><tr>");
-    for (_, v) in &d.counters {
-        let _ = write!(o, "<td class=\"n\">{v}</td>");
+    o.push_str("</div>\n");
+
+    // The queue.
+    let _ = writeln!(o, "<h2 id=\"queue\">Queue: {} message{}, {}</h2>", q.count, if q.count == 1 { "" } else { "s" }, human_bytes(q.bytes));
+    o.push_str("<form method=\"post\" action=\"/flush\"><input type=\"hidden\" name=\"token\" value=\"");
+    html(&mut o, d.token);
+    let _ = writeln!(
+        o,
+        "\"><button type=\"submit\">Flush queue now</button> <span class=\"dim\">retries every queued message at once (at most once every {})</span></form>",
+        human_duration(d.flush_interval.as_secs())
+    );
+    if q.count == 0 && q.error.is_none() {
+        o.push_str("<p class=\"dim\">The queue is empty.</p>\n");
+    } else {
+        o.push_str("<div class=\"scroll\"><table id=\"queue-table\"><thead><tr><th>ID</th><th>Age</th><th>Size</th><th>Sender</th><th>Recipients</th><th>Attempts</th><th>Next retry</th><th>Last error</th></tr></thead>\n<tbody>\n");
+        for m in &q.rows {
+            queue_row(&mut o, m, d.now);
+        }
+        o.push_str("</tbody></table></div>\n");
+        let more = q.count.saturating_sub(q.rows.len() as u64);
+        if more > 0 {
+            let _ = writeln!(o, "<p id=\"queue-more\">… and {more} more message{} not shown (oldest first; the full list is at <a href=\"/api/queue\">/api/queue</a>).</p>", if more == 1 { "" } else { "s" });
+        }
     }
-    o.push_str("</tr></table>\n");
+    if q.unreadable > 0 {
+        let _ = writeln!(o, "<p class=\"warn\">{} queue file(s) could not be read.</p>", q.unreadable);
+    }
 
     // Recent log.
     let skip = d.log.len().saturating_sub(LOG_LINES);
@@ -540,7 +542,7 @@ pub fn write_queue_json<W: Write>(w: &mut W, spool: &Spool) -> io::Result<()> {
         count += 1;
         bytes += m.size;
     }
-    write!(w, "],\"count\":{count},\"bytes\":{bytes}}}\n")
+    writeln!(w, "],\"count\":{count},\"bytes\":{bytes}}}")
 }
 
 /// Appends one metric with its HELP and TYPE lines.

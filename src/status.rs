@@ -1,0 +1,427 @@
+//! The LAN status page: the queue, the primary, the spool disk and the
+//! machine, a "Flush queue now" button, `/api/queue` (JSON) and `/metrics`
+//! (Prometheus text format).
+//!
+//! # Threads and memory
+//!
+//! The page never touches the tokio runtime: it reads the spool files itself
+//! (`Spool::open` per request, like `mailq`) and the shared [`Stats`]
+//! (atomics, and mutexes held only for a copy). Its threads:
+//!
+//! * the **gate** ([`gate`]): one thread that owns the public socket and
+//!   vets every connection with `poll(2)`: allow-list, size caps, deadlines;
+//! * [`gate::WORKERS`] **forwarders** with 64 KiB stacks;
+//! * **tiny_http** (required by the design card), listening only on a
+//!   private abstract Unix socket that only the gate connects to; it adds an
+//!   accept thread and a pool of 4 threads (their stack size comes from
+//!   `RUST_MIN_STACK`, which `main` should set);
+//! * one **handler** thread that answers requests one at a time. Serial on
+//!   purpose: at most one page is being rendered, so memory stays bounded.
+//!
+//! A request that did not come through the gate (no valid `X-Bartleby-Gate`
+//! secret) is refused, so the private socket is no way around the allow-list.
+//!
+//! # Cross-site flushes
+//!
+//! `POST /flush` needs the per-process random token that the page puts in a
+//! hidden field, and when the browser sends `Origin` (or, failing that,
+//! `Referer`) it must name the `Host` the request was sent to. Flushes are
+//! rate-limited to one per `[status] flush_interval`.
+
+mod gate;
+mod render;
+
+use std::io::{self, BufWriter, Read, Write};
+use std::net::TcpListener;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime};
+
+use tiny_http::{Header, Method, Request, Response};
+
+use crate::config::Config;
+use crate::logging::{self, STATUS};
+use crate::spool::{self, Spool};
+use crate::stats::Stats;
+use crate::util::now;
+
+pub use render::{html, json};
+
+/// Stack of the handler thread: rendering and sysinfo need a little more
+/// than the gate's threads. Only touched pages become resident.
+const HANDLER_STACK: usize = 256 * 1024;
+
+/// Starts the status page on its own threads. Never blocks or touches the
+/// tokio runtime. Does nothing when `[status] listen` is not set.
+///
+/// Errors (the address is in use, the private socket cannot be made) are
+/// returned so that `main` can report them; once started, the page keeps
+/// going by itself.
+pub fn start(cfg: Arc<Config>, stats: Arc<Stats>) -> io::Result<()> {
+    let Some(addr) = cfg.status.listen else {
+        return Ok(());
+    };
+    let listener = TcpListener::bind(addr)?;
+    let gate = Arc::new(gate::Gate {
+        allow: cfg.status.allow.clone(),
+        backend: Mutex::new(None),
+        secret: random_hex(),
+        fd_pressure: Mutex::new(None),
+        fd_lock: Mutex::new(()),
+    });
+    let server = bind_backend(&gate)?;
+    let (tx, rx) = mpsc::sync_channel(gate::QUEUE);
+    let rx = Arc::new(Mutex::new(rx));
+    for i in 0..gate::WORKERS {
+        let (rx, g) = (rx.clone(), gate.clone());
+        std::thread::Builder::new()
+            .name(format!("status-fwd{i}"))
+            .stack_size(gate::STACK)
+            .spawn(move || gate::worker(rx, g))?;
+    }
+    let ctx = Ctx { cfg, stats, gate: gate.clone(), token: random_hex(), last_flush: None };
+    std::thread::Builder::new()
+        .name("status-page".into())
+        .stack_size(HANDLER_STACK)
+        .spawn(move || serve(server, ctx))?;
+    std::thread::Builder::new()
+        .name("status-gate".into())
+        .stack_size(gate::STACK)
+        .spawn(move || gate::run(listener, gate, tx))?;
+    log::info!(target: STATUS, "status page listening on http://{addr}/");
+    Ok(())
+}
+
+/// Starts tiny_http on a fresh abstract Unix socket (no file to clean up,
+/// nothing on the network) and tells the gate where it is.
+fn bind_backend(gate: &gate::Gate) -> io::Result<tiny_http::Server> {
+    let name = format!("bartleby-status-{}-{}", std::process::id(), &random_hex()[..8]);
+    let addr = UnixAddr::from_abstract_name(name.as_bytes())?;
+    let listener = UnixListener::bind_addr(&addr)?;
+    let server = tiny_http::Server::from_listener(listener, None).map_err(|e| io::Error::other(e.to_string()))?;
+    if let Ok(mut b) = gate.backend.lock() {
+        *b = Some(addr);
+    }
+    Ok(server)
+}
+
+/// 128 random bits as hex, from the kernel (std's `RandomState`, itself
+/// seeded from the kernel, if `getrandom` is missing).
+fn random_hex() -> String {
+    let mut b = [0u8; 16];
+    // SAFETY: writes at most b.len() bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        use std::hash::{BuildHasher, RandomState};
+        let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        b[..8].copy_from_slice(&RandomState::new().hash_one((t, std::process::id())).to_le_bytes());
+        b[8..].copy_from_slice(&RandomState::new().hash_one((t, 1u8)).to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Equality that does not stop at the first difference (for secrets).
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The handler's state.
+struct Ctx {
+    cfg: Arc<Config>,
+    stats: Arc<Stats>,
+    gate: Arc<gate::Gate>,
+    /// The hidden form field that `POST /flush` must return.
+    token: String,
+    last_flush: Option<Instant>,
+}
+
+/// Answers requests forever, restarting tiny_http if its accept loop dies
+/// (tiny_http 0.12 stops accepting for good after one `accept()` error).
+fn serve(mut server: tiny_http::Server, mut ctx: Ctx) {
+    loop {
+        match server.recv() {
+            Ok(rq) => handle(rq, &mut ctx),
+            Err(e) => {
+                log::warn!(target: STATUS, "warning: status page: internal server stopped ({e}); restarting it");
+                // tiny_http's Drop unwraps the socket's path, and an abstract
+                // socket has none: leak the dead server (a few bytes) instead.
+                std::mem::forget(server);
+                server = loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    match bind_backend(&ctx.gate) {
+                        Ok(s) => break s,
+                        Err(e) => log::warn!(target: STATUS, "warning: status page: {e}"),
+                    }
+                };
+            }
+        }
+    }
+}
+
+fn header<'a>(rq: &'a Request, name: &'static str) -> Option<&'a str> {
+    rq.headers().iter().find(|h| h.field.equiv(name)).map(|h| h.value.as_str())
+}
+
+fn hdr(name: &str, value: &str) -> Header {
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("ASCII header")
+}
+
+/// Sends a response with the headers every answer carries.
+fn send(rq: Request, code: u16, ctype: &str, body: Vec<u8>, extra: &[(&str, &str)]) {
+    let mut r = Response::from_data(body).with_status_code(code);
+    r.add_header(hdr("Content-Type", ctype));
+    r.add_header(hdr("Cache-Control", "no-store"));
+    r.add_header(hdr("X-Content-Type-Options", "nosniff"));
+    for (k, v) in extra {
+        r.add_header(hdr(k, v));
+    }
+    let _ = rq.respond(r);
+}
+
+fn text(rq: Request, code: u16, msg: &str, extra: &[(&str, &str)]) {
+    send(rq, code, "text/plain; charset=utf-8", format!("{msg}\n").into_bytes(), extra);
+}
+
+fn handle(rq: Request, ctx: &mut Ctx) {
+    if !header(&rq, "X-Bartleby-Gate").is_some_and(|s| same(s, &ctx.gate.secret)) {
+        return text(rq, 403, "403 Forbidden", &[]);
+    }
+    let peer = header(&rq, "X-Bartleby-Peer").unwrap_or("?").to_string();
+    let (path, query) = match rq.url().split_once('?') {
+        Some((p, q)) => (p.to_string(), q.to_string()),
+        None => (rq.url().to_string(), String::new()),
+    };
+    let get = matches!(rq.method(), Method::Get | Method::Head);
+    match path.as_str() {
+        "/" if get => {
+            let flushed = query.split('&').any(|kv| kv == "flushed=1");
+            let body = render::page(&page_data(ctx, flushed)).into_bytes();
+            send(rq, 200, "text/html; charset=utf-8", body, &[
+                (
+                    "Content-Security-Policy",
+                    "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+                ),
+                ("Referrer-Policy", "same-origin"),
+                ("X-Frame-Options", "DENY"),
+            ]);
+        }
+        "/api/queue" if get => api_queue(rq, ctx),
+        "/metrics" if get => {
+            let body = metrics(ctx).into_bytes();
+            send(rq, 200, "text/plain; version=0.0.4; charset=utf-8", body, &[]);
+        }
+        "/flush" if *rq.method() == Method::Post => flush(rq, ctx, &peer),
+        "/flush" => text(rq, 405, "405 Method Not Allowed: use the button on the page (POST)", &[("Allow", "POST")]),
+        "/" | "/api/queue" | "/metrics" => text(rq, 405, "405 Method Not Allowed", &[("Allow", "GET, HEAD")]),
+        _ => text(rq, 404, "404 Not Found", &[]),
+    }
+}
+
+/// True when `url` (an Origin or Referer value) is `http(s)://host` or below it.
+fn same_origin(url: &str, host: &str) -> bool {
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+    match rest {
+        Some(r) => {
+            let authority = r.split(['/', '?', '#']).next().unwrap_or("");
+            authority.eq_ignore_ascii_case(host)
+        }
+        None => false,
+    }
+}
+
+fn flush(mut rq: Request, ctx: &mut Ctx, peer: &str) {
+    let mut body = Vec::with_capacity(128);
+    let _ = rq.as_reader().take(gate::MAX_BODY as u64).read_to_end(&mut body);
+    let body = String::from_utf8_lossy(&body);
+    let token_ok = body
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .any(|(k, v)| k == "token" && same(v.trim(), &ctx.token));
+    let host = header(&rq, "Host").unwrap_or("");
+    // The token proves the form came from our page; Origin/Referer, when the
+    // browser sends them, must agree (belt and braces against CSRF).
+    let origin_ok = match (header(&rq, "Origin"), header(&rq, "Referer")) {
+        (Some(o), _) => !host.is_empty() && same_origin(o, host),
+        (None, Some(r)) => !host.is_empty() && same_origin(r, host),
+        (None, None) => true,
+    };
+    if !token_ok || !origin_ok {
+        log::warn!(target: STATUS, "warning: status page: refused a cross-site or stale flush from {peer}");
+        return text(rq, 403, "403 Forbidden: this flush did not come from the status page (reload the page and try again)", &[]);
+    }
+    let interval = ctx.cfg.status.flush_interval;
+    if let Some(t) = ctx.last_flush {
+        let since = t.elapsed();
+        if since < interval {
+            let wait = (interval - since).as_secs_f64().ceil().max(1.0) as u64;
+            let msg = format!("429 Too Many Requests: the queue was flushed moments ago; try again in {wait} s");
+            return text(rq, 429, &msg, &[("Retry-After", &wait.to_string())]);
+        }
+    }
+    ctx.last_flush = Some(Instant::now());
+    ctx.stats.request_flush();
+    log::info!(target: STATUS, "flush requested from the status page by {peer}");
+    send(rq, 303, "text/plain; charset=utf-8", b"303 See Other: /?flushed=1\n".to_vec(), &[("Location", "/?flushed=1")]);
+}
+
+/// The recipients list's age, from its modification time.
+fn recipients_list(cfg: &Config) -> render::RecipientsList {
+    let Some(p) = &cfg.recipients else {
+        return render::RecipientsList::NotConfigured;
+    };
+    match std::fs::metadata(p).and_then(|m| m.modified()) {
+        Ok(t) => render::RecipientsList::Age(SystemTime::now().duration_since(t).map(|d| d.as_secs()).unwrap_or(0)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => render::RecipientsList::Missing("no such file".into()),
+        Err(e) => render::RecipientsList::Missing(e.to_string()),
+    }
+}
+
+fn page_data<'a>(ctx: &'a Ctx, flushed: bool) -> render::PageData<'a> {
+    let cfg = &ctx.cfg;
+    let st = &ctx.stats;
+    let get = |c: &std::sync::atomic::AtomicU32| Stats::get(c);
+    render::PageData {
+        hostname: &cfg.hostname,
+        primary_name: &cfg.primary,
+        spool_path: cfg.spool.to_str().unwrap_or("?"),
+        now: now(),
+        started: st.started.load(Ordering::Relaxed) as u64,
+        queue: render::QueueView::read(Spool::open(&cfg.spool), render::MAX_ROWS),
+        disk: spool::disk_space(&cfg.spool).map_err(|e| e.to_string()),
+        system: render::SystemView::read(),
+        primary: st.primary(),
+        counters: [
+            ("Received", get(&st.received)),
+            ("Delivered", get(&st.delivered)),
+            ("Deferred", get(&st.deferred)),
+            ("Bounced", get(&st.bounced)),
+            ("Rejected", get(&st.rejected)),
+            ("SMTP sessions now", get(&st.connections)),
+            ("Flush requests", get(&st.flush_requests)),
+        ],
+        persistent_spool: st.persistent_spool.load(Ordering::Relaxed),
+        spool_note: st.spool_note.lock().map(|s| s.clone()).unwrap_or_default(),
+        recipients_path: cfg.recipients.as_ref().map(|p| p.display().to_string()),
+        recipients: recipients_list(cfg),
+        recipients_max_age: cfg.status.recipients_max_age,
+        log: logging::recent_lines(),
+        token: &ctx.token,
+        flushed,
+        flush_interval: cfg.status.flush_interval,
+    }
+}
+
+/// `GET /api/queue`: streamed, so the whole JSON is never in memory. The
+/// body ends when the connection closes (valid for HTTP/1.0 and 1.1), which
+/// also keeps tiny_http from buffering it for HTTP/1.0 clients.
+fn api_queue(rq: Request, ctx: &Ctx) {
+    let spool = match Spool::open(&ctx.cfg.spool) {
+        Ok(s) => s,
+        Err(e) => {
+            let mut b = String::from("{\"error\":");
+            json(&mut b, &e.to_string());
+            b.push_str("}\n");
+            return send(rq, 503, "application/json", b.into_bytes(), &[]);
+        }
+    };
+    let head = *rq.method() == Method::Head;
+    let mut w = BufWriter::with_capacity(2048, rq.into_writer());
+    let r = w
+        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n\r\n")
+        .and_then(|_| if head { Ok(()) } else { render::write_queue_json(&mut w, &spool) })
+        .and_then(|_| w.flush());
+    if let Err(e) = r {
+        log::debug!(target: STATUS, "status page: /api/queue: {e}");
+    }
+}
+
+/// `GET /metrics`. Queue figures come from the spool (authoritative, right
+/// even just after a restart), counters from [`Stats`].
+fn metrics(ctx: &Ctx) -> String {
+    use render::metric;
+    let st = &ctx.stats;
+    let cfg = &ctx.cfg;
+    let q = render::QueueView::read(Spool::open(&cfg.spool), 0);
+    let t = now();
+    let mut o = String::with_capacity(3072);
+    metric(&mut o, "bartleby_spool_readable", "gauge", "1 if the spool could be listed.", u8::from(q.error.is_none()));
+    metric(&mut o, "bartleby_queue_messages", "gauge", "Messages in the queue.", q.count);
+    metric(&mut o, "bartleby_queue_bytes", "gauge", "Bytes of message data in the queue.", q.bytes);
+    metric(
+        &mut o,
+        "bartleby_oldest_message_age_seconds",
+        "gauge",
+        "Age of the oldest queued message (0 when the queue is empty).",
+        q.oldest.map_or(0, |a| t.saturating_sub(a)),
+    );
+    let counters = [
+        ("bartleby_received_total", "Messages accepted since start.", &st.received),
+        ("bartleby_delivered_total", "Messages delivered to the primary since start.", &st.delivered),
+        ("bartleby_deferred_total", "Delivery attempts deferred since start.", &st.deferred),
+        ("bartleby_bounced_total", "Messages bounced since start.", &st.bounced),
+        ("bartleby_rejected_total", "SMTP transactions rejected since start.", &st.rejected),
+        ("bartleby_flush_requests_total", "Queue flushes requested since start.", &st.flush_requests),
+    ];
+    for (name, help, c) in counters {
+        metric(&mut o, name, "counter", help, Stats::get(c));
+    }
+    metric(&mut o, "bartleby_connections", "gauge", "SMTP sessions open now.", Stats::get(&st.connections));
+    if let Ok(d) = spool::disk_space(&cfg.spool) {
+        metric(&mut o, "bartleby_spool_free_bytes", "gauge", "Space available on the spool file system.", d.avail);
+        metric(&mut o, "bartleby_spool_size_bytes", "gauge", "Size of the spool file system.", d.total);
+    }
+    // Unknown before the first attempt: NaN, so "== 0" alerts do not fire.
+    let up = match st.primary().up {
+        Some(true) => "1",
+        Some(false) => "0",
+        None => "NaN",
+    };
+    metric(&mut o, "bartleby_primary_up", "gauge", "1 if the last connection to the primary succeeded.", up);
+    metric(
+        &mut o,
+        "bartleby_persistent_spool",
+        "gauge",
+        "1 if the spool is on persistent storage.",
+        u8::from(st.persistent_spool.load(Ordering::Relaxed)),
+    );
+    if let render::RecipientsList::Age(a) = recipients_list(cfg) {
+        metric(&mut o, "bartleby_recipients_list_age_seconds", "gauge", "Age of the recipients list file.", a);
+    }
+    let started = st.started.load(Ordering::Relaxed) as u64;
+    metric(&mut o, "bartleby_uptime_seconds", "gauge", "Seconds since the relay started.", t.saturating_sub(started));
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping() {
+        let mut s = String::new();
+        html(&mut s, "<a href=\"x\">'&'</a>\u{7}");
+        assert_eq!(s, "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt; ");
+        let mut s = String::new();
+        json(&mut s, "a\"b\\c\nd\u{1}\u{2028}é");
+        assert_eq!(s, "\"a\\\"b\\\\c\\nd\\u0001\\u2028é\"");
+    }
+
+    #[test]
+    fn origins() {
+        assert!(same_origin("http://192.168.1.5:8080", "192.168.1.5:8080"));
+        assert!(same_origin("http://relay.lan/?x", "RELAY.lan"));
+        assert!(!same_origin("http://relay.lan.evil.test/", "relay.lan"));
+        assert!(!same_origin("null", "relay.lan"));
+        assert!(!same_origin("http://relay.lan:81", "relay.lan"));
+    }
+
+    #[test]
+    fn random_tokens_differ() {
+        let (a, b) = (random_hex(), random_hex());
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        assert!(same(&a, &a) && !same(&a, &b));
+    }
+}
