@@ -162,6 +162,8 @@ pub struct Config {
     pub bare_newline: BareNewline,
     pub delivery_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Parallel connections to the primary during a queue run.
+    pub delivery_connections: usize,
     pub log_file: Option<PathBuf>,
     pub log_level: log::LevelFilter,
     pub status: StatusConfig,
@@ -594,6 +596,7 @@ impl Builder {
             bare_newline: BareNewline::Normalize,
             delivery_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(30),
+            delivery_connections: 4,
             log_file: None,
             log_level: log::LevelFilter::Info,
             status: StatusConfig {
@@ -642,7 +645,7 @@ impl Builder {
             }
             ("", "recipients") => want_str(v).map(|s| c.recipients = if s.is_empty() { None } else { Some(PathBuf::from(s)) }),
             ("", "max_message_size") => want_uint(v).map(|n| c.max_message_size = n),
-            ("", "max_connections") => want_uint(v).map(|n| c.max_connections = n as usize),
+            ("", "max_connections") => want_uint(v).map(|n| c.max_connections = n.min(1_000_000) as usize),
             ("", "max_recipients") => want_uint(v).map(|n| c.max_recipients = n as usize),
             ("", "queue_run_interval") => want_duration(v).map(|d| c.queue_run_interval = d),
             ("", "minimal_backoff") => want_duration(v).map(|d| c.minimal_backoff = d),
@@ -652,8 +655,8 @@ impl Builder {
             ("", "command_timeout") => want_duration(v).map(|d| c.command_timeout = d),
             ("", "data_timeout") => want_duration(v).map(|d| c.data_timeout = d),
             ("", "max_line_length") => want_uint(v).map(|n| c.max_line_length = n as usize),
-            ("", "error_limit") => want_uint(v).map(|n| c.error_limit = n as u32),
-            ("", "max_received_headers") => want_uint(v).map(|n| c.max_received_headers = n as u32),
+            ("", "error_limit") => want_uint(v).map(|n| c.error_limit = n.min(1_000_000) as u32),
+            ("", "max_received_headers") => want_uint(v).map(|n| c.max_received_headers = n.min(1_000_000) as u32),
             ("", "min_free_space") => want_uint(v).map(|n| c.min_free_space = n),
             ("", "max_queue_messages") => want_uint(v).map(|n| c.max_queue_messages = n as usize),
             ("", "bare_newline") => match want_str(v)? {
@@ -669,6 +672,7 @@ impl Builder {
             },
             ("", "delivery_timeout") => want_duration(v).map(|d| c.delivery_timeout = d),
             ("", "connect_timeout") => want_duration(v).map(|d| c.connect_timeout = d),
+            ("", "delivery_connections") => want_uint(v).map(|n| c.delivery_connections = (n as usize).clamp(1, 64)),
             ("", "log_file") => want_str(v).map(|s| c.log_file = if s.is_empty() { None } else { Some(PathBuf::from(s)) }),
             ("", "log_level") => match want_str(v)?.to_ascii_lowercase().as_str() {
                 "error" => Ok(c.log_level = log::LevelFilter::Error),
@@ -753,9 +757,11 @@ impl Builder {
         if c.listen.is_empty() {
             return Err((self.line_of("listen"), "`listen` must name at least one address".into()));
         }
-        let checks: [(&str, bool, &str); 7] = [
+        let checks: [(&str, bool, &str); 9] = [
+            ("error_limit", c.error_limit >= 1, "must be at least 1"),
+            ("max_queue_messages", c.max_queue_messages >= 1, "must be at least 1"),
             ("max_message_size", c.max_message_size >= 65536, "must be at least 65536 (RFC 5321 4.5.3.1.7)"),
-            ("max_connections", c.max_connections >= 1, "must be at least 1"),
+            ("max_connections", (1..=10_000).contains(&c.max_connections), "must be 1 to 10000"),
             ("max_recipients", c.max_recipients >= 100, "must be at least 100 (RFC 5321 4.5.3.1.8)"),
             ("minimal_backoff", !c.minimal_backoff.is_zero(), "must be more than 0"),
             ("maximal_backoff", c.maximal_backoff >= c.minimal_backoff, "must not be less than minimal_backoff"),

@@ -39,7 +39,7 @@ pub struct Ctx {
     pub stats: Arc<Stats>,
     pub recipients: Mutex<RecipientList>,
     /// New committed messages go to the scheduler here.
-    pub queued: UnboundedSender<QueueId>,
+    pub queued: UnboundedSender<(QueueId, u64)>,
     /// Hosts that may send ETRN.
     pub etrn_allow: Vec<Cidr>,
 }
@@ -114,7 +114,9 @@ where
                 Ok(Ok(r)) => r,
             };
             match r {
-                LineRead::Eof => return Err(Close::Gone),
+                // Replies to pipelined commands may still be waiting: send
+                // them (best effort), so a queued message's 250 is not lost.
+                LineRead::Eof => return Err(Close::After),
                 LineRead::TooLong => {
                     s.reply(500, "5.5.2", "Error: line too long");
                     s.error()?;
@@ -615,7 +617,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             txn.rcpts.len()
         );
         Stats::inc(&self.ctx.stats.received);
-        let _ = self.ctx.queued.send(txn.id.clone());
+        let _ = self.ctx.queued.send((txn.id.clone(), size));
         self.reply(250, "2.0.0", &format!("Ok: queued as {}", txn.id));
         Ok(())
     }
