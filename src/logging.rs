@@ -84,8 +84,10 @@ pub fn init(level: LevelFilter, file: Option<&std::path::Path>) -> Result<(), St
         .set_target_level(LevelFilter::Error)
         .set_location_level(LevelFilter::Off)
         .build();
+    // simplelog writes each line in ~20 pieces; LineWriter turns them into
+    // one write(2) per line (measured: the drain rate tripled).
     let mut loggers: Vec<Box<dyn SharedLogger>> = vec![
-        WriteLogger::new(level, cfg.clone(), io::stderr()),
+        WriteLogger::new(level, cfg.clone(), io::LineWriter::new(io::stderr())),
         WriteLogger::new(level.min(LevelFilter::Info), cfg.clone(), RingWriter { partial: Line::new() }),
     ];
     if let Some(path) = file {
@@ -94,7 +96,7 @@ pub fn init(level: LevelFilter, file: Option<&std::path::Path>) -> Result<(), St
             .append(true)
             .open(path)
             .map_err(|e| format!("log file {}: {e}", path.display()))?;
-        loggers.push(WriteLogger::new(level, cfg, f));
+        loggers.push(WriteLogger::new(level, cfg, io::LineWriter::new(f)));
     }
     CombinedLogger::init(loggers).map_err(|e| e.to_string())
 }

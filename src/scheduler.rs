@@ -13,8 +13,8 @@
 //! The in-memory index holds only a few numbers per message; envelopes are
 //! read from the spool when a message is tried.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -28,6 +28,69 @@ use crate::spool::{Committer, QueuedMessage, RcptStatus, Spool};
 use crate::stats::Stats;
 use crate::util::{self, QueueId};
 
+/// What a delivery worker reports back.
+enum Attempt {
+    Done(QueuedMessage, Outcome, String),
+    /// The message left the queue meanwhile.
+    Gone(QueueId),
+}
+
+/// One connection's worth of deliveries: takes due messages from the shared
+/// list until it is empty. Opens its own connection unless handed one; a
+/// worker that cannot connect leaves the messages to the others.
+async fn worker(
+    cfg: Arc<Config>,
+    spool: Spool,
+    queue: Arc<Mutex<VecDeque<QueueId>>>,
+    tx: tokio::sync::mpsc::UnboundedSender<Attempt>,
+    conn: Option<Connection>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut conn = match conn {
+        Some(c) => c,
+        None => match Connection::open(&cfg).await {
+            Ok(c) => c,
+            Err(e) => {
+                log::info!(target: QMGR, "extra connection to the primary refused: {}", e.reply.text);
+                return;
+            }
+        },
+    };
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let Some(id) = queue.lock().ok().and_then(|mut q| q.pop_front()) else { break };
+        let msg = match spool.read(&id) {
+            Ok(m) => m,
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    let _ = tx.send(Attempt::Gone(id));
+                } else {
+                    log::error!(target: QMGR, "error: {id}: cannot read queue file: {e}");
+                }
+                continue;
+            }
+        };
+        let outcome = conn.deliver(&spool, &msg).await;
+        let relay = conn.relay.clone();
+        let reusable = outcome.reusable;
+        let _ = tx.send(Attempt::Done(msg, outcome, relay));
+        if !reusable {
+            // The connection broke: one new try, else leave the rest to others.
+            conn.quit().await;
+            match Connection::open(&cfg).await {
+                Ok(c) => conn = c,
+                Err(e) => {
+                    log::info!(target: QMGR, "lost the primary mid-run: {}", e.reply.text);
+                    return;
+                }
+            }
+        }
+    }
+    conn.quit().await;
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     next: u64,
@@ -39,7 +102,7 @@ pub struct Scheduler {
     spool: Spool,
     stats: Arc<Stats>,
     committer: Committer,
-    rx: UnboundedReceiver<QueueId>,
+    rx: UnboundedReceiver<(QueueId, u64)>,
     entries: BTreeMap<QueueId, Entry>,
     /// The primary is taken as down until then (unix seconds).
     dead_until: u64,
@@ -56,7 +119,7 @@ pub fn backoff(cfg: &Config, attempts: u32) -> Duration {
 }
 
 impl Scheduler {
-    pub fn new(cfg: Arc<Config>, spool: Spool, stats: Arc<Stats>, committer: Committer, rx: UnboundedReceiver<QueueId>) -> Scheduler {
+    pub fn new(cfg: Arc<Config>, spool: Spool, stats: Arc<Stats>, committer: Committer, rx: UnboundedReceiver<(QueueId, u64)>) -> Scheduler {
         Scheduler { cfg, spool, stats, committer, rx, entries: BTreeMap::new(), dead_until: 0, down_reply: None, last_full_run: util::now() }
     }
 
@@ -91,8 +154,7 @@ impl Scheduler {
         self.stats.queue_kib.store(kib.min(u32::MAX as u64) as u32, Relaxed);
     }
 
-    fn add(&mut self, id: QueueId) {
-        let size = self.spool.read(&id).map(|m| m.size).unwrap_or(0);
+    fn add(&mut self, id: QueueId, size: u64) {
         let now = util::now();
         let next = if now < self.dead_until { self.dead_until } else { now };
         self.entries.insert(id, Entry { next, size });
@@ -113,10 +175,10 @@ impl Scheduler {
             let wait = Duration::from_secs(due_at.saturating_sub(now)).min(self.cfg.queue_run_interval);
             tokio::select! {
                 id = self.rx.recv() => {
-                    let Some(id) = id else { break };
-                    self.add(id);
-                    while let Ok(id) = self.rx.try_recv() {
-                        self.add(id);
+                    let Some((id, size)) = id else { break };
+                    self.add(id, size);
+                    while let Ok((id, size)) = self.rx.try_recv() {
+                        self.add(id, size);
                     }
                     self.publish();
                 }
@@ -135,74 +197,81 @@ impl Scheduler {
         log::info!(target: QMGR, "scheduler stopped");
     }
 
-    /// Tries every due message (all of them when `full`) over one connection.
+    /// Tries every due message (all of them when `full`), over up to
+    /// `delivery_connections` connections to the primary. The workers only
+    /// deliver; every outcome comes back here to be recorded, so the queue
+    /// state has a single writer.
     async fn run_queue(&mut self, full: bool, shutdown: &watch::Receiver<bool>) {
         let now = util::now();
         if full {
             self.last_full_run = now;
             self.dead_until = 0;
         }
-        let due: Vec<QueueId> = self.entries.iter().filter(|(_, e)| full || e.next <= now).map(|(id, _)| id.clone()).collect();
+        let due: VecDeque<QueueId> = self.entries.iter().filter(|(_, e)| full || e.next <= now).map(|(id, _)| id.clone()).collect();
         if due.is_empty() {
             return;
         }
-        let mut conn = match Connection::open(&self.cfg).await {
+        let first = match Connection::open(&self.cfg).await {
             Ok(c) => {
                 self.stats.primary_result(true, "");
                 self.down_reply = None;
-                Some(c)
+                c
             }
             Err(e) => {
                 self.primary_down(&e.reply);
-                None
+                for id in due {
+                    self.defer_unreached(&id, &e.reply).await;
+                }
+                self.publish();
+                return;
             }
         };
-        for (i, id) in due.iter().enumerate() {
-            if *shutdown.borrow() {
-                break;
-            }
-            let msg = match self.spool.read(id) {
-                Ok(m) => m,
-                Err(e) => {
-                    if e.kind() == std::io::ErrorKind::NotFound {
-                        self.entries.remove(id);
-                    } else {
-                        log::error!(target: QMGR, "error: {id}: cannot read queue file: {e}");
-                    }
-                    continue;
-                }
-            };
-            if conn.is_none() && i > 0 && self.dead_until == 0 {
-                // The connection broke mid-run: try once more for the rest.
-                match Connection::open(&self.cfg).await {
-                    Ok(c) => conn = Some(c),
-                    Err(e) => self.primary_down(&e.reply),
-                }
-            }
-            let outcome = match conn.as_mut() {
-                Some(c) => {
-                    let o = c.deliver(&self.spool, &msg).await;
-                    let relay = c.relay.clone();
-                    if !o.reusable {
-                        if let Some(c) = conn.take() {
-                            c.quit().await;
-                        }
-                    }
-                    (o, relay)
-                }
-                None => {
-                    let reply = self.down_reply.clone().unwrap_or_else(|| Reply::local(421, "4.4.1 primary unreachable"));
-                    (Outcome { rcpts: msg.pending().map(|r| (r.addr.clone(), reply.clone())).collect(), reusable: false }, "none".to_string())
-                }
-            };
-            self.apply(&msg, outcome.0, &outcome.1).await;
-            // Give sessions a turn between messages on the single thread.
-            tokio::task::yield_now().await;
+        let workers = self.cfg.delivery_connections.clamp(1, due.len());
+        let queue = Arc::new(Mutex::new(due));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut first = Some(first);
+        for _ in 0..workers {
+            tokio::spawn(worker(
+                self.cfg.clone(),
+                self.spool.clone(),
+                queue.clone(),
+                tx.clone(),
+                first.take(),
+                shutdown.clone(),
+            ));
         }
-        if let Some(c) = conn {
-            c.quit().await;
+        drop(tx);
+        while let Some(r) = rx.recv().await {
+            match r {
+                Attempt::Done(msg, outcome, relay) => self.apply(&msg, outcome, &relay).await,
+                Attempt::Gone(id) => {
+                    self.entries.remove(&id);
+                }
+            }
+        }
+        // Messages no worker could take (every connection failed): they wait.
+        let left: Vec<QueueId> = queue.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
+        if !left.is_empty() && !*shutdown.borrow() {
+            let reply = self.down_reply.clone().unwrap_or_else(|| Reply::local(421, "4.4.2 lost connection with the primary"));
+            for id in left {
+                self.defer_unreached(&id, &reply).await;
+            }
         }
         self.publish();
+    }
+
+    /// Records a failed attempt for a message the primary could not be reached for.
+    async fn defer_unreached(&mut self, id: &QueueId, reply: &Reply) {
+        match self.spool.read(id) {
+            Ok(msg) => {
+                let rcpts = msg.pending().map(|r| (r.addr.clone(), reply.clone())).collect();
+                self.apply(&msg, Outcome { rcpts, reusable: false }, "none").await;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.entries.remove(id);
+            }
+            Err(e) => log::error!(target: QMGR, "error: {id}: cannot read queue file: {e}"),
+        }
     }
 
     fn primary_down(&mut self, reply: &Reply) {
@@ -273,7 +342,8 @@ impl Scheduler {
                     Ok(()) => {
                         log::info!(target: crate::logging::BOUNCE, "{id}: sender non-delivery notification: {bid}");
                         Stats::inc(&self.stats.bounced);
-                        self.add(bid);
+                        let size = self.spool.read(&bid).map(|m| m.size).unwrap_or(0);
+                        self.add(bid, size);
                         true
                     }
                     Err(e) => {
