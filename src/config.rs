@@ -675,11 +675,26 @@ impl Builder {
             ("", "delivery_connections") => want_uint(v).map(|n| c.delivery_connections = (n as usize).clamp(1, 64)),
             ("", "log_file") => want_str(v).map(|s| c.log_file = if s.is_empty() { None } else { Some(PathBuf::from(s)) }),
             ("", "log_level") => match want_str(v)?.to_ascii_lowercase().as_str() {
-                "error" => Ok(c.log_level = log::LevelFilter::Error),
-                "warn" => Ok(c.log_level = log::LevelFilter::Warn),
-                "info" => Ok(c.log_level = log::LevelFilter::Info),
-                "debug" => Ok(c.log_level = log::LevelFilter::Debug),
-                "trace" => Ok(c.log_level = log::LevelFilter::Trace),
+                "error" => {
+                    let _: () = c.log_level = log::LevelFilter::Error;
+                    Ok(())
+                },
+                "warn" => {
+                    let _: () = c.log_level = log::LevelFilter::Warn;
+                    Ok(())
+                },
+                "info" => {
+                    let _: () = c.log_level = log::LevelFilter::Info;
+                    Ok(())
+                },
+                "debug" => {
+                    let _: () = c.log_level = log::LevelFilter::Debug;
+                    Ok(())
+                },
+                "trace" => {
+                    let _: () = c.log_level = log::LevelFilter::Trace;
+                    Ok(())
+                },
                 o => Err(format!("`{o}` must be error, warn, info, debug or trace")),
             },
             ("status", "listen") => {

@@ -230,11 +230,10 @@ impl Connection {
             }
         }
         self.used = true;
-        if let Some(limit) = self.size_limit {
-            if msg.size > limit {
+        if let Some(limit) = self.size_limit
+            && msg.size > limit {
                 return Err((Reply::local(552, format!("5.3.4 message too big for {} ({} > {limit})", self.relay, msg.size)), true));
             }
-        }
         let mut mail = format!("MAIL FROM:<{}>", msg.env.sender);
         if self.size_limit.is_some() {
             mail.push_str(&format!(" SIZE={}", msg.size));

@@ -53,6 +53,7 @@ pub fn boot() -> BootInfo {
     let t0 = Instant::now();
     mount_pseudo();
     ensure_console();
+    console_tee();
     // ctrl-alt-del: SIGINT to PID 1 instead of an immediate reboot
     // SAFETY: reboot(2) with CAD_OFF only changes a kernel flag.
     unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
@@ -133,6 +134,8 @@ pub fn shutdown(reboot: bool) -> ! {
         }
     }
     unsafe { libc::sync() };
+    // let the console thread (console_tee) drain the last lines
+    std::thread::sleep(Duration::from_millis(300));
     let cmd = if reboot { libc::RB_AUTOBOOT } else { libc::RB_POWER_OFF };
     unsafe { libc::reboot(cmd) };
     // power off is not possible on every 486 (no APM/ACPI): halt instead
@@ -229,6 +232,68 @@ fn ensure_console() {
     }
 }
 
+/// With `console=tty0 console=ttyS0` the kernel prints on both, but PID 1's
+/// stdout/stderr (`/dev/console`) reach only the last one. When that is a
+/// serial port and a VGA text console is active too, copy everything PID 1
+/// and the relay write to both, through a pipe and a small thread, so a 486
+/// with a monitor shows the same as the serial line. The VGA side is
+/// non-blocking: Scroll Lock on the keyboard drops output instead of
+/// stalling the relay.
+fn console_tee() {
+    let active = fs::read_to_string("/sys/class/tty/console/active").unwrap_or_default();
+    let names: Vec<&str> = active.split_whitespace().collect();
+    let is_vt = |n: &str| n.len() > 3 && n.starts_with("tty") && n[3..].bytes().all(|b| b.is_ascii_digit());
+    // the kernel lists the console behind /dev/console last
+    let Some(main) = names.last() else { return };
+    if is_vt(main) || !names.iter().any(|n| is_vt(n)) {
+        return;
+    }
+    // SAFETY: plain fd syscalls on fds we own; the buffers outlive the calls.
+    unsafe {
+        let vga = libc::open(c"/dev/tty0".as_ptr(), libc::O_WRONLY | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC);
+        if vga < 0 {
+            return;
+        }
+        let serial = libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3);
+        let mut p = [0i32; 2];
+        if serial < 0 || libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            libc::close(vga);
+            return;
+        }
+        let (rd, wr) = (p[0], p[1]);
+        let spawned = std::thread::Builder::new().name("console".into()).stack_size(16 * 1024).spawn(move || {
+            let mut buf = [0u8; 512];
+            loop {
+                let n = libc::read(rd, buf.as_mut_ptr() as *mut libc::c_void, buf.len());
+                if n <= 0 {
+                    if n < 0 && *libc::__errno_location() == libc::EINTR {
+                        continue;
+                    }
+                    break;
+                }
+                let n = n as usize;
+                let mut off = 0;
+                while off < n {
+                    let w = libc::write(serial, buf[off..n].as_ptr() as *const libc::c_void, n - off);
+                    if w <= 0 {
+                        break;
+                    }
+                    off += w as usize;
+                }
+                let _ = libc::write(vga, buf.as_ptr() as *const libc::c_void, n);
+            }
+        });
+        if spawned.is_err() {
+            libc::close(rd);
+            libc::close(wr);
+            return;
+        }
+        libc::dup2(wr, 1);
+        libc::dup2(wr, 2);
+        libc::close(wr);
+    }
+}
+
 fn set_hostname(h: &str) {
     let short = h.trim();
     if short.is_empty() {
@@ -243,13 +308,22 @@ fn set_hostname(h: &str) {
 fn partitions(wait: Duration) -> Vec<String> {
     let until = Instant::now() + wait;
     loop {
-        let names: Vec<String> = fs::read_to_string("/proc/partitions")
+        let mut names: Vec<String> = fs::read_to_string("/proc/partitions")
             .unwrap_or_default()
             .lines()
             .skip(2)
             .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
             .filter(|n| !n.starts_with("ram") && !n.starts_with("loop"))
             .collect();
+        // floppy drives have no size (so no /proc/partitions line) until a disk is read
+        if let Ok(d) = fs::read_dir("/sys/block") {
+            for e in d.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with("fd") && !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+        }
         if !names.is_empty() || Instant::now() >= until {
             return names;
         }

@@ -62,6 +62,7 @@ pub fn raw_path(line: &[u8]) -> Option<&str> {
 /// Reads a `SIZE=` parameter from the raw MAIL line as a 64-bit number, so
 /// that a value beyond 32 bits is not mistaken for a small one (smtp-proto
 /// wraps it on a 32-bit target). `Err` when SIZE is not a number.
+#[allow(clippy::result_unit_err)]
 pub fn size_param(line: &[u8]) -> Result<Option<u64>, ()> {
     let s = std::str::from_utf8(line).map_err(|_| ())?;
     let after = match s.rfind('>') {

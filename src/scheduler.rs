@@ -30,7 +30,7 @@ use crate::util::{self, QueueId};
 
 /// What a delivery worker reports back.
 enum Attempt {
-    Done(QueuedMessage, Outcome, String),
+    Done(Box<QueuedMessage>, Outcome, String),
     /// The message left the queue meanwhile.
     Gone(QueueId),
 }
@@ -75,7 +75,7 @@ async fn worker(
         let outcome = conn.deliver(&spool, &msg).await;
         let relay = conn.relay.clone();
         let reusable = outcome.reusable;
-        let _ = tx.send(Attempt::Done(msg, outcome, relay));
+        let _ = tx.send(Attempt::Done(Box::new(msg), outcome, relay));
         if !reusable {
             // The connection broke: one new try, else leave the rest to others.
             conn.quit().await;

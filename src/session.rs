@@ -407,11 +407,10 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         };
         match verdict {
             Ok(addr) => {
-                if let Some(t) = self.txn.as_mut() {
-                    if !t.rcpts.iter().any(|r| r.eq_ignore_ascii_case(&addr)) {
+                if let Some(t) = self.txn.as_mut()
+                    && !t.rcpts.iter().any(|r| r.eq_ignore_ascii_case(&addr)) {
                         t.rcpts.push(addr);
                     }
-                }
                 self.reply(250, "2.1.5", "Ok");
                 Ok(())
             }
@@ -545,7 +544,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                     w.abort();
                     return Err(Close::Gone);
                 }
-                Ok(Ok(a)) if a.is_empty() => {
+                Ok(Ok([])) => {
                     w.abort();
                     log::info!(target: SMTPD, "{}: lost connection after DATA from {}", txn.id, self.client);
                     return Err(Close::Gone);

@@ -129,7 +129,7 @@ pub struct DiskSpace {
 impl DiskSpace {
     pub fn percent_used(&self) -> u32 {
         let denom = self.used + self.avail;
-        if denom == 0 { 0 } else { ((self.used as u128 * 100 + denom as u128 - 1) / denom as u128) as u32 }
+        if denom == 0 { 0 } else { (self.used as u128 * 100).div_ceil(denom as u128) as u32 }
     }
 }
 
@@ -225,13 +225,11 @@ impl Spool {
         for e in fs::read_dir(self.root.join("queue"))? {
             let e = e?;
             let name = e.file_name();
-            if let Some(s) = name.to_str() {
-                if valid_queue_id(s) {
-                    if let Ok(id) = QueueId::try_from(s) {
+            if let Some(s) = name.to_str()
+                && valid_queue_id(s)
+                    && let Ok(id) = QueueId::try_from(s) {
                         v.push(id);
                     }
-                }
-            }
         }
         v.sort();
         Ok(v)
