@@ -31,6 +31,7 @@ mkdir -p "$W/unwind"
 INC="-nostdinc -isystem $DEST.tmp/include -isystem $(gcc -m32 -print-file-name=include) -I$U/include"
 FL="-m32 -march=i486 -Os -fPIC -funwind-tables -fno-stack-protector -D_LIBUNWIND_IS_NATIVE_ONLY -DNDEBUG -D_LIBUNWIND_HAS_NO_THREADS"
 for f in "$U"/src/*.c "$U"/src/*.S; do
+  case "$f" in *Sgx*|*wasm*) continue;; esac
   gcc $FL $INC -std=c99 -c "$f" -o "$W/unwind/$(basename "$f").o" || die "libunwind: $f"
 done
 for f in "$U"/src/*.cpp; do

@@ -345,11 +345,11 @@ fn kind(dev: &str) -> &'static str {
 /// then the built-in default.
 fn find_config(parts: &[String], boot: Option<&str>) -> PathBuf {
     let mut order: Vec<&str> = vec!["disk", "floppy", "cd"];
-    if let Some(b) = boot {
-        if let Some(i) = order.iter().position(|k| *k == b) {
-            let k = order.remove(i);
-            order.insert(0, k);
-        }
+    if let Some(b) = boot
+        && let Some(i) = order.iter().position(|k| *k == b)
+    {
+        let k = order.remove(i);
+        order.insert(0, k);
     }
     for k in order {
         for dev in parts.iter().filter(|d| kind(d) == k) {

@@ -2,15 +2,17 @@
 //!
 //! Data flows one way: socket → [`session`] → [`spool`] → [`scheduler`] →
 //! [`delivery`] → the primary. [`bounces`] turns failures into RFC 3464
-//! reports, `status` shows the queue on the LAN, `init` does the
-//! appliance's PID 1 duties.
+//! reports, [`status`] shows the queue on the LAN, [`init`] and [`netcfg`]
+//! do the appliance's PID 1 duties.
 
 pub mod bounces;
 pub mod config;
 pub mod data;
 pub mod delivery;
+pub mod init;
 pub mod logging;
 pub mod mailq;
+pub mod netcfg;
 pub mod policy;
 pub mod scheduler;
 pub mod server;

@@ -67,6 +67,9 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    if std::process::id() == 1 {
+        pid1();
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -125,7 +128,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        "serve" => serve(&args.config),
+        "serve" => serve(&args.config, None),
         other => {
             eprintln!("bartleby: unknown command `{other}`\n\n{USAGE}");
             ExitCode::from(64)
@@ -154,7 +157,33 @@ fn prepare_process() {
     }
 }
 
-fn serve(path: &std::path::Path) -> ExitCode {
+/// PID 1 on the appliance image: mounts, config, spool disk and network
+/// (`init::boot`), then the relay until SIGTERM/SIGINT (ctrl-alt-del) or
+/// SIGPWR, then sync, unmount and reboot. Never returns: PID 1 exiting
+/// panics the kernel, and a machine that reboots recovers by itself.
+fn pid1() -> ! {
+    let boot = bartleby::init::boot();
+    let mut path = boot.config_path.clone();
+    if let Err(e) = Config::load(&path) {
+        eprintln!("bartleby: {e}");
+        let builtin = std::path::Path::new("/etc/bartleby.toml");
+        if path != builtin && Config::load(builtin).is_ok() {
+            eprintln!("bartleby: using the built-in {} instead", builtin.display());
+            path = builtin.to_path_buf();
+        }
+    }
+    let _ = std::thread::Builder::new().name("reaper".into()).stack_size(32 * 1024).spawn(|| {
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(30));
+            bartleby::init::reap_children();
+        }
+    });
+    let code = serve(&path, Some(&boot));
+    eprintln!("bartleby: relay stopped ({code:?}); restarting the machine");
+    bartleby::init::shutdown(true)
+}
+
+fn serve(path: &std::path::Path, boot: Option<&bartleby::init::BootInfo>) -> ExitCode {
     prepare_process();
     let cfg = match load(path) {
         Ok(c) => Arc::new(c),
@@ -165,6 +194,12 @@ fn serve(path: &std::path::Path) -> ExitCode {
         return ExitCode::from(73);
     }
     let stats = Arc::new(Stats::new());
+    if let Some(b) = boot {
+        stats.persistent_spool.store(b.persistent_spool, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut note) = stats.spool_note.lock() {
+            *note = b.spool_note.clone();
+        }
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(2)

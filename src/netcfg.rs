@@ -35,10 +35,10 @@ static LAST: Mutex<Option<(String, String)>> = Mutex::new(None);
 /// without redoing anything (so both init and main may call it).
 pub fn configure(iface: Option<&str>, address: &str, gateway: Option<&str>, dns: &[String]) -> io::Result<String> {
     let key = format!("{iface:?}|{address}|{gateway:?}|{dns:?}");
-    if let Some((k, s)) = LAST.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        if *k == key {
-            return Ok(s.clone());
-        }
+    if let Some((k, s)) = LAST.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+        && *k == key
+    {
+        return Ok(s.clone());
     }
     let _ = set_up("lo");
     let name = match iface {
@@ -419,10 +419,10 @@ fn exchange(s: &UdpSocket, msg: &[u8], xid: u32, mac: &[u8; 6], want: &[u8], dea
             s.set_read_timeout(Some(left))?;
             match s.recv_from(&mut buf) {
                 Ok((n, _)) => {
-                    if let Some((k, l)) = parse(&buf[..n], xid, mac) {
-                        if want.contains(&k) {
-                            return Ok(Some((k, l)));
-                        }
+                    if let Some((k, l)) = parse(&buf[..n], xid, mac)
+                        && want.contains(&k)
+                    {
+                        return Ok(Some((k, l)));
                     }
                 }
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
@@ -468,7 +468,7 @@ fn spawn_renewer(name: String, mut lease: Option<Lease>, gw: Option<Ipv4Addr>, d
             std::thread::sleep(wait);
             match dhcp(&name, Duration::from_secs(30)) {
                 Ok(new) => {
-                    let changed = lease.as_ref().map_or(true, |l| new.addr != l.addr || new.mask != l.mask || new.router != l.router);
+                    let changed = lease.as_ref().is_none_or(|l| new.addr != l.addr || new.mask != l.mask || new.router != l.router);
                     if changed {
                         say!("{name}: lease {}/{} via {} ({}s)", new.addr, prefix_len(new.mask),
                             new.router.map(|r| r.to_string()).unwrap_or_else(|| "-".into()), new.lease_secs);
@@ -481,10 +481,11 @@ fn spawn_renewer(name: String, mut lease: Option<Lease>, gw: Option<Ipv4Addr>, d
                     }
                     lease = Some(new);
                 }
-                Err(e) => match &lease {
-                    Some(l) => say!("{name}: lease renewal failed ({e}); keeping {}", l.addr),
-                    None => {}
-                },
+                Err(e) => {
+                    if let Some(l) = &lease {
+                        say!("{name}: lease renewal failed ({e}); keeping {}", l.addr);
+                    }
+                }
             }
         }
     });

@@ -129,9 +129,12 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    // SIGPWR: a UPS daemon (or the kernel) says power is failing.
+    let mut pwr = signal(SignalKind::from_raw(libc::SIGPWR)).map_err(|e| e.to_string())?;
     loop {
         tokio::select! {
             _ = term.recv() => break,
+            _ = pwr.recv() => break,
             _ = int.recv() => break,
             _ = usr1.recv() => stats.request_flush(),
             _ = hup.recv() => log::info!(target: MASTER, "SIGHUP: the recipients list reloads by itself when it changes"),

@@ -112,7 +112,14 @@ fn bind_backend(gate: &gate::Gate) -> io::Result<tiny_http::Server> {
 fn random_hex() -> String {
     let mut b = [0u8; 16];
     // SAFETY: writes at most b.len() bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    // GRND_INSECURE: never wait for the entropy pool. On a 486 without a TSC
+    // the pool can take minutes to initialise at boot, and a CSRF token does
+    // not need more than the kernel has. Older kernels: GRND_NONBLOCK.
+    let mut n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0x0004 /* GRND_INSECURE */) };
+    if n != b.len() as isize {
+        // SAFETY: as above.
+        n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_NONBLOCK) };
+    }
     if n != b.len() as isize {
         use std::hash::{BuildHasher, RandomState};
         let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();

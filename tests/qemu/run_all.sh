@@ -1,0 +1,224 @@
+#!/bin/bash
+# QEMU tests of the Bartleby appliance image (486, 16 MB, NE2000 PCI, user networking).
+#
+#   tests/qemu/run_all.sh            build what is missing (make image), then run every check
+#   NO_BUILD=1 IMAGES=dir ...        test another image set (e.g. image/out/probe) without building
+#
+# Prints PASS/FAIL per check and a last line "N passed, M failed"; exit status 1 on any failure.
+# Logs (serial consoles, smtp-sink dumps) go to tests/qemu/out/<timestamp>/.
+# Host ports: SMTP 127.0.0.1:$SMTP_PORT (2525), status 127.0.0.1:$HTTP_PORT (8080), primary
+# (smtp-sink) 127.0.0.1:$SINK_PORT (2526); a busy port is replaced by a free one, and the test's
+# copy of the disk gets a bartleby.toml whose primary is 10.0.2.2:$SINK_PORT.
+set -uo pipefail
+TOP=$(cd "$(dirname "$0")/../.." && pwd)
+HERE=$TOP/tests/qemu
+IMAGES=${IMAGES:-$TOP/image/out}
+free_port() { # the preferred port if free, else any free one
+  python3 -c "
+import socket, sys
+for p in (int(sys.argv[1]), 0):
+    s = socket.socket()
+    try:
+        s.bind(('127.0.0.1', p)); print(s.getsockname()[1]); break
+    except OSError:
+        pass
+    finally:
+        s.close()" "$1"
+}
+SMTP_PORT=${SMTP_PORT:-$(free_port 2525)}
+HTTP_PORT=${HTTP_PORT:-$(free_port 8080)}
+# the primary (smtp-sink) on the host; the disk copy's bartleby.toml is pointed at it
+SINK_PORT=${SINK_PORT:-$(free_port 2526)}
+BOOT_TIMEOUT=${BOOT_TIMEOUT:-180}
+T=$HERE/out/$(date -u +%Y%m%d-%H%M%S)
+mkdir -p "$T"
+MT="python3 $HERE/mailtool.py"
+pass=0; fail=0; skipped=0
+ok()   { echo "PASS: $*"; pass=$((pass+1)); }
+bad()  { echo "FAIL: $*"; fail=$((fail+1)); }
+skip() { echo "SKIP: $*"; skipped=$((skipped+1)); }
+info() { echo "      $*"; }
+QPID=""; SINKPID=""
+cleanup() {
+  [ -n "$QPID" ] && kill -9 "$QPID" 2>/dev/null
+  [ -n "$SINKPID" ] && kill "$SINKPID" 2>/dev/null
+  wait 2>/dev/null
+}
+trap cleanup EXIT
+
+port_busy() { python3 -c "import socket,sys; s=socket.socket(); s.settimeout(1); sys.exit(0 if s.connect_ex(('127.0.0.1',$1))==0 else 1)"; }
+
+# start_vm NAME QEMU-ARGS...   (serial console -> $T/NAME.log, monitor on $T/NAME.mon)
+start_vm() {
+  local name=$1; shift
+  LOG=$T/$name.log; MON=$T/$name.mon
+  : > "$LOG"
+  qemu-system-i386 -M "${MACHINE:-pc}" -cpu 486 -m 16 -display none -no-user-config -no-reboot \
+    -serial "file:$LOG" -monitor "unix:$MON,server,nowait" \
+    -nic "user,model=${NIC:-ne2k_pci},hostfwd=tcp:127.0.0.1:$SMTP_PORT-:25,hostfwd=tcp:127.0.0.1:$HTTP_PORT-:80" \
+    "$@" >"$T/$name.qemu.err" 2>&1 &
+  QPID=$!
+  T0=$(date +%s)
+}
+# power cut: no sync, no shutdown
+kill_vm() { [ -n "$QPID" ] && { kill -9 "$QPID" 2>/dev/null; wait "$QPID" 2>/dev/null; }; QPID=""; }
+monitor() { python3 - "$MON" "$1" <<'PY'
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); time.sleep(0.3); s.recv(4096)
+s.sendall((sys.argv[2] + "\n").encode()); time.sleep(0.5); s.close()
+PY
+}
+# wait_banner NAME -> PASS/FAIL with the boot time
+wait_banner() {
+  local what=$1 out
+  if out=$($MT banner "$SMTP_PORT" "$BOOT_TIMEOUT"); then
+    BOOT_SECS=$(( $(date +%s) - T0 ))
+    ok "$what: SMTP banner on 127.0.0.1:$SMTP_PORT after ${BOOT_SECS}s: $out"
+    return 0
+  fi
+  bad "$what: no SMTP banner within ${BOOT_TIMEOUT}s ($out); console tail:"
+  tail -n 15 "$LOG" | sed 's/^/      | /'
+  return 1
+}
+console_has() { grep -q -- "$1" "$LOG"; }
+memfree() { grep -o 'MemFree [0-9]* kB' "$LOG" | tail -1; }
+report_console() {
+  local l
+  for l in "configuration:" "spool:" "network:" "boot done" "after start"; do
+    grep -m1 -- "bartleby-init: .*$l" "$LOG" | sed 's/^/      console: /'
+  done
+  grep -m1 '^Memory:' "$LOG" | sed 's/^/      console: /'
+}
+
+# ------------------------------------------------------------------ 0. images
+if [ "${NO_BUILD:-0}" != 1 ]; then
+  if make -C "$TOP" image > "$T/build.log" 2>&1; then ok "make image"; else bad "make image (see $T/build.log)"; tail -20 "$T/build.log"; fi
+fi
+for f in bzImage initrd.xz bartleby.img bartleby.iso bartleby-floppy.img; do
+  [ -f "$IMAGES/$f" ] || { bad "missing $IMAGES/$f"; echo "$pass passed, $fail failed"; exit 1; }
+done
+[ -f "$IMAGES/sizes.txt" ] && sed 's/^/      /' "$IMAGES/sizes.txt"
+for p in $SMTP_PORT $HTTP_PORT; do
+  port_busy "$p" && { bad "host port $p is already in use (another qemu/run or smtp-sink?)"; echo "$pass passed, $fail failed"; exit 1; }
+done
+
+# ------------------------------------------------------------------ 1. the binary is 486-clean
+BIN=$IMAGES/bartleby; [ -f "$BIN" ] || BIN=$TOP/image/out/bartleby
+if [ -f "$BIN" ]; then
+  while IFS= read -r line; do
+    case "$line" in PASS:*) ok "${line#PASS: }" ;; FAIL:*) bad "${line#FAIL: }" ;; *) info "$line" ;; esac
+  done < <("$TOP/image/check-486.sh" "$BIN" "$TOP/buildroot-overlay/etc/bartleby.toml" 2>&1)
+fi
+if [ "${UNIT_486:-1}" = 1 ] && [ -x "$HERE/unit_486.sh" ]; then
+  if "$HERE/unit_486.sh" > "$T/unit_486.log" 2>&1; then
+    ok "crate unit tests under qemu-i386 -cpu 486: $(awk '/^test result/{p+=$4; f+=$6} END{print p" passed, "f" failed"}' "$T/unit_486.log")"
+  else
+    bad "crate unit tests under qemu-i386 -cpu 486 (see $T/unit_486.log): $(grep -E 'test result|FAILED|error' "$T/unit_486.log" | tail -2 | tr '\n' ' ')"
+  fi
+fi
+
+# ------------------------------------------------------------------ 2. disk boot, queue, power cut
+DISK=$T/disk.img
+cp --sparse=always "$IMAGES/bartleby.img" "$DISK"
+info "host ports: smtp $SMTP_PORT, status $HTTP_PORT, primary (smtp-sink) $SINK_PORT"
+if [ "$SINK_PORT" != 2526 ]; then
+  sed "s/^primary = .*/primary = \"10.0.2.2:$SINK_PORT\"/" "$TOP/buildroot-overlay/etc/bartleby.toml" > "$T/bartleby.toml"
+  MTOOLS_SKIP_CHECK=1 mcopy -o -i "$DISK@@1M" "$T/bartleby.toml" ::/bartleby.toml || bad "could not update the disk's bartleby.toml"
+fi
+MARK=q$(date +%s)$$
+RCPT="qemu-$MARK@example.org"
+start_vm disk1 -drive "file=$DISK,format=raw,if=ide,index=0" -boot c
+if wait_banner "disk boot (-cpu 486 -m 16, ne2k_pci)"; then
+  DISK_BOOT_SECS=$BOOT_SECS
+  console_has "spool: /dev/sda2 (ext4" && ok "disk boot: persistent spool on /dev/sda2 (ext4 BSPOOL)" || bad "disk boot: spool not on /dev/sda2"
+  console_has "network: eth0 10.0.2.15/24 via 10.0.2.2" && ok "disk boot: DHCP lease 10.0.2.15/24 via 10.0.2.2" || bad "disk boot: no DHCP lease on eth0"
+  console_has "configuration: /boot/bartleby.toml (on /dev/sda1" && ok "disk boot: config from the FAT partition" || bad "disk boot: config not found on /dev/sda1"
+  if out=$($MT send "$SMTP_PORT" "$RCPT" "$MARK"); then ok "mail for example.org accepted while the primary is down: $out"; else bad "mail for example.org not accepted: $out"; fi
+  sleep 2
+  if $MT get "http://127.0.0.1:$HTTP_PORT/api/queue" > "$T/queue1.json" 2>&1 && grep -q "$MARK" "$T/queue1.json"; then
+    ok "status page /api/queue lists the queued message"; LISTED=1
+  elif $MT get "http://127.0.0.1:$HTTP_PORT/" > "$T/page1.html" 2>&1 && grep -q "$MARK" "$T/page1.html"; then
+    ok "status page / lists the queued message"; LISTED=1
+  else
+    bad "status page does not list the queued message ($(head -c 200 "$T/queue1.json" | tr '\n' ' '))"
+  fi
+  sleep 25   # let init print its "after start" memory line
+  report_console
+  info "free memory after boot: $(memfree)"
+  kill_vm
+  info "power cut (kill -9 qemu)"
+  start_vm disk2 -drive "file=$DISK,format=raw,if=ide,index=0" -boot c
+  if wait_banner "boot after power cut"; then
+    if $MT get "http://127.0.0.1:$HTTP_PORT/api/queue" > "$T/queue2.json" 2>&1 && grep -q "$MARK" "$T/queue2.json"; then
+      ok "queue intact after power cut"
+    else
+      bad "queued message missing after power cut ($(head -c 200 "$T/queue2.json" | tr '\n' ' '))"
+    fi
+    # the primary comes back: smtp-sink on 127.0.0.1:2526 (= 10.0.2.2:2526 inside)
+    SINK=$T/sink; mkdir -p "$SINK"; chmod 1777 "$SINK"
+    /usr/sbin/smtp-sink -u nobody -d "$SINK/%M." 127.0.0.1:$SINK_PORT 10 > "$T/smtp-sink.log" 2>&1 &
+    SINKPID=$!
+    sleep 1
+    out=$($MT flush "http://127.0.0.1:$HTTP_PORT"); info "POST /flush: $out"
+    got=""
+    for i in $(seq 1 45); do
+      got=$(grep -l "$MARK" "$SINK"/* 2>/dev/null | head -1); [ -n "$got" ] && break; sleep 2
+      if [ "$i" = 20 ]; then out=$($MT etrn "$SMTP_PORT" example.org); info "no delivery after POST /flush; ETRN example.org: $out"; fi
+    done
+    if [ -n "$got" ]; then ok "queued message delivered to the primary (smtp-sink) after flush: $(basename "$got")"; else bad "message not delivered to smtp-sink within 90s"; fi
+    sleep 3
+    if [ "${LISTED:-0}" != 1 ]; then
+      skip "queue empty after delivery (the message was never listed)"
+    elif $MT get "http://127.0.0.1:$HTTP_PORT/api/queue" > "$T/queue3.json" 2>&1 && ! grep -q "$MARK" "$T/queue3.json"; then
+      ok "queue empty after delivery"
+    else
+      bad "message still listed after delivery"
+    fi
+    kill "$SINKPID" 2>/dev/null; wait "$SINKPID" 2>/dev/null; SINKPID=""
+    # clean shutdown by ctrl-alt-del: kernel -> SIGINT to PID 1 -> init::shutdown -> reboot (-no-reboot: qemu exits)
+    monitor "sendkey ctrl-alt-delete"
+    for i in $(seq 1 60); do kill -0 "$QPID" 2>/dev/null || break; sleep 1; done
+    if ! kill -0 "$QPID" 2>/dev/null; then
+      wait "$QPID" 2>/dev/null; QPID=""
+      ok "ctrl-alt-del: clean reboot in ${i}s ($(grep -m1 -o 'bartleby-init: rebooting\|reboot: Restarting system' "$LOG" | head -1))"
+    else
+      bad "ctrl-alt-del: still running after 60s"; kill_vm
+    fi
+  fi
+  kill_vm
+fi
+kill_vm
+
+# ------------------------------------------------------------------ 3. other media
+if ! ${SKIP_MEDIA:-false}; then
+  start_vm iso -drive "file=$DISK,format=raw,if=ide,index=0" -cdrom "$IMAGES/bartleby.iso" -boot d
+  if wait_banner "ISO boot with the disk attached"; then
+    console_has "spool: /dev/sda2 (ext4" && ok "ISO boot: uses the disk's spool partition" || bad "ISO boot: disk spool not used"
+    info "config: $(grep -m1 -o 'configuration: .*' "$LOG")"
+  fi
+  kill_vm
+  start_vm iso-nodisk -cdrom "$IMAGES/bartleby.iso" -boot d
+  if wait_banner "ISO boot without a disk"; then
+    console_has "spool: IN RAM ONLY" && ok "ISO without disk: RAM spool, said plainly on the console" || bad "ISO without disk: no RAM-spool warning"
+    console_has "configuration: /cdrom/bartleby.toml" && ok "ISO without disk: config read from the CD" || bad "ISO without disk: config not read from the CD"
+  fi
+  kill_vm
+  start_vm floppy -drive "file=$DISK,format=raw,if=ide,index=0" -drive "file=$IMAGES/bartleby-floppy.img,format=raw,if=floppy,readonly=on" -boot a
+  if wait_banner "floppy boot ($(cat "$IMAGES/floppy-kb" 2>/dev/null || echo ?) KB) with the disk attached"; then
+    console_has "spool: /dev/sda2 (ext4" && ok "floppy boot: uses the disk's spool partition" || bad "floppy boot: disk spool not used"
+    console_has "configuration: /boot/bartleby.toml (on /dev/fd0" && ok "floppy boot: config read from the floppy" || bad "floppy boot: config not read from the floppy ($(grep -m1 -o 'configuration: .*' "$LOG"))"
+  fi
+  kill_vm
+  # a real ISA 486: no PCI, NE2000 ISA at 0x300/IRQ 9, IDE via pata_legacy
+  MACHINE=isapc NIC=ne2k_isa start_vm isapc -drive "file=$DISK,format=raw,if=ide,index=0" -boot c
+  if wait_banner "ISA-only PC (-M isapc, ne2k_isa, pata_legacy)"; then
+    console_has "network: eth0 10.0.2.15" && ok "isapc: DHCP lease on the ISA NE2000" || bad "isapc: no lease on the ISA NE2000"
+  fi
+  kill_vm
+fi
+
+echo "logs: $T"
+[ -n "${DISK_BOOT_SECS:-}" ] && echo "disk boot to SMTP banner: ${DISK_BOOT_SECS}s"
+[ "$skipped" -gt 0 ] && echo "($skipped skipped)"
+echo "$pass passed, $fail failed"
+[ "$fail" = 0 ]
