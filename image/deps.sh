@@ -16,10 +16,22 @@ if [ -n "$missing" ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
 fi
-# deb-src for `apt-get source musl`
+# deb-src for `apt-get source musl`: the same archive and suite as the
+# machine's first binary source, so the build uses whatever mirror apt uses.
 if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-src' /etc/apt/sources.list; then
-  log "adding deb-src entry for bookworm"
-  printf 'Types: deb-src\nURIs: http://deb.debian.org/debian\nSuites: bookworm\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+  uri=""; suite=""; keyring=""
+  if ls /etc/apt/sources.list.d/*.sources >/dev/null 2>&1; then
+    uri=$(grep -h -m1 '^URIs:' /etc/apt/sources.list.d/*.sources | head -1 | awk '{print $2}')
+    suite=$(grep -h -m1 '^Suites:' /etc/apt/sources.list.d/*.sources | head -1 | awk '{print $2}')
+    keyring=$(grep -h -m1 '^Signed-By:' /etc/apt/sources.list.d/*.sources | head -1 | awk '{print $2}')
+  fi
+  if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
+    read -r _ uri suite _ < <(grep -m1 '^deb ' /etc/apt/sources.list)
+  fi
+  [ -n "$uri" ] && [ -n "$suite" ] || { log "no apt source found to derive deb-src from"; exit 1; }
+  log "adding a deb-src entry for $suite"
+  { printf 'Types: deb-src\nURIs: %s\nSuites: %s\nComponents: main\n' "$uri" "$suite"
+    [ -n "$keyring" ] && printf 'Signed-By: %s\n' "$keyring"; } \
     | $SUDO tee /etc/apt/sources.list.d/bartleby-deb-src.sources >/dev/null
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests and the image build need on a fresh Debian machine,
-# non-interactively, from Debian's packages and crates.io only. Idempotent:
+# non-interactively, from Debian's packages and Rust's package registry only. Idempotent:
 # a second run only checks.
 set -euo pipefail
 
