@@ -332,6 +332,16 @@ impl Spool {
         Ok(out)
     }
 
+    /// Arrival time and exact message size of a queued message, from its
+    /// envelope header alone (no state file, no recipient bookkeeping): what
+    /// counting a large queue needs.
+    pub fn summary(&self, id: &str) -> io::Result<(u64, u64)> {
+        let f = File::open(self.queue_path(id))?;
+        let mut rd = BufReader::with_capacity(512, f);
+        let (env, size, _) = read_header(&mut rd)?;
+        Ok((env.arrival, size))
+    }
+
     /// Opens the message data of a queued message, positioned at its start.
     pub fn open_data(&self, id: &str) -> io::Result<(BufReader<File>, u64)> {
         let f = File::open(self.queue_path(id))?;

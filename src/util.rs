@@ -114,5 +114,6 @@ mod tests {
         assert_ne!(a, b);
         assert!(valid_queue_id(&a), "{a}");
         assert!(!valid_queue_id("../etc"));
+
     }
 }
