@@ -16,6 +16,16 @@
 //! * memory is bounded: a line longer than [`LINE_CHUNK`] is passed on in
 //!   pieces, so a message is never held whole.
 
+/// The offset of the first bare CR or bare LF in `s`, if any. Stored
+/// messages must have none (the invariant the DATA parser keeps).
+pub fn first_bare_newline(s: &[u8]) -> Option<usize> {
+    s.iter().enumerate().position(|(i, &c)| match c {
+        b'\n' => i == 0 || s[i - 1] != b'\r',
+        b'\r' => s.get(i + 1) != Some(&b'\n'),
+        _ => false,
+    })
+}
+
 /// Longest piece of a line kept in memory before it is passed on.
 pub const LINE_CHUNK: usize = 1024;
 
@@ -205,19 +215,21 @@ mod tests {
             assert_eq!(end, None, "{:?}", String::from_utf8_lossy(evil));
             assert!(p.bare_newlines > 0);
             // Stored copy has only CRLF line ends.
-            for (i, &c) in s.iter().enumerate() {
-                if c == b'\n' {
-                    assert_eq!(s[i - 1], b'\r');
-                }
-                if c == b'\r' {
-                    assert_eq!(s.get(i + 1), Some(&b'\n'));
-                }
-            }
+            assert_eq!(first_bare_newline(&s), None);
         }
         // After a normalised line end, the real end still works.
         let (s, end, _) = all_steps(b"a\nb\r\n.\r\n");
         assert_eq!(s, b"a\r\nb\r\n");
         assert_eq!(end, Some(8));
+    }
+
+    #[test]
+    fn bare_newline_finder() {
+        assert_eq!(first_bare_newline(b"a\r\nb\r\n"), None);
+        assert_eq!(first_bare_newline(b"a\nb"), Some(1));
+        assert_eq!(first_bare_newline(b"\nb"), Some(0));
+        assert_eq!(first_bare_newline(b"ab\r"), Some(2));
+        assert_eq!(first_bare_newline(b"a\r\r\n"), Some(1));
     }
 
     #[test]

@@ -88,6 +88,16 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 """
 
 
+
+def run_cmd(cmd, timeout, check):
+    """Runs an administration command; its output, or BenchError on failure."""
+    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=timeout)
+    out = r.stdout.decode("utf-8", "replace")
+    if check and r.returncode != 0:
+        raise BenchError(f"`{' '.join(cmd)}` failed (exit {r.returncode}): {out.strip()[-800:]}")
+    return out
+
 class Postfix:
     name = "Postfix"
 
@@ -103,13 +113,7 @@ class Postfix:
         self.started = False
 
     def _postfix(self, *args, timeout=120, check=True):
-        cmd = list(args[:1]) + ["-c", self.etc] + list(args[1:])
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, timeout=timeout)
-        out = r.stdout.decode("utf-8", "replace")
-        if check and r.returncode != 0:
-            raise BenchError(f"`{' '.join(cmd)}` failed (exit {r.returncode}): {out.strip()[-800:]}")
-        return out
+        return run_cmd(list(args[:1]) + ["-c", self.etc] + list(args[1:]), timeout, check)
 
     def version(self):
         try:
@@ -232,13 +236,7 @@ class Bartleby:
         self._hwm_before_reset = 0
 
     def _cmd(self, *args, timeout=60, check=True):
-        cmd = [self.binary] + list(args) + ["-c", self.config]
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, timeout=timeout)
-        out = r.stdout.decode("utf-8", "replace")
-        if check and r.returncode != 0:
-            raise BenchError(f"`{' '.join(cmd)}` failed (exit {r.returncode}): {out.strip()[-800:]}")
-        return out
+        return run_cmd([self.binary] + list(args) + ["-c", self.config], timeout, check)
 
     def setup(self):
         os.makedirs(self.base, exist_ok=True)

@@ -21,12 +21,17 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root" || exit 1
 targets=${FUZZ_TARGETS:-session data config}
 
-if ! cargo +nightly --version >/dev/null 2>&1; then
-    echo "run.sh: the nightly toolchain is missing (rustup toolchain install nightly)" >&2
-    echo "0 passed, 1 failed"
-    exit 1
+# cargo-fuzz needs unstable flags (-Zsanitizer). Use nightly when the
+# machine has it; otherwise stable with RUSTC_BOOTSTRAP=1, whose sysroot also
+# carries the AddressSanitizer runtime.
+if cargo +nightly --version >/dev/null 2>&1; then
+    tc=+nightly
+else
+    echo "run.sh: no nightly toolchain: using stable with RUSTC_BOOTSTRAP=1"
+    tc=+stable
+    export RUSTC_BOOTSTRAP=1
 fi
-if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+if ! cargo $tc fuzz --version >/dev/null 2>&1; then
     echo "run.sh: installing cargo-fuzz"
     if ! cargo install cargo-fuzz --locked; then
         echo "run.sh: cannot install cargo-fuzz" >&2
@@ -42,7 +47,7 @@ base=/tmp
 tmp=$(mktemp -d "$base/bartleby-fuzz.XXXXXX") || exit 1
 trap 'rm -rf "$tmp"' EXIT INT TERM
 
-if ! cargo +nightly fuzz build --fuzz-dir tests/fuzz; then
+if ! cargo $tc fuzz build --fuzz-dir tests/fuzz; then
     echo "run.sh: build failed" >&2
     n=$(echo $targets | wc -w)
     echo "0 passed, $n failed"
@@ -55,7 +60,7 @@ failed_names=
 for t in $targets; do
     echo "=== fuzz $t for ${secs}s"
     mkdir -p "tests/fuzz/corpus/$t"
-    if TMPDIR=$tmp cargo +nightly fuzz run --fuzz-dir tests/fuzz "$t" \
+    if TMPDIR=$tmp cargo $tc fuzz run --fuzz-dir tests/fuzz "$t" \
         "tests/fuzz/corpus/$t" "tests/fuzz/seeds/$t" -- \
         -max_total_time="$secs" -timeout=30 -print_final_stats=1; then
         echo "=== $t: ok"

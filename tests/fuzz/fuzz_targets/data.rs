@@ -44,13 +44,8 @@ fn steps(len: usize, step: usize) -> Vec<usize> {
 }
 
 fn assert_crlf_only(s: &[u8]) {
-    for (i, &c) in s.iter().enumerate() {
-        if c == b'\n' {
-            assert!(i > 0 && s[i - 1] == b'\r', "bare LF at {i} in stored {:?}", String::from_utf8_lossy(s));
-        }
-        if c == b'\r' {
-            assert!(s.get(i + 1) == Some(&b'\n'), "bare CR at {i} in stored {:?}", String::from_utf8_lossy(s));
-        }
+    if let Some(i) = bartleby::data::first_bare_newline(s) {
+        panic!("bare CR/LF at {i} in stored {:?}", String::from_utf8_lossy(s));
     }
 }
 

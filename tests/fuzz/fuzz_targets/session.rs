@@ -195,13 +195,8 @@ fn check_replies(out: &[u8]) -> BTreeSet<String> {
 }
 
 fn assert_crlf_only(id: &str, s: &[u8]) {
-    for (i, &c) in s.iter().enumerate() {
-        if c == b'\n' {
-            assert!(i > 0 && s[i - 1] == b'\r', "{id}: bare LF at {i}: {:?}", String::from_utf8_lossy(s));
-        }
-        if c == b'\r' {
-            assert!(s.get(i + 1) == Some(&b'\n'), "{id}: bare CR at {i}: {:?}", String::from_utf8_lossy(s));
-        }
+    if let Some(i) = bartleby::data::first_bare_newline(s) {
+        panic!("{id}: bare CR/LF at {i}: {:?}", String::from_utf8_lossy(s));
     }
 }
 
