@@ -235,6 +235,7 @@ td.id,.mono,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px
 .card{background:#fff;border:1px solid #d0d7de;padding:8px 14px;min-width:110px;flex:1}\
 #counters .card b{font-size:17px}\
 .card b{display:block;font-size:20px}\
+.card .sep{display:none}\
 .cols{display:flex;flex-wrap:wrap;gap:0 20px}.cols section{flex:1 1 340px;min-width:0}\
 @media(max-width:600px){table.kv th{width:auto;white-space:normal}main{padding:8px}}\
 form{margin:8px 0}\
@@ -314,11 +315,11 @@ pub fn page(d: &PageData) -> String {
 
     // At a glance.
     o.push_str("<div class=\"cards\">");
-    let _ = write!(o, "<div class=\"card\">Queued<b id=\"queue-count\">{}</b></div>", q.count);
-    let _ = write!(o, "<div class=\"card\">Queue size<b>{}</b></div>", human_bytes(q.bytes));
+    let _ = write!(o, "<div class=\"card\">Queued<span class=\"sep\">: </span><b id=\"queue-count\">{}</b></div>", q.count);
+    let _ = write!(o, "<div class=\"card\">Queue size<span class=\"sep\">: </span><b>{}</b></div>", human_bytes(q.bytes));
     let _ = write!(
         o,
-        "<div class=\"card\">Oldest<b>{}</b></div>",
+        "<div class=\"card\">Oldest<span class=\"sep\">: </span><b>{}</b></div>",
         q.oldest.map_or("–".to_string(), |t| human_duration(d.now.saturating_sub(t)))
     );
     let (cls, txt) = match d.primary.up {
@@ -326,9 +327,9 @@ pub fn page(d: &PageData) -> String {
         Some(false) => ("bad", "unreachable"),
         None => ("dim", "not tried yet"),
     };
-    let _ = write!(o, "<div class=\"card\">Primary<b class=\"{cls}\">{txt}</b></div>");
+    let _ = write!(o, "<div class=\"card\">Primary<span class=\"sep\">: </span><b class=\"{cls}\">{txt}</b></div>");
     if let Ok(ds) = &d.disk {
-        let _ = write!(o, "<div class=\"card\">Spool disk free<b>{}</b></div>", human_bytes(ds.avail));
+        let _ = write!(o, "<div class=\"card\">Spool disk free<span class=\"sep\">: </span><b>{}</b></div>", human_bytes(ds.avail));
     }
     o.push_str("</div>\n");
 
@@ -425,7 +426,7 @@ pub fn page(d: &PageData) -> String {
     // Counters since start.
     o.push_str("<h2>Since start</h2>\n<div class=\"cards\" id=\"counters\">");
     for (name, v) in &d.counters {
-        let _ = write!(o, "<div class=\"card\">{name}<b>{v}</b></div>");
+        let _ = write!(o, "<div class=\"card\">{name}<span class=\"sep\">: </span><b>{v}</b></div>");
     }
     o.push_str("</div>\n");
 

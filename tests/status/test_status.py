@@ -625,6 +625,22 @@ def browser_renders_queue(r):
                 f.write(dom)
 
 
+@test
+def text_browser_reads_page(r):
+    """The page works without CSS or JavaScript: w3m's plain-text dump shows
+    the figures with their labels, the queue IDs and the flush button."""
+    w3m = shutil.which("w3m")
+    check(w3m, "w3m not installed")
+    p = subprocess.run([w3m, "-dump", "-cols", "100", "http://127.0.0.1:%d/" % r.port],
+                       capture_output=True, timeout=60)
+    text = p.stdout.decode("utf-8", "replace")
+    check(re.search(r"Queued: %d\b" % len(r.ids), text), "no 'Queued: N' line in the text dump")
+    check("Spool disk free: " in text, "disk figure unlabelled in the text dump")
+    check("Flush queue now" in text, "no flush button in the text dump")
+    for qid in r.ids[:20]:
+        check(qid in text, "queue ID %s not in the text dump" % qid)
+
+
 # --------------------------------------------------------------------------
 
 
