@@ -80,6 +80,15 @@ fn main() -> ExitCode {
     match args.command.as_str() {
         "check" => match load(&args.config) {
             Ok(c) => {
+                // serve refuses to start on a bad recipients list: say so now.
+                match bartleby::policy::RecipientList::load(c.recipients.as_deref()) {
+                    Ok(l) if l.is_enabled() => println!("recipients list: {} entries", l.len()),
+                    Ok(_) => {}
+                    Err(e) => {
+                        eprintln!("bartleby: {e}");
+                        return ExitCode::from(78);
+                    }
+                }
                 println!(
                     "{}: OK: {} relaying for {} to {}",
                     args.config.display(),

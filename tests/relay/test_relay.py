@@ -98,6 +98,13 @@ class Config(RelayTest):
         self.assertNotEqual(out.returncode, 0)
         self.assertIn(f":{n}:", out.stderr)
 
+    def test_check_reads_the_recipients_list(self):
+        r = Relay(recipients=["bob@example.org", "not-an-address"])
+        self.relays.append(r)
+        out = r.cli("check")
+        self.assertNotEqual(out.returncode, 0)
+        self.assertRegex(out.stderr, r"recipients:2: `not-an-address` is not user@domain")
+
     def test_bad_value(self):
         r = Relay(extra='max_connections = "many"')
         self.relays.append(r)
