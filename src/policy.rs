@@ -70,12 +70,16 @@ pub fn size_param(line: &[u8]) -> Result<Option<u64>, ()> {
         None => return Ok(None),
     };
     for word in after.split_ascii_whitespace() {
-        if word.len() > 5 && word[..5].eq_ignore_ascii_case("SIZE=") {
-            let v = &word[5..];
-            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        // Compare bytes: slicing the str at 5 would panic inside a
+        // multi-byte character ("AUTH=<>SIZEé").
+        if word.len() > 5 && word.as_bytes()[..5].eq_ignore_ascii_case(b"SIZE=") {
+            let v = &word.as_bytes()[5..];
+            if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
                 return Err(());
             }
-            // Saturate: any number this large is over every limit.
+            // All ASCII digits, so this cannot fail. Saturate: any number
+            // this large is over every limit.
+            let v = std::str::from_utf8(v).map_err(|_| ())?;
             return Ok(Some(v.parse::<u64>().unwrap_or(u64::MAX)));
         }
     }
@@ -339,6 +343,10 @@ mod tests {
         assert_eq!(size_param(b"MAIL FROM:<a@b.c> SIZE=99999999999999999999999"), Ok(Some(u64::MAX)));
         assert_eq!(size_param(b"MAIL FROM:<a@b.c> BODY=8BITMIME"), Ok(None));
         assert_eq!(size_param(b"MAIL FROM:<a@b.c> SIZE=12x"), Err(()));
+        // A multi-byte character across byte 5 of a word once panicked.
+        assert_eq!(size_param("MAIL FROM:<a@b.c> AUTH=<>SIZE\u{e9}".as_bytes()), Ok(None));
+        assert_eq!(size_param("MAIL FROM:<a@b.c> SIZ\u{e9}=1".as_bytes()), Ok(None));
+        assert_eq!(size_param("MAIL FROM:<a@b.c> SIZE=1\u{e9}".as_bytes()), Err(()));
     }
 
     #[test]
