@@ -124,9 +124,7 @@ impl Connection {
             };
             match c.greet(&cfg.hostname).await {
                 Ok(()) => return Ok(c),
-                Err(reply) => {
-                    last = ConnectError { reply: Reply { code: reply.code, text: format!("host {} said: {}", c.relay, reply.text) } };
-                }
+                Err(reply) => last = ConnectError { reply },
             }
         }
         Err(last)
@@ -135,7 +133,7 @@ impl Connection {
     async fn greet(&mut self, hostname: &str) -> Result<(), Reply> {
         let banner = self.read_reply().await?;
         if banner.code != 220 {
-            return Err(banner);
+            return Err(self.refused(banner, "refused to talk to me:", ""));
         }
         self.send(&format!("EHLO {hostname}\r\n")).await?;
         let ehlo = self.read_reply_lines().await?;
@@ -153,7 +151,19 @@ impl Connection {
         }
         self.send(&format!("HELO {hostname}\r\n")).await?;
         let helo = self.read_reply().await?;
-        if helo.code == 250 { Ok(()) } else { Err(helo) }
+        if helo.code == 250 { Ok(()) } else { Err(self.refused(helo, "said:", " (in reply to HELO command)")) }
+    }
+
+    /// A refusal of the session itself (greeting, EHLO/HELO, RSET), as a
+    /// temporary failure whatever its code. It says nothing about the mail:
+    /// a primary that is starting up, overloaded or misconfigured may answer
+    /// 554 to everyone for a while, and with one primary and no other MX a
+    /// 5xx here would bounce the whole queue. Postfix defers in the same case
+    /// (smtp_skip_5xx_greeting). Only replies to MAIL, RCPT and the end of
+    /// data speak of a message and may be permanent.
+    fn refused(&self, reply: Reply, verb: &str, context: &str) -> Reply {
+        let code = if (400..500).contains(&reply.code) { reply.code } else { 421 };
+        Reply { code, text: format!("host {} {verb} {}{context}", self.relay, reply.text) }
     }
 
     async fn send(&mut self, s: &str) -> Result<(), Reply> {
@@ -226,7 +236,7 @@ impl Connection {
             self.send("RSET\r\n").await.map_err(|r| (r, false))?;
             let r = self.read_reply().await.map_err(|r| (r, false))?;
             if !r.is_ok() {
-                return Err((r, false));
+                return Err((self.refused(r, "said:", " (in reply to RSET command)"), false));
             }
         }
         self.used = true;

@@ -77,8 +77,11 @@ async fn worker(
         let reusable = outcome.reusable;
         let _ = tx.send(Attempt::Done(Box::new(msg), outcome, relay));
         if !reusable {
-            // The connection broke: one new try, else leave the rest to others.
-            conn.quit().await;
+            // The connection broke, or stopped mid-message: close it without
+            // QUIT (in DATA, a QUIT would be message text and its wait for a
+            // reply would time out), which makes the primary discard any
+            // half-sent message. One new try, else leave the rest to others.
+            drop(conn);
             match Connection::open(&cfg).await {
                 Ok(c) => conn = c,
                 Err(e) => {

@@ -173,6 +173,81 @@ class Sink:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class FakePrimary:
+    """A scripted primary for replies smtp-sink cannot give (a 554 greeting,
+    a refused RSET). `replies` maps a command verb (or "greeting") to the
+    reply line; anything unlisted gets a plain success. Serves connections
+    one after another on a thread; records each message's data and every
+    command line seen."""
+
+    def __init__(self, port, replies):
+        import threading
+        self.replies = dict(replies)
+        self.commands = []
+        self.messages = []
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(8)
+        self.sock.settimeout(0.2)
+        self.stopping = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _reply(self, f, verb, default):
+        f.write((self.replies.get(verb, default) + "\r\n").encode())
+        f.flush()
+        return self.replies.get(verb, default)
+
+    def _serve(self):
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            conn.settimeout(10)
+            try:
+                self._session(conn.makefile("rwb"))
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def _session(self, f):
+        if not self._reply(f, "greeting", "220 primary.example.org ESMTP fake").startswith("2"):
+            return
+        while True:
+            line = f.readline()
+            if not line:
+                return
+            cmd = line.decode(errors="replace").rstrip("\r\n")
+            self.commands.append(cmd)
+            verb = cmd.split(" ", 1)[0].split(":", 1)[0].upper()
+            if verb == "EHLO":
+                self._reply(f, verb, "250 primary.example.org")
+            elif verb == "DATA":
+                if not self._reply(f, verb, "354 go ahead").startswith("3"):
+                    continue
+                data = b""
+                while True:
+                    l = f.readline()
+                    if not l or l == b".\r\n":
+                        break
+                    data += l
+                self.messages.append(data)
+                self._reply(f, "end", "250 2.0.0 Ok: queued")
+            elif verb == "QUIT":
+                self._reply(f, verb, "221 bye")
+                return
+            else:
+                self._reply(f, verb, "250 2.0.0 Ok")
+
+    def stop(self):
+        self.stopping = True
+        self.thread.join(timeout=5)
+        self.sock.close()
+
+
 def strip_sink_headers(raw):
     """Removes what smtp-sink and Bartleby prepended: smtp-sink's X-* lines and
     its Received header, then Bartleby's Received header. Returns the rest."""

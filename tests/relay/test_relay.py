@@ -13,7 +13,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from harness import Client, Relay, Sink, free_port, queued_id, strip_sink_headers  # noqa: E402
+from harness import Client, FakePrimary, Relay, Sink, free_port, queued_id, strip_sink_headers  # noqa: E402
 
 # A message with what tends to break relays: dot lines, 8-bit text, a long
 # line, blank lines, trailing spaces, a final line without trailing blank.
@@ -502,6 +502,53 @@ class Queue(RelayTest):
         self.assertRegex(log, bid + r": to=<alice@sender\.test>, relay=\S+, delay=\d+, tries=1, status=bounced")
         self.assertIn(bid + ": bounce of a bounce (null sender): discarded", log)
         self.assertEqual(r.queue_ids(), [])
+
+    def test_session_refusals_defer_never_bounce(self):
+        # Refusals of the session itself (a 554 greeting, a 5xx to HELO or
+        # RSET) say nothing about the mail: with one primary, taking them as
+        # permanent would bounce the whole queue. They defer.
+        r = self.relay(extra="delivery_connections = 1")
+        ids = [self.send(r, msg=b"Subject: m%d\r\n\r\nbody\r\n" % i) for i in range(2)]
+        time.sleep(0.3)
+        for replies, seen in (
+            ({"greeting": "554 5.3.2 primary.example.org not accepting mail"}, "refused to talk to me: 554 5.3.2"),
+            ({"EHLO": "502 5.5.2 no EHLO", "HELO": "550 5.7.1 go away"}, "said: 550 5.7.1 go away (in reply to HELO command)"),
+        ):
+            p = FakePrimary(r.primary_port, replies)
+            try:
+                r.flush()
+                end = time.time() + 10
+                while time.time() < end and r.read_log().count(seen) < 2:
+                    time.sleep(0.1)
+            finally:
+                p.stop()
+            log = r.read_log()
+            for qid in ids:
+                self.assertRegex(log, qid + r": to=<bob@example\.org>, relay=none, delay=\d+, tries=\d+, status=deferred \(host 127\.0\.0\.1\[127\.0\.0\.1\]:\d+ " + re.escape(seen))
+            self.assertEqual(sorted(r.queue_ids()), sorted(ids), log)
+            self.assertNotIn("non-delivery notification", log)
+            self.assertNotIn("status=bounced", log)
+            self.assertIn(seen, r.mailq())
+        # A primary that takes one message, then refuses RSET: the first is
+        # sent, the second deferred on that connection; no bounce.
+        p = FakePrimary(r.primary_port, {"RSET": "554 5.5.1 no RSET here"})
+        try:
+            r.flush()
+            end = time.time() + 10
+            while time.time() < end and "(in reply to RSET command)" not in r.read_log():
+                time.sleep(0.1)
+            log = r.read_log()
+            self.assertIn("said: 554 5.5.1 no RSET here (in reply to RSET command)", log)
+            self.assertEqual(len(p.messages), 1, p.commands)
+            self.assertEqual(len(r.queue_ids()), 1, log)
+            self.assertNotIn("status=bounced", log)
+            # The next run, on a fresh connection, needs no RSET.
+            r.flush()
+            self.assertTrue(r.wait_empty(), r.read_log())
+            self.assertEqual(len(p.messages), 2, p.commands)
+        finally:
+            p.stop()
+        self.assertNotIn("non-delivery notification", r.read_log())
 
     def test_smuggling_is_data_and_stored_with_crlf_only(self):
         r = self.relay()
