@@ -94,7 +94,7 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
     let _ = std::fs::remove_file(&sock_path);
     let control = UnixListener::bind(&sock_path).map_err(|e| format!("control socket {}: {e}", sock_path.display()))?;
 
-    let committer = Committer::start(spool.clone());
+    let committer = Committer::start(&spool).map_err(|e| format!("spool {}: {e}", spool.root().display()))?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let ctx = Arc::new(Ctx {

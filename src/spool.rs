@@ -287,14 +287,11 @@ impl Spool {
 
     /// Makes everything written to the spool durable (one `syncfs`).
     /// Blocking: the server calls it from the committer's blocking thread.
+    ///
+    /// For one-off syncs (recovery, tests). The committer keeps its own
+    /// descriptor instead: see [`syncfs`].
     pub fn sync(&self) -> io::Result<()> {
-        let dir = File::open(self.root.join("queue"))?;
-        // SAFETY: syncfs takes a valid open descriptor, owned by `dir`.
-        let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        syncfs(&File::open(self.root.join("queue"))?)
     }
 
     /// Reads a queued message's envelope and state (no body).
@@ -525,6 +522,23 @@ impl SpoolWriter {
     }
 }
 
+/// `syncfs(2)` on the file system holding `fd`.
+///
+/// It reports a writeback error (EIO, ENOSPC on thin storage) that happened
+/// on that file system since the previous `syncfs` through the *same* open
+/// file, or since it was opened: the kernel keeps one error cursor per open
+/// file (errseq). A descriptor opened just for the call would only see
+/// errors from that instant on, so one that struck between two commits,
+/// while a message's pages were written back early, would pass unseen.
+pub fn syncfs(fd: &File) -> io::Result<()> {
+    // SAFETY: syncfs takes a valid open descriptor, owned by `fd`.
+    let rc = unsafe { libc::syncfs(fd.as_raw_fd()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Group commit: sessions that finished a message ask for a sync and wait;
 /// one `syncfs` on a blocking thread serves all who asked before it began.
 #[derive(Clone)]
@@ -533,8 +547,11 @@ pub struct Committer {
 }
 
 impl Committer {
-    /// Starts the committer task on the current runtime.
-    pub fn start(spool: Spool) -> Committer {
+    /// Starts the committer task on the current runtime. It opens the queue
+    /// directory once, before any message is written, and syncs through
+    /// that descriptor for the life of the server (see [`syncfs`]).
+    pub fn start(spool: &Spool) -> io::Result<Committer> {
+        let fd = std::sync::Arc::new(File::open(spool.root.join("queue"))?);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<Result<(), String>>>();
         tokio::spawn(async move {
             let mut waiters = Vec::new();
@@ -543,8 +560,8 @@ impl Committer {
                 while let Ok(w) = rx.try_recv() {
                     waiters.push(w);
                 }
-                let sp = spool.clone();
-                let res = tokio::task::spawn_blocking(move || sp.sync())
+                let fd = fd.clone();
+                let res = tokio::task::spawn_blocking(move || syncfs(&fd))
                     .await
                     .map_err(|e| e.to_string())
                     .and_then(|r| r.map_err(|e| e.to_string()));
@@ -556,7 +573,7 @@ impl Committer {
                 }
             }
         });
-        Committer { tx }
+        Ok(Committer { tx })
     }
 
     /// Waits until everything written before this call is on stable storage.

@@ -78,7 +78,7 @@ static H: LazyLock<Harness> = LazyLock::new(|| {
     let stats = Arc::new(Stats::new());
     let committer = {
         let _g = rt.enter();
-        Committer::start(spool.clone())
+        Committer::start(&spool).expect("committer")
     };
     let ctx = |cfg: Config| {
         let list = RecipientList::load(cfg.recipients.as_deref()).expect("recipients");
