@@ -33,6 +33,9 @@ enum Attempt {
     Done(Box<QueuedMessage>, Outcome, String),
     /// The message left the queue meanwhile.
     Gone(QueueId),
+    /// Its queue file could not be read (I/O error, permissions): it is
+    /// left alone until a later run instead of being retried at once.
+    Unreadable(QueueId, std::io::Error),
 }
 
 /// One connection's worth of deliveries: takes due messages from the shared
@@ -64,11 +67,7 @@ async fn worker(
         let msg = match spool.read(&id) {
             Ok(m) => m,
             Err(e) => {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    let _ = tx.send(Attempt::Gone(id));
-                } else {
-                    log::error!(target: QMGR, "error: {id}: cannot read queue file: {e}");
-                }
+                let _ = tx.send(if e.kind() == std::io::ErrorKind::NotFound { Attempt::Gone(id) } else { Attempt::Unreadable(id, e) });
                 continue;
             }
         };
@@ -140,7 +139,8 @@ impl Scheduler {
                 Ok(m) => {
                     self.entries.insert(id, Entry { next: m.state.next_attempt, size: m.size });
                 }
-                Err(e) => log::error!(target: QMGR, "error: {id}: cannot read queue file: {e}"),
+                // Indexed all the same, so later runs try it again.
+                Err(e) => self.unreadable(id, &e),
             }
         }
         self.publish();
@@ -250,6 +250,7 @@ impl Scheduler {
                 Attempt::Gone(id) => {
                     self.entries.remove(&id);
                 }
+                Attempt::Unreadable(id, e) => self.unreadable(id, &e),
             }
         }
         // Messages no worker could take (every connection failed): they wait.
@@ -273,8 +274,17 @@ impl Scheduler {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.entries.remove(id);
             }
-            Err(e) => log::error!(target: QMGR, "error: {id}: cannot read queue file: {e}"),
+            Err(e) => self.unreadable(id.clone(), &e),
         }
+    }
+
+    /// A queue file that exists but cannot be read: logged, and not tried
+    /// again before `minimal_backoff` has passed. Left due, it would make the
+    /// scheduler loop at once into another run that fails the same way.
+    fn unreadable(&mut self, id: QueueId, e: &std::io::Error) {
+        log::error!(target: QMGR, "error: {id}: cannot read queue file: {e}; next try in {}s", self.cfg.minimal_backoff.as_secs().max(1));
+        let next = util::now() + self.cfg.minimal_backoff.as_secs().max(1);
+        self.entries.entry(id).or_insert(Entry { next, size: 0 }).next = next;
     }
 
     fn primary_down(&mut self, reply: &Reply) {

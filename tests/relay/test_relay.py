@@ -550,6 +550,31 @@ class Queue(RelayTest):
             p.stop()
         self.assertNotIn("non-delivery notification", r.read_log())
 
+    def test_unreadable_queue_file_waits_then_goes(self):
+        # A queue file that exists but cannot be read (here: a directory in
+        # its place, EISDIR) is retried after minimal_backoff, not in a hot
+        # loop of failed runs; once readable again it is delivered.
+        r = Relay()
+        self.relays.append(r)
+        with open(r.config) as f:
+            conf = f.read()
+        with open(r.config, "w") as f:
+            f.write(conf.replace('minimal_backoff = "5m"', 'minimal_backoff = "1s"'))
+        r.start()
+        qid = self.send(r)
+        path = os.path.join(r.spool, "queue", qid)
+        os.rename(path, path + ".aside")
+        os.mkdir(path)
+        time.sleep(3)
+        errors = r.read_log().count(qid + ": cannot read queue file")
+        self.assertGreaterEqual(errors, 1, r.read_log())
+        self.assertLessEqual(errors, 5, r.read_log()[-2000:])
+        os.rmdir(path)
+        os.rename(path + ".aside", path)
+        s = self.sink(r.primary_port)
+        self.assertTrue(s.wait_count(1, timeout=10), r.read_log()[-2000:])
+        self.assertTrue(r.wait_empty())
+
     def test_smuggling_is_data_and_stored_with_crlf_only(self):
         r = self.relay()
         c = Client(r.port)
