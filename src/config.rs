@@ -156,6 +156,9 @@ pub struct Config {
     pub max_line_length: usize,
     pub error_limit: u32,
     pub max_received_headers: u32,
+    /// Bytes per second a client must average in DATA beyond the first
+    /// `data_timeout` (Postfix's smtpd_min_data_rate); 0: no such limit.
+    pub min_data_rate: u64,
     /// Free space the spool keeps in reserve; MAIL gets 452 below it.
     pub min_free_space: u64,
     pub max_queue_messages: usize,
@@ -591,6 +594,7 @@ impl Builder {
             max_line_length: 2048,
             error_limit: 20,
             max_received_headers: 50,
+            min_data_rate: 500,
             min_free_space: 0,
             max_queue_messages: 10_000,
             bare_newline: BareNewline::Normalize,
@@ -656,6 +660,7 @@ impl Builder {
             ("", "data_timeout") => want_duration(v).map(|d| c.data_timeout = d),
             ("", "max_line_length") => want_uint(v).map(|n| c.max_line_length = n as usize),
             ("", "error_limit") => want_uint(v).map(|n| c.error_limit = n.min(1_000_000) as u32),
+            ("", "min_data_rate") => want_uint(v).map(|n| c.min_data_rate = n),
             ("", "max_received_headers") => want_uint(v).map(|n| c.max_received_headers = n.min(1_000_000) as u32),
             ("", "min_free_space") => want_uint(v).map(|n| c.min_free_space = n),
             ("", "max_queue_messages") => want_uint(v).map(|n| c.max_queue_messages = n as usize),
@@ -674,29 +679,19 @@ impl Builder {
             ("", "connect_timeout") => want_duration(v).map(|d| c.connect_timeout = d),
             ("", "delivery_connections") => want_uint(v).map(|n| c.delivery_connections = (n as usize).clamp(1, 64)),
             ("", "log_file") => want_str(v).map(|s| c.log_file = if s.is_empty() { None } else { Some(PathBuf::from(s)) }),
-            ("", "log_level") => match want_str(v)?.to_ascii_lowercase().as_str() {
-                "error" => {
-                    let _: () = c.log_level = log::LevelFilter::Error;
-                    Ok(())
-                },
-                "warn" => {
-                    let _: () = c.log_level = log::LevelFilter::Warn;
-                    Ok(())
-                },
-                "info" => {
-                    let _: () = c.log_level = log::LevelFilter::Info;
-                    Ok(())
-                },
-                "debug" => {
-                    let _: () = c.log_level = log::LevelFilter::Debug;
-                    Ok(())
-                },
-                "trace" => {
-                    let _: () = c.log_level = log::LevelFilter::Trace;
-                    Ok(())
-                },
-                o => Err(format!("`{o}` must be error, warn, info, debug or trace")),
-            },
+            ("", "log_level") => {
+                use log::LevelFilter as L;
+                let level = match want_str(v)?.to_ascii_lowercase().as_str() {
+                    "error" => L::Error,
+                    "warn" => L::Warn,
+                    "info" => L::Info,
+                    "debug" => L::Debug,
+                    "trace" => L::Trace,
+                    o => return Err(format!("`{o}` must be error, warn, info, debug or trace")),
+                };
+                c.log_level = level;
+                Ok(())
+            }
             ("status", "listen") => {
                 let s = want_str(v)?;
                 if s.is_empty() {
@@ -772,7 +767,7 @@ impl Builder {
         if c.listen.is_empty() {
             return Err((self.line_of("listen"), "`listen` must name at least one address".into()));
         }
-        let checks: [(&str, bool, &str); 9] = [
+        let checks: [(&str, bool, &str); 13] = [
             ("error_limit", c.error_limit >= 1, "must be at least 1"),
             ("max_queue_messages", c.max_queue_messages >= 1, "must be at least 1"),
             ("max_message_size", c.max_message_size >= 65536, "must be at least 65536 (RFC 5321 4.5.3.1.7)"),
@@ -782,6 +777,11 @@ impl Builder {
             ("maximal_backoff", c.maximal_backoff >= c.minimal_backoff, "must not be less than minimal_backoff"),
             ("queue_run_interval", !c.queue_run_interval.is_zero(), "must be more than 0"),
             ("max_line_length", c.max_line_length >= 512, "must be at least 512 (RFC 5321 4.5.3.1.4)"),
+            // A zero timeout would end every session or delivery at once.
+            ("command_timeout", !c.command_timeout.is_zero(), "must be more than 0"),
+            ("data_timeout", !c.data_timeout.is_zero(), "must be more than 0"),
+            ("delivery_timeout", !c.delivery_timeout.is_zero(), "must be more than 0"),
+            ("connect_timeout", !c.connect_timeout.is_zero(), "must be more than 0"),
         ];
         for (key, ok, why) in checks {
             if !ok {
@@ -871,6 +871,13 @@ allow = ["127.0.0.1/32", "192.168.1.0/24", "fe80::/10"]
         assert!(e.message.contains("twice"), "{e}");
         let e = parse("relay_domains = [\"a.org\"\n").unwrap_err();
         assert!(e.message.contains("not closed"), "{e}");
+        for key in ["command_timeout", "data_timeout", "delivery_timeout", "connect_timeout"] {
+            let e = parse(&format!("{MIN}{key} = \"0s\"\n")).unwrap_err();
+            assert_eq!((e.line, e.message.as_str()), (4, format!("`{key}` must be more than 0").as_str()), "{e}");
+        }
+        let e = parse(&format!("{MIN}log_level = \"loud\"\n")).unwrap_err();
+        assert!(e.message.contains("must be error, warn"), "{e}");
+        assert_eq!(parse(&format!("{MIN}log_level = \"Debug\"\n")).unwrap().log_level, log::LevelFilter::Debug);
     }
 
     #[test]

@@ -25,8 +25,8 @@ use crate::spool::{Committer, Envelope, Spool};
 use crate::stats::Stats;
 use crate::util::{self, QueueId};
 
-/// Junk commands (NOOP, RSET, VRFY, ETRN, HELP) allowed per session, as
-/// Postfix's smtpd_junk_command_limit.
+/// Junk commands (EHLO, HELO, NOOP, RSET, VRFY, ETRN, HELP) allowed between
+/// two accepted messages, as Postfix's smtpd_junk_command_limit.
 const JUNK_LIMIT: u32 = 100;
 /// Read buffer per session.
 const READ_BUF: usize = 2048;
@@ -270,12 +270,15 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                     let sep = if i + 1 == caps.len() { ' ' } else { '-' };
                     self.out.extend_from_slice(format!("250{sep}{c}\r\n").as_bytes());
                 }
+                // Counted, or a loop of EHLO would hold a slot forever.
+                self.junk()?;
             }
             Request::Helo { host } if !host.is_empty() => {
                 self.txn = None;
                 self.helo = Some(clean_helo(&host));
                 self.esmtp = false;
                 self.reply(250, "", &cfg.hostname);
+                self.junk()?;
             }
             Request::Ehlo { .. } | Request::Helo { .. } => {
                 self.reply(501, "5.5.4", "Syntax: EHLO hostname");
@@ -532,8 +535,19 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         let mut parser = DataParser::new();
         let max = cfg.max_message_size;
         let mut too_big = false;
+        // Each read waits at most data_timeout, and the whole DATA phase at
+        // most data_timeout plus one second per min_data_rate bytes received
+        // (Postfix's smtpd_min_data_rate): a client that drips a byte just
+        // within each timeout cannot hold a connection slot for days.
+        let started = tokio::time::Instant::now();
+        let mut got: u64 = 0;
         loop {
-            let avail = match timeout(cfg.data_timeout, rd.fill_buf()).await {
+            let mut wait = cfg.data_timeout;
+            if cfg.min_data_rate > 0 {
+                let allowed = cfg.data_timeout + Duration::from_secs(got / cfg.min_data_rate);
+                wait = wait.min(allowed.saturating_sub(started.elapsed()));
+            }
+            let avail = match timeout(wait, rd.fill_buf()).await {
                 Err(_) => {
                     w.abort();
                     log::info!(target: SMTPD, "{}: timeout after DATA from {}", txn.id, self.client);
@@ -565,6 +579,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             };
             let end = parser.feed(avail, &mut sink);
             let n = end.unwrap_or(avail.len());
+            got += n as u64;
             rd.consume(n);
             if end.is_some() {
                 break;
@@ -618,6 +633,10 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         Stats::inc(&self.ctx.stats.received);
         let _ = self.ctx.queued.send((txn.id.clone(), size));
         self.reply(250, "2.0.0", &format!("Ok: queued as {}", txn.id));
+        // As Postfix: a client that delivers mail is not idling, so the
+        // junk count starts again (clients that RSET between messages would
+        // otherwise be cut off after a hundred).
+        self.junk = 0;
         Ok(())
     }
 }

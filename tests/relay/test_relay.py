@@ -196,6 +196,57 @@ class Protocol(RelayTest):
         self.assertIn("4.4.2", text)
         self.assertLess(time.time() - t, 5)
 
+    def test_data_drip_cut_by_min_data_rate(self):
+        # Each chunk arrives well within data_timeout, but at 10 bytes/s the
+        # client is far below min_data_rate: cut after about data_timeout.
+        r = self.relay(extra='data_timeout = "3s"\nmin_data_rate = 100')
+        c = Client(r.port)
+        c.cmd("EHLO client.sender.test")
+        self.assertEqual(c.cmd("MAIL FROM:<alice@sender.test>")[0], 250)
+        self.assertEqual(c.cmd("RCPT TO:<bob@example.org>")[0], 250)
+        self.assertEqual(c.cmd("DATA")[0], 354)
+        t = time.time()
+        c.sock.settimeout(0.01)
+        got = b""
+        while time.time() - t < 10 and b"\n" not in got:
+            try:
+                c.send(b"x" * 10)
+            except OSError:
+                break
+            end = time.time() + 1
+            while time.time() < end:
+                try:
+                    d = c.sock.recv(4096)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    break
+                if not d:
+                    break
+                got += d
+        self.assertTrue(got.startswith(b"421 4.4.2"), got)
+        self.assertLess(time.time() - t, 6)
+        self.assertEqual(r.queue_ids(), [])
+        self.assertIn("timeout after DATA", r.read_log())
+
+    def test_junk_limit_and_reset_after_mail(self):
+        r = self.relay()
+        # A loop of EHLO is junk: cut off after 100.
+        c = Client(r.port)
+        codes = [c.cmd("EHLO client.sender.test")[0] for _ in range(101)]
+        self.assertEqual(codes, [250] * 101)
+        # The 101st is answered, then 421 and a close.
+        self.assertEqual(c.reply()[0], 421)
+        self.assertTrue(c.closed())
+        # A client that RSETs before every message is not idle: 120
+        # messages in one session all go through.
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+            s.ehlo("client.sender.test")
+            for i in range(120):
+                self.assertEqual(s.rset()[0], 250)
+                s.sendmail("alice@sender.test", ["bob@example.org"], b"Subject: %d\r\n\r\nbody\r\n" % i)
+        self.assertEqual(len(r.queue_ids()), 120)
+
     def test_connection_cap(self):
         r = self.relay(extra="max_connections = 3")
         held = [Client(r.port) for _ in range(3)]
