@@ -109,13 +109,13 @@ mod tests {
     fn ring_keeps_last_lines() {
         let mut w = RingWriter { partial: Line::new() };
         for i in 0..(RING_LINES + 10) {
-            write!(w, "line {i}\n").unwrap();
+            writeln!(w, "line {i}").unwrap();
         }
         let lines = recent_lines();
         assert_eq!(lines.len(), RING_LINES);
         assert_eq!(lines.last().unwrap(), &format!("line {}", RING_LINES + 9));
         let long = "x".repeat(1000);
-        write!(w, "{long}\n").unwrap();
+        writeln!(w, "{long}").unwrap();
         assert_eq!(recent_lines().last().unwrap().len(), RING_LINE_LEN);
     }
 }

@@ -543,8 +543,8 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         let mut got: u64 = 0;
         loop {
             let mut wait = cfg.data_timeout;
-            if cfg.min_data_rate > 0 {
-                let allowed = cfg.data_timeout + Duration::from_secs(got / cfg.min_data_rate);
+            if let Some(secs) = got.checked_div(cfg.min_data_rate) {
+                let allowed = cfg.data_timeout + Duration::from_secs(secs);
                 wait = wait.min(allowed.saturating_sub(started.elapsed()));
             }
             let avail = match timeout(wait, rd.fill_buf()).await {
