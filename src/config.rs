@@ -157,7 +157,8 @@ pub struct Config {
     pub error_limit: u32,
     pub max_received_headers: u32,
     /// Bytes per second a client must average in DATA beyond the first
-    /// `data_timeout` (Postfix's smtpd_min_data_rate); 0: no such limit.
+    /// `data_timeout` (after Postfix's smtpd_min_data_rate, which applies only
+    /// with its per-request deadlines; here always); 0: no such limit.
     pub min_data_rate: u64,
     /// Free space the spool keeps in reserve; MAIL gets 452 below it.
     pub min_free_space: u64,
@@ -453,7 +454,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "w" => 7 * 86400,
         u => return Err(format!("`{u}` is not a duration unit (use s, m, h, d or w)")),
     };
-    Ok(Duration::from_secs(n.saturating_mul(mult)))
+    secs_duration(n.saturating_mul(mult), s)
+}
+
+/// Longest duration the configuration takes: ten years. Anything longer is
+/// a typo, and bounding it keeps every deadline sum (now + backoff, data
+/// timeout + rate allowance) far from overflow.
+const MAX_DURATION_SECS: u64 = 3650 * 86400;
+
+fn secs_duration(secs: u64, written: &str) -> Result<Duration, String> {
+    if secs > MAX_DURATION_SECS {
+        return Err(format!("`{written}` is longer than 3650d (ten years)"));
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 /// Parses a size: `10240000`, `"10M"`, `"512k"`, `"1G"` (powers of 1024).
@@ -546,7 +559,7 @@ fn want_uint(v: &Value) -> Result<u64, String> {
 
 fn want_duration(v: &Value) -> Result<Duration, String> {
     match v {
-        Value::Int(n) if *n >= 0 => Ok(Duration::from_secs(*n as u64)),
+        Value::Int(n) if *n >= 0 => secs_duration(*n as u64, &n.to_string()),
         Value::Str(s) => parse_duration(s),
         other => Err(format!("must be a duration like \"30m\", found {}", other.kind())),
     }
@@ -903,6 +916,9 @@ allow = ["127.0.0.1/32", "192.168.1.0/24", "fe80::/10"]
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
         assert!(parse_duration("2 fortnights").is_err());
+        assert_eq!(parse_duration("3650d").unwrap(), Duration::from_secs(3650 * 86400));
+        assert!(parse_duration("3651d").unwrap_err().contains("longer than 3650d"));
+        assert!(parse_duration("9999999999999999999d").is_err());
         assert_eq!(parse_size("10M").unwrap(), 10 * 1024 * 1024);
     }
 }

@@ -283,14 +283,14 @@ impl Scheduler {
     /// scheduler loop at once into another run that fails the same way.
     fn unreadable(&mut self, id: QueueId, e: &std::io::Error) {
         log::error!(target: QMGR, "error: {id}: cannot read queue file: {e}; next try in {}s", self.cfg.minimal_backoff.as_secs().max(1));
-        let next = util::now() + self.cfg.minimal_backoff.as_secs().max(1);
+        let next = util::now().saturating_add(self.cfg.minimal_backoff.as_secs().max(1));
         self.entries.entry(id).or_insert(Entry { next, size: 0 }).next = next;
     }
 
     fn primary_down(&mut self, reply: &Reply) {
         log::warn!(target: QMGR, "warning: primary unreachable: {}", reply.text);
         self.stats.primary_result(false, &reply.text);
-        self.dead_until = util::now() + self.cfg.minimal_backoff.as_secs();
+        self.dead_until = util::now().saturating_add(self.cfg.minimal_backoff.as_secs());
         self.down_reply = Some(reply.clone());
     }
 
@@ -349,9 +349,10 @@ impl Scheduler {
             if list.is_empty() {
                 continue;
             }
+            let ticket = self.committer.ticket();
             let bounce = bounces::queue_bounce(&self.cfg, &self.spool, &{ let mut m = msg.clone(); m.state.last_attempt = now; m }, list, reason);
             let ok = match bounce {
-                Ok(Some(bid)) => match self.committer.commit().await {
+                Ok(Some(bid)) => match self.committer.commit(ticket).await {
                     Ok(()) => {
                         log::info!(target: crate::logging::BOUNCE, "{id}: sender non-delivery notification: {bid}");
                         Stats::inc(&self.stats.bounced);
@@ -399,7 +400,7 @@ impl Scheduler {
         }
         Stats::inc(&self.stats.deferred);
         let wait = backoff(&self.cfg, state.attempts).as_secs();
-        state.next_attempt = now + wait;
+        state.next_attempt = now.saturating_add(wait);
         if let Some((_, r)) = deferred.first() {
             state.last_error = r.text.clone();
         }

@@ -26,7 +26,11 @@ use crate::stats::Stats;
 use crate::util::{self, QueueId};
 
 /// Junk commands (EHLO, HELO, NOOP, RSET, VRFY, ETRN, HELP) allowed between
-/// two accepted messages, as Postfix's smtpd_junk_command_limit.
+/// two accepted messages; past it the session is closed with 421. After
+/// Postfix's smtpd_junk_command_limit (100, reset when mail is delivered),
+/// which past the limit counts each junk command as an error until its hard
+/// error limit disconnects; Postfix does not count EHLO/HELO, here a loop of
+/// them would otherwise hold a connection slot forever.
 const JUNK_LIMIT: u32 = 100;
 /// Read buffer per session.
 const READ_BUF: usize = 2048;
@@ -507,6 +511,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             body_8bit: txn.body_8bit,
             recipients: txn.rcpts.clone(),
         };
+        let ticket = self.ctx.committer.ticket();
         let mut w = match self.ctx.spool.begin(&env) {
             Ok(w) => w,
             Err(e) => {
@@ -537,8 +542,9 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         let mut too_big = false;
         // Each read waits at most data_timeout, and the whole DATA phase at
         // most data_timeout plus one second per min_data_rate bytes received
-        // (Postfix's smtpd_min_data_rate): a client that drips a byte just
-        // within each timeout cannot hold a connection slot for days.
+        // (the idea of Postfix's smtpd_min_data_rate, which Postfix applies
+        // only with smtpd_per_request_deadline; here always): a client that
+        // drips a byte just within each timeout cannot hold a slot for days.
         let started = tokio::time::Instant::now();
         let mut got: u64 = 0;
         loop {
@@ -617,7 +623,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         };
         // Durability: no "250" before the message and its queue entry are
         // on stable storage.
-        if let Err(e) = self.ctx.committer.commit().await {
+        if let Err(e) = self.ctx.committer.commit(ticket).await {
             log::error!(target: SMTPD, "error: {}: cannot make queue file durable: {e}", txn.id);
             let _ = self.ctx.spool.remove(&txn.id);
             self.reply(451, "4.3.0", "Error: queue file write error");

@@ -30,6 +30,7 @@ use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::util::{QueueId, valid_queue_id};
 
@@ -286,7 +287,6 @@ impl Spool {
     }
 
     /// Makes everything written to the spool durable (one `syncfs`).
-    /// Blocking: the server calls it from the committer's blocking thread.
     ///
     /// For one-off syncs (recovery, tests). The committer keeps its own
     /// descriptor instead: see [`syncfs`].
@@ -541,18 +541,39 @@ pub fn syncfs(fd: &File) -> io::Result<()> {
 
 /// Group commit: sessions that finished a message ask for a sync and wait;
 /// one `syncfs` on a blocking thread serves all who asked before it began.
+///
+/// A writeback error is reported by one `syncfs` only, and not necessarily
+/// the one its message waits on: the kernel may write a long message's pages
+/// back early, fail, and tell the next commit, which belongs to some other
+/// session. So every failed sync is counted, and a message commits only if
+/// no sync failed between its [`Committer::ticket`] (taken before its file
+/// was created) and its own successful sync. A false alarm costs the client
+/// a 451 and a retry; a missed one would cost a message.
 #[derive(Clone)]
 pub struct Committer {
     tx: tokio::sync::mpsc::UnboundedSender<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    failures: std::sync::Arc<AtomicU32>,
 }
+
+/// The committer's failure count when a message's file was begun.
+#[derive(Clone, Copy, Debug)]
+pub struct Ticket(u32);
 
 impl Committer {
     /// Starts the committer task on the current runtime. It opens the queue
     /// directory once, before any message is written, and syncs through
     /// that descriptor for the life of the server (see [`syncfs`]).
     pub fn start(spool: &Spool) -> io::Result<Committer> {
-        let fd = std::sync::Arc::new(File::open(spool.root.join("queue"))?);
+        let fd = File::open(spool.root.join("queue"))?;
+        Ok(Committer::with_sync(move || syncfs(&fd)))
+    }
+
+    /// The committer with its sync operation given (tests inject failures).
+    fn with_sync(sync: impl Fn() -> io::Result<()> + Send + Sync + 'static) -> Committer {
+        let sync = std::sync::Arc::new(sync);
+        let failures = std::sync::Arc::new(AtomicU32::new(0));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<tokio::sync::oneshot::Sender<Result<(), String>>>();
+        let count = failures.clone();
         tokio::spawn(async move {
             let mut waiters = Vec::new();
             while let Some(first) = rx.recv().await {
@@ -560,12 +581,15 @@ impl Committer {
                 while let Ok(w) = rx.try_recv() {
                     waiters.push(w);
                 }
-                let fd = fd.clone();
-                let res = tokio::task::spawn_blocking(move || syncfs(&fd))
+                let sync = sync.clone();
+                let res = tokio::task::spawn_blocking(move || sync())
                     .await
                     .map_err(|e| e.to_string())
                     .and_then(|r| r.map_err(|e| e.to_string()));
                 if let Err(e) = &res {
+                    // Counted before anyone hears of it, so that every
+                    // message begun earlier and committed later sees it.
+                    count.fetch_add(1, Ordering::SeqCst);
                     log::error!("spool sync failed: {e}");
                 }
                 for w in waiters.drain(..) {
@@ -573,20 +597,54 @@ impl Committer {
                 }
             }
         });
-        Ok(Committer { tx })
+        Committer { tx, failures }
+    }
+
+    /// Taken before a message's queue file is created; handed to
+    /// [`Committer::commit`].
+    pub fn ticket(&self) -> Ticket {
+        Ticket(self.failures.load(Ordering::SeqCst))
     }
 
     /// Waits until everything written before this call is on stable storage.
-    pub async fn commit(&self) -> Result<(), String> {
+    /// Fails if this sync failed, or if any sync failed since `since`: a
+    /// writeback error in between may have struck this message's pages.
+    pub async fn commit(&self, since: Ticket) -> Result<(), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.tx.send(tx).map_err(|_| "committer stopped".to_string())?;
-        rx.await.map_err(|_| "committer stopped".to_string())?
+        rx.await.map_err(|_| "committer stopped".to_string())??;
+        if self.failures.load(Ordering::SeqCst) != since.0 {
+            return Err("an earlier spool sync failed while this message was being written".into());
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writeback error reported to another message's sync still fails
+    /// every message begun before it; messages begun after it commit.
+    #[test]
+    fn committer_failure_reaches_messages_begun_before_it() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let fail_next = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let flag = fail_next.clone();
+            let c = Committer::with_sync(move || {
+                if flag.swap(false, Ordering::SeqCst) { Err(io::Error::from_raw_os_error(libc::EIO)) } else { Ok(()) }
+            });
+            let long = c.ticket(); // a long message begins
+            let short = c.ticket(); // a short one begins and finishes first
+            fail_next.store(true, Ordering::SeqCst);
+            assert!(c.commit(short).await.unwrap_err().contains("Input/output error"));
+            // The long message's own sync succeeds, yet it must not be acknowledged.
+            assert!(c.commit(long).await.unwrap_err().contains("earlier spool sync failed"));
+            let later = c.ticket();
+            assert_eq!(c.commit(later).await, Ok(()));
+        });
+    }
 
     fn tmp(name: &str) -> PathBuf {
         let p = std::env::temp_dir().join(format!("bartleby-spool-{name}-{}", std::process::id()));
