@@ -65,9 +65,8 @@ pub fn raw_path(line: &[u8]) -> Option<&str> {
 #[allow(clippy::result_unit_err)]
 pub fn size_param(line: &[u8]) -> Result<Option<u64>, ()> {
     let s = std::str::from_utf8(line).map_err(|_| ())?;
-    let after = match s.rfind('>') {
-        Some(i) => &s[i + 1..],
-        None => return Ok(None),
+    let Some(after) = mail_params(s) else {
+        return Ok(None);
     };
     for word in after.split_ascii_whitespace() {
         // Compare bytes: slicing the str at 5 would panic inside a
@@ -84,6 +83,29 @@ pub fn size_param(line: &[u8]) -> Result<Option<u64>, ()> {
         }
     }
     Ok(None)
+}
+
+/// The parameters of a MAIL line: what follows the reverse path. The path
+/// ends at the first `>` outside a quoted string, not the last one on the
+/// line (`AUTH=<>` after it must not hide a `SIZE=` before it).
+fn mail_params(s: &str) -> Option<&str> {
+    let rest = s[s.find(':')? + 1..].trim_start();
+    let Some(path) = rest.strip_prefix('<') else {
+        // A path without brackets ends at the first space.
+        return Some(rest.find(' ').map_or("", |i| &rest[i..]));
+    };
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, b) in path.bytes().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            // '>' is ASCII, so i + 1 is a character boundary.
+            b'>' if !quoted => return Some(&path[i + 1..]),
+            _ => {}
+        }
+    }
+    None
 }
 
 fn printable(s: &str) -> bool {
@@ -347,6 +369,11 @@ mod tests {
         assert_eq!(size_param("MAIL FROM:<a@b.c> AUTH=<>SIZE\u{e9}".as_bytes()), Ok(None));
         assert_eq!(size_param("MAIL FROM:<a@b.c> SIZ\u{e9}=1".as_bytes()), Ok(None));
         assert_eq!(size_param("MAIL FROM:<a@b.c> SIZE=1\u{e9}".as_bytes()), Err(()));
+        // The path ends at its own '>', not at the last one on the line.
+        assert_eq!(size_param(b"MAIL FROM:<a@b.c> SIZE=999999999999 AUTH=<>"), Ok(Some(999_999_999_999)));
+        assert_eq!(size_param(b"MAIL FROM:<\"x>y\"@b.c> SIZE=5"), Ok(Some(5)));
+        assert_eq!(size_param(b"MAIL FROM:<> SIZE=7"), Ok(Some(7)));
+        assert_eq!(size_param(b"MAIL FROM:a@b.c SIZE=8"), Ok(Some(8)));
     }
 
     #[test]
