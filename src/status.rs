@@ -19,7 +19,8 @@
 //!   purpose: at most one page is being rendered, so memory stays bounded.
 //!
 //! A request that did not come through the gate (no valid `X-Bartleby-Gate`
-//! secret) is refused, so the private socket is no way around the allow-list.
+//! secret) is refused, so the private socket is no way around the allow-list
+//! or the gate's `Host` check (DNS rebinding: [`gate::Hosts`]).
 //!
 //! # Cross-site flushes
 //!
@@ -66,6 +67,7 @@ pub fn start(cfg: Arc<Config>, stats: Arc<Stats>) -> io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     let gate = Arc::new(gate::Gate {
         allow: cfg.status.allow.clone(),
+        hosts: gate::Hosts::new(&cfg.hostname, &cfg.status.names, addr),
         backend: Mutex::new(None),
         secret: random_hex(),
         fd_pressure: Mutex::new(None),

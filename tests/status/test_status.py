@@ -190,6 +190,7 @@ listen = "127.0.0.1:{self.port}"
 allow = ["127.0.0.1/32"]
 flush_interval = "{FLUSH_INTERVAL}s"
 recipients_max_age = "7d"
+names = ["status.lan", "203.0.113.7", "[2001:db8::7]"]
 ''')
         self.demo = demo
         cmd = [binary, self.config] if demo else [binary, "serve", "-c", self.config]
@@ -352,6 +353,98 @@ def spoofed_peer_header_is_ignored(r):
     # The gate strips client X-Bartleby-* headers and sets its own.
     resp = request(r.port, "GET", "/metrics", headers={"X-Bartleby-Gate": "guess", "X-Bartleby-Peer": "10.9.9.9"})
     check(resp.status == 200, "status %d" % resp.status)
+
+
+# DNS rebinding (issue 10, defect 5): a page on evil.test whose name is
+# re-pointed at the relay's LAN address reads the relay's answers as
+# same-origin. Browsers always send the name they resolved in Host (scripts
+# cannot change it), so the page answers only for its own names: the
+# configured hostname, [status] names, localhost, and IP literals of its own
+# addresses. Everything else gets 421 Misdirected Request and no data.
+FOREIGN_HOSTS = ["evil.test", "evil.test:{port}", "EVIL.test.", "backup.example.org.evil.test",
+                 "status.lan.evil.test", "127.0.0.1.evil.test", "localhost.evil.test", "xbackup.example.org",
+                 "10.9.9.9", "192.0.2.1:{port}", "[2001:db8::1]", "[2001:db8::8]:{port}",
+                 "203.0.113.8", "0.0.0.0", "[::]"]
+# Not even well-formed: 400 or 421, never data.
+MALFORMED_HOSTS = ["", "127.0.0.1:99999", "127.0.0.1:8o", "::1", "[::1", "[::1]x", "127.0.0.1 evil.test",
+                   "user@127.0.0.1", "127.0.0.1/x", "%31%32%37.0.0.1", "[fe80::1%25lo]"]
+ALLOWED_HOSTS = ["127.0.0.1", "127.0.0.1:{port}", "127.0.0.1.", "127.0.0.2:8080", "[::1]:{port}", "[::ffff:127.0.0.1]",
+                 "backup.example.org", "BACKUP.Example.ORG:8080", "backup.example.org.", "backup.example.org.:{port}",
+                 "status.lan", "Status.LAN.:80", "203.0.113.7", "203.0.113.7:{port}", "[2001:DB8::7]:{port}",
+                 "localhost", "LocalHost.:{port}"]
+
+
+def no_data(r, resp, token, what):
+    body = resp.body
+    check(token.encode() not in body, "%s: the flush token leaked" % what)
+    check(not any(q.encode() in body for q in r.ids), "%s: a queue ID leaked" % what)
+    check(b"bartleby_" not in body and b"example.org" not in body, "%s: metrics or names leaked" % what)
+    check(len(body) < 300, "%s: %d bytes of body" % (what, len(body)))
+
+
+def foreign_requests(r, token, host):
+    """Every endpoint, as a rebinding page on `host` would ask for it."""
+    origin = "http://" + host
+    form = {"Content-Type": "application/x-www-form-urlencoded", "Origin": origin}
+    yield "GET /", request(r.port, "GET", "/", headers={"Host": host})
+    yield "HEAD /", request(r.port, "HEAD", "/", headers={"Host": host})
+    yield "GET /?flushed=1", request(r.port, "GET", "/?flushed=1", headers={"Host": host})
+    yield "GET /api/queue", request(r.port, "GET", "/api/queue", headers={"Host": host})
+    yield "GET /metrics", request(r.port, "GET", "/metrics", headers={"Host": host})
+    yield "POST /flush", request(r.port, "POST", "/flush", headers=dict(form, Host=host), body=("token=" + token).encode())
+    yield "GET /nope", request(r.port, "GET", "/nope", headers={"Host": host})
+
+
+@test
+def foreign_host_refused(r):
+    token = get_token(r)
+    flushes = metric(r, "bartleby_flush_requests_total")
+    for host in FOREIGN_HOSTS:
+        host = host.format(port=r.port)
+        for what, resp in foreign_requests(r, token, host):
+            what = "Host %r, %s" % (host, what)
+            check(resp.status == 421, "%s: status %d, want 421" % (what, resp.status))
+            no_data(r, resp, token, what)
+    for host in MALFORMED_HOSTS:
+        host = host.format(port=r.port)
+        for what, resp in foreign_requests(r, token, host):
+            what = "Host %r, %s" % (host, what)
+            check(resp.status in (400, 421), "%s: status %d, want 400 or 421" % (what, resp.status))
+            no_data(r, resp, token, what)
+    check(metric(r, "bartleby_flush_requests_total") == flushes, "a flush with a foreign Host was counted")
+    # HTTP/1.0 with a foreign Host is refused all the same.
+    resp = raw_request(r.port, b"GET /api/queue HTTP/1.0\r\nHost: evil.test\r\n\r\n")
+    check(resp.status == 421, "HTTP/1.0 with Host evil.test: %d" % resp.status)
+    no_data(r, resp, token, "HTTP/1.0 evil.test")
+    # RFC 9112 3.2: two Host fields, or HTTP/1.1 without one, is a 400.
+    resp = raw_request(r.port, b"GET /api/queue HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.test\r\n\r\n")
+    check(resp.status == 400, "two Host fields: %d" % resp.status)
+    no_data(r, resp, token, "two Host fields")
+    resp = raw_request(r.port, b"GET /api/queue HTTP/1.1\r\nHost: evil.test\r\nhost: 127.0.0.1\r\n\r\n")
+    check(resp.status == 400, "two host fields: %d" % resp.status)
+    resp = raw_request(r.port, b"GET /api/queue HTTP/1.1\r\nAccept: */*\r\n\r\n")
+    check(resp.status == 400, "HTTP/1.1 without Host: %d" % resp.status)
+    no_data(r, resp, token, "HTTP/1.1 without Host")
+    # The refusal is logged, with the peer and the name.
+    t0 = time.time()
+    while b'"evil.test"' not in open(r.log.name, "rb").read():
+        check(time.time() - t0 < 5, "no warning logged for Host evil.test")
+        time.sleep(0.05)
+
+
+@test
+def own_names_answered(r):
+    for host in ALLOWED_HOSTS:
+        host = host.format(port=r.port)
+        resp = request(r.port, "GET", "/", headers={"Host": host})
+        check(resp.status == 200 and 'name="token"' in resp.text, "Host %r: %d" % (host, resp.status))
+        resp = request(r.port, "GET", "/metrics", headers={"Host": host})
+        check(resp.status == 200 and "bartleby_queue_messages" in resp.text, "Host %r, /metrics: %d" % (host, resp.status))
+    # Prometheus and curl -0 send Host; an HTTP/1.0 client without Host (an
+    # old text browser, a shell script) is not a browser that could be
+    # rebound, and is answered: see http10_client.
+    resp = raw_request(r.port, b"GET /metrics HTTP/1.0\r\n\r\n")
+    check(resp.status == 200, "HTTP/1.0 without Host: %d" % resp.status)
 
 
 def flush(r, token, headers=None):
