@@ -27,12 +27,15 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 ROOT = os.path.dirname(os.path.dirname(HERE))
 ARTIFACTS = os.path.join(ROOT, "tests", "artifacts")
 
 N_MESSAGES = 230  # more than the 200 rows the page shows
 FLUSH_INTERVAL = 3
 HOSTILE_SENDER = "<script>alert(1)</script>\"'&@evil.test"
+# No break opportunity in 120 characters: must not widen the page on a phone.
+LONG_SENDER = "a" * 64 + "@very-long-subdomain-without-any-break.sender-domain.example.test"
 NOW = int(time.time())
 
 # --------------------------------------------------------------------------
@@ -57,13 +60,13 @@ def write_message(spool, i, sender, rcpts, body, arrival, state=None):
     return qid
 
 
-def seed(spool):
+def seed(spool, n):
     for d in ("incoming", "queue", "state", "corrupt"):
         os.makedirs(os.path.join(spool, d), exist_ok=True)
     ids, total = [], 0
-    for i in range(N_MESSAGES):
+    for i in range(n):
         body = b"Subject: test %d\r\n\r\nSECRET-BODY-TEXT line\r\n" % i + b"x" * (i * 37 % 5000) + b"\r\n"
-        sender = HOSTILE_SENDER if i == 1 else ("" if i == 2 else "alice%d@sender.test" % i)
+        sender = {1: HOSTILE_SENDER, 2: "", 3: LONG_SENDER}.get(i, "alice%d@sender.test" % i)
         rcpts = ["bob@example.org"] if i % 3 else ["r%d@example.org" % k for k in range(6)]
         state = None
         if i % 2 == 0:
@@ -166,10 +169,11 @@ def free_port():
 
 
 class Relay:
-    def __init__(self, binary, demo):
+    def __init__(self, binary, demo, n_messages=N_MESSAGES):
+        self.binary = binary
         self.tmp = tempfile.mkdtemp(prefix="bartleby-status-")
         self.spool = os.path.join(self.tmp, "spool")
-        self.ids, self.total = seed(self.spool)
+        self.ids, self.total = seed(self.spool, n_messages)
         self.port, self.smtp_port = free_port(), free_port()
         self.recipients = os.path.join(self.tmp, "recipients")
         with open(self.recipients, "w") as f:
@@ -288,8 +292,8 @@ def api_queue_json(r):
     check(resp.status == 200, "status %d" % resp.status)
     check(resp.header("content-type") == "application/json", resp.header("content-type"))
     d = json.loads(resp.body)
-    check(d["count"] == N_MESSAGES, "count %s" % d["count"])
-    check(len(d["messages"]) == N_MESSAGES, "messages %d" % len(d["messages"]))
+    check(d["count"] == len(r.ids), "count %s" % d["count"])
+    check(len(d["messages"]) == len(r.ids), "messages %d" % len(d["messages"]))
     check(d["bytes"] == r.total, "bytes %s != %s" % (d["bytes"], r.total))
     check([m["id"] for m in d["messages"]] == r.ids, "ids differ")
     m1 = d["messages"][1]
@@ -322,7 +326,7 @@ def metrics_format(r):
                  "bartleby_received_total", "bartleby_delivered_total", "bartleby_deferred_total",
                  "bartleby_bounced_total", "bartleby_spool_free_bytes", "bartleby_primary_up", "bartleby_connections"):
         check(name in values and name in helps and name in types, "metric %s missing" % name)
-    check(values["bartleby_queue_messages"] == N_MESSAGES, "queue_messages")
+    check(values["bartleby_queue_messages"] == len(r.ids), "queue_messages")
     check(values["bartleby_queue_bytes"] == r.total, "queue_bytes")
     check(86400 - 5 <= values["bartleby_oldest_message_age_seconds"] <= 86400 + 60, "oldest age")
     check(values["bartleby_spool_free_bytes"] > 0, "free bytes")
@@ -446,6 +450,80 @@ def own_names_answered(r):
     resp = raw_request(r.port, b"GET /metrics HTTP/1.0\r\n\r\n")
     check(resp.status == 200, "HTTP/1.0 without Host: %d" % resp.status)
 
+
+def wait_for(cond, what, timeout=15):
+    t0 = time.time()
+    while True:
+        v = cond()
+        if v:
+            return v
+        check(time.time() - t0 < timeout, "timed out waiting for " + what)
+        time.sleep(0.1)
+
+
+def primary_down(r):
+    try:
+        return metric(r, "bartleby_primary_up") == 0
+    except AssertionError:
+        return False
+
+
+def send_mail(r, sender):
+    import smtplib
+    s = smtplib.SMTP("127.0.0.1", r.smtp_port, timeout=10)
+    s.ehlo("client.test")
+    s.mail(sender)
+    s.rcpt("bob@example.org")
+    code, msg = s.data(b"Subject: test\r\n\r\nwaits for the primary\r\n")
+    s.quit()
+    check(code == 250, "DATA: %d %r" % (code, msg))
+    return msg.decode().rsplit(" ", 1)[1]
+
+
+def queue_entry(r, qid):
+    d = json.loads(request(r.port, "GET", "/api/queue").body)
+    return next((m for m in d["messages"] if m["id"] == qid), None)
+
+
+@test
+def dead_host_wait_is_shown(r):
+    """Issue 10, defect 10: a message that arrives while the dead-host cache
+    holds the primary as down is not tried before minimal_backoff (5 minutes
+    by default) has passed. The page and /api/queue said "attempts 0, next
+    retry now"; they must say that it waits for the primary, and until when.
+    (Postfix's qmgr also holds mail for a dead destination without trying
+    it; its mailq shows such mail without a reason of its own.)
+    A relay of its own with an empty queue, so the message is on the page."""
+    if r.demo:
+        print("    (skipped: the demo runs no scheduler)")
+        return
+    r2 = Relay(r.binary, False, n_messages=0)
+    try:
+        first = send_mail(r2, "first@sender.test")
+        # Tried at once; 127.0.0.1:1 refuses: the primary is taken as down.
+        wait_for(lambda: (queue_entry(r2, first) or {}).get("attempts") == 1, "the first message's attempt")
+        check(primary_down(r2), "primary not down after a refused connection")
+        qid = send_mail(r2, "held@sender.test")
+        t_sent = int(time.time())
+        m = wait_for(lambda: queue_entry(r2, qid), "%s in /api/queue" % qid)
+        page = request(r2.port, "GET", "/").text
+    finally:
+        r2.stop()
+    print("    /api/queue: attempts=%s next_attempt=%s (sent %d) waiting_for_primary=%s"
+          % (m["attempts"], m["next_attempt"], t_sent, m.get("waiting_for_primary")))
+    check(m["attempts"] == 0, "attempts %s" % m["attempts"])
+    # minimal_backoff is the default 5 minutes, counted from the first failure.
+    check(t_sent + 240 < m["next_attempt"] <= t_sent + 301, "next_attempt %s, sent at %d" % (m["next_attempt"], t_sent))
+    check(m.get("waiting_for_primary") is True, "waiting_for_primary: %r" % m.get("waiting_for_primary"))
+    row = re.search(r"<tr><td class=\"id\">%s</td>.*?</tr>" % qid, page, re.S)
+    check(row, "no queue row for %s" % qid)
+    row = row.group(0)
+    hms = time.strftime("%H:%M:%S", time.gmtime(m["next_attempt"]))
+    check("waiting for the primary" in row and hms in row, "row does not say it waits until %s: %s" % (hms, row))
+    check(">now<" not in row, "row still says 'now': %s" % row)
+    # The primary's table says when new mail is tried next.
+    prim = page.split('id="primary"')[1].split("</table>")[0]
+    check("Next try" in prim and hms in prim, "primary table: no next try at %s" % hms)
 
 def flush(r, token, headers=None):
     return request(r.port, "POST", "/flush", headers=dict({"Content-Type": "application/x-www-form-urlencoded"}, **(headers or {})),
@@ -633,7 +711,7 @@ def http10_client(r):
     resp = raw_request(r.port, b"GET / HTTP/1.0\r\nUser-Agent: Lynx/2.9\r\n\r\n")
     check(resp.status == 200 and r.ids[0] in resp.text, "HTTP/1.0 page: %d" % resp.status)
     resp = raw_request(r.port, b"GET /api/queue HTTP/1.0\r\n\r\n")
-    check(resp.status == 200 and json.loads(resp.body)["count"] == N_MESSAGES, "HTTP/1.0 JSON")
+    check(resp.status == 200 and json.loads(resp.body)["count"] == len(r.ids), "HTTP/1.0 JSON")
 
 
 @test
