@@ -44,14 +44,27 @@ pub fn html(out: &mut String, s: &str) {
     }
 }
 
-/// Appends `s` HTML-escaped, cut at `max` characters with an ellipsis.
+/// A run of this many characters without a space gets a line break
+/// opportunity (`<wbr>`): a table column is at least as wide as its longest
+/// word, and a sender can make that 160 characters.
+const MAX_WORD: usize = 24;
+
+/// Appends `s` HTML-escaped, cut at `max` characters with an ellipsis, with
+/// a `<wbr>` in every run of more than [`MAX_WORD`] characters without a space.
 pub fn html_cut(out: &mut String, s: &str, max: usize) {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => {
-            html(out, &s[..i]);
+    let mut run = 0;
+    let mut buf = [0u8; 4];
+    for (n, c) in s.chars().enumerate() {
+        if n == max {
             out.push('…');
+            return;
         }
-        None => html(out, s),
+        run = if c.is_whitespace() { 0 } else { run + 1 };
+        if run > MAX_WORD {
+            out.push_str("<wbr>");
+            run = 1;
+        }
+        html(out, c.encode_utf8(&mut buf));
     }
 }
 
@@ -216,7 +229,7 @@ pub struct PageData<'a> {
 }
 
 const CSS: &str = "\
-body{font:15px/1.4 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}\
+body{font:15px/1.4 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1f2328;background:#f6f8fa;overflow-wrap:anywhere}\
 main{max-width:1180px;margin:0 auto;padding:12px 16px 32px}\
 header{background:#24292f;color:#fff;padding:10px 16px}\
 header h1{font-size:20px;margin:0;display:inline}\
@@ -225,7 +238,8 @@ h2{font-size:16px;margin:22px 0 8px;border-bottom:1px solid #d0d7de;padding-bott
 table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #d0d7de}\
 th,td{text-align:left;padding:5px 8px;border-bottom:1px solid #eaeef2;vertical-align:top}\
 th{background:#f0f3f6;font-weight:600;white-space:nowrap}\
-table.kv th{width:14em}\
+table.kv th{width:12em}\
+#df td,#df th{padding:3px 6px}\
 td.n{text-align:right;white-space:nowrap}\
 td.id,.mono,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px}\
 .scroll{overflow-x:auto}\
@@ -234,13 +248,29 @@ td.id,.mono,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px
 .alert{background:#ffebe9;border:1px solid #cf222e;padding:8px 12px;margin:10px 0}\
 .note{background:#dafbe1;border:1px solid #1a7f37;padding:8px 12px;margin:10px 0}\
 .cards{display:flex;flex-wrap:wrap;gap:10px;margin-top:12px}\
-.card{background:#fff;border:1px solid #d0d7de;padding:8px 14px;min-width:110px;flex:1}\
+.card{background:#fff;border:1px solid #d0d7de;padding:8px 14px;min-width:110px;flex:1;overflow-wrap:normal}\
 #counters .card b{font-size:17px}\
 .card b{display:block;font-size:20px}\
 .card .sep{display:none}\
-.cols{display:flex;flex-wrap:wrap;gap:0 20px}.cols section{flex:1 1 340px;min-width:0}\
-@media(max-width:600px){table.kv th{width:auto;white-space:normal}main{padding:8px}}\
+.cols{display:flex;flex-wrap:wrap;gap:0 20px}.cols section{flex:1 1 460px;min-width:0}\
 .held{white-space:normal}\
+td.id{white-space:nowrap}#queue-table{overflow-wrap:normal}\
+/* Phones: a key-value row keeps its label beside a short value, a long one goes below. */\
+@media(max-width:600px){main{padding:8px}\
+table.kv,table.kv>tbody{display:block}\
+table.kv>tbody>tr{display:flex;flex-wrap:wrap;border-bottom:1px solid #eaeef2}\
+table.kv>tbody>tr>th{flex:1 0 8em;width:auto;white-space:normal;border:0}\
+table.kv>tbody>tr>td{flex:1000 1 auto;min-width:0;border:0}}\
+/* Below desktop width each queued message is a card, its cells labelled here. */\
+@media(max-width:1080px){#queue-table,#queue-table>tbody{display:block}#queue-table thead{display:none}\
+#queue-table tr{display:block;padding:4px 0;border-bottom:2px solid #d0d7de;overflow-wrap:anywhere}\
+#queue-table td{display:block;border:0;padding:1px 8px;text-align:left;white-space:normal}\
+#queue-table td:nth-child(-n+3),#queue-table td:nth-child(6),#queue-table td:nth-child(7){display:inline-block}\
+#queue-table td::before{font:600 14px system-ui,sans-serif;color:#656d76}\
+#queue-table td:nth-child(1)::before{content:'ID '}#queue-table td:nth-child(2)::before{content:'Age '}\
+#queue-table td:nth-child(3)::before{content:'Size '}#queue-table td:nth-child(4)::before{content:'Sender '}\
+#queue-table td:nth-child(5)::before{content:'Recipients '}#queue-table td:nth-child(6)::before{content:'Attempts '}\
+#queue-table td:nth-child(7)::before{content:'Next retry '}#queue-table td:nth-child(8)::before{content:'Last error '}}\
 form{margin:8px 0}\
 button{font:inherit;padding:6px 14px;background:#1f883d;color:#fff;border:1px solid #1a7f37;border-radius:6px;cursor:pointer}\
 pre{background:#fff;border:1px solid #d0d7de;padding:8px;overflow-x:auto;white-space:pre-wrap;word-break:break-all;margin:0}\
@@ -609,6 +639,21 @@ pub fn metric(o: &mut String, name: &str, kind: &str, help: &str, value: impl st
 mod tests {
     use super::*;
     use crate::spool::{DeliveryState, Envelope, Recipient};
+
+    #[test]
+    fn long_words_get_break_opportunities() {
+        let (w, a) = (MAX_WORD, |n: usize| "a".repeat(n));
+        let mut o = String::new();
+        html_cut(&mut o, &format!("{}@b.test", a(2 * w + 10)), 160);
+        assert_eq!(o, format!("{}<wbr>{}<wbr>{}@b.test", a(w), a(w), a(10)));
+        // Words up to MAX_WORD are left alone; spaces restart the count.
+        let mut o = String::new();
+        html_cut(&mut o, &format!("<{}> {}", a(w - 2), a(w)), 160);
+        assert_eq!(o, format!("&lt;{}&gt; {}", a(w - 2), a(w)));
+        let mut o = String::new();
+        html_cut(&mut o, "é<&x", 2);
+        assert_eq!(o, "é&lt;…");
+    }
 
     fn message(attempts: u32, next_attempt: u64) -> QueuedMessage {
         QueuedMessage {
