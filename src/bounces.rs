@@ -87,7 +87,7 @@ pub fn queue_bounce(
         Reason::Rejected => {
             h("I'm sorry to have to inform you that your message could not");
             h("be delivered to one or more recipients: the destination's");
-            h("primary mail server refused them. It's attached below.");
+            h("primary mail server refused them.");
         }
         Reason::Expired => {
             let days = cfg.max_queue_lifetime.as_secs() as f64 / 86400.0;
@@ -96,6 +96,11 @@ pub fn queue_bounce(
             h("destination's primary mail server could not be reached.");
         }
     }
+    h("");
+    // Only the headers are returned (text/rfc822-headers below); Postfix's
+    // template would say "It's attached below." here even then.
+    h("The headers of your message are attached below; its text is");
+    h("not returned.");
     h("");
     h("For further assistance, please send mail to postmaster.");
     h("");
@@ -167,4 +172,59 @@ pub fn queue_bounce(
 /// Diagnostic text as 7-bit printable ASCII on one line.
 fn ascii(s: &str) -> String {
     s.chars().map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' }).take(900).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::Envelope;
+
+    /// The text of the bounce written for `reason`.
+    fn bounce_text(reason: Reason) -> String {
+        let root = std::env::temp_dir().join(format!("bartleby-bounce-{reason:?}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let spool = Spool::create(&root).unwrap();
+        let cfg = Config::parse(
+            "hostname = \"backup.example.org\"\nrelay_domains = [\"example.org\"]\nprimary = \"mail.example.org:25\"\n",
+            std::path::Path::new("t"),
+        )
+        .unwrap();
+        let env = Envelope {
+            id: util::QueueId::try_from("AAAA000000001").unwrap(),
+            arrival: 1_795_320_958,
+            client: "mx.sender.test[192.0.2.1]".into(),
+            helo: "mx.sender.test".into(),
+            sender: "alice@sender.test".into(),
+            body_8bit: false,
+            recipients: vec!["bob@example.org".into()],
+        };
+        let mut w = spool.begin(&env).unwrap();
+        w.write(b"Subject: hi\r\nX-Test: 1\r\n\r\nSECRET BODY LINE\r\n").unwrap();
+        w.finish().unwrap();
+        let msg = spool.read("AAAA000000001").unwrap();
+        let failed = [("bob@example.org".to_string(), Reply::local(550, "5.1.1 <bob@example.org>: no such user"))];
+        let id = queue_bounce(&cfg, &spool, &msg, &failed, reason).unwrap().unwrap();
+        let (mut rd, _) = spool.open_data(&id).unwrap();
+        let mut text = String::new();
+        rd.read_to_string(&mut text).unwrap();
+        let _ = std::fs::remove_dir_all(&root);
+        text
+    }
+
+    /// Only the headers are returned (text/rfc822-headers), so the notice
+    /// must not say the message is attached. Postfix's default template says
+    /// "It's attached below." even when it returns headers only (RET=HDRS
+    /// or over bounce_size_limit), labelled "Undelivered Message Headers".
+    #[test]
+    fn says_that_only_the_headers_are_attached() {
+        for reason in [Reason::Rejected, Reason::Expired] {
+            let t = bounce_text(reason);
+            let notice = t.split("Content-Type: message/delivery-status").next().unwrap();
+            assert!(!notice.contains("It's attached below"), "{reason:?}: {notice}");
+            assert!(notice.contains("The headers of your message are attached below"), "{reason:?}: {notice}");
+            assert!(t.contains("Content-Type: text/rfc822-headers\r\n\r\nReceived: ") || t.contains("Content-Type: text/rfc822-headers\r\n\r\nSubject: hi"), "{t}");
+            assert!(t.contains("X-Test: 1\r\n"), "{t}");
+            assert!(!t.contains("SECRET BODY LINE"), "{reason:?}: the body was returned");
+        }
+    }
 }

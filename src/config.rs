@@ -119,6 +119,9 @@ pub struct StatusConfig {
     pub flush_interval: Duration,
     /// Age after which the recipients list is reported stale.
     pub recipients_max_age: Duration,
+    /// Further names (lower case, no trailing dot) and IP addresses the page
+    /// answers for besides `hostname` (DNS rebinding: see status/gate.rs).
+    pub names: Vec<String>,
 }
 
 /// The `[network]` table: used only when Bartleby runs as PID 1 on the appliance.
@@ -621,6 +624,7 @@ impl Builder {
                 allow: vec![Cidr::parse("127.0.0.1/32").unwrap(), Cidr::parse("::1/128").unwrap()],
                 flush_interval: Duration::from_secs(10),
                 recipients_max_age: Duration::from_secs(7 * 86400),
+                names: Vec::new(),
             },
             network: NetworkConfig { interface: None, address: "dhcp".into(), gateway: None, dns: Vec::new() },
         };
@@ -743,6 +747,23 @@ impl Builder {
                     out.push(s.to_string());
                 }
                 c.network.dns = out;
+                Ok(())
+            }
+            ("status", "names") => {
+                let mut out = Vec::new();
+                for n in want_strs(v)? {
+                    let bare = n.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(n);
+                    if let Ok(ip) = bare.parse::<IpAddr>() {
+                        out.push(ip.to_canonical().to_string());
+                        continue;
+                    }
+                    let name = n.strip_suffix('.').unwrap_or(n);
+                    if !valid_domain(name) {
+                        return Err(format!("`{n}` is not a host name or an IP address"));
+                    }
+                    out.push(name.to_ascii_lowercase());
+                }
+                c.status.names = out;
                 Ok(())
             }
             ("", "status") | ("", "network") => Err(format!("`{}` is a table: write it as [{}]", it.key, it.key)),
@@ -891,6 +912,18 @@ allow = ["127.0.0.1/32", "192.168.1.0/24", "fe80::/10"]
         let e = parse(&format!("{MIN}log_level = \"loud\"\n")).unwrap_err();
         assert!(e.message.contains("must be error, warn"), "{e}");
         assert_eq!(parse(&format!("{MIN}log_level = \"Debug\"\n")).unwrap().log_level, log::LevelFilter::Debug);
+    }
+
+    #[test]
+    fn status_names() {
+        let c = parse(&format!("{MIN}[status]\nnames = [\"Status.LAN.\", \"192.168.1.20\", \"[2001:DB8::1]\", \"::ffff:10.0.0.1\"]\n")).unwrap();
+        assert_eq!(c.status.names, ["status.lan", "192.168.1.20", "2001:db8::1", "10.0.0.1"]);
+        assert!(parse(MIN).unwrap().status.names.is_empty());
+        for bad in ["evil test", "", "a..b", "http://x", "x:80", "[x]", "fe80::1%eth0"] {
+            let e = parse(&format!("{MIN}[status]\nnames = [\"{bad}\"]\n")).unwrap_err();
+            assert_eq!(e.line, 5, "{e}");
+            assert!(e.message.contains("status.names") && e.message.contains("not a host name or an IP address"), "{e}");
+        }
     }
 
     #[test]

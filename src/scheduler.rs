@@ -155,6 +155,7 @@ impl Scheduler {
         self.stats.queue_messages.store(self.entries.len() as u32, Relaxed);
         let kib: u64 = self.entries.values().map(|e| e.size).sum::<u64>() / 1024;
         self.stats.queue_kib.store(kib.min(u32::MAX as u64) as u32, Relaxed);
+        self.stats.primary_retry_at.store(self.dead_until.min(u32::MAX as u64) as u32, Relaxed);
     }
 
     fn add(&mut self, id: QueueId, size: u64) {
@@ -209,6 +210,7 @@ impl Scheduler {
         if full {
             self.last_full_run = now;
             self.dead_until = 0;
+            self.publish();
         }
         let due: VecDeque<QueueId> = self.entries.iter().filter(|(_, e)| full || e.next <= now).map(|(id, _)| id.clone()).collect();
         if due.is_empty() {

@@ -37,6 +37,9 @@ pub struct Stats {
     /// False on a rescue CD/floppy without a disk: the spool is in RAM.
     pub persistent_spool: AtomicBool,
     pub primary: Mutex<PrimaryState>,
+    /// The dead-host cache (unix seconds, 0: none): new mail is not tried
+    /// before then, the primary having been found down. Kept by the scheduler.
+    pub primary_retry_at: AtomicU32,
     /// A sentence for the page and the console when the spool is not persistent.
     pub spool_note: Mutex<String>,
     /// Wakes the scheduler for a full queue run now (`flush`, ETRN, the

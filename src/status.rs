@@ -19,7 +19,8 @@
 //!   purpose: at most one page is being rendered, so memory stays bounded.
 //!
 //! A request that did not come through the gate (no valid `X-Bartleby-Gate`
-//! secret) is refused, so the private socket is no way around the allow-list.
+//! secret) is refused, so the private socket is no way around the allow-list
+//! or the gate's `Host` check (DNS rebinding: [`gate::Hosts`]).
 //!
 //! # Cross-site flushes
 //!
@@ -66,6 +67,7 @@ pub fn start(cfg: Arc<Config>, stats: Arc<Stats>) -> io::Result<()> {
     let listener = TcpListener::bind(addr)?;
     let gate = Arc::new(gate::Gate {
         allow: cfg.status.allow.clone(),
+        hosts: gate::Hosts::new(&cfg.hostname, &cfg.status.names, addr),
         backend: Mutex::new(None),
         secret: random_hex(),
         fd_pressure: Mutex::new(None),
@@ -299,6 +301,7 @@ fn page_data<'a>(ctx: &'a Ctx, flushed: bool) -> render::PageData<'a> {
         disk: spool::disk_space(&cfg.spool).map_err(|e| e.to_string()),
         system: render::SystemView::read(),
         primary: st.primary(),
+        primary_retry_at: get(&st.primary_retry_at) as u64,
         counters: [
             ("Received", get(&st.received)),
             ("Delivered", get(&st.delivered)),
@@ -337,7 +340,7 @@ fn api_queue(rq: Request, ctx: &Ctx) {
     let mut w = BufWriter::with_capacity(2048, rq.into_writer());
     let r = w
         .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n\r\n")
-        .and_then(|_| if head { Ok(()) } else { render::write_queue_json(&mut w, &spool) })
+        .and_then(|_| if head { Ok(()) } else { render::write_queue_json(&mut w, &spool, now(), Stats::get(&ctx.stats.primary_retry_at) as u64) })
         .and_then(|_| w.flush());
     if let Err(e) = r {
         log::debug!(target: STATUS, "status page: /api/queue: {e}");

@@ -15,6 +15,8 @@
 //!   lock it out.
 //! * The **allow-list** is checked at `accept`: other peers get a 403 and
 //!   nothing else, and are never read from (beyond draining for a clean close).
+//! * The **`Host`** of every request must be one of the page's own names
+//!   ([`Hosts`]), else 421 and nothing else: the defence against DNS rebinding.
 //! * The request head must fit in [`MAX_HEAD`] bytes (else 431), a body in
 //!   [`MAX_BODY`] bytes (else 413), and both must arrive within
 //!   [`REQUEST_DEADLINE`] (else 408). Chunked request bodies are refused.
@@ -29,10 +31,11 @@
 //!   oldest pending connection, sleeps 50 ms and carries on.
 
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{SocketAddr as UnixAddr, UnixStream};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,6 +79,8 @@ const LINGER_BYTES: usize = 256 * 1024;
 /// What the gate shares with the rest of the status page.
 pub struct Gate {
     pub allow: Vec<Cidr>,
+    /// The `Host` values answered.
+    pub hosts: Hosts,
     /// Where tiny_http listens now (replaced if it has to be restarted).
     pub backend: Mutex<Option<UnixAddr>>,
     /// Proves to the handler that a request came through the gate.
@@ -91,6 +96,170 @@ impl Gate {
     fn under_fd_pressure(&self) -> bool {
         self.fd_pressure.lock().ok().and_then(|t| *t).is_some_and(|t| t.elapsed() < FD_PRESSURE)
     }
+}
+
+/// The `Host` values the page answers for: the defence against DNS rebinding.
+///
+/// A rebinding page on `evil.test` has its name re-pointed at the relay's
+/// LAN address, and its scripts then read the relay's answers as their own
+/// (same origin): the flush token, the envelopes in `/api/queue`. What the
+/// attacker cannot change is the `Host` the browser sends: the name it
+/// resolved (a forbidden header for scripts). So the page answers only for
+///
+/// * the configured `hostname` and the `[status] names` (names or IP
+///   addresses), case-insensitively, with or without a trailing dot;
+/// * `localhost` and loopback literals (`127.0.0.0/8`, `[::1]`): they reach
+///   this socket only through a tunnel or port forward the administrator set
+///   up (`ssh -L`, QEMU's `hostfwd` in `qemu/run`), and no attacker's name
+///   is involved;
+/// * IP literals of the listening address; when that is `0.0.0.0` or `[::]`,
+///   of any interface of this machine, read with `getifaddrs` at the time of
+///   the request so a DHCP renumbering is followed. An IP literal cannot be
+///   rebound, so this is about misdirected requests (a stale bookmark of a
+///   neighbour's address), not rebinding.
+///
+/// The port is not compared: rebinding is in the name, and port forwards
+/// (the appliance's :80 seen as `localhost:8080`) change the port.
+///
+/// A request without `Host` is answered for HTTP/1.0 only (an old text
+/// browser, a shell script with `nc`): every browser that runs scripts sends
+/// `Host`, so its absence cannot be a rebinding page. HTTP/1.1 without
+/// `Host`, or with two, is a 400 (RFC 9112 §3.2).
+pub struct Hosts {
+    /// Lower case, without a trailing dot.
+    names: Vec<String>,
+    /// Canonical (IPv4-mapped addresses as IPv4).
+    ips: Vec<IpAddr>,
+    /// Listening on a wildcard address: any address of this machine.
+    any_local: bool,
+    /// When a refusal was last logged (unix seconds; 32 bits for the 486).
+    warned: AtomicU32,
+}
+
+/// A parsed `Host` value (its port dropped).
+#[derive(Debug, PartialEq)]
+enum HostName {
+    Ip(IpAddr),
+    Name(String),
+}
+
+/// Parses a `Host` value: `uri-host [":" port]` (RFC 9110 §7.2), where the
+/// host is a bracketed IPv6 literal, a dotted IPv4 literal or a DNS name
+/// (one trailing dot allowed). `None` when it is not well-formed.
+fn parse_host(v: &str) -> Option<HostName> {
+    let (host, port) = match v.strip_prefix('[') {
+        Some(rest) => {
+            let (h, after) = rest.split_once(']')?;
+            let port = if after.is_empty() { "" } else { after.strip_prefix(':')? };
+            (HostName::Ip(IpAddr::V6(h.parse::<Ipv6Addr>().ok()?)), port)
+        }
+        None => {
+            let (h, port) = v.split_once(':').unwrap_or((v, ""));
+            let h = h.strip_suffix('.').unwrap_or(h);
+            if h.is_empty() || h.len() > 253 {
+                return None;
+            }
+            match h.parse::<Ipv4Addr>() {
+                Ok(ip) => (HostName::Ip(IpAddr::V4(ip)), port),
+                Err(_) => {
+                    let label_ok = |l: &str| !l.is_empty() && l.len() <= 63 && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
+                    if !h.split('.').all(label_ok) {
+                        return None;
+                    }
+                    (HostName::Name(h.to_ascii_lowercase()), port)
+                }
+            }
+        }
+    };
+    // RFC 3986: port = *DIGIT (may be empty).
+    let port_ok = port.len() <= 5 && port.bytes().all(|c| c.is_ascii_digit()) && port.parse::<u32>().map_or(port.is_empty(), |p| p <= 65535);
+    port_ok.then_some(host)
+}
+
+impl Hosts {
+    /// `names` as checked by the config (lower case, IP addresses canonical).
+    pub fn new(hostname: &str, names: &[String], listen: SocketAddr) -> Hosts {
+        let mut h = Hosts { names: vec![hostname.to_ascii_lowercase(), "localhost".into()], ips: Vec::new(), any_local: false, warned: AtomicU32::new(0) };
+        for n in names {
+            match n.parse::<IpAddr>() {
+                Ok(ip) => h.ips.push(ip.to_canonical()),
+                Err(_) => h.names.push(n.to_ascii_lowercase()),
+            }
+        }
+        let ip = listen.ip().to_canonical();
+        if ip.is_unspecified() {
+            h.any_local = true;
+        } else {
+            h.ips.push(ip);
+        }
+        h
+    }
+
+    fn ip_ok(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_loopback() || self.ips.contains(&ip) || (self.any_local && !ip.is_unspecified() && is_local_address(ip))
+    }
+
+    /// Vets the `Host` fields of a request: `Ok`, or the status to refuse it with.
+    fn check(&self, hosts: &[&str], http10: bool, peer: IpAddr) -> Result<(), (u16, &'static str)> {
+        let value = match hosts {
+            [] if http10 => return Ok(()),
+            [v] => *v,
+            _ => return Err((400, "Bad Request")),
+        };
+        let ok = match parse_host(value).ok_or((400, "Bad Request"))? {
+            HostName::Ip(ip) => self.ip_ok(ip),
+            HostName::Name(n) => self.names.contains(&n),
+        };
+        if ok {
+            return Ok(());
+        }
+        // Well-formed, so printable ASCII: safe to log as it is.
+        let now = crate::util::now() as u32;
+        if now.wrapping_sub(self.warned.load(Ordering::Relaxed)) >= 60 {
+            self.warned.store(now, Ordering::Relaxed);
+            log::warn!(
+                target: STATUS,
+                "warning: status page: refused a request from {} for Host \"{value}\": not the hostname, a [status] names entry or an address of this machine (DNS rebinding?); more in the next minute are not logged",
+                peer.to_canonical()
+            );
+        } else {
+            log::debug!(target: STATUS, "status page: refused Host \"{value}\" from {}", peer.to_canonical());
+        }
+        Err((421, "Misdirected Request"))
+    }
+}
+
+/// True when `ip` is an address of one of this machine's interfaces.
+fn is_local_address(ip: IpAddr) -> bool {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs stores a list it allocated in `list`; freed below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return false;
+    }
+    let mut found = false;
+    let mut p = list;
+    while !p.is_null() && !found {
+        // SAFETY: `p` is a node of the list, valid until freeifaddrs.
+        let ifa = unsafe { &*p };
+        let sa = ifa.ifa_addr;
+        if !sa.is_null() {
+            // SAFETY: `sa` points to a socket address whose family says which
+            // struct it is; sockaddr_in and sockaddr_in6 are read only then.
+            let addr = unsafe {
+                match i32::from((*sa).sa_family) {
+                    libc::AF_INET => Some(IpAddr::V4(Ipv4Addr::from(u32::from_be((*sa.cast::<libc::sockaddr_in>()).sin_addr.s_addr)))),
+                    libc::AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from((*sa.cast::<libc::sockaddr_in6>()).sin6_addr.s6_addr))),
+                    _ => None,
+                }
+            };
+            found = addr == Some(ip);
+        }
+        p = ifa.ifa_next;
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    found
 }
 
 /// Free descriptors needed before connecting to tiny_http: ours, its
@@ -163,9 +332,13 @@ enum Step {
 /// Writes a complete small response. The socket's send buffer is empty at
 /// this point, so one non-blocking write takes it whole.
 fn reply(stream: &mut TcpStream, code: u16, reason: &str, extra: &str) {
-    let body_len = reason.len() + 5;
+    let hint = match code {
+        421 => "This status page answers only for its own names: its IP address, its hostname, or a name in [status] names.\n",
+        _ => "",
+    };
+    let body_len = reason.len() + 5 + hint.len();
     let msg = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {body_len}\r\nCache-Control: no-store\r\nConnection: close\r\n{extra}\r\n{code} {reason}\n"
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {body_len}\r\nCache-Control: no-store\r\nConnection: close\r\n{extra}\r\n{code} {reason}\n{hint}"
     );
     let _ = stream.write(msg.as_bytes());
 }
@@ -217,7 +390,7 @@ impl Conn {
                         continue;
                     }
                     None => continue,
-                    Some(end) => match rewrite(&self.buf[..end], self.peer, &gate.secret) {
+                    Some(end) => match rewrite(&self.buf[..end], self.peer, &gate.secret, &gate.hosts) {
                         Err((code, reason)) => {
                             self.fail(code, reason, "");
                             continue;
@@ -272,9 +445,10 @@ fn is_token(s: &str) -> bool {
 /// request per connection) and `Expect` (the gate already has the body).
 const DROP: [&str; 8] = ["connection", "keep-alive", "proxy-connection", "upgrade", "te", "trailer", "expect", "content-length"];
 
-/// Validates a request head and re-writes it for tiny_http. Returns the new
-/// head, the body length and whether the client expects `100 Continue`.
-pub fn rewrite(head: &[u8], peer: IpAddr, secret: &str) -> Result<(Vec<u8>, usize, bool), (u16, &'static str)> {
+/// Validates a request head (its `Host` against `hosts`) and re-writes it
+/// for tiny_http. Returns the new head, the body length and whether the
+/// client expects `100 Continue`.
+pub fn rewrite(head: &[u8], peer: IpAddr, secret: &str, hosts: &Hosts) -> Result<(Vec<u8>, usize, bool), (u16, &'static str)> {
     let text = std::str::from_utf8(head).map_err(|_| (400, "Bad Request"))?;
     let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
     let request_line = lines.next().unwrap_or("");
@@ -294,6 +468,7 @@ pub fn rewrite(head: &[u8], peer: IpAddr, secret: &str) -> Result<(Vec<u8>, usiz
     out.extend_from_slice(b"\r\n");
     let mut length: Option<usize> = None;
     let mut expect = false;
+    let mut host: heapless::Vec<&str, 2> = heapless::Vec::new();
     for line in lines {
         if line.is_empty() {
             continue; // only the final blank line(s)
@@ -326,6 +501,9 @@ pub fn rewrite(head: &[u8], peer: IpAddr, secret: &str) -> Result<(Vec<u8>, usiz
         if name.eq_ignore_ascii_case("expect") && value.eq_ignore_ascii_case("100-continue") {
             expect = true;
         }
+        if name.eq_ignore_ascii_case("host") && host.push(value).is_err() {
+            return Err((400, "Bad Request")); // a third Host; two are refused below
+        }
         if DROP.iter().any(|d| name.eq_ignore_ascii_case(d))
             || name.get(..11).is_some_and(|p| p.eq_ignore_ascii_case("x-bartleby-"))
         {
@@ -334,6 +512,9 @@ pub fn rewrite(head: &[u8], peer: IpAddr, secret: &str) -> Result<(Vec<u8>, usiz
         out.extend_from_slice(line.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    // After the head is complete and before any body is read: a refused
+    // request never reaches the handler, whatever its path or method.
+    hosts.check(&host, version == "HTTP/1.0", peer)?;
     let length = length.unwrap_or(0);
     let peer = peer.to_canonical();
     let fixed = format!("Content-Length: {length}\r\nConnection: close\r\nX-Bartleby-Peer: {peer}\r\nX-Bartleby-Gate: {secret}\r\n\r\n");
@@ -601,6 +782,10 @@ mod tests {
         assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n", 0), None);
     }
 
+    fn hosts() -> Hosts {
+        Hosts::new("Backup.example.org", &["status.lan".into(), "192.168.1.20".into(), "2001:db8::7".into()], "127.0.0.1:8080".parse().unwrap())
+    }
+
     #[test]
     fn rewrites_and_strips() {
         let ip: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
@@ -608,6 +793,7 @@ mod tests {
             b"POST /flush HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\nX-Bartleby-Peer: 10.0.0.1\r\nx-bartleby-gate: guess\r\nContent-Length: 3\r\n\r\n",
             ip,
             "s3cret",
+            &Hosts::new("a", &[], "0.0.0.0:80".parse().unwrap()),
         )
         .unwrap();
         let out = String::from_utf8(out).unwrap();
@@ -622,7 +808,7 @@ mod tests {
     #[test]
     fn refuses_bad_heads() {
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let bad = |h: &[u8]| rewrite(h, ip, "s").unwrap_err().0;
+        let bad = |h: &[u8]| rewrite(h, ip, "s", &hosts()).unwrap_err().0;
         assert_eq!(bad(b"GET http://x/ HTTP/1.1\r\n\r\n"), 400);
         assert_eq!(bad(b"GET / HTTP/2.0\r\n\r\n"), 505);
         assert_eq!(bad(b"GET /  HTTP/1.1\r\n\r\n"), 400);
@@ -631,5 +817,70 @@ mod tests {
         assert_eq!(bad(b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"), 400);
         assert_eq!(bad(b"GET / HTTP/1.1\r\nA: b\r\n folded\r\n\r\n"), 400);
         assert_eq!(bad(b"GET / HTTP/1.1\r\nno colon\r\n\r\n"), 400);
+        // Host: missing in HTTP/1.1, doubled, foreign (DNS rebinding).
+        assert_eq!(bad(b"GET / HTTP/1.1\r\n\r\n"), 400);
+        assert_eq!(bad(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nhost: 127.0.0.1\r\n\r\n"), 400);
+        assert_eq!(bad(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nHost: c\r\n\r\n"), 400);
+        assert_eq!(bad(b"GET /metrics HTTP/1.1\r\nHost: evil.test\r\n\r\n"), 421);
+        assert_eq!(bad(b"POST /flush HTTP/1.0\r\nHost: evil.test:8080\r\nContent-Length: 5\r\n\r\n"), 421);
+        let ok = |h: &[u8]| rewrite(h, ip, "s", &hosts()).is_ok();
+        assert!(ok(b"GET / HTTP/1.0\r\n\r\n"), "HTTP/1.0 without Host");
+        assert!(ok(b"GET / HTTP/1.1\r\nhOST:  status.lan:80 \r\n\r\n"));
+    }
+
+    #[test]
+    fn parses_host_values() {
+        use HostName::{Ip, Name};
+        let ip = |s: &str| Some(Ip(s.parse().unwrap()));
+        assert_eq!(parse_host("Example.ORG."), Some(Name("example.org".into())));
+        assert_eq!(parse_host("example.org:8080"), Some(Name("example.org".into())));
+        assert_eq!(parse_host("example.org:"), Some(Name("example.org".into())));
+        assert_eq!(parse_host("127.0.0.1.:80"), ip("127.0.0.1"));
+        assert_eq!(parse_host("[::1]:80"), ip("::1"));
+        assert_eq!(parse_host("[::1]:"), ip("::1"));
+        assert_eq!(parse_host("[2001:DB8::1]"), ip("2001:db8::1"));
+        for bad in ["", ".", ":80", "::1", "[::1", "[::1]80", "[v1.x]", "[fe80::1%25lo]", "a b", "a@b", "a/b", "a%2eb",
+                    "a..b", "a:80:80", "a:65536", "a:-1", "a:8o", "[127.0.0.1]", "é.test"] {
+            assert!(parse_host(bad).is_none(), "{bad:?}: {:?}", parse_host(bad));
+        }
+    }
+
+    #[test]
+    fn host_names_and_addresses() {
+        let h = hosts();
+        let peer: IpAddr = "127.0.0.1".parse().unwrap();
+        let ok = |v: &str| h.check(&[v], false, peer).is_ok();
+        for v in ["backup.example.org", "BACKUP.EXAMPLE.ORG.:80", "status.lan", "localhost:8080", "127.0.0.1:8080",
+                  "127.0.0.2", "[::1]", "[::ffff:127.0.0.1]", "192.168.1.20", "[::ffff:192.168.1.20]:80", "[2001:db8::7]"] {
+            assert!(ok(v), "{v} refused");
+        }
+        for v in ["evil.test", "backup.example.org.evil.test", "evil.test.", "status.lan.evil.test", "localhost.evil.test",
+                  "192.168.1.21", "0.0.0.0", "[::]", "[2001:db8::8]", "example.org"] {
+            assert_eq!(h.check(&[v], false, peer), Err((421, "Misdirected Request")), "{v}");
+        }
+        assert_eq!(h.check(&[], false, peer), Err((400, "Bad Request")));
+        assert_eq!(h.check(&[], true, peer), Ok(()));
+        assert_eq!(h.check(&["x y"], true, peer), Err((400, "Bad Request")));
+    }
+
+    #[test]
+    fn wildcard_listen_takes_this_machines_addresses() {
+        // An address of this machine without sending anything: the source
+        // address the kernel picks for a UDP "connection" (no route: skip).
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let Some(mine) = s.connect("192.0.2.1:9").ok().and_then(|_| s.local_addr().ok()).map(|a| a.ip()) else {
+            return;
+        };
+        assert!(is_local_address(mine), "{mine} not found by getifaddrs");
+        assert!(is_local_address("127.0.0.1".parse().unwrap()));
+        assert!(!is_local_address("203.0.113.254".parse().unwrap()));
+        let peer: IpAddr = "127.0.0.1".parse().unwrap();
+        let any = Hosts::new("b.example.org", &[], "0.0.0.0:80".parse().unwrap());
+        let only = Hosts::new("b.example.org", &[], "203.0.113.253:80".parse().unwrap());
+        let lit = format!("{mine}:80");
+        assert_eq!(any.check(&[&lit], false, peer), Ok(()));
+        assert_eq!(only.check(&[&lit], false, peer), Err((421, "Misdirected Request")));
+        assert_eq!(only.check(&["203.0.113.253"], false, peer), Ok(()));
+        assert_eq!(any.check(&["203.0.113.254"], false, peer), Err((421, "Misdirected Request")));
     }
 }

@@ -44,14 +44,27 @@ pub fn html(out: &mut String, s: &str) {
     }
 }
 
-/// Appends `s` HTML-escaped, cut at `max` characters with an ellipsis.
+/// A run of this many characters without a space gets a line break
+/// opportunity (`<wbr>`): a table column is at least as wide as its longest
+/// word, and a sender can make that 160 characters.
+const MAX_WORD: usize = 24;
+
+/// Appends `s` HTML-escaped, cut at `max` characters with an ellipsis, with
+/// a `<wbr>` in every run of more than [`MAX_WORD`] characters without a space.
 pub fn html_cut(out: &mut String, s: &str, max: usize) {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => {
-            html(out, &s[..i]);
+    let mut run = 0;
+    let mut buf = [0u8; 4];
+    for (n, c) in s.chars().enumerate() {
+        if n == max {
             out.push('…');
+            return;
         }
-        None => html(out, s),
+        run = if c.is_whitespace() { 0 } else { run + 1 };
+        if run > MAX_WORD {
+            out.push_str("<wbr>");
+            run = 1;
+        }
+        html(out, c.encode_utf8(&mut buf));
     }
 }
 
@@ -201,6 +214,8 @@ pub struct PageData<'a> {
     pub disk: Result<DiskSpace, String>,
     pub system: SystemView,
     pub primary: PrimaryState,
+    /// The scheduler's dead-host cache (unix seconds, 0: none).
+    pub primary_retry_at: u64,
     pub counters: [(&'static str, u32); 7],
     pub persistent_spool: bool,
     pub spool_note: String,
@@ -214,7 +229,7 @@ pub struct PageData<'a> {
 }
 
 const CSS: &str = "\
-body{font:15px/1.4 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}\
+body{font:15px/1.4 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1f2328;background:#f6f8fa;overflow-wrap:anywhere}\
 main{max-width:1180px;margin:0 auto;padding:12px 16px 32px}\
 header{background:#24292f;color:#fff;padding:10px 16px}\
 header h1{font-size:20px;margin:0;display:inline}\
@@ -223,7 +238,8 @@ h2{font-size:16px;margin:22px 0 8px;border-bottom:1px solid #d0d7de;padding-bott
 table{border-collapse:collapse;width:100%;background:#fff;border:1px solid #d0d7de}\
 th,td{text-align:left;padding:5px 8px;border-bottom:1px solid #eaeef2;vertical-align:top}\
 th{background:#f0f3f6;font-weight:600;white-space:nowrap}\
-table.kv th{width:14em}\
+table.kv th{width:12em}\
+#df td,#df th{padding:3px 6px}\
 td.n{text-align:right;white-space:nowrap}\
 td.id,.mono,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px}\
 .scroll{overflow-x:auto}\
@@ -232,17 +248,48 @@ td.id,.mono,pre{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:13px
 .alert{background:#ffebe9;border:1px solid #cf222e;padding:8px 12px;margin:10px 0}\
 .note{background:#dafbe1;border:1px solid #1a7f37;padding:8px 12px;margin:10px 0}\
 .cards{display:flex;flex-wrap:wrap;gap:10px;margin-top:12px}\
-.card{background:#fff;border:1px solid #d0d7de;padding:8px 14px;min-width:110px;flex:1}\
+.card{background:#fff;border:1px solid #d0d7de;padding:8px 14px;min-width:110px;flex:1;overflow-wrap:normal}\
 #counters .card b{font-size:17px}\
 .card b{display:block;font-size:20px}\
 .card .sep{display:none}\
-.cols{display:flex;flex-wrap:wrap;gap:0 20px}.cols section{flex:1 1 340px;min-width:0}\
-@media(max-width:600px){table.kv th{width:auto;white-space:normal}main{padding:8px}}\
+.cols{display:flex;flex-wrap:wrap;gap:0 20px}.cols section{flex:1 1 460px;min-width:0}\
+.held{white-space:normal}\
+td.id{white-space:nowrap}#queue-table{overflow-wrap:normal}\
+/* Phones: a key-value row keeps its label beside a short value, a long one goes below. */\
+@media(max-width:600px){main{padding:8px}\
+table.kv,table.kv>tbody{display:block}\
+table.kv>tbody>tr{display:flex;flex-wrap:wrap;border-bottom:1px solid #eaeef2}\
+table.kv>tbody>tr>th{flex:1 0 8em;width:auto;white-space:normal;border:0}\
+table.kv>tbody>tr>td{flex:1000 1 auto;min-width:0;border:0}}\
+/* Below desktop width each queued message is a card, its cells labelled here. */\
+@media(max-width:1080px){#queue-table,#queue-table>tbody{display:block}#queue-table thead{display:none}\
+#queue-table tr{display:block;padding:4px 0;border-bottom:2px solid #d0d7de;overflow-wrap:anywhere}\
+#queue-table td{display:block;border:0;padding:1px 8px;text-align:left;white-space:normal}\
+#queue-table td:nth-child(-n+3),#queue-table td:nth-child(6),#queue-table td:nth-child(7){display:inline-block}\
+#queue-table td::before{font:600 14px system-ui,sans-serif;color:#656d76}\
+#queue-table td:nth-child(1)::before{content:'ID '}#queue-table td:nth-child(2)::before{content:'Age '}\
+#queue-table td:nth-child(3)::before{content:'Size '}#queue-table td:nth-child(4)::before{content:'Sender '}\
+#queue-table td:nth-child(5)::before{content:'Recipients '}#queue-table td:nth-child(6)::before{content:'Attempts '}\
+#queue-table td:nth-child(7)::before{content:'Next retry '}#queue-table td:nth-child(8)::before{content:'Last error '}}\
 form{margin:8px 0}\
 button{font:inherit;padding:6px 14px;background:#1f883d;color:#fff;border:1px solid #1a7f37;border-radius:6px;cursor:pointer}\
 pre{background:#fff;border:1px solid #d0d7de;padding:8px;overflow-x:auto;white-space:pre-wrap;word-break:break-all;margin:0}\
 footer{color:#656d76;font-size:13px;margin-top:24px}\
 ";
+
+/// `HH:MM:SS` (UTC) of a unix time.
+fn clock(t: u64) -> String {
+    let s = t % 86400;
+    format!("{:02}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+}
+
+/// When a message not yet tried waits for the dead-host cache: the
+/// scheduler found the primary down and holds new mail until `retry_at`
+/// (`minimal_backoff` after that failure) instead of trying it at once. Its
+/// own state (no attempt yet) would say "due now".
+pub fn held_until(m: &QueuedMessage, now: u64, retry_at: u64) -> Option<u64> {
+    (m.state.attempts == 0 && m.state.next_attempt <= now && retry_at > now).then_some(retry_at)
+}
 
 fn when(out: &mut String, t: Option<u64>, now: u64) {
     match t {
@@ -354,7 +401,17 @@ pub fn page(d: &PageData) -> String {
         Some(t) => when(&mut o, Some(t), d.now),
         None => o.push_str("<span class=\"dim\">–</span>"),
     }
-    o.push_str("</td></tr></table>\n");
+    o.push_str("</td></tr>");
+    if d.primary_retry_at > d.now {
+        let _ = write!(
+            o,
+            "<tr><th>Next try</th><td><span title=\"{}\">{} UTC</span> <span class=\"dim\">(in {}): new mail waits until then</span></td></tr>",
+            iso_date(d.primary_retry_at),
+            clock(d.primary_retry_at),
+            human_duration(d.primary_retry_at - d.now)
+        );
+    }
+    o.push_str("</table>\n");
 
     o.push_str("</section><section>");
     // The machine.
@@ -442,9 +499,11 @@ pub fn page(d: &PageData) -> String {
     if q.count == 0 && q.error.is_none() {
         o.push_str("<p class=\"dim\">The queue is empty.</p>\n");
     } else {
+        // On a phone each row is a card whose cells are labelled by the CSS
+        // (`#queue-table td:nth-child(N)::before`): keep both in step.
         o.push_str("<div class=\"scroll\"><table id=\"queue-table\"><thead><tr><th>ID</th><th>Age</th><th>Size</th><th>Sender</th><th>Recipients</th><th>Attempts</th><th>Next retry</th><th>Last error</th></tr></thead>\n<tbody>\n");
         for m in &q.rows {
-            queue_row(&mut o, m, d.now);
+            queue_row(&mut o, m, d.now, d.primary_retry_at);
         }
         o.push_str("</tbody></table></div>\n");
         let more = q.count.saturating_sub(q.rows.len() as u64);
@@ -475,7 +534,7 @@ pub fn page(d: &PageData) -> String {
     o
 }
 
-fn queue_row(o: &mut String, m: &QueuedMessage, now: u64) {
+fn queue_row(o: &mut String, m: &QueuedMessage, now: u64, retry_at: u64) {
     let st = &m.state;
     o.push_str("<tr><td class=\"id\">");
     html(o, &m.env.id);
@@ -507,7 +566,9 @@ fn queue_row(o: &mut String, m: &QueuedMessage, now: u64) {
         let _ = write!(o, "<br><span class=\"dim\">+{} more</span>", m.recipients.len() - MAX_RCPTS);
     }
     let _ = write!(o, "</td><td class=\"n\">{}</td><td class=\"n\">", st.attempts);
-    if st.next_attempt <= now {
+    if let Some(t) = held_until(m, now, retry_at) {
+        let _ = write!(o, "<span class=\"held\" title=\"{}\">waiting for the primary (next try {} UTC)</span>", iso_date(t), clock(t));
+    } else if st.next_attempt <= now {
         o.push_str("now");
     } else {
         let _ = write!(o, "<span title=\"{}\">in {}</span>", iso_date(st.next_attempt), human_duration(st.next_attempt - now));
@@ -518,7 +579,8 @@ fn queue_row(o: &mut String, m: &QueuedMessage, now: u64) {
 }
 
 /// Writes one message of `/api/queue` as a JSON object into `o`.
-pub fn json_message(o: &mut String, m: &QueuedMessage) {
+/// `next_attempt` is when the scheduler will try it (see [`held_until`]).
+pub fn json_message(o: &mut String, m: &QueuedMessage, now: u64, retry_at: u64) {
     o.push_str("{\"id\":");
     json(o, &m.env.id);
     let _ = write!(o, ",\"size\":{},\"sender\":", m.size);
@@ -530,14 +592,23 @@ pub fn json_message(o: &mut String, m: &QueuedMessage) {
         }
         json(o, &r.addr);
     }
-    let _ = write!(o, "],\"arrival\":{},\"arrival_iso\":\"{}\",\"attempts\":{},\"next_attempt\":{},\"last_error\":", m.env.arrival, iso_date(m.env.arrival), m.state.attempts, m.state.next_attempt);
+    let held = held_until(m, now, retry_at);
+    let _ = write!(
+        o,
+        "],\"arrival\":{},\"arrival_iso\":\"{}\",\"attempts\":{},\"next_attempt\":{},\"waiting_for_primary\":{},\"last_error\":",
+        m.env.arrival,
+        iso_date(m.env.arrival),
+        m.state.attempts,
+        held.unwrap_or(m.state.next_attempt),
+        held.is_some()
+    );
     json(o, &m.state.last_error);
     o.push('}');
 }
 
 /// Streams `/api/queue` to `w`, one message at a time: the queue may hold
 /// thousands of messages, and the JSON is never held in memory whole.
-pub fn write_queue_json<W: Write>(w: &mut W, spool: &Spool) -> io::Result<()> {
+pub fn write_queue_json<W: Write>(w: &mut W, spool: &Spool, now: u64, retry_at: u64) -> io::Result<()> {
     let ids = spool.ids()?;
     let mut buf = String::with_capacity(1024);
     let (mut count, mut bytes) = (0u64, 0u64);
@@ -551,7 +622,7 @@ pub fn write_queue_json<W: Write>(w: &mut W, spool: &Spool) -> io::Result<()> {
         if count > 0 {
             buf.push(',');
         }
-        json_message(&mut buf, &m);
+        json_message(&mut buf, &m, now, retry_at);
         w.write_all(buf.as_bytes())?;
         count += 1;
         bytes += m.size;
@@ -562,4 +633,60 @@ pub fn write_queue_json<W: Write>(w: &mut W, spool: &Spool) -> io::Result<()> {
 /// Appends one metric with its HELP and TYPE lines.
 pub fn metric(o: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
     let _ = write!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{DeliveryState, Envelope, Recipient};
+
+    #[test]
+    fn long_words_get_break_opportunities() {
+        let (w, a) = (MAX_WORD, |n: usize| "a".repeat(n));
+        let mut o = String::new();
+        html_cut(&mut o, &format!("{}@b.test", a(2 * w + 10)), 160);
+        assert_eq!(o, format!("{}<wbr>{}<wbr>{}@b.test", a(w), a(w), a(10)));
+        // Words up to MAX_WORD are left alone; spaces restart the count.
+        let mut o = String::new();
+        html_cut(&mut o, &format!("<{}> {}", a(w - 2), a(w)), 160);
+        assert_eq!(o, format!("&lt;{}&gt; {}", a(w - 2), a(w)));
+        let mut o = String::new();
+        html_cut(&mut o, "é<&x", 2);
+        assert_eq!(o, "é&lt;…");
+    }
+
+    fn message(attempts: u32, next_attempt: u64) -> QueuedMessage {
+        QueuedMessage {
+            env: Envelope { id: "6940A9A90F3A2".try_into().unwrap(), arrival: 1_000, sender: "a@b.test".into(), ..Default::default() },
+            size: 10,
+            state: DeliveryState { attempts, next_attempt, ..Default::default() },
+            recipients: vec![Recipient { addr: "c@example.org".into(), status: RcptStatus::Pending, error: String::new() }],
+        }
+    }
+
+    #[test]
+    fn mail_held_by_the_dead_host_cache() {
+        let now = 100_000;
+        let retry = now + 290; // 03:51:30 UTC
+        // Never tried, the primary down: waits for the cache, not "now".
+        let m = message(0, 0);
+        assert_eq!(held_until(&m, now, retry), Some(retry));
+        let mut row = String::new();
+        queue_row(&mut row, &m, now, retry);
+        assert!(row.contains("waiting for the primary (next try 03:51:30 UTC)"), "{row}");
+        assert!(!row.contains(">now<"), "{row}");
+        let mut j = String::new();
+        json_message(&mut j, &m, now, retry);
+        assert!(j.contains(&format!("\"attempts\":0,\"next_attempt\":{retry},\"waiting_for_primary\":true")), "{j}");
+        // The cache has expired, or the message has its own schedule.
+        assert_eq!(held_until(&m, now, now), None);
+        assert_eq!(held_until(&message(2, now - 5), now, retry), None);
+        assert_eq!(held_until(&message(0, now + 600), now, retry), None);
+        let mut row = String::new();
+        queue_row(&mut row, &m, now, 0);
+        assert!(row.contains(">now<"), "{row}");
+        let mut j = String::new();
+        json_message(&mut j, &message(3, now + 600), now, retry);
+        assert!(j.contains(&format!("\"next_attempt\":{},\"waiting_for_primary\":false", now + 600)), "{j}");
+    }
 }
