@@ -175,6 +175,14 @@ pub struct Config {
     pub log_level: log::LevelFilter,
     pub status: StatusConfig,
     pub network: NetworkConfig,
+    /// Sessions one client (an IPv4 address or an IPv6 /64) may hold at
+    /// once; 0 = no limit. Default: half of `max_connections`, at least 1.
+    pub smtpd_client_connection_count_limit: usize,
+    /// Percent of `max_queue_messages` one client's mail may fill; 0 = no limit.
+    pub smtpd_client_queue_share: u32,
+    /// MAIL commands one client may send per `anvil_rate_time_unit`; 0 = no limit.
+    pub smtpd_client_message_rate_limit: u32,
+    pub anvil_rate_time_unit: Duration,
 }
 
 impl Config {
@@ -627,6 +635,10 @@ impl Builder {
                 names: Vec::new(),
             },
             network: NetworkConfig { interface: None, address: "dhcp".into(), gateway: None, dns: Vec::new() },
+            smtpd_client_connection_count_limit: 0, // see finish()
+            smtpd_client_queue_share: 25,
+            smtpd_client_message_rate_limit: 0,
+            anvil_rate_time_unit: Duration::from_secs(60),
         };
         Builder { c, seen: Vec::new() }
     }
@@ -766,6 +778,35 @@ impl Builder {
                 c.status.names = out;
                 Ok(())
             }
+            ("", "smtpd_client_connection_count_limit") => match want_uint(v)? {
+                n @ 0..=10_000 => {
+                    c.smtpd_client_connection_count_limit = n as usize;
+                    Ok(())
+                }
+                _ => Err("must be 0 (no limit) to 10000".into()),
+            },
+            ("", "smtpd_client_queue_share") => match want_uint(v)? {
+                n @ 0..=100 => {
+                    c.smtpd_client_queue_share = n as u32;
+                    Ok(())
+                }
+                _ => Err("must be a percentage of max_queue_messages, 0 (no limit) to 100".into()),
+            },
+            ("", "smtpd_client_message_rate_limit") => match want_uint(v)? {
+                n @ 0..=1_000_000 => {
+                    c.smtpd_client_message_rate_limit = n as u32;
+                    Ok(())
+                }
+                _ => Err("must be 0 (no limit) to 1000000".into()),
+            },
+            ("", "anvil_rate_time_unit") => {
+                let d = want_duration(v)?;
+                if d.is_zero() || d.as_secs() > 86400 {
+                    return Err("must be 1s to 1d".into());
+                }
+                c.anvil_rate_time_unit = d;
+                Ok(())
+            }
             ("", "status") | ("", "network") => Err(format!("`{}` is a table: write it as [{}]", it.key, it.key)),
             ("", k) => Err(format!("unknown key `{k}`")),
             ("status", _) | ("network", _) => Err(format!("unknown key `{full}`")),
@@ -788,6 +829,7 @@ impl Builder {
     }
 
     fn finish(mut self) -> Result<Config, (usize, String)> {
+        let client_limit_set = self.line_of("smtpd_client_connection_count_limit") != 0;
         let c = &mut self.c;
         if c.hostname.is_empty() {
             return Err((0, "`hostname` is required (the EHLO name, like \"backup.example.org\")".into()));
@@ -821,6 +863,11 @@ impl Builder {
             if !ok {
                 return Err((self.line_of(key), format!("`{key}` {why}")));
             }
+        }
+        if !client_limit_set {
+            // Not set: one client may take half the sessions, so one address
+            // can never lock everyone else out.
+            c.smtpd_client_connection_count_limit = (c.max_connections / 2).max(1);
         }
         if c.min_free_space == 0 {
             // Room for a few messages in flight plus the logs, like Postfix's
@@ -923,6 +970,31 @@ allow = ["127.0.0.1/32", "192.168.1.0/24", "fe80::/10"]
             let e = parse(&format!("{MIN}[status]\nnames = [\"{bad}\"]\n")).unwrap_err();
             assert_eq!(e.line, 5, "{e}");
             assert!(e.message.contains("status.names") && e.message.contains("not a host name or an IP address"), "{e}");
+        }
+    }
+
+    #[test]
+    fn per_client_limits() {
+        let c = parse(MIN).unwrap();
+        assert_eq!(c.smtpd_client_connection_count_limit, 10);
+        assert_eq!((c.smtpd_client_queue_share, c.smtpd_client_message_rate_limit), (25, 0));
+        assert_eq!(c.anvil_rate_time_unit, Duration::from_secs(60));
+        assert_eq!(parse(&format!("{MIN}max_connections = 1\n")).unwrap().smtpd_client_connection_count_limit, 1);
+        assert_eq!(parse(&format!("{MIN}max_connections = 7\n")).unwrap().smtpd_client_connection_count_limit, 3);
+        let c = parse(&format!("{MIN}smtpd_client_connection_count_limit = 0\nsmtpd_client_queue_share = 0\n")).unwrap();
+        assert_eq!((c.smtpd_client_connection_count_limit, c.smtpd_client_queue_share), (0, 0));
+        let c = parse(&format!("{MIN}smtpd_client_message_rate_limit = 30\nanvil_rate_time_unit = \"1h\"\n")).unwrap();
+        assert_eq!((c.smtpd_client_message_rate_limit, c.anvil_rate_time_unit.as_secs()), (30, 3600));
+        for (bad, why) in [
+            ("smtpd_client_queue_share = 101", "0 (no limit) to 100"),
+            ("smtpd_client_connection_count_limit = 4294967297", "0 (no limit) to 10000"),
+            ("smtpd_client_message_rate_limit = -1", "negative"),
+            ("anvil_rate_time_unit = 0", "1s to 1d"),
+            ("anvil_rate_time_unit = \"2d\"", "1s to 1d"),
+        ] {
+            let e = parse(&format!("{MIN}{bad}\n")).unwrap_err();
+            assert_eq!(e.line, 4, "{e}");
+            assert!(e.message.contains(why) && e.message.contains(bad.split(' ').next().unwrap()), "{e}");
         }
     }
 

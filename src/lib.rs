@@ -6,6 +6,7 @@
 //! do the appliance's PID 1 duties.
 
 pub mod bounces;
+pub mod clients;
 pub mod config;
 pub mod data;
 pub mod delivery;

@@ -11,10 +11,17 @@
 //!
 //! Roles log with `log::info!(target: SMTPD, ...)` etc.; severities other
 //! than info say so in the text ("warning: ...") as Postfix does.
+//!
+//! Every line passes through [`printable`] before it is written anywhere,
+//! as every Postfix log line passes through its printable(): text from the
+//! envelope (a HELO name, a quoted local part, a primary's reply) cannot put
+//! terminal escapes, bells or line breaks into the log.
 
+use std::borrow::Cow;
 use std::io::{self, Write};
 use std::sync::Mutex;
 
+use log::{Log, Metadata, Record};
 use simplelog::{CombinedLogger, ConfigBuilder, LevelFilter, SharedLogger, WriteLogger};
 
 pub const SMTPD: &str = "bartleby/smtpd";
@@ -74,6 +81,61 @@ impl Write for RingWriter {
     }
 }
 
+/// Masks what must not reach a log as it is, with '?', as Postfix's
+/// printable(text, '?') does for every log line: ASCII control characters
+/// (NUL..US, DEL: ESC, BEL, CR, LF, TAB...) and invalid UTF-8 (which shows up
+/// here as U+FFFD after a lossy conversion). Valid UTF-8 stays, as in Postfix
+/// with smtputf8_enable = yes. Beyond Postfix, the C1 controls
+/// (U+0080..U+009F, which some terminals obey: U+009B is CSI), the Unicode
+/// line separators and the bidirectional overrides (which make a line read
+/// differently from what it holds) are masked too.
+pub fn printable(s: &str) -> Cow<'_, str> {
+    let masked = |c: char| {
+        c.is_control() || matches!(c, '\u{FFFD}' | '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+    };
+    // Fast path: printable ASCII, by far the common case.
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) || !s.chars().any(masked) {
+        return Cow::Borrowed(s);
+    }
+    Cow::Owned(s.chars().map(|c| if masked(c) { '?' } else { c }).collect())
+}
+
+/// The installed logger: masks each line ([`printable`]), then hands it to
+/// simplelog's writers (stderr, the ring, the log file).
+struct Escaping {
+    inner: Box<CombinedLogger>,
+}
+
+impl Log for Escaping {
+    fn enabled(&self, m: &Metadata<'_>) -> bool {
+        self.inner.enabled(m)
+    }
+
+    fn log(&self, r: &Record<'_>) {
+        if !self.inner.enabled(r.metadata()) {
+            return;
+        }
+        let text: Cow<'_, str> = match r.args().as_str() {
+            Some(s) => Cow::Borrowed(s),
+            None => Cow::Owned(r.args().to_string()),
+        };
+        let clean = printable(&text);
+        self.inner.log(
+            &Record::builder()
+                .metadata(r.metadata().clone())
+                .args(format_args!("{clean}"))
+                .module_path(r.module_path())
+                .file(r.file())
+                .line(r.line())
+                .build(),
+        );
+    }
+
+    fn flush(&self) {
+        self.inner.flush();
+    }
+}
+
 /// Installs the logger. Call once, before the runtime starts.
 pub fn init(level: LevelFilter, file: Option<&std::path::Path>) -> Result<(), String> {
     let cfg = ConfigBuilder::new()
@@ -98,12 +160,27 @@ pub fn init(level: LevelFilter, file: Option<&std::path::Path>) -> Result<(), St
             .map_err(|e| format!("log file {}: {e}", path.display()))?;
         loggers.push(WriteLogger::new(level, cfg, io::LineWriter::new(f)));
     }
-    CombinedLogger::init(loggers).map_err(|e| e.to_string())
+    log::set_boxed_logger(Box::new(Escaping { inner: CombinedLogger::new(loggers) })).map_err(|e| e.to_string())?;
+    log::set_max_level(level);
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn printable_masks_like_postfix() {
+        assert!(matches!(printable("to=<bob@example.org>, relay=none"), Cow::Borrowed(_)));
+        assert_eq!(printable("\u{1b}[31mred\u{7}"), "?[31mred?");
+        assert_eq!(printable("a\rb\nc\td\u{0}e\u{7f}f"), "a?b?c?d?e?f");
+        // Valid UTF-8 is kept; C1 controls, U+FFFD (bad bytes), line
+        // separators and bidi overrides are not.
+        assert!(matches!(printable("café ✓"), Cow::Borrowed(_)));
+        assert_eq!(printable("caf\u{e9}\u{9b}2J"), "caf\u{e9}?2J");
+        assert_eq!(printable(&String::from_utf8_lossy(b"bad\xff\xfe!")), "bad??!");
+        assert_eq!(printable("x\u{2028}y\u{202e}z\u{2066}"), "x?y?z?");
+    }
 
     #[test]
     fn ring_keeps_last_lines() {

@@ -11,7 +11,6 @@
 //! here look at the path *as the client wrote it* on the command line.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use crate::config::Config;
 
@@ -207,67 +206,116 @@ pub fn check_recipient(cfg: &Config, raw: &str, parsed: &str, list: &RecipientLi
     Ok(addr)
 }
 
+/// Largest recipients list read. A bigger file is refused (at start, an
+/// error; later, the previous list stays): the list is held in memory, and
+/// 1 MiB is some 40,000 addresses (`@domain` lines cover whole domains).
+pub const MAX_LIST_BYTES: u64 = 1024 * 1024;
+/// How often the watcher looks at the list file.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What identifies one version of the list file: a copy in progress changes
+/// its size or times, a replacement (`mv`) its inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileId {
+    fn of(m: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId { dev: m.dev(), ino: m.ino(), size: m.size(), mtime: (m.mtime(), m.mtime_nsec()), ctime: (m.ctime(), m.ctime_nsec()) }
+    }
+}
+
 /// The optional list of valid recipients, one per line (`user@domain`, or
-/// `@domain` for any address of a domain; `#` comments). Reloaded when the
-/// file changes, so the primary's copy can be synced in without a restart.
+/// `@domain` for any address of a domain; `#` comments). A snapshot: the
+/// watcher ([`Recipients::watch`]) reads a new one off the SMTP runtime when
+/// the file changes, and swaps it in whole.
+///
+/// Compact on purpose: the file's text (lower-cased) and the sorted
+/// positions of its addresses, about the file's size plus 8 bytes an entry.
 #[derive(Debug, Default)]
 pub struct RecipientList {
     path: Option<PathBuf>,
-    /// Lower-cased, sorted.
-    entries: Vec<String>,
-    mtime: Option<SystemTime>,
-    checked: u64,
+    text: String,
+    /// (start, length) of each address in `text`, sorted by address, unique.
+    entries: Vec<(u32, u32)>,
+    /// The version of the file this list was read from.
+    id: Option<FileId>,
 }
 
 impl RecipientList {
     /// Loads the list; an unreadable list is an error at start (a typo here
     /// must not silently accept every address).
     pub fn load(path: Option<&Path>) -> Result<RecipientList, String> {
-        let mut l = RecipientList { path: path.map(Path::to_path_buf), ..Default::default() };
-        if path.is_some() {
-            l.reload()?;
+        match path {
+            None => Ok(RecipientList::default()),
+            Some(p) => RecipientList::read(p),
         }
-        Ok(l)
     }
 
-    fn reload(&mut self) -> Result<(), String> {
-        let Some(path) = &self.path else { return Ok(()) };
-        let meta = std::fs::metadata(path).map_err(|e| format!("recipients list {}: {e}", path.display()))?;
-        let text = std::fs::read_to_string(path).map_err(|e| format!("recipients list {}: {e}", path.display()))?;
+    /// Reads the file: a regular file (or a symlink to one), opened without
+    /// blocking (a FIFO or a device at the path must never stall anything),
+    /// at most [`MAX_LIST_BYTES`].
+    fn read(path: &Path) -> Result<RecipientList, String> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let err = |e: String| format!("recipients list {}: {e}", path.display());
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(|e| err(e.to_string()))?;
+        let meta = f.metadata().map_err(|e| err(e.to_string()))?;
+        if !meta.is_file() {
+            use std::os::unix::fs::FileTypeExt;
+            let t = meta.file_type();
+            let what = if t.is_dir() {
+                "a directory"
+            } else if t.is_fifo() {
+                "a FIFO"
+            } else if t.is_socket() {
+                "a socket"
+            } else {
+                "a device"
+            };
+            return Err(err(format!("not a regular file ({what})")));
+        }
+        if meta.len() > MAX_LIST_BYTES {
+            return Err(err(format!("{} bytes, larger than {} bytes", meta.len(), MAX_LIST_BYTES)));
+        }
+        let mut buf = Vec::with_capacity(meta.len() as usize);
+        // take(): the file may grow while it is read.
+        f.take(MAX_LIST_BYTES + 1).read_to_end(&mut buf).map_err(|e| err(e.to_string()))?;
+        if buf.len() as u64 > MAX_LIST_BYTES {
+            return Err(err(format!("larger than {MAX_LIST_BYTES} bytes")));
+        }
+        let mut text = String::from_utf8(buf).map_err(|_| err("not UTF-8 text".into()))?;
+        text.make_ascii_lowercase();
         let mut entries = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.split('#').next().unwrap_or("").trim();
-            if line.is_empty() {
-                continue;
-            }
+        let mut pos = 0usize;
+        for (n, line) in text.split_inclusive('\n').enumerate() {
+            let start = pos;
+            pos += line.len();
+            let body = line.split('#').next().unwrap_or("");
             // Postfix map style "user@domain   OK" is accepted too.
-            let addr = line.split_ascii_whitespace().next().unwrap_or("");
+            let Some(addr) = body.split_ascii_whitespace().next() else { continue };
             if !addr.contains('@') || addr.contains(['"', '%', '!']) {
                 return Err(format!("recipients list {}:{}: `{addr}` is not user@domain or @domain", path.display(), n + 1));
             }
-            entries.push(addr.to_ascii_lowercase());
+            // addr is a subslice of line: its offset in the text.
+            let at = start + (addr.as_ptr() as usize - line.as_ptr() as usize);
+            entries.push((at as u32, addr.len() as u32));
         }
-        entries.sort();
-        entries.dedup();
-        self.entries = entries;
-        self.mtime = meta.modified().ok();
-        Ok(())
-    }
-
-    /// Rereads the file if it changed (checked at most every 10 seconds).
-    /// A failed reload keeps the old list and logs why.
-    pub fn refresh(&mut self, now: u64) {
-        if self.path.is_none() || now < self.checked + 10 {
-            return;
-        }
-        self.checked = now;
-        let mtime = self.path.as_ref().and_then(|p| std::fs::metadata(p).ok()).and_then(|m| m.modified().ok());
-        if mtime != self.mtime {
-            match self.reload() {
-                Ok(()) => log::info!(target: crate::logging::SMTPD, "recipients list reloaded: {} entries", self.entries.len()),
-                Err(e) => log::warn!(target: crate::logging::SMTPD, "warning: {e}; keeping the previous list"),
-            }
-        }
+        let key = |&(s, l): &(u32, u32)| &text[s as usize..(s + l) as usize];
+        entries.sort_by(|a, b| key(a).cmp(key(b)));
+        entries.dedup_by(|a, b| key(a) == key(b));
+        entries.shrink_to_fit();
+        Ok(RecipientList { path: Some(path.to_path_buf()), entries, id: Some(FileId::of(&meta)), text })
     }
 
     pub fn is_enabled(&self) -> bool {
@@ -282,19 +330,147 @@ impl RecipientList {
         self.entries.is_empty()
     }
 
+    fn find(&self, key: &str) -> bool {
+        self.entries.binary_search_by(|&(s, l)| self.text[s as usize..(s + l) as usize].cmp(key)).is_ok()
+    }
+
     /// True when the address (domain already lower-case) may receive mail.
     pub fn accepts(&self, addr: &str) -> bool {
         if self.path.is_none() {
             return true;
         }
         let lower = addr.to_ascii_lowercase();
-        if self.entries.binary_search(&lower).is_ok() {
+        if self.find(&lower) {
             return true;
         }
         match lower.rfind('@') {
-            Some(i) => self.entries.binary_search_by(|e| e.as_str().cmp(&lower[i..])).is_ok(),
+            Some(i) => self.find(&lower[i..]),
             None => false,
         }
+    }
+}
+
+/// The recipients list the sessions use: a snapshot behind a lock held only
+/// to clone an `Arc`, so a session never waits for the disk. The watcher
+/// thread swaps in a new list when the file changes.
+#[derive(Debug, Clone)]
+pub struct Recipients {
+    inner: std::sync::Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    current: std::sync::Mutex<std::sync::Arc<RecipientList>>,
+    /// A forced reload (SIGHUP) is due.
+    force: std::sync::atomic::AtomicBool,
+    /// The watcher thread, to wake it (unpark) for a forced reload.
+    watcher: std::sync::OnceLock<std::thread::Thread>,
+}
+
+impl Recipients {
+    pub fn new(list: RecipientList) -> Recipients {
+        let current = std::sync::Mutex::new(std::sync::Arc::new(list));
+        let force = std::sync::atomic::AtomicBool::new(false);
+        Recipients { inner: std::sync::Arc::new(Shared { current, force, watcher: std::sync::OnceLock::new() }) }
+    }
+
+    /// The list in force now.
+    pub fn get(&self) -> std::sync::Arc<RecipientList> {
+        self.inner.current.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, list: RecipientList) {
+        *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(list);
+    }
+
+    /// Rereads the list now and takes it even if it drops most entries (the
+    /// administrator's way past the guard: SIGHUP). False when no list is
+    /// configured.
+    pub fn force_reload(&self) -> bool {
+        let Some(t) = self.inner.watcher.get() else { return false };
+        self.inner.force.store(true, std::sync::atomic::Ordering::SeqCst);
+        t.unpark();
+        true
+    }
+
+    /// Starts the watcher thread (when a list is configured). Once a second
+    /// it looks at the file (stat only); a changed file is read once it has
+    /// been left alone for a second (a copy in progress keeps changing), off
+    /// the SMTP runtime. A new version is refused, and the list in force
+    /// kept, when it cannot be read (not a regular file, too big, not UTF-8,
+    /// a bad line) or when it holds fewer than half the entries of the list
+    /// in force (a truncated copy: 0 entries would answer 550 to everyone).
+    /// A refused version is not read again until the file changes.
+    pub fn watch(&self, stats: std::sync::Arc<crate::stats::Stats>) -> std::io::Result<()> {
+        let Some(path) = self.get().path.clone() else { return Ok(()) };
+        let me = self.clone();
+        let handle = std::thread::Builder::new()
+            .name("recipients".into())
+            .stack_size(64 * 1024)
+            .spawn(move || me.watcher(&path, &stats))?;
+        let _ = self.inner.watcher.set(handle.thread().clone());
+        Ok(())
+    }
+
+    fn watcher(&self, path: &Path, stats: &crate::stats::Stats) {
+        let mut pending: Option<Result<FileId, String>> = None;
+        let mut refused: Option<Result<FileId, String>> = None;
+        loop {
+            // Woken early by force_reload(); spurious wake-ups only cost a stat.
+            std::thread::park_timeout(WATCH_INTERVAL);
+            let forced = self.inner.force.swap(false, std::sync::atomic::Ordering::SeqCst);
+            let seen = std::fs::metadata(path).map(|m| FileId::of(&m)).map_err(|e| e.to_string());
+            if !forced {
+                let current = self.get();
+                if seen.as_ref().ok() == current.id.as_ref() || Some(&seen) == refused.as_ref() {
+                    pending = None;
+                    continue;
+                }
+                // Changed: read it once it has stayed the same for an interval.
+                if pending.as_ref() != Some(&seen) {
+                    pending = Some(seen);
+                    continue;
+                }
+            }
+            pending = None;
+            match self.reload(path, forced, stats) {
+                Ok(()) => refused = None,
+                Err(()) => refused = Some(seen),
+            }
+        }
+    }
+
+    /// Reads the file and takes it, or keeps the list in force and says why.
+    fn reload(&self, path: &Path, forced: bool, stats: &crate::stats::Stats) -> Result<(), ()> {
+        let old = self.get();
+        let why = match RecipientList::read(path) {
+            Ok(new) if forced || new.len() * 2 >= old.len() => {
+                let n = new.len();
+                self.set(new);
+                stats.recipients_entries.store(n as u32, std::sync::atomic::Ordering::Relaxed);
+                stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                log::info!(
+                    target: crate::logging::SMTPD,
+                    "recipients list reloaded: {n} entries{}",
+                    if forced { " (forced by SIGHUP)" } else { "" }
+                );
+                return Ok(());
+            }
+            Ok(new) => format!(
+                "recipients list {}: {} entries, fewer than half of the {} in force (a copy in progress?)",
+                path.display(),
+                new.len(),
+                old.len()
+            ),
+            Err(e) => e,
+        };
+        log::warn!(
+            target: crate::logging::SMTPD,
+            "warning: {why}; keeping the previous list of {} entries (send SIGHUP to force a reload)",
+            old.len()
+        );
+        *stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()) = why;
+        Err(())
     }
 }
 
@@ -389,6 +565,59 @@ mod tests {
         assert_eq!((e.code, e.status), (550, "5.1.1"));
         std::fs::write(&p, "bob@example.org\nnot-an-address\n").unwrap();
         assert!(RecipientList::load(Some(&p)).unwrap_err().contains(":2:"));
+        std::fs::write(&p, "Bob@Example.org # ok\n\n  carol@example.org\tOK\nbob@example.org\n").unwrap();
+        let l = RecipientList::load(Some(&p)).unwrap();
+        assert_eq!(l.len(), 2);
+        assert!(l.accepts("BOB@example.org") && l.accepts("carol@example.org") && !l.accepts("ok"));
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
+    fn recipient_list_only_regular_files_bounded() {
+        let dir = std::env::temp_dir().join(format!("bartleby-rcpts-kinds-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // Returns at once (no writer on the FIFO), with the reason.
+        let e = RecipientList::load(Some(&fifo)).unwrap_err();
+        assert!(e.contains("not a regular file (a FIFO)"), "{e}");
+        assert!(RecipientList::load(Some(&dir)).unwrap_err().contains("a directory"));
+        assert!(RecipientList::load(Some(Path::new("/dev/null"))).unwrap_err().contains("a device"));
+        let big = dir.join("big");
+        std::fs::File::create(&big).unwrap().set_len(MAX_LIST_BYTES + 1).unwrap();
+        assert!(RecipientList::load(Some(&big)).unwrap_err().contains("larger than"));
+        // A symlink to a regular file is fine.
+        let real = dir.join("real");
+        std::fs::write(&real, "bob@example.org\n").unwrap();
+        std::os::unix::fs::symlink(&real, dir.join("link")).unwrap();
+        assert!(RecipientList::load(Some(&dir.join("link"))).unwrap().accepts("bob@example.org"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn reload_keeps_the_list_when_most_of_it_would_go() {
+        let p = std::env::temp_dir().join(format!("bartleby-rcpts-guard-{}", std::process::id()));
+        std::fs::write(&p, "a@example.org\nb@example.org\nc@example.org\nd@example.org\n").unwrap();
+        let r = Recipients::new(RecipientList::load(Some(&p)).unwrap());
+        let stats = crate::stats::Stats::new();
+        std::fs::write(&p, "").unwrap();
+        assert!(r.reload(&p, false, &stats).is_err());
+        assert_eq!(r.get().len(), 4);
+        assert!(stats.recipients_kept.lock().unwrap().contains("0 entries, fewer than half of the 4"));
+        std::fs::write(&p, "a@example.org\nb@example.org\n").unwrap();
+        assert!(r.reload(&p, false, &stats).is_ok());
+        assert_eq!(r.get().len(), 2);
+        assert!(stats.recipients_kept.lock().unwrap().is_empty());
+        std::fs::write(&p, "a@example.org\nbad\n").unwrap();
+        assert!(r.reload(&p, false, &stats).is_err());
+        assert!(stats.recipients_kept.lock().unwrap().contains(":2:"));
+        std::fs::write(&p, "").unwrap();
+        assert!(r.reload(&p, true, &stats).is_ok(), "forced");
+        assert_eq!(r.get().len(), 0);
+        assert!(!r.get().accepts("a@example.org"));
         std::fs::remove_file(&p).unwrap();
     }
 }

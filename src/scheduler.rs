@@ -137,6 +137,9 @@ impl Scheduler {
         for id in ids {
             match self.spool.read(&id) {
                 Ok(m) => {
+                    // Per-client queue shares survive a restart. This runs
+                    // before any session is polled (first task spawned).
+                    self.stats.clients.queued_at_start(&m.env.client, util::now());
                     self.entries.insert(id, Entry { next: m.state.next_attempt, size: m.size });
                 }
                 // Indexed all the same, so later runs try it again.
@@ -393,6 +396,7 @@ impl Scheduler {
                 log::error!(target: QMGR, "error: {id}: cannot remove queue file: {e}");
             }
             self.entries.remove(id);
+            self.stats.clients.left_queue(&msg.env.client, &crate::clients::Limits::of(&self.cfg));
             if state.done.iter().any(|(_, s, _)| *s == RcptStatus::Sent) {
                 Stats::inc(&self.stats.delivered);
             }

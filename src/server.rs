@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::os::unix::io::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -17,7 +17,8 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::config::{Cidr, Config, split_host_port};
 use crate::logging::MASTER;
-use crate::policy::RecipientList;
+use crate::clients::Limits;
+use crate::policy::{RecipientList, Recipients};
 use crate::scheduler::Scheduler;
 use crate::session::{self, Ctx};
 use crate::spool::{Committer, Spool};
@@ -84,7 +85,11 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
     let recipients = RecipientList::load(cfg.recipients.as_deref())?;
     if recipients.is_enabled() {
         log::info!(target: MASTER, "recipients list: {} entries", recipients.len());
+        if recipients.is_empty() {
+            log::warn!(target: MASTER, "warning: the recipients list is empty: every recipient is refused");
+        }
     }
+    stats.recipients_entries.store(u32::try_from(recipients.len()).unwrap_or(u32::MAX), std::sync::atomic::Ordering::Relaxed);
     let mut listeners = Vec::new();
     for addr in &cfg.listen {
         let l = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -102,10 +107,12 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
         spool: spool.clone(),
         committer: committer.clone(),
         stats: stats.clone(),
-        recipients: Mutex::new(recipients),
+        recipients: Recipients::new(recipients),
         queued: tx,
         etrn_allow: etrn_allow(&cfg),
     });
+    // The list is reread on its own thread, never on the SMTP runtime.
+    ctx.recipients.watch(stats.clone()).map_err(|e| format!("recipients list watcher: {e}"))?;
     let scheduler = Scheduler::new(cfg.clone(), spool.clone(), stats.clone(), committer, rx);
     let sched_task = tokio::spawn(scheduler.run(shutdown_rx.clone()));
 
@@ -137,7 +144,13 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
             _ = pwr.recv() => break,
             _ = int.recv() => break,
             _ = usr1.recv() => stats.request_flush(),
-            _ = hup.recv() => log::info!(target: MASTER, "SIGHUP: the recipients list reloads by itself when it changes"),
+            _ = hup.recv() => {
+                if ctx.recipients.force_reload() {
+                    log::info!(target: MASTER, "SIGHUP: rereading the recipients list, even if it drops most entries");
+                } else {
+                    log::info!(target: MASTER, "SIGHUP: no recipients list is configured; nothing to reload");
+                }
+            }
         }
     }
     log::info!(target: MASTER, "terminating on signal");
@@ -168,6 +181,23 @@ async fn accept_loop(l: TcpListener, ctx: Arc<Ctx>, sem: Arc<Semaphore>, mut shu
             }
         };
         let _ = stream.set_nodelay(true);
+        // The per-client cap first (as Postfix's anvil check, before the
+        // greeting): one address must never hold every slot.
+        let limits = Limits::of(&ctx.cfg);
+        let client = match ctx.stats.clients.connect(peer.ip(), &limits, crate::util::now()) {
+            Ok(key) => ClientSlot { ctx: ctx.clone(), key, limits },
+            Err(n) => {
+                let ip = peer.ip().to_canonical();
+                crate::stats::Stats::inc(&ctx.stats.client_refusals_connections);
+                log::warn!(target: MASTER, "warning: Connection concurrency limit exceeded: {n} from unknown[{ip}] for service smtp");
+                let msg = format!("421 4.7.0 {} Error: too many connections from {ip}\r\n", ctx.cfg.hostname);
+                tokio::spawn(async move {
+                    let mut stream = stream;
+                    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(msg.as_bytes())).await;
+                });
+                continue;
+            }
+        };
         match sem.clone().try_acquire_owned() {
             Ok(permit) => {
                 let ctx = ctx.clone();
@@ -175,10 +205,12 @@ async fn accept_loop(l: TcpListener, ctx: Arc<Ctx>, sem: Arc<Semaphore>, mut shu
                     ctx.stats.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     session::run(stream, peer, ctx.clone()).await;
                     ctx.stats.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    drop(client);
                     drop(permit);
                 });
             }
             Err(_) => {
+                drop(client);
                 log::warn!(target: MASTER, "warning: too many connections: refusing unknown[{}]", peer.ip().to_canonical());
                 let host = ctx.cfg.hostname.clone();
                 tokio::spawn(async move {
@@ -187,6 +219,22 @@ async fn accept_loop(l: TcpListener, ctx: Arc<Ctx>, sem: Arc<Semaphore>, mut shu
                     let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(msg.as_bytes())).await;
                 });
             }
+        }
+    }
+}
+
+/// A session's place in the per-client table, given back when dropped (also
+/// when the task is dropped at shutdown).
+struct ClientSlot {
+    ctx: Arc<Ctx>,
+    key: Option<crate::clients::ClientKey>,
+    limits: Limits,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        if let Some(k) = self.key {
+            self.ctx.stats.clients.disconnect(k, &self.limits);
         }
     }
 }

@@ -9,7 +9,7 @@
 //! line, one 1 KiB DATA line piece and the spool writer's 4 KiB buffer.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use smtp_proto::{Error as ProtoError, MAIL_BODY_8BITMIME, MAIL_RET_FULL, MAIL_RET_HDRS, MAIL_SMTPUTF8, Request};
@@ -20,7 +20,7 @@ use tokio::time::timeout;
 use crate::config::{BareNewline, Cidr, Config};
 use crate::data::DataParser;
 use crate::logging::SMTPD;
-use crate::policy::{self, RecipientList};
+use crate::policy::{self, Recipients};
 use crate::spool::{Committer, Envelope, Spool};
 use crate::stats::Stats;
 use crate::util::{self, QueueId};
@@ -41,7 +41,8 @@ pub struct Ctx {
     pub spool: Spool,
     pub committer: Committer,
     pub stats: Arc<Stats>,
-    pub recipients: Mutex<RecipientList>,
+    /// The recipients list in force (a snapshot; reloaded off the runtime).
+    pub recipients: Recipients,
     /// New committed messages go to the scheduler here.
     pub queued: UnboundedSender<(QueueId, u64)>,
     /// Hosts that may send ETRN.
@@ -376,11 +377,44 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             self.reply(452, "4.3.1", "Insufficient system storage");
             return Ok(());
         }
+        // Per-client limits: one client's share of the queue, its MAIL rate.
+        let limits = crate::clients::Limits::of(&cfg);
+        if let Err((limit, n)) = self.ctx.stats.clients.check_mail(self.peer.ip(), &limits, util::now()) {
+            return self.client_limited(limit, n, &limits);
+        }
         let id = util::new_queue_id();
         log::info!(target: SMTPD, "{id}: client={}", self.client);
         self.txn = Some(Txn { id, sender, body_8bit: flags & MAIL_BODY_8BITMIME != 0, rcpts: Vec::new() });
         self.reply(250, "2.1.0", "Ok");
         Ok(())
+    }
+
+    /// Refuses MAIL for a per-client limit, as Postfix words its rate limit.
+    fn client_limited(&mut self, limit: crate::clients::Limit, n: u32, limits: &crate::clients::Limits) -> Result<(), Close> {
+        use crate::clients::Limit;
+        let ip = self.peer.ip().to_canonical();
+        let st = &self.ctx.stats;
+        match limit {
+            Limit::QueueShare => {
+                Stats::inc(&st.client_refusals_queue_share);
+                log::warn!(
+                    target: SMTPD,
+                    "warning: Queue share limit exceeded: {n} messages from {} in the queue (smtpd_client_queue_share: {})",
+                    self.client,
+                    limits.queued
+                );
+                self.reply(452, "4.3.1", &format!("Error: too much mail from {ip} in the queue; try again later"));
+            }
+            // (check_mail never answers Connections.)
+            Limit::Rate | Limit::Connections => {
+                Stats::inc(&st.client_refusals_rate);
+                log::warn!(target: SMTPD, "warning: Message delivery request rate limit exceeded: {n} from {} for service smtp", self.client);
+                self.reply(450, "4.7.1", &format!("Error: too much mail from {ip}"));
+            }
+        }
+        // Counted as an error: a client that keeps trying is cut off at
+        // error_limit and its slot freed.
+        self.error()
     }
 
     fn rcpt(&mut self, line: &[u8], parsed: &str, flags: u64, orcpt: bool) -> Result<(), Close> {
@@ -404,14 +438,8 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                 return self.error();
             }
         };
-        let verdict = {
-            let mut list = match self.ctx.recipients.lock() {
-                Ok(l) => l,
-                Err(p) => p.into_inner(),
-            };
-            list.refresh(util::now());
-            policy::check_recipient(&cfg, raw, parsed, &list)
-        };
+        // A snapshot: no file is read here (the watcher thread does that).
+        let verdict = policy::check_recipient(&cfg, raw, parsed, &self.ctx.recipients.get());
         match verdict {
             Ok(addr) => {
                 if let Some(t) = self.txn.as_mut()
@@ -637,6 +665,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             txn.rcpts.len()
         );
         Stats::inc(&self.ctx.stats.received);
+        self.ctx.stats.clients.queued(self.peer.ip(), now);
         let _ = self.ctx.queued.send((txn.id.clone(), size));
         self.reply(250, "2.0.0", &format!("Ok: queued as {}", txn.id));
         // As Postfix: a client that delivers mail is not idling, so the

@@ -46,6 +46,18 @@ pub struct Stats {
     /// page's button). `Notify` may be signalled from any thread.
     pub flush: tokio::sync::Notify,
     pub flush_requests: AtomicU32,
+    /// Refusals by the per-client limits (see [`crate::clients`]).
+    pub client_refusals_connections: AtomicU32,
+    pub client_refusals_queue_share: AtomicU32,
+    pub client_refusals_rate: AtomicU32,
+    /// Sessions, queued messages and MAIL rates per client.
+    pub clients: crate::clients::Clients,
+    /// Entries of the recipients list in force.
+    pub recipients_entries: AtomicU32,
+    /// Why the recipients list in force is not the file's current content
+    /// (the last reload was refused and the previous list kept); empty when
+    /// the file and the list agree.
+    pub recipients_kept: Mutex<String>,
 }
 
 impl Stats {

@@ -320,6 +320,10 @@ fn page_data<'a>(ctx: &'a Ctx, flushed: bool) -> render::PageData<'a> {
         token: &ctx.token,
         flushed,
         flush_interval: cfg.status.flush_interval,
+        recipients_entries: get(&st.recipients_entries),
+        recipients_kept: st.recipients_kept.lock().map(|s| s.clone()).unwrap_or_default(),
+        client_limits: crate::clients::Limits::of(cfg),
+        client_limited: st.clients.limited(now()),
     }
 }
 
@@ -351,6 +355,7 @@ fn api_queue(rq: Request, ctx: &Ctx) {
 /// even just after a restart), counters from [`Stats`].
 fn metrics(ctx: &Ctx) -> String {
     use render::metric;
+    use std::fmt::Write as _;
     let st = &ctx.stats;
     let cfg = &ctx.cfg;
     let q = render::QueueView::read(Spool::open(&cfg.spool), 0);
@@ -378,6 +383,15 @@ fn metrics(ctx: &Ctx) -> String {
         metric(&mut o, name, "counter", help, Stats::get(c));
     }
     metric(&mut o, "bartleby_connections", "gauge", "SMTP sessions open now.", Stats::get(&st.connections));
+    o.push_str("# HELP bartleby_client_limit_refusals_total Refusals by a per-client limit since start.\n# TYPE bartleby_client_limit_refusals_total counter\n");
+    for (label, c) in [
+        ("connections", &st.client_refusals_connections),
+        ("queue_share", &st.client_refusals_queue_share),
+        ("rate", &st.client_refusals_rate),
+    ] {
+        let _ = writeln!(o, "bartleby_client_limit_refusals_total{{limit=\"{label}\"}} {}", Stats::get(c));
+    }
+    metric(&mut o, "bartleby_clients_tracked", "gauge", "Clients in the per-client limits table.", st.clients.tracked());
     if let Ok(d) = spool::disk_space(&cfg.spool) {
         metric(&mut o, "bartleby_spool_free_bytes", "gauge", "Space available on the spool file system.", d.avail);
         metric(&mut o, "bartleby_spool_size_bytes", "gauge", "Size of the spool file system.", d.total);
@@ -398,6 +412,11 @@ fn metrics(ctx: &Ctx) -> String {
     );
     if let render::RecipientsList::Age(a) = recipients_list(cfg) {
         metric(&mut o, "bartleby_recipients_list_age_seconds", "gauge", "Age of the recipients list file.", a);
+    }
+    if cfg.recipients.is_some() {
+        metric(&mut o, "bartleby_recipients_entries", "gauge", "Entries of the recipients list in force.", Stats::get(&st.recipients_entries));
+        let kept = st.recipients_kept.lock().map(|s| !s.is_empty()).unwrap_or(false);
+        metric(&mut o, "bartleby_recipients_list_kept", "gauge", "1 if the last reload of the recipients list was refused and the previous list kept.", u8::from(kept));
     }
     let started = st.started.load(Ordering::Relaxed) as u64;
     metric(&mut o, "bartleby_uptime_seconds", "gauge", "Seconds since the relay started.", t.saturating_sub(started));

@@ -226,6 +226,12 @@ pub struct PageData<'a> {
     pub token: &'a str,
     pub flushed: bool,
     pub flush_interval: Duration,
+    pub recipients_entries: u32,
+    /// Why the last reload of the recipients list was refused (empty: none).
+    pub recipients_kept: String,
+    pub client_limits: crate::clients::Limits,
+    /// The last client a per-client limit refused, if recent.
+    pub client_limited: Option<crate::clients::Limited>,
 }
 
 const CSS: &str = "\
@@ -354,6 +360,27 @@ pub fn page(d: &PageData) -> String {
         }
         _ => {}
     }
+    if !d.recipients_kept.is_empty() {
+        o.push_str("<p class=\"warn\" id=\"recipients-kept\">Warning: the recipients list was not reloaded: ");
+        html(&mut o, d.recipients_kept.strip_prefix("recipients list ").unwrap_or(&d.recipients_kept));
+        let _ = writeln!(
+            o,
+            ". Kept the previous list ({} entries) until the file changes again; send SIGHUP to take the file as it is.</p>",
+            d.recipients_entries
+        );
+    }
+    if let Some(l) = &d.client_limited {
+        o.push_str("<p class=\"warn\" id=\"client-limit\">Client ");
+        html(&mut o, &l.client);
+        let _ = writeln!(
+            o,
+            " is being limited: {}; {} refusal{}, the last {} ago.</p>",
+            l.limit.describe(),
+            l.count,
+            if l.count == 1 { "" } else { "s" },
+            human_duration(d.now.saturating_sub(l.last))
+        );
+    }
     if let Some(e) = &q.error {
         o.push_str("<p class=\"alert\">Cannot read the spool: ");
         html(&mut o, e);
@@ -466,12 +493,33 @@ pub fn page(d: &PageData) -> String {
         }
         (RecipientsList::Age(a), Some(p)) => {
             let stale = *a > d.recipients_max_age.as_secs();
-            let _ = write!(o, "<span class=\"{}\">updated {} ago</span> <span class=\"mono\">", if stale { "bad" } else { "ok" }, human_duration(*a));
+            let _ = write!(
+                o,
+                "{} entries, <span class=\"{}\">updated {} ago</span> <span class=\"mono\">",
+                d.recipients_entries,
+                if stale { "bad" } else { "ok" },
+                human_duration(*a)
+            );
             html(&mut o, p);
             o.push_str("</span>");
         }
     }
-    o.push_str("</td></tr><tr><th>Spool</th><td>");
+    // Per client (an IPv4 address or an IPv6 /64).
+    let lim = &d.client_limits;
+    let sessions = match lim.connections {
+        0 => "no session limit".to_string(),
+        n => format!("{n} sessions"),
+    };
+    let queued = match lim.queued {
+        0 => "no queue share".to_string(),
+        n => format!("{n} queued messages"),
+    };
+    let rate = match lim.rate {
+        0 => "no message rate limit".to_string(),
+        n => format!("{n} messages per {}", human_duration(lim.rate_unit)),
+    };
+    let _ = write!(o, "</td></tr><tr><th>Per-client limits</th><td id=\"client-limits\">{sessions}, {queued}, {rate}</td></tr>");
+    o.push_str("<tr><th>Spool</th><td>");
     if d.persistent_spool {
         o.push_str("<span class=\"ok\">persistent</span>");
     } else {

@@ -30,7 +30,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bartleby::config::Config;
-use bartleby::policy::RecipientList;
+use bartleby::policy::{RecipientList, Recipients};
 use bartleby::session::{self, Ctx};
 use bartleby::spool::{Committer, Spool};
 use bartleby::stats::Stats;
@@ -87,7 +87,7 @@ static H: LazyLock<Harness> = LazyLock::new(|| {
             spool: spool.clone(),
             committer: committer.clone(),
             stats: stats.clone(),
-            recipients: Mutex::new(list),
+            recipients: Recipients::new(list),
             queued: tx.clone(),
             etrn_allow: vec![bartleby::config::Cidr::parse("127.0.0.1/32").unwrap()],
         })
