@@ -380,15 +380,17 @@ pub fn page(d: &PageData) -> String {
         Ok(ds) => {
             let _ = write!(
                 o,
-                "<table id=\"df\"><tr><th>Size</th><th>Used</th><th>Avail</th><th>Use%</th><th>Inodes free</th></tr><tr><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}%</td><td class=\"n\">{}</td></tr></table>",
+                "<table id=\"df\"><tr><th>Size</th><th>Used</th><th>Avail</th><th>Use%</th></tr><tr><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}%</td></tr></table>",
                 human_bytes(ds.total),
                 human_bytes(ds.used),
                 human_bytes(ds.avail),
-                ds.percent_used(),
-                if ds.files == 0 { "–".to_string() } else { ds.favail.to_string() }
+                ds.percent_used()
             );
             if ds.read_only {
                 o.push_str(" <span class=\"bad\">read-only</span>");
+            }
+            if ds.files > 0 {
+                let _ = write!(o, "</td></tr><tr><th>Spool inodes free</th><td id=\"inodes\">{} of {}", ds.favail, ds.files);
             }
         }
         Err(e) => {
