@@ -115,6 +115,8 @@ fn main() -> ExitCode {
             let stdout = std::io::stdout();
             match mailq::print(&sp, &mut stdout.lock()) {
                 Ok(()) => ExitCode::SUCCESS,
+                // `bartleby mailq | head`: the reader has seen enough.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("bartleby: mailq: {e}");
                     ExitCode::from(74)

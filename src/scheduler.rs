@@ -12,6 +12,15 @@
 //! All due messages of a run travel over one connection to the primary.
 //! The in-memory index holds only a few numbers per message; envelopes are
 //! read from the spool when a message is tried.
+//!
+//! When the spool cannot record an outcome (removing a delivered message or
+//! writing its state fails: a read-only, full or failing file system), the
+//! scheduler says so, naming the message that will be delivered again after
+//! a restart, and starts no new delivery until a probe finds the spool
+//! writable again: the duplicates a restart can cause are bounded by the
+//! deliveries in flight (`delivery_connections`). Postfix's qmgr, in the
+//! same spot, exits with "fatal: ... remove ...: Read-only file system" and
+//! is restarted by master later, with the same effect.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -24,13 +33,17 @@ use crate::bounces::{self, Reason};
 use crate::config::Config;
 use crate::delivery::{Connection, Outcome, Reply};
 use crate::logging::QMGR;
-use crate::spool::{Committer, QueuedMessage, RcptStatus, Spool};
+use crate::spool::{Committer, DeliveryState, QueuedMessage, RcptStatus, Spool};
 use crate::stats::Stats;
 use crate::util::{self, QueueId};
 
 /// What a delivery worker reports back.
 enum Attempt {
-    Done(Box<QueuedMessage>, Outcome, String),
+    /// The last field is answered once the outcome is recorded (or found
+    /// unrecordable, which empties the work list first): the worker takes
+    /// its next message only then, so a spool that cannot record stops
+    /// every worker after the message it has in hand.
+    Done(Box<QueuedMessage>, Outcome, String, tokio::sync::oneshot::Sender<()>),
     /// The message left the queue meanwhile.
     Gone(QueueId),
     /// Its queue file could not be read (I/O error, permissions): it is
@@ -74,7 +87,9 @@ async fn worker(
         let outcome = conn.deliver(&spool, &msg).await;
         let relay = conn.relay.clone();
         let reusable = outcome.reusable;
-        let _ = tx.send(Attempt::Done(Box::new(msg), outcome, relay));
+        let (recorded, wait_recorded) = tokio::sync::oneshot::channel();
+        let _ = tx.send(Attempt::Done(Box::new(msg), outcome, relay, recorded));
+        let _ = wait_recorded.await;
         if !reusable {
             // The connection broke, or stopped mid-message: close it without
             // QUIT (in DATA, a QUIT would be message text and its wait for a
@@ -99,6 +114,19 @@ struct Entry {
     size: u64,
 }
 
+/// How often a spool that could not record an outcome is probed.
+const PROBE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A delivery outcome the spool could not record yet. The message is out of
+/// `entries` meanwhile: never delivered again within this server's life.
+enum Unrecorded {
+    /// Every recipient is done: the queue file must go.
+    Remove,
+    /// Some recipients are done: this state must be on disk before the
+    /// message may be tried again (the size is for its index entry).
+    State(DeliveryState, u64),
+}
+
 pub struct Scheduler {
     cfg: Arc<Config>,
     spool: Spool,
@@ -111,6 +139,16 @@ pub struct Scheduler {
     /// Why the primary could not be reached on the last try.
     down_reply: Option<Reply>,
     last_full_run: u64,
+    /// Set (with the error) when the spool could not record an outcome:
+    /// no delivery starts until [`Scheduler::writable`] clears it.
+    broken: Option<String>,
+    /// Outcomes still to record, retried when the spool is writable again.
+    /// Bounded: deliveries stop at the first failure, so each failure adds
+    /// at most the deliveries then in flight.
+    unrecorded: BTreeMap<QueueId, Unrecorded>,
+    /// The work list of the queue run in progress, so that a failure to
+    /// record can stop it.
+    current: Option<Arc<Mutex<VecDeque<QueueId>>>>,
 }
 
 /// The delay before attempt `attempts + 1`.
@@ -122,7 +160,20 @@ pub fn backoff(cfg: &Config, attempts: u32) -> Duration {
 
 impl Scheduler {
     pub fn new(cfg: Arc<Config>, spool: Spool, stats: Arc<Stats>, committer: Committer, rx: UnboundedReceiver<(QueueId, u64)>) -> Scheduler {
-        Scheduler { cfg, spool, stats, committer, rx, entries: BTreeMap::new(), dead_until: 0, down_reply: None, last_full_run: util::now() }
+        Scheduler {
+            cfg,
+            spool,
+            stats,
+            committer,
+            rx,
+            entries: BTreeMap::new(),
+            dead_until: 0,
+            down_reply: None,
+            last_full_run: util::now(),
+            broken: None,
+            unrecorded: BTreeMap::new(),
+            current: None,
+        }
     }
 
     /// Indexes what is already in the spool (after a restart).
@@ -179,7 +230,11 @@ impl Scheduler {
             let interval = self.cfg.queue_run_interval.as_secs();
             let full_at = self.last_full_run + interval;
             let due_at = self.entries.values().map(|e| e.next).min().unwrap_or(u64::MAX).min(full_at);
-            let wait = Duration::from_secs(due_at.saturating_sub(now)).min(self.cfg.queue_run_interval);
+            let mut wait = Duration::from_secs(due_at.saturating_sub(now)).min(self.cfg.queue_run_interval);
+            if self.broken.is_some() {
+                // Due messages wait for the spool, not in a loop of failed probes.
+                wait = PROBE_INTERVAL;
+            }
             tokio::select! {
                 id = self.rx.recv() => {
                     let Some((id, size)) = id else { break };
@@ -191,12 +246,31 @@ impl Scheduler {
                 }
                 _ = stats.flush.notified() => {
                     log::info!(target: QMGR, "queue run requested (flush)");
-                    self.run_queue(true, &shutdown).await;
+                    if self.writable() {
+                        self.run_queue(true, &shutdown).await;
+                    } else {
+                        log::warn!(
+                            target: QMGR,
+                            "warning: queue run skipped: the spool still cannot record delivery results ({})",
+                            self.broken.as_deref().unwrap_or("")
+                        );
+                    }
                 }
                 _ = tokio::time::sleep(wait) => {
-                    let now = util::now();
-                    let full = now >= full_at;
-                    self.run_queue(full, &shutdown).await;
+                    if self.writable() {
+                        let full = util::now() >= full_at;
+                        self.run_queue(full, &shutdown).await;
+                    }
+                }
+                _ = stats.spool_probe.notified() => {
+                    // A session could not store a message: is the spool at
+                    // fault (read-only, failing), or was it that one file?
+                    if self.broken.is_none() {
+                        match self.spool.probe_writable() {
+                            Ok(()) => stats.spool_unwritable.store(false, std::sync::atomic::Ordering::Relaxed),
+                            Err(e) => self.suspend(&e),
+                        }
+                    }
                 }
                 _ = shutdown.changed() => {}
             }
@@ -209,6 +283,12 @@ impl Scheduler {
     /// deliver; every outcome comes back here to be recorded, so the queue
     /// state has a single writer.
     async fn run_queue(&mut self, full: bool, shutdown: &watch::Receiver<bool>) {
+        if !self.unrecorded.is_empty() {
+            self.record_pending();
+        }
+        if self.broken.is_some() {
+            return;
+        }
         let now = util::now();
         if full {
             self.last_full_run = now;
@@ -228,6 +308,9 @@ impl Scheduler {
             Err(e) => {
                 self.primary_down(&e.reply);
                 for id in due {
+                    if self.broken.is_some() {
+                        break;
+                    }
                     self.defer_unreached(&id, &e.reply).await;
                 }
                 self.publish();
@@ -236,6 +319,7 @@ impl Scheduler {
         };
         let workers = self.cfg.delivery_connections.clamp(1, due.len());
         let queue = Arc::new(Mutex::new(due));
+        self.current = Some(queue.clone());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut first = Some(first);
         for _ in 0..workers {
@@ -251,18 +335,25 @@ impl Scheduler {
         drop(tx);
         while let Some(r) = rx.recv().await {
             match r {
-                Attempt::Done(msg, outcome, relay) => self.apply(&msg, outcome, &relay).await,
+                Attempt::Done(msg, outcome, relay, recorded) => {
+                    self.apply(&msg, outcome, &relay).await;
+                    let _ = recorded.send(());
+                }
                 Attempt::Gone(id) => {
                     self.entries.remove(&id);
                 }
                 Attempt::Unreadable(id, e) => self.unreadable(id, &e),
             }
         }
+        self.current = None;
         // Messages no worker could take (every connection failed): they wait.
         let left: Vec<QueueId> = queue.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
-        if !left.is_empty() && !*shutdown.borrow() {
+        if !left.is_empty() && !*shutdown.borrow() && self.broken.is_none() {
             let reply = self.down_reply.clone().unwrap_or_else(|| Reply::local(421, "4.4.2 lost connection with the primary"));
             for id in left {
+                if self.broken.is_some() {
+                    break;
+                }
                 self.defer_unreached(&id, &reply).await;
             }
         }
@@ -292,6 +383,82 @@ impl Scheduler {
         self.entries.entry(id).or_insert(Entry { next, size: 0 }).next = next;
     }
 
+    /// The spool could not record something: the queue run in progress
+    /// starts no further delivery (those in flight finish; their outcomes
+    /// may not be recorded either: at most `delivery_connections - 1` more),
+    /// and none starts until [`Scheduler::writable`] finds the spool
+    /// writable again. MAIL gets 452 meanwhile.
+    fn suspend(&mut self, e: &std::io::Error) {
+        if let Some(q) = &self.current
+            && let Ok(mut q) = q.lock()
+        {
+            q.clear();
+        }
+        if self.broken.is_none() {
+            log::warn!(
+                target: QMGR,
+                "warning: spool {} cannot record delivery results ({e}): no new deliveries until it is writable again (checked every {}s)",
+                self.spool.root().display(),
+                PROBE_INTERVAL.as_secs()
+            );
+            self.stats.spool_unwritable.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.broken = Some(e.to_string());
+    }
+
+    /// True when deliveries may start: at once if nothing failed, else
+    /// when a probe (create, sync, remove a file in `state/` and `queue/`)
+    /// finds the spool writable again.
+    fn writable(&mut self) -> bool {
+        if self.broken.is_none() {
+            return true;
+        }
+        if let Err(e) = self.spool.probe_writable() {
+            log::debug!(target: QMGR, "spool still not writable: {e}");
+            self.broken = Some(e.to_string());
+            return false;
+        }
+        log::info!(target: QMGR, "spool {} is writable again: deliveries resume", self.spool.root().display());
+        self.broken = None;
+        self.stats.spool_unwritable.store(false, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
+
+    /// Records the outcomes that could not be recorded before. A failure
+    /// now (right after a successful probe: a problem of that one file) is
+    /// logged and kept for the next run; the message stays out of the queue
+    /// runs until its outcome is on disk.
+    fn record_pending(&mut self) {
+        for (id, u) in std::mem::take(&mut self.unrecorded) {
+            match u {
+                Unrecorded::Remove => match self.spool.remove(&id) {
+                    Ok(()) => log::info!(target: QMGR, "{id}: removed (recorded late: the spool is writable again)"),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => log::info!(target: QMGR, "{id}: removed"),
+                    Err(e) => {
+                        log::error!(target: QMGR, "error: {id}: still cannot remove queue file: {e}; it will be delivered again after a restart");
+                        self.unrecorded.insert(id, Unrecorded::Remove);
+                    }
+                },
+                Unrecorded::State(state, size) => match self.spool.write_state(&id, &state, true) {
+                    Ok(()) => {
+                        log::info!(target: QMGR, "{id}: delivery state recorded (late: the spool is writable again)");
+                        self.entries.insert(id, Entry { next: state.next_attempt, size });
+                    }
+                    Err(e) => {
+                        log::error!(target: QMGR, "error: {id}: still cannot record delivery state: {e}");
+                        self.unrecorded.insert(id, Unrecorded::State(state, size));
+                    }
+                },
+            }
+        }
+        self.note_unrecorded();
+    }
+
+    fn note_unrecorded(&self) {
+        let n = u32::try_from(self.unrecorded.len()).unwrap_or(u32::MAX);
+        self.stats.spool_unrecorded.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn primary_down(&mut self, reply: &Reply) {
         log::warn!(target: QMGR, "warning: primary unreachable: {}", reply.text);
         self.stats.primary_result(false, &reply.text);
@@ -305,6 +472,19 @@ impl Scheduler {
         let now = util::now();
         let id = &msg.env.id;
         let delay = now.saturating_sub(msg.env.arrival);
+        if let Some(err) = &msg.state_error {
+            // The state was taken as lost (every recipient pending): keep the
+            // bad file for the admin, out of the way of the new one.
+            match self.spool.quarantine_state(id) {
+                Ok(to) => log::warn!(
+                    target: QMGR,
+                    "warning: {id}: delivery state unusable ({err}); moved to {}; recipients not recorded as done were tried again",
+                    to.display()
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => log::error!(target: QMGR, "error: {id}: delivery state unusable ({err}); cannot move it to corrupt/: {e}"),
+            }
+        }
         let mut state = msg.state.clone();
         state.attempts += 1;
         state.last_attempt = now;
@@ -392,15 +572,27 @@ impl Scheduler {
         }
         let pending_left = msg.env.recipients.iter().any(|r| !state.done.iter().any(|(d, _, _)| d == r));
         if !pending_left {
-            if let Err(e) = self.spool.remove(id) {
-                log::error!(target: QMGR, "error: {id}: cannot remove queue file: {e}");
-            }
+            // Out of the index whatever happens below: a message whose every
+            // recipient is done is never tried again in this server's life,
+            // even if its removal cannot be recorded.
             self.entries.remove(id);
             self.stats.clients.left_queue(&msg.env.client, &crate::clients::Limits::of(&self.cfg));
+            match self.spool.remove(id) {
+                Ok(()) => log::info!(target: QMGR, "{id}: removed"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => log::info!(target: QMGR, "{id}: removed"),
+                Err(e) => {
+                    log::error!(
+                        target: QMGR,
+                        "error: {id}: cannot remove queue file: {e}; the message was delivered but stays in the queue: it will be delivered again after a restart, unless the spool is writable again before"
+                    );
+                    self.unrecorded.insert(id.clone(), Unrecorded::Remove);
+                    self.note_unrecorded();
+                    self.suspend(&e);
+                }
+            }
             if state.done.iter().any(|(_, s, _)| *s == RcptStatus::Sent) {
                 Stats::inc(&self.stats.delivered);
             }
-            log::info!(target: QMGR, "{id}: removed");
             self.publish();
             return;
         }
@@ -412,7 +604,26 @@ impl Scheduler {
         }
         state.errors = deferred.iter().map(|(a, r)| (a.clone(), r.text.clone())).collect();
         if let Err(e) = self.spool.write_state(id, &state, newly_done) {
-            log::error!(target: QMGR, "error: {id}: cannot write delivery state: {e}");
+            if newly_done {
+                log::error!(
+                    target: QMGR,
+                    "error: {id}: cannot record delivery state: {e}; the recipients delivered to in this attempt will get the message again after a restart, unless the spool is writable again before"
+                );
+                // Not tried again before its state is on disk: a retry now
+                // would read the old state and deliver to them twice.
+                self.entries.remove(id);
+                self.unrecorded.insert(id.clone(), Unrecorded::State(state, msg.size));
+                self.note_unrecorded();
+                self.publish();
+            } else {
+                // Only the retry time is lost; keep it in memory.
+                log::error!(target: QMGR, "error: {id}: cannot write delivery state: {e}");
+                if let Some(en) = self.entries.get_mut(id) {
+                    en.next = state.next_attempt;
+                }
+            }
+            self.suspend(&e);
+            return;
         }
         if let Some(e) = self.entries.get_mut(id) {
             e.next = state.next_attempt;

@@ -360,20 +360,25 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             Ok(s) => s,
             Err(r) => return self.refuse(&r),
         };
-        // Disk and queue space: say 452 now rather than 250 and lose it later.
-        let space = self.ctx.spool.disk_space();
-        let full = match space {
-            Ok(d) => d.avail < cfg.min_free_space.saturating_add(size),
-            Err(_) => true,
+        // Disk, inodes and queue space, and a spool that can be written:
+        // say 452 now rather than 250 and lose it later (or 451 at DATA).
+        let inode_reserve = crate::spool::inode_reserve(cfg.max_connections, cfg.delivery_connections);
+        let refusal = match self.ctx.spool.disk_space() {
+            Err(e) => Some(format!("cannot check spool free space: {e}")),
+            Ok(d) if d.read_only => Some("spool file system is read-only".to_string()),
+            Ok(d) if d.avail < cfg.min_free_space.saturating_add(size) => Some("spool free space below reserve".to_string()),
+            // files == 0: no inode limit (btrfs).
+            Ok(d) if d.files > 0 && d.favail < inode_reserve => {
+                Some(format!("spool free inodes ({}) below reserve ({inode_reserve})", d.favail))
+            }
+            Ok(_) if self.ctx.stats.spool_unwritable.load(std::sync::atomic::Ordering::Relaxed) => {
+                Some("spool not writable (a write failed; waiting for the scheduler's probe)".to_string())
+            }
+            Ok(_) if Stats::get(&self.ctx.stats.queue_messages) as usize >= cfg.max_queue_messages => Some("queue is full".to_string()),
+            Ok(_) => None,
         };
-        let queued = Stats::get(&self.ctx.stats.queue_messages) as usize;
-        if full || queued >= cfg.max_queue_messages {
-            log::warn!(
-                target: SMTPD,
-                "warning: {}: refusing mail: {}",
-                self.client,
-                if full { "spool free space below reserve" } else { "queue is full" }
-            );
+        if let Some(why) = refusal {
+            log::warn!(target: SMTPD, "warning: {}: refusing mail: {why}", self.client);
             self.reply(452, "4.3.1", "Insufficient system storage");
             return Ok(());
         }
@@ -544,6 +549,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             Ok(w) => w,
             Err(e) => {
                 log::error!(target: SMTPD, "error: {}: cannot create queue file: {e}", txn.id);
+                self.ctx.stats.spool_write_failed();
                 self.reply(451, "4.3.0", "Error: queue file write error");
                 return Ok(());
             }
@@ -627,6 +633,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             Some((550, "5.5.2", "Error: bare <CR> or <LF> received in message data".to_string()))
         } else if let Some(e) = &io_error {
             log::error!(target: SMTPD, "error: {}: queue file write error: {e}", txn.id);
+            self.ctx.stats.spool_write_failed();
             Some((451, "4.3.0", "Error: queue file write error".to_string()))
         } else {
             None
@@ -645,6 +652,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             Ok(s) => s,
             Err(e) => {
                 log::error!(target: SMTPD, "error: {}: queue file write error: {e}", txn.id);
+                self.ctx.stats.spool_write_failed();
                 self.reply(451, "4.3.0", "Error: queue file write error");
                 return Ok(());
             }
@@ -653,6 +661,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         // on stable storage.
         if let Err(e) = self.ctx.committer.commit(ticket).await {
             log::error!(target: SMTPD, "error: {}: cannot make queue file durable: {e}", txn.id);
+            self.ctx.stats.spool_write_failed();
             let _ = self.ctx.spool.remove(&txn.id);
             self.reply(451, "4.3.0", "Error: queue file write error");
             return Ok(());

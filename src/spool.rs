@@ -6,7 +6,10 @@
 //! incoming/ID   a message being received (never trusted; removed at start)
 //! queue/ID      a committed message: envelope header, blank line, message
 //! state/ID      delivery state of a queued message (attempts, done recipients)
-//! corrupt/ID    queue files that failed their check at start (kept for the admin)
+//! corrupt/ID    queue files that failed their check at start (kept for the admin);
+//!               also ID.state (a damaged delivery state) and anything found
+//!               at start where a spool file should be but that is not one
+//!               (a directory, a FIFO, a symlink): moved, never deleted
 //! ```
 //!
 //! A queue file is written once and never changed: the envelope (sender,
@@ -24,14 +27,22 @@
 //!
 //! Reading (`list`, `read`) needs no running server: `mailq` and the status
 //! page read the same files.
+//!
+//! Nothing here trusts what it finds on disk: every spool file is opened
+//! with `O_NOFOLLOW | O_NONBLOCK` and checked to be a regular file (a
+//! symlink is never followed, a FIFO never blocks), every error names its
+//! path, and one bad entry never stops start-up or a listing: it is reported
+//! and skipped or moved to `corrupt/` (Postfix's qmgr likewise skips what is
+//! not a regular file and saves unparsable queue files to its corrupt queue).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::logging::MASTER;
 use crate::util::{QueueId, valid_queue_id};
 
 const MAGIC: &str = "BARTLEBY-QUEUE 1";
@@ -39,6 +50,13 @@ const MAGIC: &str = "BARTLEBY-QUEUE 1";
 const LEN_WIDTH: usize = 20;
 /// Longest header line a reader accepts (an address is at most 256 octets).
 const MAX_HEADER_LINE: usize = 1024;
+/// Largest delivery state read: a bigger one is taken as damaged. A real
+/// one holds a line of at most a few hundred bytes per recipient.
+const MAX_STATE: u64 = 4 << 20;
+/// The spool's subdirectories.
+const SUBDIRS: [&str; 4] = ["incoming", "queue", "state", "corrupt"];
+/// Name of the file [`Spool::probe_writable`] creates (never a queue ID).
+const PROBE: &str = "write-test.tmp";
 
 /// The envelope of a message, as received.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -95,6 +113,10 @@ pub struct QueuedMessage {
     pub size: u64,
     pub state: DeliveryState,
     pub recipients: Vec<Recipient>,
+    /// Why `state/ID` could not be used, if so. The message is then taken as
+    /// never tried: every recipient pending (at worst one gets it twice,
+    /// never none), and the scheduler moves the bad file to `corrupt/`.
+    pub state_error: Option<String>,
 }
 
 impl QueuedMessage {
@@ -116,6 +138,12 @@ pub struct Recovery {
     pub removed_incoming: usize,
     pub corrupt: Vec<String>,
     pub orphan_states: usize,
+    /// Entries moved to `corrupt/` that were not damaged queue files
+    /// (directories, FIFOs, symlinks, damaged delivery states).
+    pub quarantined: usize,
+    /// Queue files left in place because they could not be read (EACCES,
+    /// EIO): they are tried again later, never moved or deleted.
+    pub unreadable: usize,
 }
 
 /// Space on the spool's file system, as `df` shows it.
@@ -125,6 +153,12 @@ pub struct DiskSpace {
     pub used: u64,
     /// Available to an unprivileged writer (df's "Avail").
     pub avail: u64,
+    /// Inodes in all, and free for an unprivileged writer (`df -i`); both 0
+    /// on file systems without an inode limit (btrfs).
+    pub files: u64,
+    pub favail: u64,
+    /// Mounted read-only (statvfs ST_RDONLY).
+    pub read_only: bool,
 }
 
 impl DiskSpace {
@@ -138,31 +172,146 @@ fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
+/// The error with its path in front; its kind is kept (NotFound stays NotFound).
+fn at(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+/// What a file system object is, for messages.
+fn kind_of(ft: fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_char_device() || ft.is_block_device() {
+        "a device"
+    } else if ft.is_file() {
+        "a regular file"
+    } else {
+        "of unknown type"
+    }
+}
+
+/// Opens a spool file for reading. Never follows a symlink (`O_NOFOLLOW`),
+/// never blocks on a FIFO (`O_NONBLOCK`), and refuses anything that is not
+/// a regular file with an `InvalidData` error naming the path and what is
+/// there. Other errors keep their kind and name the path too.
+pub fn open_regular(path: &Path) -> io::Result<File> {
+    let f = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path) {
+        Ok(f) => f,
+        // ELOOP: the last component is a symlink; ENXIO: a socket.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENXIO)) => {
+            let what = fs::symlink_metadata(path).map_or("of unknown type", |m| kind_of(m.file_type()));
+            return Err(invalid(format!("{}: not a regular file ({what})", path.display())));
+        }
+        Err(e) => return Err(at(path, e)),
+    };
+    let ft = f.metadata().map_err(|e| at(path, e))?.file_type();
+    if !ft.is_file() {
+        return Err(invalid(format!("{}: not a regular file ({})", path.display(), kind_of(ft))));
+    }
+    Ok(f)
+}
+
+/// Parses a delivery state. Strict on purpose: what does not parse is
+/// treated as lost (every recipient pending again), never half-trusted.
+fn parse_state(buf: &[u8]) -> Result<DeliveryState, &'static str> {
+    if buf.len() as u64 > MAX_STATE {
+        return Err("larger than 4 MiB");
+    }
+    if buf.is_empty() {
+        return Err("empty file");
+    }
+    let text = std::str::from_utf8(buf).map_err(|_| "not UTF-8")?;
+    if !text.ends_with('\n') {
+        return Err("cut short (no final newline)");
+    }
+    let mut s = DeliveryState::default();
+    let mut attempts = false;
+    for line in text.lines() {
+        let (k, v) = line.split_once(' ').unwrap_or((line, ""));
+        match k {
+            "attempts" => {
+                s.attempts = v.parse().map_err(|_| "bad attempts line")?;
+                attempts = true;
+            }
+            "next" => s.next_attempt = v.parse().map_err(|_| "bad next line")?,
+            "last" => s.last_attempt = v.parse().map_err(|_| "bad last line")?,
+            "error" => s.last_error = v.to_string(),
+            "sent" | "bounced" | "rcpt-error" => {
+                let (addr, reply) = v.split_once(' ').unwrap_or((v, ""));
+                if addr.is_empty() {
+                    return Err("recipient line without an address");
+                }
+                match k {
+                    "sent" => s.done.push((addr.to_string(), RcptStatus::Sent, reply.to_string())),
+                    "bounced" => s.done.push((addr.to_string(), RcptStatus::Bounced, reply.to_string())),
+                    _ => s.errors.push((addr.to_string(), reply.to_string())),
+                }
+            }
+            _ => {} // later versions may add fields
+        }
+    }
+    if !attempts {
+        return Err("no attempts line");
+    }
+    Ok(s)
+}
+
 /// Fsyncs a directory, so that a rename or create in it is durable.
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
 impl Spool {
-    /// The spool at `root`, creating its directories (server side).
+    /// The spool at `root`, creating its directories (server side). A
+    /// subdirectory that is not one (a file, a dangling symlink, a symlink
+    /// to another file system, where renames between them would fail) is
+    /// moved aside to `NAME.not-a-directory` (logged) and made anew.
     pub fn create(root: &Path) -> io::Result<Spool> {
-        for d in ["", "incoming", "queue", "state", "corrupt"] {
-            let p = root.join(d);
-            if !p.is_dir() {
-                fs::create_dir_all(&p)?;
-            }
+        fs::create_dir_all(root).map_err(|e| at(root, e))?;
+        let dev = fs::metadata(root).map_err(|e| at(root, e))?.dev();
+        let sp = Spool { root: root.to_path_buf() };
+        for d in SUBDIRS {
+            sp.ensure_dir(d, dev)?;
         }
-        fsync_dir(root)?;
-        Ok(Spool { root: root.to_path_buf() })
+        fsync_dir(root).map_err(|e| at(root, e))?;
+        Ok(sp)
+    }
+
+    fn ensure_dir(&self, d: &str, dev: u64) -> io::Result<()> {
+        let p = self.root.join(d);
+        let what = match fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => return Ok(()),
+            Ok(m) if m.file_type().is_symlink() => match fs::metadata(&p) {
+                Ok(t) if t.is_dir() && t.dev() == dev => return Ok(()),
+                Ok(t) if t.is_dir() => "a symbolic link to a directory on another file system",
+                Ok(_) => "a symbolic link to something that is not a directory",
+                Err(_) => "a dangling symbolic link",
+            },
+            Ok(m) => kind_of(m.file_type()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return fs::create_dir(&p).map_err(|e| at(&p, e)),
+            Err(e) => return Err(at(&p, e)),
+        };
+        let aside = unused_name(&self.root, &format!("{d}.not-a-directory"))?;
+        fs::rename(&p, &aside).map_err(|e| at(&p, e))?;
+        log::warn!(target: MASTER, "warning: {}: {what}, not a directory; moved to {}, new {d}/ made", p.display(), aside.display());
+        fs::create_dir(&p).map_err(|e| at(&p, e))
     }
 
     /// The spool at `root` for reading only (`mailq`, status page).
     pub fn open(root: &Path) -> io::Result<Spool> {
-        if !root.join("queue").is_dir() {
-            return Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{}: no spool here (no queue/ directory)", root.display()),
-            ));
+        let q = root.join("queue");
+        if !q.is_dir() {
+            let what = match fs::symlink_metadata(&q) {
+                Ok(m) => format!("{}: not a directory ({})", q.display(), kind_of(m.file_type())),
+                Err(e) => format!("{}: {e}", q.display()),
+            };
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{}: no spool here ({what})", root.display())));
         }
         Ok(Spool { root: root.to_path_buf() })
     }
@@ -184,75 +333,217 @@ impl Spool {
         self.root.join("control.sock")
     }
 
-    /// Cleans up after a crash: partial messages in `incoming/` are deleted
-    /// (they were never acknowledged), queue files that fail the length check
-    /// are moved to `corrupt/`, state files without a message are removed.
+    /// Cleans up after a crash, and makes sure no single bad entry can stop
+    /// the server or strand a message. Never fails on one entry: each is
+    /// logged with its path and skipped or moved to `corrupt/`; it fails
+    /// only if `queue/` itself cannot be listed.
+    ///
+    /// * `incoming/`: partial messages (never acknowledged) are deleted;
+    ///   anything there that is not a regular file is moved to
+    ///   `corrupt/NAME.incoming`.
+    /// * `queue/`: a queue file that is damaged (length, header, not a
+    ///   regular file) goes to `corrupt/ID` with its state (`ID.state`); one
+    ///   that cannot be read (EACCES, EIO) stays where it is, with its state.
+    /// * `state/`: a state file that cannot be used (unreadable, not UTF-8,
+    ///   cut short, not a regular file) goes to `corrupt/ID.state`, and its
+    ///   message counts as never tried (every recipient pending again);
+    ///   temporary files and states without a message are deleted (when
+    ///   regular files: they are leftovers of a crash).
     pub fn recover(&self) -> io::Result<Recovery> {
         let mut r = Recovery::default();
-        for e in fs::read_dir(self.root.join("incoming"))? {
-            let e = e?;
-            fs::remove_file(e.path())?;
-            r.removed_incoming += 1;
+        let mut changed = false;
+        let incoming = self.root.join("incoming");
+        match fs::read_dir(&incoming) {
+            Ok(rd) => {
+                for e in rd.flatten() {
+                    let p = e.path();
+                    match e.file_type() {
+                        Ok(t) if t.is_file() => match fs::remove_file(&p) {
+                            Ok(()) => {
+                                r.removed_incoming += 1;
+                                changed = true;
+                            }
+                            Err(err) => log::warn!(target: MASTER, "warning: {}: cannot remove partial message: {err}", p.display()),
+                        },
+                        Ok(t) => {
+                            let name = format!("{}.incoming", e.file_name().to_string_lossy());
+                            changed |= self.quarantine_logged(&p, &name, &format!("not a regular file ({})", kind_of(t)), &mut r);
+                        }
+                        Err(err) => log::warn!(target: MASTER, "warning: {}: {err}", p.display()),
+                    }
+                }
+            }
+            Err(e) => log::error!(target: MASTER, "error: {}: cannot list partial messages: {e}", incoming.display()),
         }
+        let _ = fs::remove_file(self.root.join("queue").join(PROBE));
         for id in self.ids()? {
             match self.check(&id) {
                 Ok(()) => r.queued += 1,
-                Err(err) => {
-                    log::warn!("{id}: queue file damaged ({err}); moved to corrupt/");
-                    fs::rename(self.queue_path(&id), self.root.join("corrupt").join(id.as_str()))?;
-                    let _ = fs::remove_file(self.state_path(&id));
-                    r.corrupt.push(id.to_string());
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    match self.quarantine(&self.queue_path(&id), &id) {
+                        Ok(to) => {
+                            log::warn!(target: MASTER, "warning: {id}: queue file damaged ({e}); moved to {}", to.display());
+                            r.corrupt.push(id.to_string());
+                            changed = true;
+                            // Its state goes with it, for the admin: never deleted.
+                            let sp = self.state_path(&id);
+                            if fs::symlink_metadata(&sp).is_ok() {
+                                match self.quarantine(&sp, &format!("{id}.state")) {
+                                    Ok(to) => log::warn!(target: MASTER, "warning: {id}: its delivery state {} moved to {}", sp.display(), to.display()),
+                                    Err(qe) => log::error!(target: MASTER, "error: {id}: cannot move its delivery state to corrupt/: {qe}"),
+                                }
+                            }
+                        }
+                        Err(qe) => {
+                            log::error!(target: MASTER, "error: {id}: queue file damaged ({e}); cannot move it to corrupt/: {qe}; left in place");
+                            r.unreadable += 1;
+                        }
+                    }
+                }
+                Err(e) => {
+                    // Intact for all we know, only unreadable now: never moved, never deleted.
+                    log::error!(target: MASTER, "error: {id}: cannot read queue file: {e}; left in the queue and tried again later");
+                    r.unreadable += 1;
                 }
             }
         }
-        for e in fs::read_dir(self.root.join("state"))? {
-            let e = e?;
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            if name.ends_with(".tmp") || !self.queue_path(&name).exists() {
-                fs::remove_file(e.path())?;
-                r.orphan_states += 1;
+        let state = self.root.join("state");
+        match fs::read_dir(&state) {
+            Ok(rd) => {
+                for e in rd.flatten() {
+                    let p = e.path();
+                    let os_name = e.file_name();
+                    let name = os_name.to_string_lossy();
+                    let regular = e.file_type().map(|t| t.is_file()).unwrap_or(false);
+                    let what = || format!("not a regular file ({})", e.file_type().map_or("of unknown type", kind_of));
+                    let has_message = !name.ends_with(".tmp")
+                        && valid_queue_id(&name)
+                        && fs::symlink_metadata(self.queue_path(&name)).is_ok();
+                    if !has_message {
+                        // A temporary file or the state of a message that is gone.
+                        if regular {
+                            match fs::remove_file(&p) {
+                                Ok(()) => {
+                                    r.orphan_states += 1;
+                                    changed = true;
+                                }
+                                Err(err) => log::warn!(target: MASTER, "warning: {}: cannot remove: {err}", p.display()),
+                            }
+                        } else {
+                            changed |= self.quarantine_logged(&p, &name, &what(), &mut r);
+                        }
+                        continue;
+                    }
+                    if let Err(err) = self.read_state(&name) {
+                        if err.kind() == io::ErrorKind::NotFound {
+                            continue;
+                        }
+                        match self.quarantine(&p, &format!("{name}.state")) {
+                            Ok(to) => {
+                                log::warn!(
+                                    target: MASTER,
+                                    "warning: {name}: delivery state unusable ({err}); moved to {}; the message counts as never tried: recipients already delivered to may get it again",
+                                    to.display()
+                                );
+                                r.quarantined += 1;
+                                changed = true;
+                            }
+                            Err(qe) => log::error!(target: MASTER, "error: {name}: delivery state unusable ({err}); cannot move it to corrupt/: {qe}"),
+                        }
+                    }
+                }
             }
+            Err(e) => log::error!(target: MASTER, "error: {}: cannot list delivery states: {e}", state.display()),
         }
-        if r.removed_incoming > 0 || !r.corrupt.is_empty() || r.orphan_states > 0 {
-            self.sync()?;
+        if changed && let Err(e) = self.sync() {
+            log::error!(target: MASTER, "error: spool {}: sync after recovery: {e}", self.root.display());
         }
         Ok(r)
     }
 
+    /// Moves `from` into `corrupt/` as `name`, or `name.1`, `name.2`, ... :
+    /// never over an existing entry. Returns where it went.
+    fn quarantine(&self, from: &Path, name: &str) -> io::Result<PathBuf> {
+        let to = unused_name(&self.root.join("corrupt"), name)?;
+        fs::rename(from, &to).map_err(|e| at(from, e))?;
+        Ok(to)
+    }
+
+    /// [`Spool::quarantine`] with the log line; true if the entry moved.
+    fn quarantine_logged(&self, from: &Path, name: &str, why: &str, r: &mut Recovery) -> bool {
+        match self.quarantine(from, name) {
+            Ok(to) => {
+                log::warn!(target: MASTER, "warning: {}: {why}; moved to {}", from.display(), to.display());
+                r.quarantined += 1;
+                true
+            }
+            Err(e) => {
+                log::error!(target: MASTER, "error: {}: {why}; cannot move it to corrupt/: {e}; left in place", from.display());
+                false
+            }
+        }
+    }
+
+    /// Moves a message's unusable delivery state to `corrupt/ID.state`
+    /// (the scheduler does so before it writes a new one).
+    pub fn quarantine_state(&self, id: &str) -> io::Result<PathBuf> {
+        self.quarantine(&self.state_path(id), &format!("{id}.state"))
+    }
+
     /// IDs of the committed messages, oldest first (IDs start with the time).
+    /// Names that are not queue IDs are ignored (as Postfix's qmgr does).
     pub fn ids(&self) -> io::Result<Vec<QueueId>> {
         let mut v = Vec::new();
-        for e in fs::read_dir(self.root.join("queue"))? {
-            let e = e?;
+        let dir = self.root.join("queue");
+        for e in fs::read_dir(&dir).map_err(|e| at(&dir, e))?.flatten() {
             let name = e.file_name();
             if let Some(s) = name.to_str()
                 && valid_queue_id(s)
-                    && let Ok(id) = QueueId::try_from(s) {
-                        v.push(id);
-                    }
+                && let Ok(id) = QueueId::try_from(s)
+            {
+                v.push(id);
+            }
         }
         v.sort();
         Ok(v)
     }
 
+    /// Opens a queue file and reads its envelope header, checking that the
+    /// file is complete (its length matches the header: a torn file is
+    /// never listed or delivered as if whole) and belongs to `id` (a file
+    /// copied under another name would make the scheduler act on the other
+    /// message's files). Damage is an `InvalidData` error naming the path.
+    fn open_queue_file(&self, id: &str, capacity: usize) -> io::Result<(BufReader<File>, Envelope, u64, u64)> {
+        let path = self.queue_path(id);
+        let f = open_regular(&path)?;
+        let file_len = f.metadata().map_err(|e| at(&path, e))?.len();
+        let mut rd = BufReader::with_capacity(capacity, f);
+        let (env, size, header_len) = read_header(&mut rd).map_err(|e| at(&path, e))?;
+        if env.id.as_str() != id {
+            return Err(invalid(format!("{}: header names another queue ID ({})", path.display(), env.id)));
+        }
+        if header_len.checked_add(size) != Some(file_len) {
+            return Err(invalid(format!(
+                "{}: header says {} bytes of message, file holds {}",
+                path.display(),
+                size,
+                file_len.saturating_sub(header_len)
+            )));
+        }
+        Ok((rd, env, size, header_len))
+    }
+
     /// Verifies that a queue file is complete.
     fn check(&self, id: &str) -> io::Result<()> {
-        let f = File::open(self.queue_path(id))?;
-        let file_len = f.metadata()?.len();
-        let mut rd = BufReader::with_capacity(1024, f);
-        let (_, size, header_len) = read_header(&mut rd)?;
-        if header_len + size != file_len {
-            return Err(invalid(format!("header says {} bytes of message, file holds {}", size, file_len.saturating_sub(header_len))));
-        }
-        Ok(())
+        self.open_queue_file(id, 1024).map(|_| ())
     }
 
     /// Starts a new message: creates `incoming/ID` and writes the envelope.
     pub fn begin(&self, env: &Envelope) -> io::Result<SpoolWriter> {
         let path = self.root.join("incoming").join(env.id.as_str());
-        if self.queue_path(&env.id).exists() {
-            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "queue ID in use"));
+        if fs::symlink_metadata(self.queue_path(&env.id)).is_ok() {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{}: queue ID in use", self.queue_path(&env.id).display())));
         }
         let mut header = String::with_capacity(256 + 64 * env.recipients.len());
         let mut put = |line: &str| -> io::Result<()> {
@@ -277,11 +568,12 @@ impl Spool {
         }
         let len_offset = (header.len() + "length ".len()) as u64;
         header.push_str(&format!("length {:0width$}\n\n", 0, width = LEN_WIDTH));
-        let file = OpenOptions::new().write(true).create_new(true).open(&path)?;
+        // create_new (O_EXCL) never follows a symlink nor opens what exists.
+        let file = OpenOptions::new().write(true).create_new(true).open(&path).map_err(|e| at(&path, e))?;
         let mut w = BufWriter::with_capacity(4096, file);
         if let Err(e) = w.write_all(header.as_bytes()) {
             let _ = fs::remove_file(&path);
-            return Err(e);
+            return Err(at(&path, e));
         }
         Ok(SpoolWriter { w, path, queue_path: self.queue_path(&env.id), len_offset, size: 0 })
     }
@@ -291,15 +583,18 @@ impl Spool {
     /// For one-off syncs (recovery, tests). The committer keeps its own
     /// descriptor instead: see [`syncfs`].
     pub fn sync(&self) -> io::Result<()> {
-        syncfs(&File::open(self.root.join("queue"))?)
+        let q = self.root.join("queue");
+        syncfs(&File::open(&q).map_err(|e| at(&q, e))?)
     }
 
-    /// Reads a queued message's envelope and state (no body).
+    /// Reads a queued message's envelope and state (no body). A state that
+    /// cannot be used does not fail the read: see [`QueuedMessage::state_error`].
     pub fn read(&self, id: &str) -> io::Result<QueuedMessage> {
-        let f = File::open(self.queue_path(id))?;
-        let mut rd = BufReader::with_capacity(1024, f);
-        let (env, size, _) = read_header(&mut rd)?;
-        let state = self.read_state(id)?;
+        let (_, env, size, _) = self.open_queue_file(id, 1024)?;
+        let (state, state_error) = match self.read_state(id) {
+            Ok(s) => (s, None),
+            Err(e) => (DeliveryState::default(), Some(e.to_string())),
+        };
         let recipients = env
             .recipients
             .iter()
@@ -312,70 +607,56 @@ impl Spool {
                 }
             })
             .collect();
-        Ok(QueuedMessage { env, size, state, recipients })
+        Ok(QueuedMessage { env, size, state, recipients, state_error })
     }
 
-    /// Every queued message, oldest first. Messages that vanish while the
-    /// list is read (delivered meanwhile) are skipped.
-    pub fn list(&self) -> io::Result<Vec<QueuedMessage>> {
+    /// Every queued message, oldest first, and the queue files that could
+    /// not be read (ID, reason): one bad file never fails the listing.
+    /// Messages that vanish while the list is read (delivered meanwhile)
+    /// are skipped.
+    #[allow(clippy::type_complexity)]
+    pub fn list(&self) -> io::Result<(Vec<QueuedMessage>, Vec<(QueueId, String)>)> {
         let mut out = Vec::new();
+        let mut bad = Vec::new();
         for id in self.ids()? {
             match self.read(&id) {
                 Ok(m) => out.push(m),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io::Error::new(e.kind(), format!("{id}: {e}"))),
+                Err(e) => bad.push((id, e.to_string())),
             }
         }
-        Ok(out)
+        Ok((out, bad))
     }
 
     /// Arrival time and exact message size of a queued message, from its
     /// envelope header alone (no state file, no recipient bookkeeping): what
     /// counting a large queue needs.
     pub fn summary(&self, id: &str) -> io::Result<(u64, u64)> {
-        let f = File::open(self.queue_path(id))?;
-        let mut rd = BufReader::with_capacity(512, f);
-        let (env, size, _) = read_header(&mut rd)?;
+        let (_, env, size, _) = self.open_queue_file(id, 512)?;
         Ok((env.arrival, size))
     }
 
     /// Opens the message data of a queued message, positioned at its start.
     pub fn open_data(&self, id: &str) -> io::Result<(BufReader<File>, u64)> {
-        let f = File::open(self.queue_path(id))?;
-        let mut rd = BufReader::with_capacity(4096, f);
-        let (_, size, header_len) = read_header(&mut rd)?;
+        let (rd, _, size, header_len) = self.open_queue_file(id, 4096)?;
         let mut f = rd.into_inner();
-        f.seek(SeekFrom::Start(header_len))?;
+        f.seek(SeekFrom::Start(header_len)).map_err(|e| at(&self.queue_path(id), e))?;
         Ok((BufReader::with_capacity(4096, f), size))
     }
 
     /// The delivery state of a message (default when none was written yet).
+    /// Any other failure (not a regular file, unreadable, not UTF-8, cut
+    /// short) is an error naming the path; callers treat the state as lost.
     pub fn read_state(&self, id: &str) -> io::Result<DeliveryState> {
-        let text = match fs::read_to_string(self.state_path(id)) {
-            Ok(t) => t,
+        let path = self.state_path(id);
+        let f = match open_regular(&path) {
+            Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(DeliveryState::default()),
             Err(e) => return Err(e),
         };
-        let mut s = DeliveryState::default();
-        for line in text.lines() {
-            let (k, v) = line.split_once(' ').unwrap_or((line, ""));
-            match k {
-                "attempts" => s.attempts = v.parse().unwrap_or(0),
-                "next" => s.next_attempt = v.parse().unwrap_or(0),
-                "last" => s.last_attempt = v.parse().unwrap_or(0),
-                "error" => s.last_error = v.to_string(),
-                "sent" | "bounced" | "rcpt-error" => {
-                    let (addr, reply) = v.split_once(' ').unwrap_or((v, ""));
-                    match k {
-                        "sent" => s.done.push((addr.to_string(), RcptStatus::Sent, reply.to_string())),
-                        "bounced" => s.done.push((addr.to_string(), RcptStatus::Bounced, reply.to_string())),
-                        _ => s.errors.push((addr.to_string(), reply.to_string())),
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(s)
+        let mut buf = Vec::with_capacity(256);
+        f.take(MAX_STATE + 1).read_to_end(&mut buf).map_err(|e| at(&path, e))?;
+        parse_state(&buf).map_err(|why| invalid(format!("{}: damaged delivery state: {why}", path.display())))
     }
 
     /// Replaces the delivery state (write to a temporary file, rename).
@@ -397,26 +678,65 @@ impl Spool {
         for (a, e) in &s.errors {
             text.push_str(&format!("rcpt-error {a} {}\n", clean(e)));
         }
-        let tmp = self.root.join("state").join(format!("{id}.tmp"));
-        let mut f = File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        if durable {
-            f.sync_data()?;
+        let dir = self.root.join("state");
+        let tmp = dir.join(format!("{id}.tmp"));
+        // A leftover (or planted) temporary is unlinked first, and the new
+        // one made with O_EXCL: a symlink there is never written through.
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(at(&tmp, e)),
+            _ => {}
         }
-        fs::rename(&tmp, self.state_path(id))?;
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| at(&tmp, e))?;
+        let written = f.write_all(text.as_bytes()).and_then(|_| if durable { f.sync_data() } else { Ok(()) });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(at(&tmp, e));
+        }
+        let path = self.state_path(id);
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(at(&path, e));
+        }
         if durable {
-            fsync_dir(&self.root.join("state"))?;
+            fsync_dir(&dir).map_err(|e| at(&dir, e))?;
         }
         Ok(())
     }
 
-    /// Removes a message whose every recipient is done.
+    /// Removes a message whose every recipient is done. Fails only if the
+    /// queue file could not be removed (the message would be delivered
+    /// again after a restart); a state file left behind is only logged:
+    /// start-up removes it as an orphan.
     pub fn remove(&self, id: &str) -> io::Result<()> {
-        fs::remove_file(self.queue_path(id))?;
-        match fs::remove_file(self.state_path(id)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        let q = self.queue_path(id);
+        fs::remove_file(&q).map_err(|e| at(&q, e))?;
+        let sp = self.state_path(id);
+        match fs::remove_file(&sp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                log::warn!(target: crate::logging::QMGR, "warning: {id}: cannot remove delivery state {}: {e}", sp.display());
+            }
+            _ => {}
         }
+        Ok(())
+    }
+
+    /// Checks that the spool can record delivery results: creates, syncs
+    /// and removes a file in `state/` and in `queue/`. The scheduler uses
+    /// it to decide when deliveries may start again after a failure.
+    pub fn probe_writable(&self) -> io::Result<()> {
+        for d in ["state", "queue"] {
+            let dir = self.root.join(d);
+            let p = dir.join(PROBE);
+            let _ = fs::remove_file(&p);
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&p).map_err(|e| at(&p, e))?;
+            let r = f.write_all(b"x\n").and_then(|_| f.sync_data());
+            drop(f);
+            let removed = fs::remove_file(&p);
+            r.map_err(|e| at(&p, e))?;
+            removed.map_err(|e| at(&p, e))?;
+            fsync_dir(&dir).map_err(|e| at(&dir, e))?;
+        }
+        Ok(())
     }
 
     /// Space on the spool's file system.
@@ -437,7 +757,42 @@ pub fn disk_space(path: &Path) -> io::Result<DiskSpace> {
     let frsize = st.f_frsize as u64;
     let total = st.f_blocks as u64 * frsize;
     let free = st.f_bfree as u64 * frsize;
-    Ok(DiskSpace { total, used: total.saturating_sub(free), avail: st.f_bavail as u64 * frsize })
+    Ok(DiskSpace {
+        total,
+        used: total.saturating_sub(free),
+        avail: st.f_bavail as u64 * frsize,
+        files: st.f_files as u64,
+        favail: st.f_favail as u64,
+        read_only: st.f_flag & libc::ST_RDONLY != 0,
+    })
+}
+
+/// Free inodes the spool keeps in reserve: below it, MAIL gets 452.
+///
+/// Every message needs an inode for its queue file and, once tried, one
+/// for its delivery state (and briefly one more for the state's temporary
+/// file). What must never fail for lack of an inode: the queue file of
+/// every session that already passed MAIL (`max_connections`), and, per
+/// delivery connection, what recording one outcome can take (a state file,
+/// its temporary, and a bounce: queue file, state, temporary = 5); plus 100
+/// for the spool's own files (lock, control socket, write probes) and the
+/// first deferrals of messages queued meanwhile. Default: 100 + 20 + 5 * 4
+/// = 140 inodes, about 0.01 % of a small ext4 file system.
+pub fn inode_reserve(max_connections: usize, delivery_connections: usize) -> u64 {
+    100u64.saturating_add(max_connections as u64).saturating_add(5u64.saturating_mul(delivery_connections as u64))
+}
+
+/// A name under `dir` that nothing has yet: `name`, else `name.1`, `name.2` ...
+fn unused_name(dir: &Path, name: &str) -> io::Result<PathBuf> {
+    for n in 0..1000u32 {
+        let p = if n == 0 { dir.join(name) } else { dir.join(format!("{name}.{n}")) };
+        match fs::symlink_metadata(&p) {
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(p),
+            Err(e) => return Err(at(&p, e)),
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{}: 1000 entries named {name}.N already", dir.display())))
 }
 
 /// Reads and parses the envelope header; returns it, the message length and
@@ -697,9 +1052,9 @@ mod tests {
         assert_eq!(m.state, st);
         assert_eq!(m.recipients[0].status, RcptStatus::Sent);
         assert_eq!(m.recipients[1].error, "450 4.2.1 mailbox busy");
-        assert_eq!(sp.list().unwrap().len(), 1);
+        assert_eq!(sp.list().unwrap().0.len(), 1);
         sp.remove("AAAA000000001").unwrap();
-        assert!(sp.list().unwrap().is_empty());
+        assert!(sp.list().unwrap().0.is_empty());
         fs::remove_dir_all(root).unwrap();
     }
 
@@ -731,6 +1086,137 @@ mod tests {
         assert_eq!(r.orphan_states, 1);
         assert!(root.join("corrupt/AAAA000000004").exists());
         assert_eq!(sp.ids().unwrap().len(), 1);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    fn queued(sp: &Spool, id: &str) {
+        let mut w = sp.begin(&env(id)).unwrap();
+        w.write(b"Subject: x\r\n\r\nbody\r\n").unwrap();
+        w.finish().unwrap();
+    }
+
+    fn mkfifo(p: &Path) {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    /// Nothing blocks and nothing is followed: a FIFO, a symlink (even to a
+    /// good file), a directory are refused at once, naming the path.
+    #[test]
+    fn open_regular_refuses_what_is_not_a_file() {
+        let root = tmp("open");
+        fs::create_dir_all(&root).unwrap();
+        fs::write(root.join("file"), "x").unwrap();
+        mkfifo(&root.join("fifo"));
+        std::os::unix::fs::symlink(root.join("file"), root.join("link")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", root.join("zero")).unwrap();
+        fs::create_dir(root.join("dir")).unwrap();
+        assert!(open_regular(&root.join("file")).is_ok());
+        for (name, what) in [("fifo", "a FIFO"), ("link", "a symbolic link"), ("zero", "a symbolic link"), ("dir", "a directory")] {
+            let e = open_regular(&root.join(name)).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{name}");
+            assert!(e.to_string().contains(&root.join(name).display().to_string()), "{e}");
+            assert!(e.to_string().contains(what), "{e}");
+        }
+        let e = open_regular(&root.join("missing")).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.to_string().contains("missing"), "{e}");
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// A damaged state is never half-trusted: the message reads with every
+    /// recipient pending and the reason, so none is dropped.
+    #[test]
+    fn damaged_state_counts_as_never_tried() {
+        let root = tmp("state");
+        let sp = Spool::create(&root).unwrap();
+        let id = "AAAA000000010";
+        queued(&sp, id);
+        let good = "attempts 1\nnext 0\nlast 0\nerror x\nsent bob@example.org 250 ok\n";
+        for (bad, why) in [
+            (&b"attempts 1\nsent bob@example.org 250 \xff\n"[..], "not UTF-8"),
+            (&good.as_bytes()[..good.len() - 3], "cut short"),
+            (b"", "empty"),
+            (b"sent bob@example.org 250 ok\n", "no attempts"),
+            (b"attempts lots\n", "bad attempts"),
+        ] {
+            fs::write(root.join("state").join(id), bad).unwrap();
+            let m = sp.read(id).unwrap();
+            assert!(m.state_error.as_deref().unwrap_or("").contains(why), "{:?}", m.state_error);
+            assert_eq!(m.pending().count(), 2, "{why}");
+        }
+        fs::write(root.join("state").join(id), good).unwrap();
+        let m = sp.read(id).unwrap();
+        assert_eq!((m.state_error.clone(), m.pending().count()), (None, 1));
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// Start-up moves bad entries to corrupt/ (never over an older one),
+    /// keeps damaged files' states, never blocks on a FIFO, never fails.
+    #[test]
+    fn recover_quarantines_and_never_overwrites() {
+        let root = tmp("quar");
+        let sp = Spool::create(&root).unwrap();
+        for id in ["AAAA000000020", "AAAA000000021", "AAAA000000022"] {
+            queued(&sp, id);
+            sp.write_state(id, &DeliveryState { attempts: 1, ..Default::default() }, false).unwrap();
+        }
+        // A torn queue file whose name is taken in corrupt/ already.
+        let torn = root.join("queue/AAAA000000020");
+        let f = OpenOptions::new().write(true).open(&torn).unwrap();
+        f.set_len(f.metadata().unwrap().len() - 2).unwrap();
+        fs::write(root.join("corrupt/AAAA000000020"), "older").unwrap();
+        // A FIFO in queue/, a directory in incoming/, a non-UTF-8 state, a
+        // symlinked state, a queue file copied under another ID.
+        mkfifo(&root.join("queue/AAAA000000030"));
+        fs::create_dir(root.join("incoming/AAAA000000031")).unwrap();
+        fs::write(root.join("state/AAAA000000021"), b"attempts \xff\n").unwrap();
+        fs::remove_file(root.join("state/AAAA000000022")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", root.join("state/AAAA000000022")).unwrap();
+        fs::copy(root.join("queue/AAAA000000022"), root.join("queue/AAAA000000032")).unwrap();
+        let r = sp.recover().unwrap();
+        assert_eq!(r.queued, 2);
+        assert_eq!(r.corrupt, vec!["AAAA000000020".to_string(), "AAAA000000030".into(), "AAAA000000032".into()]);
+        assert_eq!(fs::read_to_string(root.join("corrupt/AAAA000000020")).unwrap(), "older");
+        assert!(root.join("corrupt/AAAA000000020.1").is_file());
+        assert!(root.join("corrupt/AAAA000000020.state").is_file());
+        assert!(root.join("corrupt/AAAA000000031.incoming").is_dir());
+        assert_eq!(fs::read(root.join("corrupt/AAAA000000021.state")).unwrap(), b"attempts \xff\n");
+        assert!(fs::symlink_metadata(root.join("corrupt/AAAA000000022.state")).unwrap().file_type().is_symlink());
+        assert_eq!(sp.list().unwrap().0.iter().filter(|m| m.state_error.is_none()).count(), 2);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// A spool subdirectory that is a file is moved aside, not fatal.
+    #[test]
+    fn create_moves_aside_what_is_not_a_directory() {
+        let root = tmp("aside");
+        fs::create_dir_all(&root).unwrap();
+        fs::write(root.join("state"), "not a dir").unwrap();
+        std::os::unix::fs::symlink("/nonexistent/x", root.join("incoming")).unwrap();
+        let sp = Spool::create(&root).unwrap();
+        assert!(root.join("state").is_dir() && root.join("incoming").is_dir());
+        assert_eq!(fs::read_to_string(root.join("state.not-a-directory")).unwrap(), "not a dir");
+        assert!(fs::symlink_metadata(root.join("incoming.not-a-directory")).is_ok());
+        queued(&sp, "AAAA000000040");
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// A symlink planted at the state's temporary name is replaced, never
+    /// written through.
+    #[test]
+    fn write_state_never_writes_through_a_symlink() {
+        let root = tmp("tmplink");
+        let sp = Spool::create(&root).unwrap();
+        queued(&sp, "AAAA000000050");
+        let victim = root.join("victim");
+        fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, root.join("state/AAAA000000050.tmp")).unwrap();
+        sp.write_state("AAAA000000050", &DeliveryState { attempts: 3, ..Default::default() }, true).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        assert_eq!(sp.read_state("AAAA000000050").unwrap().attempts, 3);
         fs::remove_dir_all(root).unwrap();
     }
 

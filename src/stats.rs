@@ -58,6 +58,16 @@ pub struct Stats {
     /// (the last reload was refused and the previous list kept); empty when
     /// the file and the list agree.
     pub recipients_kept: Mutex<String>,
+    /// The spool could not record a delivery result (a removal or a state
+    /// write failed): no delivery starts, and MAIL gets 452, until a probe
+    /// finds it writable again (kept by the scheduler).
+    pub spool_unwritable: AtomicBool,
+    /// Delivered messages whose outcome is not recorded yet: they would be
+    /// delivered again if the server restarted now.
+    pub spool_unrecorded: AtomicU32,
+    /// Wakes the scheduler to probe the spool after a session failed to
+    /// store a message (see [`Stats::spool_write_failed`]).
+    pub spool_probe: tokio::sync::Notify,
 }
 
 impl Stats {
@@ -80,6 +90,16 @@ impl Stats {
     pub fn request_flush(&self) {
         Self::inc(&self.flush_requests);
         self.flush.notify_one();
+    }
+
+    /// A session could not store a message (451): MAIL gets 452 from now
+    /// on, until the scheduler's probe finds the spool writable (at once, if
+    /// the failure was one file's own). Without this, a read-only or failed
+    /// file system that statvfs does not show (ext4's emergency read-only,
+    /// EIO) would get every client a 250 to MAIL and a 451 after its DATA.
+    pub fn spool_write_failed(&self) {
+        self.spool_unwritable.store(true, Ordering::Relaxed);
+        self.spool_probe.notify_one();
     }
 
     /// A copy of the primary's state.

@@ -313,6 +313,7 @@ fn page_data<'a>(ctx: &'a Ctx, flushed: bool) -> render::PageData<'a> {
         ],
         persistent_spool: st.persistent_spool.load(Ordering::Relaxed),
         spool_note: st.spool_note.lock().map(|s| s.clone()).unwrap_or_default(),
+        spool_unwritable: st.spool_unwritable.load(Ordering::Relaxed),
         recipients_path: cfg.recipients.as_ref().map(|p| p.display().to_string()),
         recipients: recipients_list(cfg),
         recipients_max_age: cfg.status.recipients_max_age,
@@ -395,7 +396,24 @@ fn metrics(ctx: &Ctx) -> String {
     if let Ok(d) = spool::disk_space(&cfg.spool) {
         metric(&mut o, "bartleby_spool_free_bytes", "gauge", "Space available on the spool file system.", d.avail);
         metric(&mut o, "bartleby_spool_size_bytes", "gauge", "Size of the spool file system.", d.total);
+        if d.files > 0 {
+            metric(&mut o, "bartleby_spool_free_inodes", "gauge", "Inodes available on the spool file system.", d.favail);
+        }
     }
+    metric(
+        &mut o,
+        "bartleby_spool_unrecorded_messages",
+        "gauge",
+        "Delivered messages the spool could not record yet (delivered again after a restart now).",
+        Stats::get(&st.spool_unrecorded),
+    );
+    metric(
+        &mut o,
+        "bartleby_spool_recording",
+        "gauge",
+        "0 while the spool cannot record delivery results (deliveries suspended).",
+        u8::from(!st.spool_unwritable.load(Ordering::Relaxed)),
+    );
     // Unknown before the first attempt: NaN, so "== 0" alerts do not fire.
     let up = match st.primary().up {
         Some(true) => "1",

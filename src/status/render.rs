@@ -116,6 +116,8 @@ pub struct QueueView {
     pub rows: Vec<QueuedMessage>,
     /// Queue files that could not be read (shown, never fatal).
     pub unreadable: u32,
+    /// The first [`MAX_ROWS`] of them: ID and reason.
+    pub unreadable_rows: Vec<(String, String)>,
     /// Set when the spool itself could not be opened or listed.
     pub error: Option<String>,
 }
@@ -151,7 +153,7 @@ impl QueueView {
                         v.oldest = Some(v.oldest.map_or(arrival, |o| o.min(arrival)));
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(_) => v.unreadable += 1,
+                    Err(e) => v.note_unreadable(id, &e),
                 }
                 continue;
             }
@@ -163,10 +165,17 @@ impl QueueView {
                     v.rows.push(m);
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(_) => v.unreadable += 1,
+                Err(e) => v.note_unreadable(id, &e),
             }
         }
         v
+    }
+
+    fn note_unreadable(&mut self, id: &str, e: &io::Error) {
+        self.unreadable += 1;
+        if self.unreadable_rows.len() < MAX_ROWS {
+            self.unreadable_rows.push((id.to_string(), e.to_string()));
+        }
     }
 }
 
@@ -219,6 +228,8 @@ pub struct PageData<'a> {
     pub counters: [(&'static str, u32); 7],
     pub persistent_spool: bool,
     pub spool_note: String,
+    /// The scheduler found the spool unable to record delivery results.
+    pub spool_unwritable: bool,
     pub recipients_path: Option<String>,
     pub recipients: RecipientsList,
     pub recipients_max_age: Duration,
@@ -381,6 +392,9 @@ pub fn page(d: &PageData) -> String {
             human_duration(d.now.saturating_sub(l.last))
         );
     }
+    if d.spool_unwritable {
+        o.push_str("<p class=\"alert\" id=\"spool-unwritable\"><strong>The spool cannot record delivery results.</strong> Deliveries are suspended and new mail is refused with 452 until it is writable again; messages delivered meanwhile would be delivered again after a restart (see the log).</p>\n");
+    }
     if let Some(e) = &q.error {
         o.push_str("<p class=\"alert\">Cannot read the spool: ");
         html(&mut o, e);
@@ -456,6 +470,12 @@ pub fn page(d: &PageData) -> String {
                 human_bytes(ds.avail),
                 ds.percent_used()
             );
+            if ds.read_only {
+                o.push_str(" <span class=\"bad\">read-only</span>");
+            }
+            if ds.files > 0 {
+                let _ = write!(o, "</td></tr><tr><th>Spool inodes free</th><td id=\"inodes\">{} of {}", ds.favail, ds.files);
+            }
         }
         Err(e) => {
             o.push_str("<span class=\"bad\">cannot read: ");
@@ -560,7 +580,15 @@ pub fn page(d: &PageData) -> String {
         }
     }
     if q.unreadable > 0 {
-        let _ = writeln!(o, "<p class=\"warn\">{} queue file(s) could not be read.</p>", q.unreadable);
+        let _ = writeln!(o, "<p class=\"warn\">{} queue file(s) could not be read:</p>\n<ul id=\"unreadable\">", q.unreadable);
+        for (id, why) in &q.unreadable_rows {
+            o.push_str("<li><span class=\"id\">");
+            html(&mut o, id);
+            o.push_str("</span>: ");
+            html_cut(&mut o, why, MAX_TEXT * 2);
+            o.push_str("</li>\n");
+        }
+        o.push_str("</ul>\n");
     }
 
     // Recent log.
@@ -651,6 +679,10 @@ pub fn json_message(o: &mut String, m: &QueuedMessage, now: u64, retry_at: u64) 
         held.is_some()
     );
     json(o, &m.state.last_error);
+    if let Some(e) = &m.state_error {
+        o.push_str(",\"state_error\":");
+        json(o, e);
+    }
     o.push('}');
 }
 
@@ -660,11 +692,22 @@ pub fn write_queue_json<W: Write>(w: &mut W, spool: &Spool, now: u64, retry_at: 
     let ids = spool.ids()?;
     let mut buf = String::with_capacity(1024);
     let (mut count, mut bytes) = (0u64, 0u64);
+    // Unreadable files are listed after the messages, at most MAX_ROWS of
+    // them in memory (the rest only counted).
+    let mut unreadable: Vec<(&str, String)> = Vec::new();
+    let mut unreadable_n = 0u64;
     w.write_all(b"{\"messages\":[")?;
     for id in &ids {
         let m = match spool.read(id) {
             Ok(m) => m,
-            Err(_) => continue, // delivered meanwhile, or unreadable
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // delivered meanwhile
+            Err(e) => {
+                unreadable_n += 1;
+                if unreadable.len() < MAX_ROWS {
+                    unreadable.push((id.as_str(), e.to_string()));
+                }
+                continue;
+            }
         };
         buf.clear();
         if count > 0 {
@@ -675,7 +718,20 @@ pub fn write_queue_json<W: Write>(w: &mut W, spool: &Spool, now: u64, retry_at: 
         count += 1;
         bytes += m.size;
     }
-    writeln!(w, "],\"count\":{count},\"bytes\":{bytes}}}")
+    buf.clear();
+    buf.push_str("],\"unreadable\":[");
+    for (i, (id, why)) in unreadable.iter().enumerate() {
+        if i > 0 {
+            buf.push(',');
+        }
+        buf.push_str("{\"id\":");
+        json(&mut buf, id);
+        buf.push_str(",\"error\":");
+        json(&mut buf, why);
+        buf.push('}');
+    }
+    w.write_all(buf.as_bytes())?;
+    writeln!(w, "],\"unreadable_count\":{unreadable_n},\"count\":{count},\"bytes\":{bytes}}}")
 }
 
 /// Appends one metric with its HELP and TYPE lines.
@@ -709,6 +765,7 @@ mod tests {
             size: 10,
             state: DeliveryState { attempts, next_attempt, ..Default::default() },
             recipients: vec![Recipient { addr: "c@example.org".into(), status: RcptStatus::Pending, error: String::new() }],
+            state_error: None,
         }
     }
 
