@@ -302,20 +302,11 @@ pub const MAX_ARRAY_ITEMS: usize = 1000;
 /// recursive value parser off the end of PID 1's stack (`[[[[...`).
 const MAX_DEPTH: usize = 4;
 
-/// Parses the TOML subset into a flat list of items.
-pub fn parse_toml(text: &str) -> Result<Vec<Item>, (usize, String)> {
-    let mut items = Vec::new();
-    parse_toml_with(text, |it| {
-        items.push(it);
-        Ok(())
-    })?;
-    Ok(items)
-}
-
 /// Parses the TOML subset, handing each item to `each` as soon as it is read,
 /// so the first bad key stops the parse (a 1 MiB file of unknown keys never
 /// becomes a 250,000-item list). One pass over the bytes: the time is linear
 /// in the file's size whatever its shape (arrays over 100,000 lines included).
+/// A key set twice is the Builder's to refuse (it knows the few valid keys).
 ///
 /// Accepted: a leading UTF-8 BOM (skipped), LF or CRLF line ends, `#`
 /// comments, `[table]` headers, bare keys, basic ("...") and literal ('...')
@@ -329,7 +320,6 @@ pub fn parse_toml_with(text: &str, mut each: impl FnMut(Item) -> Result<(), (usi
     let mut lx = Lexer { s: text.as_bytes(), pos: 0, line: 1 };
     let mut table = String::new();
     let mut seen_tables: Vec<String> = Vec::new();
-    let mut seen_keys: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
     loop {
         lx.skip_ws();
         lx.skip_comment();
@@ -347,7 +337,7 @@ pub fn parse_toml_with(text: &str, mut each: impl FnMut(Item) -> Result<(), (usi
             lx.pos += 1 + name.len() + 1;
             let name = name.trim();
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-                return Err((lineno, format!("`[{}]` is not a valid table name", name.escape_debug())));
+                return Err((lineno, format!("`[{}]` is not a valid table name", clip(name))));
             }
             if !TABLES.contains(&name) {
                 return Err((lineno, format!("unknown table `[{name}]` (known: [status], [network])")));
@@ -371,9 +361,6 @@ pub fn parse_toml_with(text: &str, mut each: impl FnMut(Item) -> Result<(), (usi
         }
         let value = lx.value(0).map_err(|(l, e)| (lineno, at_line(format!("`{key}`: {e}"), l, lineno)))?;
         lx.end_of_line().map_err(|l| (lineno, at_line(format!("`{key}`: unexpected text after the value"), l, lineno)))?;
-        if !seen_keys.insert((table.clone(), key.to_string())) {
-            return Err((lineno, format!("`{key}` is set twice")));
-        }
         each(Item { table: table.clone(), key: key.to_string(), value, line: lineno })?;
     }
 }
@@ -383,9 +370,19 @@ fn at_line(msg: String, line: usize, key_line: usize) -> String {
     if line == key_line { msg } else { format!("{msg} (line {line})") }
 }
 
-/// Text for an error message: at most 60 characters, invisible ones escaped.
+/// Text for an error message: at most 60 characters, anything but printable
+/// ASCII written as `\u{...}`, so an invisible character (a BOM, a NUL from an
+/// escape) shows. (Not `escape_debug`: its Unicode tables cost the floppy KBs.)
 fn clip(s: &str) -> String {
-    let mut out: String = s.chars().take(60).collect::<String>().escape_debug().collect();
+    use std::fmt::Write;
+    let mut out = String::new();
+    for c in s.chars().take(60) {
+        if c == ' ' || c.is_ascii_graphic() {
+            out.push(c);
+        } else {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        }
+    }
     if s.chars().nth(60).is_some() {
         out.push_str("...");
     }
@@ -772,7 +769,7 @@ fn want_path(v: &Value) -> Result<PathBuf, String> {
         return Err("must be an absolute path (like \"/var/spool/bartleby\"), not empty".into());
     }
     if s.contains(|c: char| c.is_control()) {
-        return Err(format!("must not contain control characters: `{}`", s.escape_debug()));
+        return Err(format!("must not contain control characters: `{}`", clip(s)));
     }
     if !s.starts_with('/') {
         return Err(format!("must be an absolute path, not `{s}` (write it from the root, like \"/{s}\")"));
@@ -865,6 +862,10 @@ impl Builder {
         let v = &it.value;
         let c = &mut self.c;
         let full = if it.table.is_empty() { it.key.clone() } else { format!("{}.{}", it.table, it.key) };
+        // `seen` holds only keys set successfully: at most the known keys
+        if self.seen.iter().any(|(k, _)| *k == full) {
+            return Err(format!("`{}` is set twice", it.key));
+        }
         let r: Result<(), String> = (|| match (it.table.as_str(), it.key.as_str()) {
             ("", "hostname") => {
                 let h = want_str(v)?;
@@ -955,9 +956,10 @@ impl Builder {
             ("status", "recipients_max_age") => want_duration(v).map(|d| c.status.recipients_max_age = d),
             ("network", "interface") => {
                 // IFNAMSIZ is 16 with the NUL; a name is never empty and has no `/` or blank
+                // (ASCII only here)
                 let s = want_str(v)?;
-                if s.is_empty() || s.len() > 15 || s.contains(|c: char| c == '/' || c.is_whitespace() || c.is_control()) {
-                    return Err(format!("`{}` is not an interface name (like \"eth0\": 1 to 15 characters)", s.escape_debug()));
+                if s.is_empty() || s.len() > 15 || !s.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
+                    return Err(format!("`{}` is not an interface name (like \"eth0\": 1 to 15 characters)", clip(s)));
                 }
                 c.network.interface = Some(s.to_string());
                 Ok(())
