@@ -15,6 +15,44 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Reads a configuration file: a regular file of at most [`MAX_CONFIG_BYTES`],
+/// opened with O_NONBLOCK (opening a FIFO for reading would wait for a writer).
+fn read_file(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    let meta = f.metadata().map_err(|e| format!("cannot read: {e}"))?;
+    let t = meta.file_type();
+    if !t.is_file() {
+        let what = if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else {
+            "not a file"
+        };
+        return Err(format!("cannot read: not a regular file ({what})"));
+    }
+    let too_large = |n: u64| format!("too large ({n} bytes): a configuration file is at most 1 MiB");
+    if meta.len() > MAX_CONFIG_BYTES {
+        return Err(too_large(meta.len()));
+    }
+    let mut buf = Vec::new();
+    f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut buf).map_err(|e| format!("cannot read: {e}"))?;
+    if buf.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_large(buf.len() as u64));
+    }
+    Ok(buf)
+}
+
 /// One configuration error, with the place it was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -186,32 +224,43 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file. Only a regular file of at
+    /// most [`MAX_CONFIG_BYTES`] is read; it is opened non-blocking, so a FIFO
+    /// at the path is refused instead of hanging the start (or PID 1).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.display().to_string(),
-            line: 0,
-            message: format!("cannot read: {e}"),
+        let bytes = read_file(path).map_err(|message| ConfigError { file: path.display().to_string(), line: 0, message })?;
+        Config::parse_bytes(&bytes, path)
+    }
+
+    /// Parses the bytes of a configuration file: UTF-8 (an invalid byte is
+    /// refused with its line), a leading BOM skipped.
+    pub fn parse_bytes(bytes: &[u8], path: &Path) -> Result<Config, ConfigError> {
+        let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            let good = &bytes[..e.valid_up_to()];
+            let line = 1 + good.iter().filter(|&&b| b == b'\n').count();
+            let column = 1 + good.iter().rev().take_while(|&&b| b != b'\n').count();
+            ConfigError {
+                file: path.display().to_string(),
+                line,
+                message: format!(
+                    "byte 0x{:02X} (column {column}) is not valid UTF-8; save the file as UTF-8",
+                    bytes[e.valid_up_to()]
+                ),
+            }
         })?;
-        Config::parse(&text, path)
+        Config::parse(text, path)
     }
 
     /// Parses configuration text; `path` names the file in errors.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let items = parse_toml(text).map_err(|(line, message)| ConfigError {
+        let mut b = Builder::new(path);
+        parse_toml_with(text, |it| b.set(&it).map_err(|message| (it.line, message))).map_err(|(line, message)| ConfigError {
             file: file.clone(),
             line,
             message,
         })?;
-        let mut b = Builder::new(path);
-        for it in &items {
-            b.set(it).map_err(|message| ConfigError {
-                file: file.clone(),
-                line: it.line,
-                message,
-            })?;
-        }
         b.finish().map_err(|(line, message)| ConfigError { file, line, message })
     }
 
@@ -253,27 +302,53 @@ pub struct Item {
 /// The tables a configuration may have.
 const TABLES: [&str; 2] = ["status", "network"];
 
-/// Parses the TOML subset into a flat list of items.
-pub fn parse_toml(text: &str) -> Result<Vec<Item>, (usize, String)> {
-    let mut items: Vec<Item> = Vec::new();
+/// Largest configuration file read: far more than any real configuration
+/// (the example is 1.5 KiB), small enough to read whole on a 16 MB machine.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+/// Most entries in one array (`relay_domains`, `listen`, `etrn_allow`,
+/// `[status] allow`, `[network] dns`): a backup MX on a 486 serves a handful
+/// of domains; a list of valid recipients belongs in the `recipients` file.
+pub const MAX_ARRAY_ITEMS: usize = 1000;
+/// Deepest nesting of arrays. No key takes nested arrays; the bound keeps the
+/// recursive value parser off the end of PID 1's stack (`[[[[...`).
+const MAX_DEPTH: usize = 4;
+
+/// Parses the TOML subset, handing each item to `each` as soon as it is read,
+/// so the first bad key stops the parse (a 1 MiB file of unknown keys never
+/// becomes a 250,000-item list). One pass over the bytes: the time is linear
+/// in the file's size whatever its shape (arrays over 100,000 lines included).
+/// A key set twice is the Builder's to refuse (it knows the few valid keys).
+///
+/// Accepted: a leading UTF-8 BOM (skipped), LF or CRLF line ends, `#`
+/// comments, `[table]` headers, bare keys, basic ("...") and literal ('...')
+/// strings, integers, booleans, arrays (over several lines, with comments and
+/// a trailing comma). Refused with the line: control characters other than
+/// tab (NUL, a CR that does not end a line, ...), multi-line strings, inline
+/// tables, floats, dates.
+pub fn parse_toml_with(text: &str, mut each: impl FnMut(Item) -> Result<(), (usize, String)>) -> Result<(), (usize, String)> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    check_bytes(text.as_bytes())?;
+    let mut lx = Lexer { s: text.as_bytes(), pos: 0, line: 1 };
     let mut table = String::new();
     let mut seen_tables: Vec<String> = Vec::new();
-    let lines: Vec<&str> = text.lines().collect();
-    let mut i = 0;
-    while i < lines.len() {
-        let lineno = i + 1;
-        let line = strip_comment(lines[i]).trim().to_string();
-        i += 1;
-        if line.is_empty() {
+    loop {
+        lx.skip_ws();
+        lx.skip_comment();
+        if lx.newline() {
             continue;
         }
-        if let Some(rest) = line.strip_prefix('[') {
-            let name = rest
-                .strip_suffix(']')
-                .ok_or((lineno, "a table header must end with `]`".to_string()))?
-                .trim();
+        let Some(c) = lx.peek() else { return Ok(()) };
+        let lineno = lx.line;
+        if c == b'[' {
+            let rest = lx.rest_of_line();
+            let name = rest[1..]
+                .split_once(']')
+                .map(|(n, _)| n)
+                .ok_or((lineno, "a table header must end with `]`".to_string()))?;
+            lx.pos += 1 + name.len() + 1;
+            let name = name.trim();
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-                return Err((lineno, format!("`[{name}]` is not a valid table name")));
+                return Err((lineno, format!("`[{}]` is not a valid table name", clip(name))));
             }
             if !TABLES.contains(&name) {
                 return Err((lineno, format!("unknown table `[{name}]` (known: [status], [network])")));
@@ -283,167 +358,249 @@ pub fn parse_toml(text: &str) -> Result<Vec<Item>, (usize, String)> {
             }
             seen_tables.push(name.to_string());
             table = name.to_string();
+            lx.end_of_line().map_err(|_| (lineno, format!("unexpected text after `[{name}]`")))?;
             continue;
         }
-        let (key, rest) = line
-            .split_once('=')
-            .ok_or((lineno, format!("expected `key = value`, found `{line}`")))?;
+        let rest = lx.rest_of_line();
+        let Some((key, _)) = rest.split_once('=') else {
+            return Err((lineno, format!("expected `key = value`, found `{}`", clip(rest.trim()))));
+        };
+        lx.pos += key.len() + 1;
         let key = key.trim();
         if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            return Err((lineno, format!("`{key}` is not a valid key")));
+            return Err((lineno, format!("`{}` is not a valid key", clip(key))));
         }
-        // An array may continue over several lines until its brackets balance.
-        let mut src = rest.trim().to_string();
-        if src.starts_with('[') {
-            while !brackets_closed(&src) {
-                if i >= lines.len() {
-                    return Err((lineno, format!("array for `{key}` is not closed with `]`")));
-                }
-                src.push(' ');
-                src.push_str(strip_comment(lines[i]).trim());
-                i += 1;
-            }
-        }
-        let mut p = ValueParser { s: src.as_bytes(), pos: 0 };
-        let value = p.value().map_err(|e| (lineno, format!("`{key}`: {e}")))?;
-        p.skip_ws();
-        if p.pos != p.s.len() {
-            return Err((lineno, format!("`{key}`: unexpected text after the value")));
-        }
-        if items.iter().any(|it| it.table == table && it.key == key) {
-            return Err((lineno, format!("`{key}` is set twice")));
-        }
-        items.push(Item { table: table.clone(), key: key.to_string(), value, line: lineno });
+        let value = lx.value(0).map_err(|(l, e)| (lineno, at_line(format!("`{key}`: {e}"), l, lineno)))?;
+        lx.end_of_line().map_err(|l| (lineno, at_line(format!("`{key}`: unexpected text after the value"), l, lineno)))?;
+        each(Item { table: table.clone(), key: key.to_string(), value, line: lineno })?;
     }
-    Ok(items)
 }
 
-/// Removes a `#` comment that is not inside a string.
-fn strip_comment(line: &str) -> &str {
-    let mut in_str = false;
-    let mut escaped = false;
-    for (i, c) in line.char_indices() {
-        match c {
-            '\\' if in_str && !escaped => {
-                escaped = true;
-                continue;
-            }
-            '"' if !escaped => in_str = !in_str,
-            '#' if !in_str => return &line[..i],
+/// Adds "(line N)" to a value's error found on another line than its key's.
+fn at_line(msg: String, line: usize, key_line: usize) -> String {
+    if line == key_line { msg } else { format!("{msg} (line {line})") }
+}
+
+/// Text for an error message: at most 60 characters, anything but printable
+/// ASCII written as `\u{...}`, so an invisible character (a BOM, a NUL from an
+/// escape) shows. (Not `escape_debug`: its Unicode tables cost the floppy KBs.)
+fn clip(s: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for c in s.chars().take(60) {
+        if c == ' ' || c.is_ascii_graphic() {
+            out.push(c);
+        } else {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        }
+    }
+    if s.chars().nth(60).is_some() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// Refuses the bytes TOML refuses anywhere (tab aside, control characters
+/// are not allowed even in comments and strings), naming the line: binary
+/// garbage, NUL bytes, a CR that does not end a line (a file half converted
+/// between Mac and DOS line ends).
+fn check_bytes(s: &[u8]) -> Result<(), (usize, String)> {
+    let mut line = 1;
+    for (i, &b) in s.iter().enumerate() {
+        match b {
+            b'\n' => line += 1,
+            b'\t' => {}
+            b'\r' if s.get(i + 1) == Some(&b'\n') => {}
+            b'\r' => return Err((line, "a carriage return (CR) that does not end a line; save the file with LF or CRLF line ends".into())),
+            0 => return Err((line, "a NUL byte (is this a binary file?)".into())),
+            0..=0x1f | 0x7f => return Err((line, format!("control character 0x{b:02X} (is this a binary file?)"))),
             _ => {}
         }
-        escaped = false;
     }
-    line
+    Ok(())
 }
 
-fn brackets_closed(s: &str) -> bool {
-    let mut depth = 0i32;
-    let mut in_str = false;
-    let mut escaped = false;
-    for c in s.chars() {
-        match c {
-            '\\' if in_str && !escaped => {
-                escaped = true;
-                continue;
-            }
-            '"' if !escaped => in_str = !in_str,
-            '[' if !in_str => depth += 1,
-            ']' if !in_str => depth -= 1,
-            _ => {}
-        }
-        escaped = false;
-    }
-    depth <= 0
-}
-
-struct ValueParser<'a> {
+/// A cursor over the whole text; `line` counts the line ends passed.
+struct Lexer<'a> {
     s: &'a [u8],
     pos: usize,
+    line: usize,
 }
 
-impl ValueParser<'_> {
+impl<'a> Lexer<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.pos).copied()
+    }
+
     fn skip_ws(&mut self) {
-        while self.pos < self.s.len() && (self.s[self.pos] == b' ' || self.s[self.pos] == b'\t') {
+        while matches!(self.peek(), Some(b' ' | b'\t')) {
             self.pos += 1;
         }
     }
 
-    fn value(&mut self) -> Result<Value, String> {
+    /// Skips a `#` comment up to (not including) the line end.
+    fn skip_comment(&mut self) {
+        if self.peek() == Some(b'#') {
+            while !matches!(self.peek(), None | Some(b'\n' | b'\r')) {
+                self.pos += 1;
+            }
+        }
+    }
+
+    /// Consumes one line end (LF or CRLF: `check_bytes` made every CR one).
+    fn newline(&mut self) -> bool {
+        match self.peek() {
+            Some(b'\n') => self.pos += 1,
+            Some(b'\r') => self.pos += 2,
+            _ => return false,
+        }
+        self.line += 1;
+        true
+    }
+
+    /// Blanks, a comment, then the end of the line or of the file.
+    fn end_of_line(&mut self) -> Result<(), usize> {
         self.skip_ws();
-        match self.s.get(self.pos) {
-            None => Err("a value is missing".into()),
-            Some(b'"') => self.string().map(Value::Str),
+        self.skip_comment();
+        if self.newline() || self.peek().is_none() { Ok(()) } else { Err(self.line) }
+    }
+
+    /// The rest of the current line (the text is valid UTF-8 and the cut is
+    /// at an ASCII byte, so this is a `str`).
+    fn rest_of_line(&self) -> &'a str {
+        let end = self.s[self.pos..].iter().position(|&c| c == b'\n' || c == b'\r').map_or(self.s.len(), |n| self.pos + n);
+        std::str::from_utf8(&self.s[self.pos..end]).unwrap_or("")
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Value, (usize, String)> {
+        self.skip_ws();
+        let line = self.line;
+        let err = |m: &str| Err((line, m.to_string()));
+        match self.peek() {
+            None | Some(b'\n' | b'\r' | b'#') => err("a value is missing"),
+            Some(b'"') => self.basic_string().map(Value::Str).map_err(|e| (line, e)),
             Some(b'\'') => {
+                if self.s[self.pos..].starts_with(b"'''") {
+                    return err("multi-line strings ('''...''') are not supported");
+                }
                 let start = self.pos + 1;
-                let end = self.s[start..]
-                    .iter()
-                    .position(|&c| c == b'\'')
-                    .ok_or("a string is not closed")?;
-                self.pos = start + end + 1;
-                Ok(Value::Str(String::from_utf8_lossy(&self.s[start..start + end]).into_owned()))
+                let Some(len) = self.s[start..].iter().position(|&c| c == b'\'' || c == b'\n' || c == b'\r') else {
+                    return err("a string is not closed with `'`");
+                };
+                if self.s[start + len] != b'\'' {
+                    return err("a string is not closed with `'` on its line");
+                }
+                self.pos = start + len + 1;
+                Ok(Value::Str(String::from_utf8_lossy(&self.s[start..start + len]).into_owned()))
             }
             Some(b'[') => {
+                if depth >= MAX_DEPTH {
+                    return err(&format!("arrays nested deeper than {MAX_DEPTH} levels"));
+                }
                 self.pos += 1;
                 let mut v = Vec::new();
                 loop {
-                    self.skip_ws();
-                    match self.s.get(self.pos) {
+                    self.skip_blank();
+                    match self.peek() {
                         Some(b']') => {
                             self.pos += 1;
                             return Ok(Value::Array(v));
                         }
-                        None => return Err("an array is not closed".into()),
+                        None => return Err((self.line, "an array is not closed with `]`".into())),
                         _ => {}
                     }
-                    v.push(self.value()?);
-                    self.skip_ws();
-                    match self.s.get(self.pos) {
+                    if v.len() == MAX_ARRAY_ITEMS {
+                        return Err((self.line, format!("an array has more than {MAX_ARRAY_ITEMS} entries")));
+                    }
+                    v.push(self.value(depth + 1)?);
+                    self.skip_blank();
+                    match self.peek() {
                         Some(b',') => self.pos += 1,
                         Some(b']') => {}
-                        _ => return Err("array items must be separated by `,`".into()),
+                        None => return Err((self.line, "an array is not closed with `]`".into())),
+                        _ => return Err((self.line, "array items must be separated by `,`".into())),
                     }
                 }
             }
+            Some(b'{') => err("inline tables ({...}) are not supported"),
             Some(_) => {
                 let start = self.pos;
-                while self.pos < self.s.len() && !matches!(self.s[self.pos], b',' | b']' | b' ' | b'\t') {
+                while !matches!(self.peek(), None | Some(b',' | b']' | b' ' | b'\t' | b'\n' | b'\r' | b'#')) {
                     self.pos += 1;
                 }
                 let word = std::str::from_utf8(&self.s[start..self.pos]).unwrap_or("");
                 match word {
                     "true" => Ok(Value::Bool(true)),
                     "false" => Ok(Value::Bool(false)),
-                    w => w
-                        .replace('_', "")
-                        .parse::<i64>()
-                        .map(Value::Int)
-                        .map_err(|_| format!("`{w}` is not a value (strings need double quotes)")),
+                    w => {
+                        let digits = w.strip_prefix(['+', '-']).unwrap_or(w);
+                        let number = !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit() || c == b'_');
+                        match w.replace('_', "").parse::<i64>() {
+                            Ok(n) if number => Ok(Value::Int(n)),
+                            _ if number => err(&format!("`{}` is too large a number", clip(w))),
+                            _ => err(&format!("`{}` is not a value (strings need quotes)", clip(w))),
+                        }
+                    }
                 }
             }
         }
     }
 
-    fn string(&mut self) -> Result<String, String> {
-        self.pos += 1; // opening quote
-        let mut out = Vec::new();
+    /// Blanks, comments and line ends between array items.
+    fn skip_blank(&mut self) {
         loop {
-            let c = *self.s.get(self.pos).ok_or("a string is not closed with `\"`")?;
+            self.skip_ws();
+            self.skip_comment();
+            if !self.newline() {
+                return;
+            }
+        }
+    }
+
+    /// A "basic string" with TOML's escapes; it ends on its own line.
+    fn basic_string(&mut self) -> Result<String, String> {
+        if self.s[self.pos..].starts_with(b"\"\"\"") {
+            return Err("multi-line strings (\"\"\"...\"\"\") are not supported".into());
+        }
+        self.pos += 1; // opening quote
+        let mut out = String::new();
+        loop {
+            let c = match self.peek() {
+                None | Some(b'\n' | b'\r') => return Err("a string is not closed with `\"` on its line".into()),
+                Some(c) => c,
+            };
             self.pos += 1;
             match c {
-                b'"' => return String::from_utf8(out).map_err(|_| "a string is not valid UTF-8".into()),
+                b'"' => return Ok(out),
                 b'\\' => {
-                    let e = *self.s.get(self.pos).ok_or("a string is not closed with `\"`")?;
+                    let e = self.peek().ok_or("a string is not closed with `\"`")?;
                     self.pos += 1;
                     match e {
-                        b'"' => out.push(b'"'),
-                        b'\\' => out.push(b'\\'),
-                        b'n' => out.push(b'\n'),
-                        b't' => out.push(b'\t'),
-                        _ => return Err(format!("unknown escape `\\{}` in a string", e as char)),
+                        b'"' => out.push('"'),
+                        b'\\' => out.push('\\'),
+                        b'n' => out.push('\n'),
+                        b't' => out.push('\t'),
+                        b'r' => out.push('\r'),
+                        b'b' => out.push('\u{8}'),
+                        b'f' => out.push('\u{c}'),
+                        b'u' | b'U' => {
+                            let n = if e == b'u' { 4 } else { 8 };
+                            let hex = self.s.get(self.pos..self.pos + n).and_then(|h| std::str::from_utf8(h).ok()).unwrap_or("");
+                            let ch = u32::from_str_radix(hex, 16).ok().filter(|_| hex.len() == n).and_then(char::from_u32);
+                            out.push(ch.ok_or_else(|| format!("`\\{}{}` is not a Unicode escape", e as char, clip(hex)))?);
+                            self.pos += n;
+                        }
+                        _ => return Err(format!("unknown escape `\\{}` in a string", clip(&String::from_utf8_lossy(&[e])))),
                     }
                 }
-                c => out.push(c),
+                _ => {
+                    // copy the whole UTF-8 sequence (the text is valid UTF-8)
+                    let start = self.pos - 1;
+                    while self.peek().is_some_and(|b| (b & 0xC0) == 0x80) {
+                        self.pos += 1;
+                    }
+                    out.push_str(std::str::from_utf8(&self.s[start..self.pos]).unwrap_or("\u{fffd}"));
+                }
             }
         }
     }
@@ -485,7 +642,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size (like 10240000 or \"10M\")"))?;
+    let n: u64 = num.parse().map_err(|e: std::num::ParseIntError| match e.kind() {
+        std::num::IntErrorKind::PosOverflow => format!("`{s}` is too large"),
+        _ => format!("`{s}` is not a size (like 10240000 or \"10M\")"),
+    })?;
     let mult = match unit.trim() {
         "" => 1,
         "k" | "K" => 1024,
@@ -493,7 +653,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "G" => 1024 * 1024 * 1024,
         u => return Err(format!("`{u}` is not a size unit (use k, M or G)")),
     };
-    Ok(n.saturating_mul(mult))
+    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
 }
 
 /// Checks a domain name as written in the configuration.
@@ -565,6 +725,77 @@ fn want_uint(v: &Value) -> Result<u64, String> {
         Value::Int(_) => Err("must not be negative".into()),
         Value::Str(s) => parse_size(s),
         other => Err(format!("must be a number, found {}", other.kind())),
+    }
+}
+
+/// Largest `max_message_size`: 1 GiB. SIZE (RFC 1870) is a plain decimal
+/// and Postfix's message_size_limit has no cap of its own, but a message is
+/// spooled and sent whole: 1 GiB is 40 times what the big mail services take
+/// (25 to 50 MB), keeps twice the size (the default `min_free_space`) and
+/// every offset well inside 32 bits signed, and a typo like "10G" (a 10 GiB
+/// DATA held open for hours) is refused rather than advertised.
+pub const MAX_MESSAGE_SIZE: u64 = 1 << 30;
+/// Largest `max_line_length`: 64 KiB. The session holds one command line in
+/// memory per connection (up to `max_connections` at once): 64 KiB is 128
+/// times RFC 5321's 512-octet command line and 32 times Postfix's
+/// line_length_limit default (2048), while 20 sessions at the limit stay at
+/// 1.25 MiB, inside the 4 MiB the relay lives in.
+pub const MAX_LINE_LENGTH: u64 = 64 * 1024;
+
+/// A number in `lo..=hi`, checked as u64 before any narrowing: on the i486
+/// build `usize` is 32 bits, and `4294967297 as usize` is 1.
+fn want_range(v: &Value, lo: u64, hi: u64, hi_text: &str) -> Result<u64, String> {
+    let n = want_uint(v)?;
+    if n > hi {
+        return Err(format!("must be at most {hi}{hi_text}"));
+    }
+    if n < lo {
+        return Err(format!("must be at least {lo}"));
+    }
+    Ok(n)
+}
+
+fn to_usize(n: u64) -> Result<usize, String> {
+    usize::try_from(n).map_err(|_| format!("{n} does not fit this machine's word size"))
+}
+
+fn to_u32(n: u64) -> Result<u32, String> {
+    u32::try_from(n).map_err(|_| format!("{n} is too large"))
+}
+
+/// A duration of at most `max` seconds (`max_text` says it the admin's way).
+fn want_duration_max(v: &Value, max: u64, max_text: &str) -> Result<Duration, String> {
+    let d = want_duration(v)?;
+    if d.as_secs() > max {
+        return Err(format!("must be at most {max_text}"));
+    }
+    Ok(d)
+}
+
+/// An absolute path, not `/` itself, without control characters (a NUL
+/// written as `\u0000` could not reach open(2)).
+fn want_path(v: &Value) -> Result<PathBuf, String> {
+    let s = want_str(v)?;
+    if s.is_empty() {
+        return Err("must be an absolute path (like \"/var/spool/bartleby\"), not empty".into());
+    }
+    if s.contains(|c: char| c.is_control()) {
+        return Err(format!("must not contain control characters: `{}`", clip(s)));
+    }
+    if !s.starts_with('/') {
+        return Err(format!("must be an absolute path, not `{s}` (write it from the root, like \"/{s}\")"));
+    }
+    if s.trim_end_matches('/').is_empty() {
+        return Err(format!("must be a directory of its own, not the root `{s}`"));
+    }
+    Ok(PathBuf::from(s))
+}
+
+/// An absolute path, or "" for none.
+fn want_opt_path(v: &Value) -> Result<Option<PathBuf>, String> {
+    match v {
+        Value::Str(s) if s.is_empty() => Ok(None),
+        _ => want_path(v).map(Some),
     }
 }
 
@@ -647,6 +878,10 @@ impl Builder {
         let v = &it.value;
         let c = &mut self.c;
         let full = if it.table.is_empty() { it.key.clone() } else { format!("{}.{}", it.table, it.key) };
+        // `seen` holds only keys set successfully: at most the known keys
+        if self.seen.iter().any(|(k, _)| *k == full) {
+            return Err(format!("`{}` is set twice", it.key));
+        }
         let r: Result<(), String> = (|| match (it.table.as_str(), it.key.as_str()) {
             ("", "hostname") => {
                 let h = want_str(v)?;
@@ -657,7 +892,7 @@ impl Builder {
                 Ok(())
             }
             ("", "listen") => want_addrs(v).map(|a| c.listen = a),
-            ("", "spool") => want_str(v).map(|s| c.spool = PathBuf::from(s)),
+            ("", "spool") => want_path(v).map(|p| c.spool = p),
             ("", "relay_domains") => {
                 let mut out = Vec::new();
                 for d in want_strs(v)? {
@@ -676,23 +911,23 @@ impl Builder {
                 c.primary = p.to_string();
                 Ok(())
             }
-            ("", "recipients") => want_str(v).map(|s| c.recipients = if s.is_empty() { None } else { Some(PathBuf::from(s)) }),
-            ("", "max_message_size") => want_uint(v).map(|n| c.max_message_size = n),
-            ("", "max_connections") => want_uint(v).map(|n| c.max_connections = n.min(1_000_000) as usize),
-            ("", "max_recipients") => want_uint(v).map(|n| c.max_recipients = n as usize),
-            ("", "queue_run_interval") => want_duration(v).map(|d| c.queue_run_interval = d),
+            ("", "recipients") => want_opt_path(v).map(|p| c.recipients = p),
+            ("", "max_message_size") => want_range(v, 0, MAX_MESSAGE_SIZE, " (1G)").map(|n| c.max_message_size = n),
+            ("", "max_connections") => want_range(v, 1, 10_000, "").and_then(to_usize).map(|n| c.max_connections = n),
+            ("", "max_recipients") => want_range(v, 0, 1000, "").and_then(to_usize).map(|n| c.max_recipients = n),
+            ("", "queue_run_interval") => want_duration_max(v, 86400, "1d").map(|d| c.queue_run_interval = d),
             ("", "minimal_backoff") => want_duration(v).map(|d| c.minimal_backoff = d),
             ("", "maximal_backoff") => want_duration(v).map(|d| c.maximal_backoff = d),
-            ("", "max_queue_lifetime") => want_duration(v).map(|d| c.max_queue_lifetime = d),
+            ("", "max_queue_lifetime") => want_duration_max(v, 100 * 86400, "100d").map(|d| c.max_queue_lifetime = d),
             ("", "etrn_allow") => want_cidrs(v).map(|a| c.etrn_allow = a),
-            ("", "command_timeout") => want_duration(v).map(|d| c.command_timeout = d),
-            ("", "data_timeout") => want_duration(v).map(|d| c.data_timeout = d),
-            ("", "max_line_length") => want_uint(v).map(|n| c.max_line_length = n as usize),
-            ("", "error_limit") => want_uint(v).map(|n| c.error_limit = n.min(1_000_000) as u32),
-            ("", "min_data_rate") => want_uint(v).map(|n| c.min_data_rate = n),
-            ("", "max_received_headers") => want_uint(v).map(|n| c.max_received_headers = n.min(1_000_000) as u32),
-            ("", "min_free_space") => want_uint(v).map(|n| c.min_free_space = n),
-            ("", "max_queue_messages") => want_uint(v).map(|n| c.max_queue_messages = n as usize),
+            ("", "command_timeout") => want_duration_max(v, 3600, "1h").map(|d| c.command_timeout = d),
+            ("", "data_timeout") => want_duration_max(v, 3600, "1h").map(|d| c.data_timeout = d),
+            ("", "max_line_length") => want_range(v, 0, MAX_LINE_LENGTH, " (64k)").and_then(to_usize).map(|n| c.max_line_length = n),
+            ("", "error_limit") => want_range(v, 0, 1000, "").and_then(to_u32).map(|n| c.error_limit = n),
+            ("", "min_data_rate") => want_range(v, 0, 1 << 30, " (1G)").map(|n| c.min_data_rate = n),
+            ("", "max_received_headers") => want_range(v, 1, 1000, "").and_then(to_u32).map(|n| c.max_received_headers = n),
+            ("", "min_free_space") => want_range(v, 0, 1 << 50, " (1048576G, 1 PiB)").map(|n| c.min_free_space = n),
+            ("", "max_queue_messages") => want_range(v, 0, 100_000, "").and_then(to_usize).map(|n| c.max_queue_messages = n),
             ("", "bare_newline") => match want_str(v)? {
                 "normalize" => {
                     c.bare_newline = BareNewline::Normalize;
@@ -704,10 +939,10 @@ impl Builder {
                 }
                 o => Err(format!("`{o}` must be \"normalize\" or \"reject\"")),
             },
-            ("", "delivery_timeout") => want_duration(v).map(|d| c.delivery_timeout = d),
-            ("", "connect_timeout") => want_duration(v).map(|d| c.connect_timeout = d),
-            ("", "delivery_connections") => want_uint(v).map(|n| c.delivery_connections = (n as usize).clamp(1, 64)),
-            ("", "log_file") => want_str(v).map(|s| c.log_file = if s.is_empty() { None } else { Some(PathBuf::from(s)) }),
+            ("", "delivery_timeout") => want_duration_max(v, 3600, "1h").map(|d| c.delivery_timeout = d),
+            ("", "connect_timeout") => want_duration_max(v, 600, "10m").map(|d| c.connect_timeout = d),
+            ("", "delivery_connections") => want_range(v, 1, 64, "").and_then(to_usize).map(|n| c.delivery_connections = n),
+            ("", "log_file") => want_opt_path(v).map(|p| c.log_file = p),
             ("", "log_level") => {
                 use log::LevelFilter as L;
                 let level = match want_str(v)?.to_ascii_lowercase().as_str() {
@@ -735,9 +970,20 @@ impl Builder {
             ("status", "allow") => want_cidrs(v).map(|a| c.status.allow = a),
             ("status", "flush_interval") => want_duration(v).map(|d| c.status.flush_interval = d),
             ("status", "recipients_max_age") => want_duration(v).map(|d| c.status.recipients_max_age = d),
-            ("network", "interface") => want_str(v).map(|s| c.network.interface = Some(s.to_string())),
+            ("network", "interface") => {
+                // IFNAMSIZ is 16 with the NUL; a name is never empty and has no `/` or blank
+                // (ASCII only here)
+                let s = want_str(v)?;
+                if s.is_empty() || s.len() > 15 || !s.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
+                    return Err(format!("`{}` is not an interface name (like \"eth0\": 1 to 15 characters)", clip(s)));
+                }
+                c.network.interface = Some(s.to_string());
+                Ok(())
+            }
             ("network", "address") => {
                 let s = want_str(v)?;
+                // netcfg does DHCP or a static IPv4 address: what passes here works there
+                let s = if s.eq_ignore_ascii_case("dhcp") { "dhcp" } else { s };
                 if s != "dhcp" {
                     let (a, p) = s.split_once('/').ok_or_else(|| format!("`{s}` must be \"dhcp\" or address/prefix like \"192.168.1.20/24\""))?;
                     a.parse::<Ipv4Addr>().map_err(|_| format!("`{a}` is not an IPv4 address"))?;
@@ -748,7 +994,8 @@ impl Builder {
             }
             ("network", "gateway") => {
                 let s = want_str(v)?;
-                s.parse::<IpAddr>().map_err(|_| format!("`{s}` is not an IP address"))?;
+                // netcfg sets an IPv4 default route; IPv6 comes from router advertisements
+                s.parse::<Ipv4Addr>().map_err(|_| format!("`{s}` is not an IPv4 address"))?;
                 c.network.gateway = Some(s.to_string());
                 Ok(())
             }
@@ -869,6 +1116,9 @@ impl Builder {
             // can never lock everyone else out.
             c.smtpd_client_connection_count_limit = (c.max_connections / 2).max(1);
         }
+        if let Some(e) = self_loop(c) {
+            return Err((self.line_of("primary"), e));
+        }
         if c.min_free_space == 0 {
             // Room for a few messages in flight plus the logs, like Postfix's
             // queue_minfree advice (at least 1.5 x message_size_limit).
@@ -876,6 +1126,89 @@ impl Builder {
         }
         Ok(self.c)
     }
+}
+
+/// Says why `primary` is Bartleby itself, if it is: its host is our
+/// `hostname`, or it is an address and port we listen on (a wildcard listen
+/// address takes every loopback and local address of its family; `[::]`
+/// takes IPv4 too, as a dual-stack socket does). Mail sent there would come
+/// back and loop until its Received headers run out.
+fn self_loop(c: &Config) -> Option<String> {
+    let (host, port) = split_host_port(&c.primary).ok()?;
+    let host = host.trim_end_matches('.');
+    if host.eq_ignore_ascii_case(&c.hostname) {
+        return Some(format!(
+            "`primary` \"{}\" is Bartleby itself (the `hostname`): mail would loop back here; name the primary mail server",
+            c.primary
+        ));
+    }
+    let unmap = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let ips: Vec<IpAddr> = if host.eq_ignore_ascii_case("localhost") || host.eq_ignore_ascii_case("localhost.localdomain") {
+        vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]
+    } else {
+        match host.parse::<IpAddr>().map(unmap) {
+            // connecting to 0.0.0.0 or :: reaches this machine
+            Ok(IpAddr::V4(a)) if a.is_unspecified() => vec![Ipv4Addr::LOCALHOST.into()],
+            Ok(IpAddr::V6(a)) if a.is_unspecified() => vec![Ipv6Addr::LOCALHOST.into()],
+            Ok(ip) => vec![ip],
+            Err(_) => return None,
+        }
+    };
+    let mut local: Option<Vec<IpAddr>> = None;
+    for l in c.listen.iter().filter(|l| l.port() == port) {
+        let lip = unmap(l.ip());
+        let hit = ips.iter().any(|&ip| {
+            if lip.is_unspecified() {
+                (lip.is_ipv6() || ip.is_ipv4())
+                    && (ip.is_loopback() || local.get_or_insert_with(local_addrs).contains(&ip))
+            } else {
+                lip == ip
+            }
+        });
+        if hit {
+            return Some(format!(
+                "`primary` \"{}\" is Bartleby itself (`listen` has {l}): mail would loop back here; name the primary mail server",
+                c.primary
+            ));
+        }
+    }
+    None
+}
+
+/// The addresses of this machine's interfaces (getifaddrs(3)).
+fn local_addrs() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list`, which is walked read-only and freed
+    // once with freeifaddrs; each sockaddr is read as the type its family says.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return out;
+        }
+        let mut p = list;
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() {
+                match i32::from((*a).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(a as *const libc::sockaddr_in);
+                        out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(a as *const libc::sockaddr_in6);
+                        out.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out
 }
 
 #[cfg(test)]
@@ -1025,5 +1358,250 @@ allow = ["127.0.0.1/32", "192.168.1.0/24", "fe80::/10"]
         assert!(parse_duration("3651d").unwrap_err().contains("longer than 3650d"));
         assert!(parse_duration("9999999999999999999d").is_err());
         assert_eq!(parse_size("10M").unwrap(), 10 * 1024 * 1024);
+        assert!(parse_size("99999999999G").unwrap_err().contains("too large"));
+        assert!(parse_size("99999999999999999999").unwrap_err().contains("too large"));
+        assert_eq!(parse_size("1G").unwrap(), MAX_MESSAGE_SIZE);
+    }
+
+    fn err(extra: &str) -> ConfigError {
+        parse(&format!("{MIN}{extra}")).unwrap_err()
+    }
+
+    #[test]
+    fn bom_crlf_and_comments() {
+        let base = MIN.replace("relay_domains = [\"example.org\"]\n", "").replace('\n', "\r\n");
+        let text = format!(
+            "\u{feff}# saved by Notepad\r\n{base}relay_domains = [ # first\r\n  \"a.org\",\r\n\r\n  # between\r\n  \"b.org\", ]\r\n[status] # page\r\nallow = ['10.0.0.0/8'] \t# tab\r\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(c.relay_domains, vec!["a.org", "b.org"]);
+        assert_eq!(c.hostname, "backup.example.org");
+        assert_eq!(c.status.allow.len(), 1);
+        // the BOM is skipped in bytes too, and line numbers stay right
+        let e = Config::parse_bytes(format!("\u{feff}{MIN}mystery = 1\n").as_bytes(), Path::new("t.toml")).unwrap_err();
+        assert_eq!((e.line, e.message.as_str()), (4, "unknown key `mystery`"));
+    }
+
+    #[test]
+    fn bytes_toml_refuses_name_the_line() {
+        let e = err("log_level = \"info\"\rmax_connections = 5\n");
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.message.contains("carriage return"), "{e}");
+        let e = err("# fine\n# NUL \0 here\n");
+        assert_eq!((e.line, e.message.contains("NUL")), (5, true), "{e}");
+        let e = err("log_level = \"in\x07fo\"\n");
+        assert_eq!((e.line, e.message.contains("0x07")), (4, true), "{e}");
+        let mut bytes = format!("{MIN}\n").into_bytes();
+        bytes.extend_from_slice(b"log_file = \"/tmp/caf\xe9.log\"\n");
+        let e = Config::parse_bytes(&bytes, Path::new("t.toml")).unwrap_err();
+        assert_eq!(e.line, 5, "{e}");
+        assert!(e.message.contains("0xE9") && e.message.contains("UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn toml_forms() {
+        // single quotes are TOML literal strings: no escapes, no quotes kept
+        let c = parse(
+            "hostname = 'backup.example.org'\nspool = '/data/spool'\nrelay_domains = ['example.org']\nprimary = 'mail.example.org:25'\n\
+             log_file = '/tmp/a\\b.log'\n[network]\naddress = '192.168.1.20/24'\ngateway = '192.168.1.1'\ndns = ['192.168.1.1']\n",
+        )
+        .unwrap();
+        assert_eq!(c.spool, Path::new("/data/spool"));
+        assert_eq!(c.log_file.as_deref(), Some(Path::new("/tmp/a\\b.log")));
+        assert_eq!(c.network.address, "192.168.1.20/24");
+        assert_eq!(c.network.gateway.as_deref(), Some("192.168.1.1"));
+        // escapes in basic strings, `#` inside strings, underscores in numbers
+        let c = parse(&format!("{MIN}log_file = \"/tmp/\\u0041#\\\"x\" # c\nmax_message_size = 10_240_000\n")).unwrap();
+        assert_eq!(c.log_file.as_deref(), Some(Path::new("/tmp/A#\"x")));
+        assert_eq!(c.max_message_size, 10_240_000);
+        for (extra, want) in [
+            ("log_file = \"\"\"/tmp/x\"\"\"\n", "multi-line"),
+            ("log_file = '''/tmp/x'''\n", "multi-line"),
+            ("log_file = '/tmp/x\n", "not closed"),
+            ("log_file = \"/tmp/x\n", "not closed"),
+            ("log_file = \"\\q\"\n", "unknown escape"),
+            ("log_file = \"\\ud800\"\n", "Unicode escape"),
+            ("status = { listen = \"x\" }\n", "inline tables"),
+            ("max_connections = 1.5\n", "not a value"),
+            ("max_connections = 99999999999999999999\n", "too large"),
+            ("max_connections =\n", "missing"),
+            ("max_connections = 5 6\n", "unexpected text"),
+            ("\"quoted\" = 5\n", "not a valid key"),
+            ("a.b = 5\n", "not a valid key"),
+            ("[[status]]\n", "not a valid table"),
+            ("[status] x\n", "unexpected text"),
+            ("just words\n", "expected `key = value`"),
+        ] {
+            let e = err(extra);
+            assert_eq!(e.line, 4, "{extra:?}: {e}");
+            assert!(e.message.contains(want), "{extra:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn arrays_bounded_and_linear() {
+        // an error inside a multi-line array names the key's line and its own
+        let e = err("etrn_allow = [\n\"10.0.0.0/8\"\n\"10.1.0.0/16\"]\n");
+        assert_eq!(e.line, 4);
+        assert!(e.message.contains("separated by `,` (line 6)"), "{e}");
+        let e = err("etrn_allow = [\"10.0.0.0/8\",\n# never closed\n");
+        assert!(e.message.contains("not closed"), "{e}");
+        // nesting is bounded (a recursive parser would overflow the stack)
+        let e = err(&format!("etrn_allow = {}{}\n", "[".repeat(100_000), "]".repeat(100_000)));
+        assert!(e.message.contains("nested deeper"), "{e}");
+        // at most MAX_ARRAY_ITEMS entries
+        let list: String = (0..=MAX_ARRAY_ITEMS).map(|i| format!("\"10.0.{}.{}/32\",\n", i / 256, i % 256)).collect();
+        let e = err(&format!("etrn_allow = [\n{list}]\n"));
+        assert!(e.message.contains("more than 1000 entries"), "{e}");
+        // 200,000 lines of comments inside an array: one pass (the old lexer
+        // rescanned the array at every line: quadratic, minutes)
+        let t = std::time::Instant::now();
+        let filler = "  # filler\r\n\n".repeat(100_000);
+        let c = parse(&format!("{MIN}etrn_allow = [\n{filler}\"10.0.0.0/8\", \"10.1.0.0/16\"\n]\n")).unwrap();
+        assert_eq!(c.etrn_allow.len(), 2);
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn numbers_bounded_before_narrowing() {
+        // every value here is > 2^32 or just past the bound: on the i486 build
+        // `n as usize` would have made 4294967396 into 100 before any check
+        for (key, value, want) in [
+            ("max_message_size", "\"99999999999G\"", "too large"),
+            ("max_message_size", "1073741825", "at most 1073741824"),
+            ("max_message_size", "4294967296", "at most"),
+            ("max_connections", "4294967297", "at most 10000"),
+            ("max_connections", "0", "at least 1"),
+            ("max_recipients", "4294967396", "at most 1000"),
+            ("max_line_length", "1000000000000", "at most 65536"),
+            ("max_line_length", "4294967808", "at most 65536"),
+            ("error_limit", "4294967297", "at most 1000"),
+            ("max_received_headers", "4294967346", "at most 1000"),
+            ("max_received_headers", "0", "at least 1"),
+            ("min_data_rate", "4294967296000", "at most"),
+            ("min_free_space", "\"1048577G\"", "at most"),
+            ("max_queue_messages", "4294967297", "at most 100000"),
+            ("delivery_connections", "4294967297", "at most 64"),
+            ("delivery_connections", "0", "at least 1"),
+            ("command_timeout", "\"61m\"", "at most 1h"),
+            ("data_timeout", "3601", "at most 1h"),
+            ("delivery_timeout", "\"2h\"", "at most 1h"),
+            ("connect_timeout", "\"11m\"", "at most 10m"),
+            ("queue_run_interval", "\"25h\"", "at most 1d"),
+            ("max_queue_lifetime", "\"101d\"", "at most 100d"),
+            ("max_connections", "-5", "negative"),
+        ] {
+            let e = err(&format!("{key} = {value}\n"));
+            assert_eq!(e.line, 4, "{key} = {value}: {e}");
+            assert!(e.message.contains(key) && e.message.contains(want), "{key} = {value}: {e}");
+        }
+        // the bounds themselves are accepted
+        let c = parse(&format!(
+            "{MIN}max_message_size = \"1G\"\nmax_line_length = \"64k\"\nmax_recipients = 1000\nmax_connections = 10000\n\
+             max_queue_messages = 100000\ndelivery_connections = 64\nmax_received_headers = 1000\nerror_limit = 1000\n\
+             min_free_space = \"1048576G\"\nmin_data_rate = \"1G\"\ncommand_timeout = \"1h\"\nmax_queue_lifetime = \"100d\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.max_message_size, 1 << 30);
+        assert_eq!(c.max_line_length, 65536);
+        assert_eq!((c.max_recipients, c.max_connections, c.max_queue_messages, c.delivery_connections), (1000, 10000, 100_000, 64));
+        assert_eq!(c.min_free_space, 1 << 50);
+    }
+
+    #[test]
+    fn paths_are_absolute() {
+        for (extra, key) in [
+            ("spool = \"\"\n", "spool"),
+            ("spool = \"spool\"\n", "spool"),
+            ("spool = \"/\"\n", "spool"),
+            ("spool = \"/var/\\u0000x\"\n", "spool"),
+            ("recipients = \"etc/recipients\"\n", "recipients"),
+            ("log_file = \"bartleby.log\"\n", "log_file"),
+        ] {
+            let e = err(extra);
+            assert_eq!(e.line, 4, "{extra:?}: {e}");
+            assert!(e.message.starts_with(key), "{extra:?}: {e}");
+        }
+        let c = parse(&format!("{MIN}recipients = \"\"\nlog_file = \"\"\n")).unwrap();
+        assert_eq!((c.recipients, c.log_file), (None, None));
+    }
+
+    #[test]
+    fn primary_is_not_ourselves() {
+        let cfg = |listen: &str, primary: &str| {
+            Config::parse(
+                &format!("hostname = \"backup.example.org\"\nlisten = [\"{listen}\"]\nrelay_domains = [\"example.org\"]\nprimary = \"{primary}\"\n"),
+                Path::new("t.toml"),
+            )
+        };
+        for (listen, primary) in [
+            ("0.0.0.0:25", "backup.example.org"),
+            ("0.0.0.0:25", "BACKUP.example.org.:2525"),
+            ("127.0.0.1:2525", "127.0.0.1:2525"),
+            ("0.0.0.0:25", "127.0.0.1"),
+            ("0.0.0.0:25", "127.1.2.3:25"),
+            ("0.0.0.0:25", "localhost:25"),
+            ("0.0.0.0:25", "0.0.0.0:25"),
+            ("[::]:25", "[::1]:25"),
+            ("[::]:25", "127.0.0.1:25"),
+            ("[::]:25", "[::ffff:127.0.0.1]:25"),
+            ("192.0.2.1:25", "192.0.2.1"),
+        ] {
+            let e = cfg(listen, primary).unwrap_err();
+            assert_eq!(e.line, 4, "{listen} {primary}: {e}");
+            assert!(e.message.contains("is Bartleby itself"), "{listen} {primary}: {e}");
+        }
+        for (listen, primary) in [
+            ("0.0.0.0:25", "127.0.0.1:2526"),
+            ("127.0.0.1:25", "127.0.0.2:25"),
+            ("0.0.0.0:25", "[::1]:25"),
+            ("0.0.0.0:25", "mail.example.org"),
+            ("192.0.2.1:25", "192.0.2.2"),
+        ] {
+            assert!(cfg(listen, primary).is_ok(), "{listen} {primary}");
+        }
+        // an address of this machine, with a wildcard listen
+        if let Some(ip) = local_addrs().into_iter().find(|ip| ip.is_ipv4() && !ip.is_loopback()) {
+            assert!(cfg("0.0.0.0:25", &format!("{ip}:25")).is_err());
+        }
+    }
+
+    #[test]
+    fn network_values_work_in_netcfg() {
+        let net = |extra: &str| parse(&format!("{MIN}[network]\n{extra}\n"));
+        assert_eq!(net("address = \"DHCP\"").unwrap().network.address, "dhcp");
+        for bad in [
+            "address = \"192.168.1.20\"",
+            "address = \"192.168.1.20/33\"",
+            "gateway = \"fe80::1\"",
+            "interface = \"\"",
+            "interface = \"eth0/1\"",
+            "interface = \"abcdefghijklmnop\"",
+        ] {
+            assert!(net(bad).is_err(), "{bad}");
+        }
+        assert_eq!(net("interface = \"enp0s3\"").unwrap().network.interface.as_deref(), Some("enp0s3"));
+    }
+
+    #[test]
+    fn file_types_and_size() {
+        let d = std::env::temp_dir().join(format!("bartleby-config-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let e = Config::load(&d).unwrap_err();
+        assert!(e.message.contains("not a regular file (a directory)"), "{e}");
+        let fifo = d.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = Config::load(&fifo).unwrap_err(); // would block forever without O_NONBLOCK
+        assert!(e.message.contains("a FIFO"), "{e}");
+        let big = d.join("big.toml");
+        std::fs::write(&big, format!("{MIN}{}", "#".repeat(MAX_CONFIG_BYTES as usize))).unwrap();
+        let e = Config::load(&big).unwrap_err();
+        assert!(e.message.contains("too large") && e.line == 0, "{e}");
+        std::fs::write(&big, MIN).unwrap();
+        assert!(Config::load(&big).is_ok());
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

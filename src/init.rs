@@ -16,6 +16,12 @@
 //! built into the initramfs (`/etc/bartleby.toml`). `bartleby.spool=/dev/sdXN`
 //! overrides the spool device, `bartleby.spool=tmpfs` forces a RAM spool.
 //!
+//! The file is read once, by the relay's own parser ([`Config::load`]), and
+//! the parsed [`Config`] goes on to the relay: init and the relay cannot
+//! disagree on the hostname, the spool directory or the network. A file that
+//! does not parse is reported with its file:line on the console, and both
+//! fall back to the built-in copy together.
+//!
 //! Everything here reports on the console in plain words and keeps going when
 //! something is missing: an appliance without a disk still relays (with a RAM
 //! spool, said loudly), and one without a lease still answers on its
@@ -27,6 +33,8 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::config::{Config, NetworkConfig};
+
 macro_rules! say {
     ($($a:tt)*) => { eprintln!("bartleby-init: {}", format_args!($($a)*)) };
 }
@@ -34,11 +42,17 @@ macro_rules! say {
 /// What `boot` found.
 #[derive(Debug, Clone)]
 pub struct BootInfo {
-    /// The configuration file to load.
+    /// The configuration file init used (the one found, or the built-in
+    /// copy when the one found is invalid).
     pub config_path: PathBuf,
-    /// True when the spool directory is on a disk (survives power loss).
-    pub persistent_spool: bool,
-    /// One line saying where the spool lives (also printed on the console).
+    /// That file, parsed: the relay runs with exactly these values. `None`
+    /// when neither the file found nor the built-in copy is valid.
+    pub config: Option<Config>,
+    /// The error in the file found on the boot media, when init fell back.
+    pub config_error: Option<String>,
+    /// Why the spool is in RAM (also printed on the console); empty when
+    /// init mounted a disk there. Whether the spool is persistent is not
+    /// taken from here: the relay checks the mounted file system itself.
     pub spool_note: String,
 }
 
@@ -67,24 +81,23 @@ pub fn boot() -> BootInfo {
     let parts = partitions(Duration::from_secs(3));
     say!("block devices: {}", if parts.is_empty() { "none".to_string() } else { parts.join(" ") });
 
-    let config_path = find_config(&parts, arg("bartleby.boot=").as_deref());
-    let text = fs::read_to_string(&config_path).unwrap_or_default();
-    let cfg = MiniToml::parse(&text);
+    let found = find_config(&parts, arg("bartleby.boot=").as_deref());
+    let (config_path, config, config_error) = load_config(found, Path::new(BUILTIN_CONFIG));
 
-    if let Some(h) = cfg.get("", "hostname") {
-        set_hostname(h);
+    if let Some(c) = &config {
+        set_hostname(&c.hostname);
     }
 
-    let spool = PathBuf::from(cfg.get("", "spool").unwrap_or(DEFAULT_SPOOL));
+    let spool = config.as_ref().map_or_else(|| PathBuf::from(DEFAULT_SPOOL), |c| c.spool.clone());
     let (persistent_spool, spool_note) = mount_spool(&parts, &spool, arg("bartleby.spool=").as_deref());
     let banner = if persistent_spool { "" } else { "WARNING: " };
     say!("{banner}{spool_note}");
 
-    let iface = cfg.get("network", "interface");
-    let address = cfg.get("network", "address").unwrap_or("dhcp");
-    let gateway = cfg.get("network", "gateway");
-    let dns = cfg.get_list("network", "dns");
-    match crate::netcfg::configure(iface, address, gateway, &dns) {
+    let net = config.as_ref().map_or_else(
+        || NetworkConfig { interface: None, address: "dhcp".into(), gateway: None, dns: Vec::new() },
+        |c| c.network.clone(),
+    );
+    match crate::netcfg::configure(net.interface.as_deref(), &net.address, net.gateway.as_deref(), &net.dns) {
         Ok(s) => say!("network: {s}"),
         Err(e) => say!("network: {e}"),
     }
@@ -94,7 +107,31 @@ pub fn boot() -> BootInfo {
         std::thread::sleep(Duration::from_secs(20));
         say!("after start: {}", meminfo());
     });
-    BootInfo { config_path, persistent_spool, spool_note }
+    let spool_note = if persistent_spool { String::new() } else { spool_note };
+    BootInfo { config_path, config, config_error, spool_note }
+}
+
+/// Loads the configuration found on the boot media with the relay's parser;
+/// when it is invalid, says so with file:line and falls back to `builtin`.
+/// Returns the file used, its configuration (`None` if neither file is
+/// valid) and the error of the file found.
+pub fn load_config(found: PathBuf, builtin: &Path) -> (PathBuf, Option<Config>, Option<String>) {
+    let e = match Config::load(&found) {
+        Ok(c) => return (found, Some(c), None),
+        Err(e) => e.to_string(),
+    };
+    say!("configuration: ERROR: {e}");
+    if found != builtin {
+        match Config::load(builtin) {
+            Ok(c) => {
+                say!("configuration: using the built-in {} instead; fix {} and reboot", builtin.display(), found.display());
+                return (builtin.to_path_buf(), Some(c), Some(e));
+            }
+            Err(e2) => say!("configuration: ERROR: the built-in copy too: {e2}"),
+        }
+    }
+    say!("configuration: none is usable; network by DHCP, spool at {DEFAULT_SPOOL}; the relay cannot start");
+    (found, None, Some(e))
 }
 
 /// Called by main after the relay stopped (or on a fatal error): stop other
@@ -446,101 +483,57 @@ fn statvfs_free(path: &str) -> Option<u64> {
     Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
-// ------------------------------------------------------- tiny TOML reader
-
-/// Just enough TOML for the few keys init needs before main's parser runs:
-/// `key = "string"`, `key = ["a", "b"]` (may span lines), `[table]`, comments.
-struct MiniToml {
-    items: Vec<(String, String, Vec<String>)>,
-}
-
-impl MiniToml {
-    fn parse(text: &str) -> MiniToml {
-        let mut items = Vec::new();
-        let mut table = String::new();
-        let mut pending: Option<(String, String)> = None;
-        for raw in text.lines() {
-            let line = strip_comment(raw).trim();
-            if let Some((key, mut acc)) = pending.take() {
-                acc.push(' ');
-                acc.push_str(line);
-                if acc.contains(']') {
-                    items.push((table.clone(), key, strings(&acc)));
-                } else {
-                    pending = Some((key, acc));
-                }
-                continue;
-            }
-            if line.is_empty() {
-                continue;
-            }
-            if line.starts_with('[') && !line.contains('=') {
-                table = line.trim_matches(|c| c == '[' || c == ']').trim().to_string();
-                continue;
-            }
-            let Some((k, v)) = line.split_once('=') else { continue };
-            let (k, v) = (k.trim().trim_matches('"').to_string(), v.trim());
-            if v.starts_with('[') && !v.contains(']') {
-                pending = Some((k, v.to_string()));
-            } else {
-                items.push((table.clone(), k, strings(v)));
-            }
-        }
-        MiniToml { items }
-    }
-    fn get(&self, table: &str, key: &str) -> Option<&str> {
-        self.items.iter().rev().find(|(t, k, _)| t == table && k == key).and_then(|(_, _, v)| v.first()).map(String::as_str)
-    }
-    fn get_list(&self, table: &str, key: &str) -> Vec<String> {
-        self.items.iter().rev().find(|(t, k, _)| t == table && k == key).map(|(_, _, v)| v.clone()).unwrap_or_default()
-    }
-}
-
-fn strip_comment(line: &str) -> &str {
-    let mut in_str = false;
-    for (i, c) in line.char_indices() {
-        match c {
-            '"' => in_str = !in_str,
-            '#' if !in_str => return &line[..i],
-            _ => {}
-        }
-    }
-    line
-}
-
-/// The quoted strings in a value (a bare value counts as one string).
-fn strings(v: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut parts = v.split('"');
-    parts.next();
-    while let Some(s) = parts.next() {
-        out.push(s.to_string());
-        parts.next();
-    }
-    if out.is_empty() && !v.trim().is_empty() && !v.trim().starts_with('[') {
-        out.push(v.trim().to_string());
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const GOOD: &str = "hostname = 'mx2.example.org' # single quotes are TOML too\r\n\
+        spool = '/data/spool'\r\nrelay_domains = ['example.org']\r\nprimary = '10.0.2.2:2526'\r\n\
+        [network]\r\naddress = '192.168.1.20/24'\r\ngateway = '192.168.1.1'\r\ndns = ['192.168.1.1',\r\n  '9.9.9.9']\r\n";
+
+    fn dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("bartleby-init-test-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
     #[test]
-    fn mini_toml() {
-        let t = MiniToml::parse(
-            "hostname = \"mx2.example.org\" # comment\nspool = \"/var/spool/bartleby\"\nlisten = [\"0.0.0.0:25\",\n  \"[::]:25\"]\n\
-             [status]\nlisten = \"0.0.0.0:80\"\n[network]\naddress = \"dhcp\"\ndns = [\"10.0.2.3\", \"1.1.1.1\"]\nmtu = 1500\n",
-        );
-        assert_eq!(t.get("", "hostname"), Some("mx2.example.org"));
-        assert_eq!(t.get("", "spool"), Some("/var/spool/bartleby"));
-        assert_eq!(t.get_list("", "listen"), vec!["0.0.0.0:25", "[::]:25"]);
-        assert_eq!(t.get("status", "listen"), Some("0.0.0.0:80"));
-        assert_eq!(t.get("network", "address"), Some("dhcp"));
-        assert_eq!(t.get_list("network", "dns"), vec!["10.0.2.3", "1.1.1.1"]);
-        assert_eq!(t.get("network", "mtu"), Some("1500"));
-        assert_eq!(t.get("network", "gateway"), None);
-        assert_eq!(t.get("", "nothing"), None);
+    fn init_reads_what_the_relay_reads() {
+        // the values init mounts and configures are the relay's own
+        let d = dir();
+        let found = d.join("bartleby.toml");
+        fs::write(&found, GOOD).unwrap();
+        let (path, cfg, err) = load_config(found.clone(), &d.join("builtin.toml"));
+        let cfg = cfg.expect("valid");
+        assert_eq!((path, err), (found, None));
+        assert_eq!(cfg.hostname, "mx2.example.org");
+        assert_eq!(cfg.spool, Path::new("/data/spool"));
+        assert_eq!(cfg.network.address, "192.168.1.20/24");
+        assert_eq!(cfg.network.gateway.as_deref(), Some("192.168.1.1"));
+        assert_eq!(cfg.network.dns, vec!["192.168.1.1", "9.9.9.9"]);
+        assert_eq!(crate::netcfg::parse_cidr(&cfg.network.address).unwrap(), ("192.168.1.20".parse().unwrap(), 24));
+        let _ = fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn invalid_config_falls_back_to_builtin_for_both() {
+        let d = dir();
+        let found = d.join("bartleby.toml");
+        let builtin = d.join("builtin.toml");
+        fs::write(&found, GOOD.replace("spool = '/data/spool'", "spool = 'data/spool'")).unwrap();
+        fs::write(&builtin, GOOD.replace("/data/spool", "/var/spool/bartleby")).unwrap();
+        let (path, cfg, err) = load_config(found.clone(), &builtin);
+        assert_eq!(path, builtin);
+        assert_eq!(cfg.expect("builtin").spool, Path::new("/var/spool/bartleby"));
+        let err = err.expect("error kept");
+        assert!(err.starts_with(&format!("{}:2: ", found.display())), "{err}");
+        // neither valid: no configuration, the error of the file found
+        fs::write(&builtin, "hostname = \"\"\n").unwrap();
+        let (path, cfg, err) = load_config(found.clone(), &builtin);
+        assert!(cfg.is_none());
+        assert_eq!(path, found);
+        assert!(err.unwrap().contains("spool"));
+        let _ = fs::remove_dir_all(d);
     }
 }

@@ -139,7 +139,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        "serve" => serve(&args.config, None),
+        "serve" => {
+            prepare_process();
+            match load(&args.config) {
+                Ok(c) => serve(c, None),
+                Err(code) => code,
+            }
+        }
         other => {
             eprintln!("bartleby: unknown command `{other}`\n\n{USAGE}");
             ExitCode::from(64)
@@ -153,7 +159,8 @@ fn prepare_process() {
     // RUST_MIN_STACK once, at the first spawn. 64 KiB is enough for them and
     // keeps the address space small on a 16 MB machine.
     if std::env::var_os("RUST_MIN_STACK").is_none() {
-        // SAFETY: called first thing in serve, before any other thread exists.
+        // SAFETY: called before any other thread exists (first thing in pid1
+        // and in the serve command).
         unsafe { std::env::set_var("RUST_MIN_STACK", "65536") };
     }
     // Raise the descriptor limit to the hard limit: running out of
@@ -172,45 +179,57 @@ fn prepare_process() {
 /// (`init::boot`), then the relay until SIGTERM/SIGINT (ctrl-alt-del) or
 /// SIGPWR, then sync, unmount and reboot. Never returns: PID 1 exiting
 /// panics the kernel, and a machine that reboots recovers by itself.
+///
+/// The relay runs with the configuration init parsed (and fell back on, if
+/// the one on the boot media is invalid): one file, one set of values.
 fn pid1() -> ! {
-    let boot = bartleby::init::boot();
-    let mut path = boot.config_path.clone();
-    if let Err(e) = Config::load(&path) {
-        eprintln!("bartleby: {e}");
-        let builtin = std::path::Path::new("/etc/bartleby.toml");
-        if path != builtin && Config::load(builtin).is_ok() {
-            eprintln!("bartleby: using the built-in {} instead", builtin.display());
-            path = builtin.to_path_buf();
-        }
-    }
+    prepare_process();
+    let mut boot = bartleby::init::boot();
     let _ = std::thread::Builder::new().name("reaper".into()).stack_size(32 * 1024).spawn(|| {
         loop {
             std::thread::sleep(std::time::Duration::from_secs(30));
             bartleby::init::reap_children();
         }
     });
-    let code = serve(&path, Some(&boot));
+    let code = match boot.config.take() {
+        Some(cfg) => serve(cfg, Some(&boot)),
+        None => {
+            // Rebooting at once would scroll the error off the screen in a loop.
+            eprintln!("bartleby: no valid configuration (see above): fix bartleby.toml on the boot medium; restarting in 60 s");
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            ExitCode::from(78)
+        }
+    };
     eprintln!("bartleby: relay stopped ({code:?}); restarting the machine");
     bartleby::init::shutdown(true)
 }
 
-fn serve(path: &std::path::Path, boot: Option<&bartleby::init::BootInfo>) -> ExitCode {
-    prepare_process();
-    let cfg = match load(path) {
-        Ok(c) => Arc::new(c),
-        Err(code) => return code,
-    };
+fn serve(cfg: Config, boot: Option<&bartleby::init::BootInfo>) -> ExitCode {
+    let cfg = Arc::new(cfg);
     if let Err(e) = logging::init(cfg.log_level, cfg.log_file.as_deref()) {
         eprintln!("bartleby: {e}");
         return ExitCode::from(73);
     }
     let stats = Arc::new(Stats::new());
     if let Some(b) = boot {
-        stats.persistent_spool.store(b.persistent_spool, std::sync::atomic::Ordering::Relaxed);
+        if let Some(e) = &b.config_error {
+            log::error!(target: logging::MASTER, "error: {e}; running with the built-in {}", b.config_path.display());
+        }
         if let Ok(mut note) = stats.spool_note.lock() {
             *note = b.spool_note.clone();
         }
     }
+    // Persistent or not is a fact of the file system the spool is on.
+    match bartleby::stats::spool_in_ram(&cfg.spool) {
+        Ok(Some(fs)) => log::warn!(
+            target: logging::MASTER,
+            "warning: spool {} is on {fs} (RAM): queued mail is lost on power failure or reboot",
+            cfg.spool.display()
+        ),
+        Ok(None) => {}
+        Err(e) => log::warn!(target: logging::MASTER, "warning: spool {}: cannot tell whether it is on disk: {e}", cfg.spool.display()),
+    }
+    stats.check_spool(&cfg.spool);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(2)

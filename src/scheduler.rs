@@ -638,7 +638,7 @@ mod tests {
     #[test]
     fn backoff_doubles_and_caps() {
         let cfg = Config::parse(
-            "hostname = \"b.example.org\"\nrelay_domains = [\"example.org\"]\nprimary = \"127.0.0.1\"\nminimal_backoff = \"5m\"\nmaximal_backoff = \"1h\"\n",
+            "hostname = \"b.example.org\"\nrelay_domains = [\"example.org\"]\nprimary = \"127.0.0.1:2526\"\nminimal_backoff = \"5m\"\nmaximal_backoff = \"1h\"\n",
             std::path::Path::new("t"),
         )
         .unwrap();

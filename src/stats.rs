@@ -5,6 +5,7 @@
 //! messages is fine for a backup MX. Anything richer sits behind a `Mutex`
 //! held only for a copy, so the status thread can never stall SMTP.
 
+use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
@@ -34,7 +35,8 @@ pub struct Stats {
     pub queue_messages: AtomicU32,
     pub queue_kib: AtomicU32,
     pub started: AtomicU32,
-    /// False on a rescue CD/floppy without a disk: the spool is in RAM.
+    /// False when the spool directory is on tmpfs/ramfs: a fact from
+    /// statfs(2), kept current by [`Stats::check_spool`].
     pub persistent_spool: AtomicBool,
     pub primary: Mutex<PrimaryState>,
     /// The dead-host cache (unix seconds, 0: none): new mail is not tried
@@ -107,6 +109,24 @@ impl Stats {
         self.primary.lock().map(|p| p.clone()).unwrap_or_default()
     }
 
+    /// Checks where the spool really is (statfs(2), see [`spool_in_ram`]),
+    /// records it and returns true when it survives power loss. Cheap: the
+    /// status page calls it at every render. A spool in RAM with no reason
+    /// given yet (init gives one on the appliance) gets a sentence naming
+    /// the file system.
+    pub fn check_spool(&self, spool: &Path) -> bool {
+        let Ok(ram) = spool_in_ram(spool) else {
+            return self.persistent_spool.load(Ordering::Relaxed);
+        };
+        self.persistent_spool.store(ram.is_none(), Ordering::Relaxed);
+        if let (Some(fs), Ok(mut note)) = (ram, self.spool_note.lock())
+            && note.is_empty()
+        {
+            *note = format!("The spool {} is on {fs} (RAM): queued mail is lost on power failure or reboot.", spool.display());
+        }
+        ram.is_none()
+    }
+
     /// Records the outcome of a connection attempt to the primary.
     pub fn primary_result(&self, ok: bool, error: &str) {
         let now = crate::util::now();
@@ -127,4 +147,33 @@ impl Stats {
             }
         }
     }
+}
+
+/// The file system type holding `path` when it keeps its data in RAM only
+/// (`Some("tmpfs")`, `Some("ramfs")`; the initramfs's rootfs is one of the
+/// two), `None` when it is anything else (a disk). A path that does not
+/// exist yet is judged by its nearest existing parent: where it will be made.
+pub fn spool_in_ram(path: &Path) -> std::io::Result<Option<&'static str>> {
+    use std::os::unix::ffi::OsStrExt;
+    const TMPFS_MAGIC: u32 = 0x0102_1994;
+    const RAMFS_MAGIC: u32 = 0x8584_58f6;
+    let mut p = path;
+    while !p.exists()
+        && let Some(parent) = p.parent()
+    {
+        p = parent;
+    }
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: a zeroed statfs is a valid out-parameter; c is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // f_type is i64 on x86_64 glibc, u32 on i486 musl: the magic numbers are 32-bit
+    #[allow(clippy::unnecessary_cast)]
+    Ok(match st.f_type as u32 {
+        TMPFS_MAGIC => Some("tmpfs"),
+        RAMFS_MAGIC => Some("ramfs"),
+        _ => None,
+    })
 }

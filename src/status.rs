@@ -311,7 +311,7 @@ fn page_data<'a>(ctx: &'a Ctx, flushed: bool) -> render::PageData<'a> {
             ("SMTP sessions now", get(&st.connections)),
             ("Flush requests", get(&st.flush_requests)),
         ],
-        persistent_spool: st.persistent_spool.load(Ordering::Relaxed),
+        persistent_spool: st.check_spool(&cfg.spool),
         spool_note: st.spool_note.lock().map(|s| s.clone()).unwrap_or_default(),
         spool_unwritable: st.spool_unwritable.load(Ordering::Relaxed),
         recipients_path: cfg.recipients.as_ref().map(|p| p.display().to_string()),
@@ -426,7 +426,7 @@ fn metrics(ctx: &Ctx) -> String {
         "bartleby_persistent_spool",
         "gauge",
         "1 if the spool is on persistent storage.",
-        u8::from(st.persistent_spool.load(Ordering::Relaxed)),
+        u8::from(st.check_spool(&cfg.spool)),
     );
     if let render::RecipientsList::Age(a) = recipients_list(cfg) {
         metric(&mut o, "bartleby_recipients_list_age_seconds", "gauge", "Age of the recipients list file.", a);

@@ -189,6 +189,64 @@ if wait_banner "disk boot (-cpu 486 -m 16, ne2k_pci)"; then
 fi
 kill_vm
 
+# ------------------------------------------------------------------ 2b. one config reader (issue 10, defect 3)
+# The disk's bartleby.toml as Notepad would save it (BOM, CRLF) with TOML's
+# single-quoted strings everywhere and a static address: init must read it with
+# the relay's parser (the old MiniToml mounted the spool at `'/var/spool/bartleby'`
+# with the quotes, left the relay's spool in RAM while the page said
+# "persistent", and configured no network). Then a config with an error:
+# reported with file:line, and init and relay both fall back to the built-in.
+if ! ${SKIP_CONFIG_BOOT:-false}; then
+  DISK_Q=$T/disk-quotes.img
+  cp --sparse=always "$IMAGES/bartleby.img" "$DISK_Q"
+  python3 - "$TOP/buildroot-overlay/etc/bartleby.toml" "$T/quotes.toml" "$SINK_PORT" <<'PY'
+import re, sys
+src, dst, sink = sys.argv[1], sys.argv[2], sys.argv[3]
+out = []
+for line in open(src).read().splitlines():
+    line = re.sub(r'"([^"]*)"', r"'\1'", line)
+    if line.startswith("primary ="):
+        line = f"primary = '10.0.2.2:{sink}'"
+    if line.startswith("address ="):
+        line = "address = '10.0.2.15/24'   # static, single-quoted\r\ngateway = '10.0.2.2'\r\ndns = ['10.0.2.3',\r\n       '10.0.2.2']"
+    out.append(line)
+open(dst, "wb").write(b"\xef\xbb\xbf" + "\r\n".join(out).encode() + b"\r\n")
+PY
+  grep -q "spool = '/var/spool/bartleby'" "$T/quotes.toml" || bad "quotes.toml: no single-quoted spool line"
+  MTOOLS_SKIP_CHECK=1 mcopy -o -i "$DISK_Q@@1M" "$T/quotes.toml" ::/bartleby.toml || bad "could not put quotes.toml on the disk copy"
+  start_vm quotes -drive "file=$DISK_Q,format=raw,if=ide,index=0" -boot c
+  if wait_banner "disk boot, bartleby.toml with BOM, CRLF, single quotes, static address"; then
+    console_has "spool: /dev/sda2 (ext4, label BSPOOL) mounted at /var/spool/bartleby," \
+      && ok "quoted config: disk spool mounted at /var/spool/bartleby (no quotes)" \
+      || bad "quoted config: spool not mounted at /var/spool/bartleby ($(grep -m1 -o 'spool: .*' "$LOG"))"
+    console_has "network: eth0 10.0.2.15/24 via 10.0.2.2 dns 10.0.2.3,10.0.2.2 (static)" \
+      && ok "quoted config: static address 10.0.2.15/24 via 10.0.2.2 from single-quoted [network]" \
+      || bad "quoted config: static network not applied ($(grep -m1 -o 'network: .*' "$LOG"))"
+    if $MT get "http://127.0.0.1:$HTTP_PORT/metrics" > "$T/quotes-metrics.txt" 2>&1 && grep -q '^bartleby_persistent_spool 1' "$T/quotes-metrics.txt"; then
+      ok "quoted config: /metrics bartleby_persistent_spool 1 (statfs of the spool directory)"
+    else
+      bad "quoted config: /metrics does not report a persistent spool ($(grep persistent "$T/quotes-metrics.txt" | tail -1))"
+    fi
+    console_has "configuration: ERROR" && bad "quoted config: init reported a configuration error"
+  fi
+  kill_vm
+  # an error in the file: file:line on the console, both fall back to the built-in copy
+  printf 'spool = %s\r\n' "'var/spool/bartleby'" > "$T/bad.toml"
+  sed "s/^spool = .*//" "$T/quotes.toml" >> "$T/bad.toml"
+  MTOOLS_SKIP_CHECK=1 mcopy -o -i "$DISK_Q@@1M" "$T/bad.toml" ::/bartleby.toml || bad "could not put bad.toml on the disk copy"
+  start_vm badconf -drive "file=$DISK_Q,format=raw,if=ide,index=0" -boot c
+  if wait_banner "disk boot, bartleby.toml with an error (relative spool)"; then
+    console_has "configuration: ERROR: /boot/bartleby.toml:1: spool: must be an absolute path" \
+      && ok "bad config: error with file:line on the console" \
+      || bad "bad config: no file:line error on the console ($(grep -m1 -o 'configuration: .*' "$LOG"))"
+    console_has "configuration: using the built-in /etc/bartleby.toml instead" \
+      && console_has "spool: /dev/sda2 (ext4, label BSPOOL) mounted at /var/spool/bartleby," \
+      && ok "bad config: init and relay run with the built-in copy, disk spool mounted" \
+      || bad "bad config: no fallback to the built-in copy"
+  fi
+  kill_vm
+fi
+
 # ------------------------------------------------------------------ 3. other media
 if ! ${SKIP_MEDIA:-false}; then
   start_vm iso -drive "file=$DISK,format=raw,if=ide,index=0" -cdrom "$IMAGES/bartleby.iso" -boot d
@@ -200,6 +258,11 @@ if ! ${SKIP_MEDIA:-false}; then
   start_vm iso-nodisk -cdrom "$IMAGES/bartleby.iso" -boot d
   if wait_banner "ISO boot without a disk"; then
     console_has "spool: IN RAM ONLY" && ok "ISO without disk: RAM spool, said plainly on the console" || bad "ISO without disk: no RAM-spool warning"
+    if $MT get "http://127.0.0.1:$HTTP_PORT/metrics" > "$T/iso-metrics.txt" 2>&1 && grep -q '^bartleby_persistent_spool 0' "$T/iso-metrics.txt"; then
+      ok "ISO without disk: /metrics bartleby_persistent_spool 0 (the spool's tmpfs, found by statfs)"
+    else
+      bad "ISO without disk: /metrics does not say the spool is in RAM ($(grep persistent "$T/iso-metrics.txt" | tail -1))"
+    fi
     console_has "configuration: /cdrom/bartleby.toml" && ok "ISO without disk: config read from the CD" || bad "ISO without disk: config not read from the CD"
   fi
   kill_vm

@@ -2,6 +2,9 @@
 //! SMTP connections with a fixed 220 banner (port 25) and an HTTP request with
 //! /proc/meminfo (port 80), until SIGINT/SIGTERM (reboot) or SIGUSR2/SIGPWR
 //! (power off). Outside PID 1 it only prints what it would do.
+#[path = "../../../src/config.rs"]
+#[allow(dead_code)]
+mod config;
 #[path = "../../../src/init.rs"]
 #[allow(dead_code)]
 mod init;
@@ -51,7 +54,12 @@ fn main() {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
     let info = init::boot();
-    eprintln!("pid1-probe: config {} persistent={} ", info.config_path.display(), info.persistent_spool);
+    eprintln!(
+        "pid1-probe: config {} valid={} spool-note={:?}",
+        info.config_path.display(),
+        info.config.is_some(),
+        info.spool_note
+    );
     serve("0.0.0.0:25", || "220 pid1-probe ESMTP (stand-in, not the relay)\r\n".to_string());
     serve("0.0.0.0:80", || {
         let body = format!("{}\n", init::meminfo());
