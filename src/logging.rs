@@ -153,16 +153,53 @@ pub fn init(level: LevelFilter, file: Option<&std::path::Path>) -> Result<(), St
         WriteLogger::new(level.min(LevelFilter::Info), cfg.clone(), RingWriter { partial: Line::new() }),
     ];
     if let Some(path) = file {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| format!("log file {}: {e}", path.display()))?;
+        let f = open_log_file(path).map_err(|e| format!("log file {}: {e}", path.display()))?;
         loggers.push(WriteLogger::new(level, cfg, io::LineWriter::new(f)));
     }
     log::set_boxed_logger(Box::new(Escaping { inner: CombinedLogger::new(loggers) })).map_err(|e| e.to_string())?;
     log::set_max_level(level);
     Ok(())
+}
+
+/// Opens the log file for appending. Never blocks (a FIFO at the path would
+/// hold `serve` before it listens) and takes only a regular file or a
+/// character device (`/dev/console`, `/dev/ttyS0`): a FIFO, a socket or a
+/// directory is refused with what it is.
+fn open_log_file(path: &std::path::Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let check = |t: std::fs::FileType| {
+        if t.is_file() || t.is_char_device() {
+            return Ok(());
+        }
+        let what = if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
+        Err(io::Error::other(format!("{what}; the log file must be a regular file or a terminal")))
+    };
+    // Looked at before opening (opening a FIFO without a reader fails with a
+    // misleading ENXIO) and again after (the path may have changed meanwhile).
+    if let Ok(m) = std::fs::metadata(path) {
+        check(m.file_type())?;
+    }
+    let f = std::fs::OpenOptions::new().create(true).append(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    check(f.metadata()?.file_type())?;
+    // Appends to a regular file never block; a terminal may, briefly, as stderr does.
+    // SAFETY: fcntl on a descriptor we own, clearing O_NONBLOCK.
+    unsafe {
+        use std::os::unix::io::AsRawFd;
+        let fd = f.as_raw_fd();
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        if fl >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(f)
 }
 
 #[cfg(test)]
@@ -180,6 +217,23 @@ mod tests {
         assert_eq!(printable("caf\u{e9}\u{9b}2J"), "caf\u{e9}?2J");
         assert_eq!(printable(&String::from_utf8_lossy(b"bad\xff\xfe!")), "bad??!");
         assert_eq!(printable("x\u{2028}y\u{202e}z\u{2066}"), "x?y?z?");
+    }
+
+    #[test]
+    fn log_file_fifo_refused_without_blocking() {
+        let dir = std::env::temp_dir().join(format!("bartleby-logfifo-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let fifo = dir.join("log");
+        let _ = std::fs::remove_file(&fifo);
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = open_log_file(&fifo).unwrap_err().to_string();
+        assert!(e.contains("a FIFO"), "{e}");
+        assert!(open_log_file(&dir).is_err());
+        let file = dir.join("ok.log");
+        assert!(open_log_file(&file).is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
