@@ -8,18 +8,52 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BINARY = os.environ.get("BARTLEBY", os.path.join(ROOT, "target", "release", "bartleby"))
 
 
+_PORTS_GIVEN = set()
+_PORTS_LOCK = threading.Lock()
+
+
+def _ephemeral_range():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+            return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A port free now, below the kernel's ephemeral range, and never handed
+    out before by this process. Below the ephemeral range, because a port
+    from bind(0) can be taken as the source port of any outgoing connection
+    before the server meant for it binds (smtp-sink then dies with "Address
+    already in use"); never twice, because tests run side by side
+    (test_hostile_primary.py)."""
+    import random
+    lo, _ = _ephemeral_range()
+    with _PORTS_LOCK:
+        for _ in range(1000):
+            port = random.randrange(max(1024, lo - 12000), lo) if lo > 2048 else 0
+            if port in _PORTS_GIVEN:
+                continue
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+                port = s.getsockname()[1]
+            except OSError:
+                continue
+            finally:
+                s.close()
+            if port not in _PORTS_GIVEN:
+                _PORTS_GIVEN.add(port)
+                return port
+        raise RuntimeError("no free port")
 
 
 def wait_port(port, host="127.0.0.1", timeout=10.0):
@@ -227,7 +261,6 @@ class FakePrimary:
     EHLO_PIPELINING = "250-primary.example.org\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10240000"
 
     def __init__(self, port, replies, pipelining=False):
-        import threading
         self.replies = dict(replies)
         self.pipelining = pipelining
         self.commands = []
@@ -361,6 +394,13 @@ class FakePrimary:
             except OSError:
                 pass
         self.thread.join(timeout=5)
+        # shutdown() first: a child process forked meanwhile by another
+        # thread (before its exec) holds a copy of the descriptor, and close()
+        # alone would leave the port listening until that child execs.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
 
 

@@ -243,6 +243,7 @@ def run_row(name, replies, expect, why, pipelining):
         if r.proc.poll() is not None:
             return problems + [f"the relay died (exit {r.proc.returncode})", "log tail:\n" + r.read_log()[-2500:]]
         hwm = proc_status(r.proc.pid)["VmHWM"]
+        HWM[tag] = hwm
         if hwm > MAX_HWM_KB:
             problems.append(f"VmHWM {hwm} kB")
         log = r.read_log()[mark:]
@@ -283,6 +284,7 @@ def run_row(name, replies, expect, why, pipelining):
         r.flush()
         if not r.wait_empty(20):
             problems.append("not delivered to smtp-sink afterwards: " + r.mailq()[-500:])
+            problems.append(f"smtp-sink exit status: {sink.proc.poll()}")
         got = [strip_sink_headers(raw).replace(b"\r\n", b"\n").rstrip(b"\n") for raw in sink.messages()]
         for qid, _, body in left:
             if body.replace(b"\r\n", b"\n").rstrip(b"\n") not in got:
@@ -300,7 +302,7 @@ def run_row(name, replies, expect, why, pipelining):
         if sink:
             sink.stop()
         if problems:
-            problems.append("log tail:\n" + r.read_log()[-2500:])
+            problems.append("log tail:\n" + r.read_log()[-6000:])
         r.cleanup()
         if getattr(r, "logf", None):
             r.logf.close()
@@ -308,6 +310,7 @@ def run_row(name, replies, expect, why, pipelining):
 
 
 RESULTS = {}
+HWM = {}
 
 
 class HostilePrimary(unittest.TestCase):
@@ -323,7 +326,8 @@ class HostilePrimary(unittest.TestCase):
                     jobs[(name, pipelining)] = ex.submit(run_row, name, replies, expect, why, pipelining)
         for k, fut in jobs.items():
             RESULTS[k] = fut.result()
-        sys.stderr.write(f"  [hostile] {len(jobs)} rows in {time.time() - t0:.1f} s\n")
+        top = max(HWM.items(), key=lambda kv: kv[1], default=("-", 0))
+        sys.stderr.write(f"  [hostile] {len(jobs)} rows in {time.time() - t0:.1f} s; highest VmHWM {top[1]} kB ({top[0]})\n")
 
 
 class LoopAtDelivery(unittest.TestCase):
