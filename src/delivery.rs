@@ -160,6 +160,11 @@ impl ReplyParser {
         ReplyParser::default()
     }
 
+    /// Bytes of the current line held (less than [`MAX_REPLY_LINE`]).
+    pub fn buffered(&self) -> usize {
+        self.line.len()
+    }
+
     /// True when part of a reply has been fed.
     pub fn in_reply(&self) -> bool {
         !self.line.is_empty() || self.code.is_some()
@@ -234,7 +239,7 @@ impl ReplyParser {
             Some(_) => push_cut(&mut self.text, " ", &rest),
             None => {
                 self.code = Some(code);
-                self.text = code.to_string();
+                self.text = format!("{code:03}");
                 push_cut(&mut self.text, " ", &rest);
             }
         }
@@ -897,6 +902,175 @@ mod tests {
         let p = one(&s).unwrap();
         assert_eq!(p.reply.text.len(), MAX_REPLY_TEXT - 1);
         assert!(p.reply.text.ends_with('a'));
+    }
+
+    // ---- whole conversations over a pipe ---------------------------------
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{DuplexStream, ReadBuf};
+
+    /// The client's read side; tells the scripted primary when the client
+    /// waits for input.
+    struct Watched(DuplexStream, Arc<AtomicBool>);
+
+    impl AsyncRead for Watched {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+            let r = Pin::new(&mut self.0).poll_read(cx, buf);
+            self.1.store(r.is_pending(), Ordering::SeqCst);
+            r
+        }
+    }
+
+    fn setup(name: &str) -> (Config, Spool, QueuedMessage) {
+        let root = std::env::temp_dir().join(format!("bartleby-delivery-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let spool = Spool::create(&root).unwrap();
+        let cfg = Config::parse(
+            &format!(
+                "hostname = \"backup.example.org\"\nspool = \"{}\"\nrelay_domains = [\"example.org\"]\nprimary = \"mx.example.org:25\"\ndelivery_timeout = \"5s\"\n",
+                root.display()
+            ),
+            "t.toml".as_ref(),
+        )
+        .unwrap();
+        let env = crate::spool::Envelope {
+            id: "ABCDEF0000001".try_into().unwrap(),
+            arrival: 1,
+            sender: "alice@sender.test".into(),
+            recipients: vec!["bob@example.org".into(), "carol@example.org".into()],
+            ..Default::default()
+        };
+        let mut w = spool.begin(&env).unwrap();
+        w.write(b"Subject: t\r\n\r\n.hi\r\n").unwrap();
+        w.finish().unwrap();
+        let msg = spool.read("ABCDEF0000001").unwrap();
+        (cfg, spool, msg)
+    }
+
+    /// Runs a delivery against a primary that says `script`, one piece each
+    /// time the client waits; returns the outcome (None: the handshake
+    /// failed, with its reply) and what the client wrote.
+    fn converse(name: &str, script: &[&str]) -> (Result<Outcome, Reply>, String) {
+        let (cfg, spool, msg) = setup(name);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let r = rt.block_on(async {
+            let (mut primary, client_rd) = tokio::io::duplex(1 << 16);
+            let (client_wr, mut heard) = tokio::io::duplex(1 << 16);
+            let idle = Arc::new(AtomicBool::new(false));
+            let done = Arc::new(AtomicBool::new(false));
+            let rd = Watched(client_rd, idle.clone());
+            let client = async {
+                let r = match Connection::handshake(Box::new(rd), Box::new(client_wr), None, "mx.example.org[192.0.2.25]:25".into(), &cfg).await {
+                    Ok(mut c) => Ok(c.deliver(&spool, &msg).await),
+                    Err(e) => Err(e.reply),
+                };
+                done.store(true, Ordering::SeqCst);
+                r
+            };
+            let server = async {
+                for piece in script {
+                    while !idle.load(Ordering::SeqCst) && !done.load(Ordering::SeqCst) {
+                        tokio::task::yield_now().await;
+                    }
+                    if done.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    idle.store(false, Ordering::SeqCst);
+                    primary.write_all(piece.as_bytes()).await.unwrap();
+                }
+                primary
+            };
+            let (r, _primary) = tokio::join!(client, server);
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_millis(50), tokio::io::AsyncReadExt::read_to_end(&mut heard, &mut out)).await;
+            (r, String::from_utf8_lossy(&out).into_owned())
+        });
+        let _ = std::fs::remove_dir_all(spool.root());
+        r
+    }
+
+    const GREET: &str = "220 mx.example.org ESMTP\r\n";
+    const EHLO: &str = "250-mx.example.org\r\n250 8BITMIME\r\n";
+    const EHLO_PIPE: &str = "250-mx.example.org\r\n250 PIPELINING\r\n";
+
+    fn sent(o: &Outcome) -> usize {
+        o.rcpts.iter().filter(|(_, r)| r.is_ok()).count()
+    }
+
+    #[test]
+    fn a_good_primary_gets_the_message() {
+        let (o, heard) = converse("good", &[GREET, EHLO, "250 ok\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 2.0.0 queued\r\n"]);
+        let o = o.unwrap();
+        assert_eq!(sent(&o), 2, "{o:?}");
+        assert!(heard.ends_with("DATA\r\nSubject: t\r\n\r\n..hi\r\n.\r\n"), "{heard:?}");
+        let (o, _) = converse("good-pipe", &[GREET, EHLO_PIPE, "250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n", "250 2.0.0 queued\r\n"]);
+        assert_eq!(sent(&o.unwrap()), 2);
+    }
+
+    #[test]
+    fn a_250_to_data_is_a_protocol_error_not_a_delivery() {
+        // Before: the 250 was copied onto the accepted recipients: "sent".
+        let (o, heard) = converse("data250", &[GREET, EHLO, "250 ok\r\n", "250 ok\r\n", "250 ok\r\n", "250 2.0.0 Ok\r\n"]);
+        let o = o.unwrap();
+        assert!(!o.reusable);
+        for (_, r) in &o.rcpts {
+            assert_eq!(r.code, 451);
+            assert_eq!(r.text, "Protocol error: host mx.example.org[192.0.2.25]:25 said: 250 2.0.0 Ok (in reply to DATA command)");
+        }
+        assert!(!heard.contains("Subject"), "message sent after a 250 to DATA: {heard:?}");
+        let (o, _) = converse("data250-pipe", &[GREET, EHLO_PIPE, "250 ok\r\n250 ok\r\n250 ok\r\n250 2.0.0 Ok\r\n"]);
+        assert_eq!(sent(&o.unwrap()), 0);
+    }
+
+    #[test]
+    fn a_doubled_greeting_is_caught_before_it_shifts_the_replies() {
+        let (o, heard) = converse("greet2", &[&format!("{GREET}{GREET}"), EHLO, "250 ok\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 ok\r\n"]);
+        let e = o.unwrap_err();
+        assert_eq!(e.code, 451);
+        assert!(e.text.starts_with("Protocol error: host mx.example.org[192.0.2.25]:25 sent more than its reply: \"220 mx.example.org ESMTP\""), "{e:?}");
+        assert_eq!(heard, "", "the client said something");
+    }
+
+    #[test]
+    fn lines_after_the_final_reply_void_it() {
+        let (o, _) = converse("endextra", &[GREET, EHLO_PIPE, "250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n", "250 queued\r\n250 again\r\n"]);
+        let o = o.unwrap();
+        assert_eq!(sent(&o), 0, "{o:?}");
+        assert!(o.rcpts[0].1.text.contains("sent more than its reply: \"250 again\" (in reply to end of DATA command)"), "{o:?}");
+    }
+
+    #[test]
+    fn refusals_keep_their_meaning() {
+        // 550 to one RCPT, 250 to the other, 250 at the end: one sent, one refused.
+        let (o, _) = converse("rcpt550", &[GREET, EHLO, "250 ok\r\n", "550 5.1.1 no\r\n", "250 ok\r\n", "354 go\r\n", "250 queued\r\n"]);
+        let o = o.unwrap();
+        assert_eq!(o.rcpts[0].1.text, "550 5.1.1 no");
+        assert!(o.rcpts[1].1.is_ok());
+        assert!(o.reusable);
+        // A 554 to DATA after an accepted RCPT bounces, as in Postfix.
+        let (o, _) = converse("data554", &[GREET, EHLO, "250 ok\r\n", "250 ok\r\n", "250 ok\r\n", "554 5.6.0 no thanks\r\n"]);
+        let o = o.unwrap();
+        assert!(o.rcpts.iter().all(|(_, r)| r.code == 554 && r.is_permanent()), "{o:?}");
+    }
+
+    #[test]
+    fn our_own_name_in_the_greeting_or_ehlo_is_a_loop() {
+        let (o, heard) = converse("loop1", &["220 BACKUP.example.org ESMTP\r\n"]);
+        assert_eq!(o.unwrap_err().text, "451 4.4.6 mail for mx.example.org loops back to myself");
+        assert_eq!(heard, "");
+        let (o, heard) = converse("loop2", &[GREET, "250-backup.example.org\r\n250 PIPELINING\r\n"]);
+        assert_eq!(o.unwrap_err().text, "451 4.4.6 mail for mx.example.org loops back to myself");
+        assert!(!heard.contains("MAIL"));
+    }
+
+    #[test]
+    fn ehlo_keywords_survive_junk() {
+        let (o, _) = converse(
+            "junk",
+            &[GREET, "250-mx\r\n250-SIZE -1\r\n250-SIZE 99999999999999999999999\r\n250-SIZE\r\n250-\u{ff}\u{fe}\r\n250 SIZE x\r\n", "250 ok\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 queued\r\n"],
+        );
+        assert_eq!(sent(&o.unwrap()), 2);
     }
 
     #[test]
