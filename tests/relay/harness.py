@@ -249,7 +249,8 @@ class FakePrimary:
       * Silent(), Close(), Endless(chunk): see those classes;
       * a list of the above, done in order.
     Anything unlisted gets a plain success. With `pipelining`, the default
-    EHLO reply offers PIPELINING (and 8BITMIME).
+    EHLO reply offers PIPELINING (and 8BITMIME). `replies` may instead be a
+    function of the connection number returning (replies, pipelining).
 
     The fake enters DATA mode when its answer to DATA holds a line starting
     with 354. Serves connections one after another on a thread. Records:
@@ -261,7 +262,10 @@ class FakePrimary:
     EHLO_PIPELINING = "250-primary.example.org\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10240000"
 
     def __init__(self, port, replies, pipelining=False):
-        self.replies = dict(replies)
+        # A callable picks (replies, pipelining) afresh for each connection,
+        # given the connection's number (1, 2, ...).
+        self.choose = replies if callable(replies) else None
+        self.replies = {} if self.choose else dict(replies)
         self.pipelining = pipelining
         self.commands = []
         self.messages = []
@@ -328,6 +332,8 @@ class FakePrimary:
                 continue
             self.connections += 1
             self.conn = conn
+            if self.choose:
+                self.replies, self.pipelining = self.choose(self.connections)
             conn.settimeout(10)
             try:
                 self._session(conn, conn.makefile("rwb"))
