@@ -445,7 +445,7 @@ def soak(seconds):
         hwm = max(hwm, proc_status(r.proc.pid)["VmHWM"])
         bounced = r.read_log().count("status=bounced")
         sink.stop()
-        print(f"soak: {seconds} s, {len(sent)} messages acknowledged, {fake.connections} hostile connections, "
+        print(f"soak: {seconds} s, {len(sent)} messages acknowledged, {fake.connections} connections to the fake primary (about half misbehaving), "
               f"drained {drained}, lost {len(lost)}, bounced {bounced}, VmHWM {hwm} kB")
         if lost:
             print("lost:", lost[:20])
