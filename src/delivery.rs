@@ -5,24 +5,70 @@
 //! (RFC 2920). The message is streamed from the spool with dot-stuffing of
 //! every line that begins with `.`; the spool only holds CR LF line ends
 //! (see [`data`](crate::data)), so no bare CR or LF can reach the primary.
+//!
+//! The primary is not trusted to speak SMTP. Its output is cut into replies
+//! by [`ReplyParser`] (no I/O: bytes in, replies out; fuzzed), within bounds
+//! ([`MAX_REPLY_LINE`], [`MAX_REPLY_LINES`], one `delivery_timeout` per
+//! reply). Every reply is checked against the command it answers; anything
+//! that does not belong there is a *protocol error*:
+//!
+//! * a reply of the wrong class for its command: a 2xx or 3xx to DATA other
+//!   than 354, a 354 to MAIL or RCPT, any 1xx, a code outside 2xx-5xx; 220
+//!   only as the greeting and 250 only to EHLO/HELO;
+//! * a line that is not a reply, a multi-line reply whose lines disagree on
+//!   the code, a line longer than 2048 bytes, more than 100 lines;
+//! * output the primary sends when it owes no reply: before a command of
+//!   ours in non-pipelined mode, after the last reply of a pipelined batch,
+//!   while we send the message, after the reply to the end of data.
+//!
+//! A protocol error defers every recipient of the message (whatever the
+//! transaction's earlier replies said: once the stream is out of step, no
+//! reply can be trusted to belong to its command) and drops the connection
+//! without QUIT. It never bounces. Only a 2xx read as the reply to the
+//! end-of-data line marks a recipient sent.
+//!
+//! Postfix's smtp client differs in two ways: it takes a 2xx or 3xx where
+//! only 4xx/5xx fit as "Protocol error: ... 5.5.0" and bounces, and it skips
+//! lines that are not replies. Bartleby, the only way to a single primary,
+//! defers instead: a delay, or at worst a second copy of a message, is
+//! better than a loss. Like Postfix, a 5xx to MAIL, to RCPT, to DATA (with at
+//! least one recipient accepted) or to the end of data is a refusal of the
+//! message and bounces; a refusal of the session (greeting, EHLO/HELO, RSET)
+//! never does.
 
 use std::io::Read;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::timeout;
 
 use crate::config::{Config, split_host_port};
+use crate::logging::SMTP;
 use crate::spool::{QueuedMessage, Spool};
+
+/// Longest reply line taken from the primary, line end included (Postfix's
+/// `line_length_limit`; RFC 5321 allows 512).
+pub const MAX_REPLY_LINE: usize = 2048;
+/// Most lines in one reply (an EHLO reply has about a dozen).
+pub const MAX_REPLY_LINES: usize = 100;
+/// Bytes of a reply's text kept for the logs, the queue state and bounces.
+pub const MAX_REPLY_TEXT: usize = 512;
+/// Bytes kept of each line's text in [`Parsed::lines`] (EHLO keywords).
+const MAX_KEPT_LINE: usize = 80;
+/// Bytes of the primary's text quoted in a protocol error.
+const MAX_QUOTE: usize = 100;
 
 /// A reply from the primary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {
     pub code: u16,
-    /// All lines joined with a space, CR LF removed.
+    /// The code, a space and the text of all lines joined with a space:
+    /// printable, at most [`MAX_REPLY_TEXT`] bytes.
     pub text: String,
 }
 
@@ -46,11 +92,266 @@ impl Reply {
     pub fn local(code: u16, text: impl Into<String>) -> Reply {
         Reply { code, text: format!("{code} {}", text.into()) }
     }
+
+    /// A protocol error: temporary, whatever the primary's code was.
+    fn protocol(text: String) -> Reply {
+        Reply { code: 451, text: format!("Protocol error: {text}") }
+    }
 }
 
 impl std::fmt::Display for Reply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.text)
+    }
+}
+
+/// A complete reply as the parser found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Parsed {
+    pub reply: Reply,
+    /// The text of each line after the code, cut to 80 bytes (the EHLO
+    /// keywords; the first word of the first line is the server's name).
+    pub lines: Vec<String>,
+}
+
+/// What is wrong with the primary's output, as the parser sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Malformed {
+    /// A line that is not three digits followed by a space, a hyphen or
+    /// its end (the line, printable and cut).
+    NotAReply(String),
+    /// A multi-line reply whose lines carry different codes.
+    CodeChanged(u16, u16),
+    /// A line longer than [`MAX_REPLY_LINE`].
+    LineTooLong,
+    /// More than [`MAX_REPLY_LINES`] lines.
+    TooManyLines,
+}
+
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Malformed::NotAReply(l) => write!(f, "sent a malformed reply: \"{l}\""),
+            Malformed::CodeChanged(a, b) => write!(f, "sent a multi-line reply with different codes ({a}, then {b})"),
+            Malformed::LineTooLong => write!(f, "sent a reply line longer than {MAX_REPLY_LINE} bytes"),
+            Malformed::TooManyLines => write!(f, "sent a reply of more than {MAX_REPLY_LINES} lines"),
+        }
+    }
+}
+
+/// Cuts the primary's output into replies, without I/O: [`feed`](Self::feed)
+/// bytes as they arrive, in any pieces. Memory is bounded whatever the
+/// input: one line of at most [`MAX_REPLY_LINE`] bytes, [`MAX_REPLY_TEXT`]
+/// bytes of text, [`MAX_REPLY_LINES`] short kept lines.
+///
+/// A line ends at LF; a CR before it is dropped (Postfix, too, takes a bare
+/// LF). Other control characters and bytes that are not UTF-8 become `?` in
+/// the text.
+#[derive(Debug, Default)]
+pub struct ReplyParser {
+    line: Vec<u8>,
+    code: Option<u16>,
+    text: String,
+    lines: Vec<String>,
+}
+
+impl ReplyParser {
+    pub fn new() -> ReplyParser {
+        ReplyParser::default()
+    }
+
+    /// Bytes of the current line held (less than [`MAX_REPLY_LINE`]).
+    pub fn buffered(&self) -> usize {
+        self.line.len()
+    }
+
+    /// True when part of a reply has been fed.
+    pub fn in_reply(&self) -> bool {
+        !self.line.is_empty() || self.code.is_some()
+    }
+
+    /// Feeds the next bytes. Returns how many were used and, when a reply
+    /// is complete or found malformed, the result. Bytes after the end of
+    /// the reply (or after the fault) are not used: feed them again for the
+    /// next reply. After a result the parser starts afresh. The result
+    /// does not depend on how the input is cut into pieces.
+    pub fn feed(&mut self, input: &[u8]) -> (usize, Option<Result<Parsed, Malformed>>) {
+        let mut used = 0;
+        while used < input.len() {
+            let rest = &input[used..];
+            let room = MAX_REPLY_LINE - 1 - self.line.len();
+            match rest.iter().take(room + 1).position(|&c| c == b'\n') {
+                Some(i) => {
+                    self.line.extend_from_slice(&rest[..i]);
+                    used += i + 1;
+                    if let Some(r) = self.end_line() {
+                        return (used, Some(r));
+                    }
+                }
+                None if rest.len() > room => {
+                    // The line would be longer than the limit, LF included.
+                    self.reset();
+                    return (used + room + 1, Some(Err(Malformed::LineTooLong)));
+                }
+                None => {
+                    self.line.extend_from_slice(rest);
+                    used = input.len();
+                }
+            }
+        }
+        (used, None)
+    }
+
+    fn reset(&mut self) {
+        self.line.clear();
+        self.code = None;
+        self.text.clear();
+        self.lines.clear();
+    }
+
+    /// A whole line is in `self.line` (without its LF).
+    fn end_line(&mut self) -> Option<Result<Parsed, Malformed>> {
+        let mut l: &[u8] = &self.line;
+        if let [head @ .., b'\r'] = l {
+            l = head;
+        }
+        let form = match l {
+            [a, b, c, rest @ ..] if [a, b, c].iter().all(|d| d.is_ascii_digit()) => match rest {
+                [] => Some((false, rest)),
+                [b' ', text @ ..] => Some((false, text)),
+                [b'-', text @ ..] => Some((true, text)),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some((more, rest)) = form else {
+            let quoted = printable(l, MAX_QUOTE);
+            self.reset();
+            return Some(Err(Malformed::NotAReply(quoted)));
+        };
+        let code = l.iter().take(3).fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
+        let rest = printable(rest, MAX_REPLY_TEXT);
+        match self.code {
+            Some(first) if first != code => {
+                self.reset();
+                return Some(Err(Malformed::CodeChanged(first, code)));
+            }
+            Some(_) => push_cut(&mut self.text, " ", &rest),
+            None => {
+                self.code = Some(code);
+                self.text = format!("{code:03}");
+                push_cut(&mut self.text, " ", &rest);
+            }
+        }
+        let mut kept = String::new();
+        push_cut_to(&mut kept, "", &rest, MAX_KEPT_LINE);
+        self.lines.push(kept);
+        self.line.clear();
+        if more {
+            if self.lines.len() >= MAX_REPLY_LINES {
+                self.reset();
+                return Some(Err(Malformed::TooManyLines));
+            }
+            return None;
+        }
+        let reply = Reply { code, text: std::mem::take(&mut self.text) };
+        let lines = std::mem::take(&mut self.lines);
+        self.reset();
+        Some(Ok(Parsed { reply, lines }))
+    }
+}
+
+/// The primary's bytes as text fit for a log line: UTF-8 kept, control and
+/// format characters and undecodable bytes as `?`, at most `max` bytes.
+fn printable(b: &[u8], max: usize) -> String {
+    let mut out = String::new();
+    push_cut_to(&mut out, "", &String::from_utf8_lossy(b), max);
+    out
+}
+
+/// Appends `sep` and `s` to `out` as far as [`MAX_REPLY_TEXT`] allows.
+fn push_cut(out: &mut String, sep: &str, s: &str) {
+    push_cut_to(out, sep, s, MAX_REPLY_TEXT)
+}
+
+/// Appends `sep` and `s` (cleaned as [`printable`] says) while `out` stays
+/// within `max` bytes; never splits a character.
+fn push_cut_to(out: &mut String, sep: &str, s: &str, max: usize) {
+    if s.is_empty() || out.len() + sep.len() >= max {
+        return;
+    }
+    out.push_str(sep);
+    for c in s.chars() {
+        let c = if c.is_control() || c == char::REPLACEMENT_CHARACTER || is_format(c) { '?' } else { c };
+        if out.len() + c.len_utf8() > max {
+            break;
+        }
+        out.push(c);
+    }
+}
+
+/// Invisible characters that can disguise a log line (bidi overrides,
+/// zero-width characters, line and paragraph separators).
+fn is_format(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}')
+}
+
+/// Where the conversation stands, for the checks and the wording of
+/// failures (Postfix's words: "lost connection with X while sending RCPT
+/// TO", "... (in reply to RCPT TO command)").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Greeting,
+    Ehlo,
+    Helo,
+    Mail,
+    Rcpt,
+    Data,
+    Body,
+    Dot,
+    Rset,
+    Quit,
+}
+
+impl Stage {
+    fn doing(self) -> &'static str {
+        match self {
+            Stage::Greeting => "receiving the initial server greeting",
+            Stage::Ehlo => "performing the EHLO handshake",
+            Stage::Helo => "performing the HELO handshake",
+            Stage::Mail => "sending MAIL FROM",
+            Stage::Rcpt => "sending RCPT TO",
+            Stage::Data => "sending DATA command",
+            Stage::Body => "sending message body",
+            Stage::Dot => "sending end of data -- message may be sent more than once",
+            Stage::Rset => "sending RSET",
+            Stage::Quit => "sending QUIT",
+        }
+    }
+
+    fn context(self) -> &'static str {
+        match self {
+            Stage::Greeting => "in the server greeting",
+            Stage::Ehlo => "in reply to EHLO command",
+            Stage::Helo => "in reply to HELO command",
+            Stage::Mail => "in reply to MAIL FROM command",
+            Stage::Rcpt => "in reply to RCPT TO command",
+            Stage::Data | Stage::Body => "in reply to DATA command",
+            Stage::Dot => "in reply to end of DATA command",
+            Stage::Rset => "in reply to RSET command",
+            Stage::Quit => "in reply to QUIT command",
+        }
+    }
+
+    /// The codes that mean "go on" here (RFC 5321 4.3.2).
+    fn success(self, code: u16) -> bool {
+        match self {
+            Stage::Greeting => code == 220,
+            Stage::Ehlo | Stage::Helo => code == 250,
+            Stage::Data => code == 354,
+            Stage::Mail | Stage::Rcpt | Stage::Dot | Stage::Rset | Stage::Quit => (200..300).contains(&code),
+            Stage::Body => false,
+        }
     }
 }
 
@@ -63,10 +364,15 @@ pub struct Outcome {
     pub reusable: bool,
 }
 
+type Reader = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
+type Writer = BufWriter<Box<dyn AsyncWrite + Send + Unpin>>;
+
 /// An open, greeted connection to the primary.
 pub struct Connection {
-    rd: BufReader<OwnedReadHalf>,
-    wr: BufWriter<OwnedWriteHalf>,
+    rd: Reader,
+    wr: Writer,
+    /// The socket, to look for unsolicited input without reading it.
+    fd: Option<RawFd>,
     /// `host[ip]:port` for the logs.
     pub relay: String,
     pipelining: bool,
@@ -74,6 +380,9 @@ pub struct Connection {
     size_limit: Option<u64>,
     timeout: Duration,
     used: bool,
+    /// The stage of the last reply read: what any further input would be
+    /// "more than its reply" to.
+    last: Stage,
 }
 
 /// A failure to reach or talk to the primary at all.
@@ -111,47 +420,90 @@ impl Connection {
                 }
             };
             let _ = stream.set_nodelay(true);
+            let fd = stream.as_raw_fd();
             let (r, w) = stream.into_split();
-            let mut c = Connection {
-                rd: BufReader::with_capacity(2048, r),
-                wr: BufWriter::with_capacity(8192, w),
-                relay,
-                pipelining: false,
-                eightbit: false,
-                size_limit: None,
-                timeout: cfg.delivery_timeout,
-                used: false,
-            };
-            match c.greet(&cfg.hostname).await {
-                Ok(()) => return Ok(c),
-                Err(reply) => last = ConnectError { reply },
+            match Connection::handshake(Box::new(r), Box::new(w), Some(fd), relay, cfg).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = e,
             }
         }
         Err(last)
     }
 
-    async fn greet(&mut self, hostname: &str) -> Result<(), Reply> {
-        let banner = self.read_reply().await?;
-        if banner.code != 220 {
-            return Err(self.refused(banner, "refused to talk to me:", ""));
+    /// Greets the primary over an open byte stream: the part of
+    /// [`open`](Self::open) after the connect (tests and the fuzzer run it
+    /// over a pipe). `fd`, the socket, lets the client see input that the
+    /// runtime has not reported yet.
+    pub async fn handshake(
+        rd: Box<dyn AsyncRead + Send + Unpin>,
+        wr: Box<dyn AsyncWrite + Send + Unpin>,
+        fd: Option<RawFd>,
+        relay: String,
+        cfg: &Config,
+    ) -> Result<Connection, ConnectError> {
+        let mut c = Connection {
+            rd: BufReader::with_capacity(2048, rd),
+            wr: BufWriter::with_capacity(8192, wr),
+            fd,
+            relay,
+            pipelining: false,
+            eightbit: false,
+            size_limit: None,
+            timeout: cfg.delivery_timeout,
+            used: false,
+            last: Stage::Greeting,
+        };
+        let host = split_host_port(&cfg.primary).map(|(h, _)| h).unwrap_or_else(|_| cfg.primary.clone());
+        match c.greet(&cfg.hostname, &host).await {
+            Ok(()) => Ok(c),
+            Err(reply) => Err(ConnectError { reply }),
         }
-        self.send(&format!("EHLO {hostname}\r\n")).await?;
-        let ehlo = self.read_reply_lines().await?;
-        if ehlo.0.code == 250 {
-            for l in &ehlo.1 {
-                let kw = l.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
-                match kw.as_str() {
+    }
+
+    async fn greet(&mut self, hostname: &str, nexthop: &str) -> Result<(), Reply> {
+        let banner = self.read(Stage::Greeting).await?;
+        if !Stage::Greeting.success(self.judge(Stage::Greeting, banner.reply.clone())?.code) {
+            return Err(self.refused(banner.reply, "refused to talk to me:", ""));
+        }
+        // Postfix only warns here ("greeted me with my own hostname") and
+        // acts on the EHLO reply; a greeting with our name is reason enough.
+        if first_word(&banner).eq_ignore_ascii_case(hostname) {
+            log::warn!(target: SMTP, "warning: host {} greeted me with my own hostname {hostname}", self.relay);
+            return Err(loops_back(nexthop));
+        }
+        self.send(&format!("EHLO {hostname}\r\n"), Stage::Ehlo).await?;
+        let ehlo = self.read(Stage::Ehlo).await?;
+        self.judge(Stage::Ehlo, ehlo.reply.clone())?;
+        let helo = if ehlo.reply.code == 250 {
+            ehlo
+        } else if ehlo.reply.code == 421 {
+            return Err(self.refused(ehlo.reply, "refused to talk to me:", ""));
+        } else {
+            self.send(&format!("HELO {hostname}\r\n"), Stage::Helo).await?;
+            let helo = self.read(Stage::Helo).await?;
+            self.judge(Stage::Helo, helo.reply.clone())?;
+            if helo.reply.code != 250 {
+                return Err(self.refused(helo.reply, "said:", " (in reply to HELO command)"));
+            }
+            helo
+        };
+        if first_word(&helo).eq_ignore_ascii_case(hostname) {
+            log::warn!(target: SMTP, "warning: host {} replied to HELO/EHLO with my own hostname {hostname}", self.relay);
+            return Err(loops_back(nexthop));
+        }
+        if self.last == Stage::Ehlo {
+            for l in helo.lines.iter().skip(1) {
+                let mut words = l.split([' ', '=']).filter(|w| !w.is_empty());
+                match words.next().unwrap_or("").to_ascii_uppercase().as_str() {
                     "PIPELINING" => self.pipelining = true,
                     "8BITMIME" => self.eightbit = true,
-                    "SIZE" => self.size_limit = l.split_whitespace().nth(1).and_then(|n| n.parse().ok()).filter(|n| *n > 0),
+                    // "SIZE 0" (no limit), junk, or a number past u64: no limit.
+                    "SIZE" => self.size_limit = words.next().and_then(|n| n.parse::<u64>().ok()).filter(|n| *n > 0),
                     _ => {}
                 }
             }
-            return Ok(());
         }
-        self.send(&format!("HELO {hostname}\r\n")).await?;
-        let helo = self.read_reply().await?;
-        if helo.code == 250 { Ok(()) } else { Err(self.refused(helo, "said:", " (in reply to HELO command)")) }
+        Ok(())
     }
 
     /// A refusal of the session itself (greeting, EHLO/HELO, RSET), as a
@@ -159,66 +511,112 @@ impl Connection {
     /// a primary that is starting up, overloaded or misconfigured may answer
     /// 554 to everyone for a while, and with one primary and no other MX a
     /// 5xx here would bounce the whole queue. Postfix defers in the same case
-    /// (smtp_skip_5xx_greeting). Only replies to MAIL, RCPT and the end of
-    /// data speak of a message and may be permanent.
+    /// (smtp_skip_5xx_greeting). Only replies to MAIL, RCPT, DATA and the end
+    /// of data speak of a message and may be permanent.
     fn refused(&self, reply: Reply, verb: &str, context: &str) -> Reply {
         let code = if (400..500).contains(&reply.code) { reply.code } else { 421 };
         Reply { code, text: format!("host {} {verb} {}{context}", self.relay, reply.text) }
     }
 
-    async fn send(&mut self, s: &str) -> Result<(), Reply> {
+    fn lost(&self, stage: Stage) -> Reply {
+        Reply::local(421, format!("4.4.2 lost connection with {} while {}", self.relay, stage.doing()))
+    }
+
+    fn timed_out(&self, stage: Stage) -> Reply {
+        Reply::local(421, format!("4.4.2 conversation with {} timed out while {}", self.relay, stage.doing()))
+    }
+
+    /// Writes `s` (one command or a pipelined batch whose first reply is
+    /// `stage`'s), after making sure the primary has not said anything
+    /// unasked since its last reply.
+    async fn send(&mut self, s: &str, stage: Stage) -> Result<(), Reply> {
+        self.check_quiet()?;
+        self.write(s.as_bytes(), stage).await
+    }
+
+    async fn write(&mut self, b: &[u8], stage: Stage) -> Result<(), Reply> {
         let r = async {
-            self.wr.write_all(s.as_bytes()).await?;
+            self.wr.write_all(b).await?;
             self.wr.flush().await
         };
         match timeout(self.timeout, r).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Reply::local(421, format!("4.4.2 lost connection with {}: {e}", self.relay))),
-            Err(_) => Err(Reply::local(421, format!("4.4.2 conversation with {} timed out", self.relay))),
+            Ok(Err(_)) => Err(self.lost(stage)),
+            Err(_) => Err(self.timed_out(stage)),
         }
     }
 
-    async fn read_reply(&mut self) -> Result<Reply, Reply> {
-        self.read_reply_lines().await.map(|(r, _)| r)
+    /// Fails when the primary sent something it owed no reply for: what is
+    /// left in the buffer after its last reply, or waiting in the socket.
+    fn check_quiet(&mut self) -> Result<(), Reply> {
+        let mut peek = [0u8; MAX_QUOTE];
+        let waiting: &[u8] = if !self.rd.buffer().is_empty() {
+            self.rd.buffer()
+        } else if let Some(fd) = self.fd {
+            let n = peek_socket(fd, &mut peek).unwrap_or(0);
+            &peek[..n]
+        } else {
+            // A pipe (tests, the fuzzer): one poll, which never waits.
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            match Pin::new(&mut self.rd).poll_fill_buf(&mut cx) {
+                Poll::Ready(Ok(b)) => b,
+                _ => &[],
+            }
+        };
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let line = waiting.split(|&c| c == b'\n').next().unwrap_or(&[]);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let quoted = printable(&line[..line.len().min(MAX_QUOTE)], MAX_QUOTE);
+        Err(Reply::protocol(format!("host {} sent more than its reply: \"{quoted}\" ({})", self.relay, self.last.context())))
     }
 
-    /// Reads a possibly multi-line reply; also returns the text of each line
-    /// after the first (the EHLO keywords).
-    async fn read_reply_lines(&mut self) -> Result<(Reply, Vec<String>), Reply> {
-        let relay = self.relay.clone();
-        let lost = |why: &str| Reply::local(421, format!("4.4.2 {why} with {relay}"));
-        let mut text = String::new();
-        let mut lines = Vec::new();
-        let mut line = Vec::with_capacity(128);
-        for n in 0..100 {
-            line.clear();
-            let r = timeout(self.timeout, tokio::io::AsyncReadExt::take(&mut self.rd, 1024).read_until(b'\n', &mut line)).await;
-            match r {
-                Err(_) => return Err(lost("conversation timed out")),
-                Ok(Err(_)) | Ok(Ok(0)) => return Err(lost("lost connection")),
-                Ok(Ok(_)) => {}
-            }
-            let l = String::from_utf8_lossy(&line);
-            let l = l.trim_end_matches(['\r', '\n']);
-            if l.len() < 3 || !l.as_bytes()[..3].iter().all(u8::is_ascii_digit) {
-                return Err(lost("malformed reply"));
-            }
-            let code: u16 = l[..3].parse().unwrap_or(0);
-            let rest = l.get(4..).unwrap_or("");
-            if n == 0 {
-                text.push_str(l);
-            } else {
-                lines.push(rest.to_string());
-                if text.len() < 400 {
-                    text.push(' ');
-                    text.push_str(rest);
+    /// Reads one reply within `delivery_timeout` (the whole reply, not each
+    /// line: a primary that drips one byte at a time cannot hold the
+    /// connection longer). Lost connection, timeout and malformed output
+    /// come back as temporary failures.
+    async fn read(&mut self, stage: Stage) -> Result<Parsed, Reply> {
+        self.read_within(stage, self.timeout).await
+    }
+
+    async fn read_within(&mut self, stage: Stage, limit: Duration) -> Result<Parsed, Reply> {
+        self.last = stage;
+        let rd = &mut self.rd;
+        let mut parser = ReplyParser::new();
+        let read = async {
+            loop {
+                let (n, r) = match rd.fill_buf().await {
+                    Ok([]) | Err(_) => return None,
+                    Ok(buf) => parser.feed(buf),
+                };
+                rd.consume(n);
+                if r.is_some() {
+                    return r;
                 }
             }
-            if l.as_bytes().get(3) != Some(&b'-') {
-                return Ok((Reply { code, text }, lines));
-            }
+        };
+        match timeout(limit, read).await {
+            Err(_) => Err(self.timed_out(stage)),
+            Ok(None) => Err(self.lost(stage)),
+            Ok(Some(Err(m))) => Err(Reply::protocol(format!("host {} {m} ({})", self.relay, stage.context()))),
+            Ok(Some(Ok(p))) => Ok(p),
         }
-        Err(lost("reply too long"))
+    }
+
+    /// Reads the reply to `stage`'s command: a success or a refusal (4xx,
+    /// 5xx) comes back as `Ok`; anything else is a protocol error.
+    async fn reply(&mut self, stage: Stage) -> Result<Reply, Reply> {
+        let p = self.read(stage).await?;
+        self.judge(stage, p.reply)
+    }
+
+    fn judge(&self, stage: Stage, r: Reply) -> Result<Reply, Reply> {
+        if stage.success(r.code) || (400..600).contains(&r.code) {
+            Ok(r)
+        } else {
+            Err(Reply::protocol(format!("host {} said: {} ({})", self.relay, r.text, stage.context())))
+        }
     }
 
     /// Sends one message to its pending recipients.
@@ -227,23 +625,30 @@ impl Connection {
         let all = |reply: &Reply| pending.iter().map(|a| (a.clone(), reply.clone())).collect::<Vec<_>>();
         match self.deliver_inner(spool, msg, &pending).await {
             Ok(rcpts) => Outcome { rcpts, reusable: true },
-            Err((reply, reusable)) => Outcome { rcpts: all(&reply), reusable },
+            Err((reply, reusable)) => {
+                if reply.text.starts_with("Protocol error: ") {
+                    log::warn!(target: SMTP, "warning: {}: {}; connection dropped", msg.env.id, reply.text);
+                }
+                Outcome { rcpts: all(&reply), reusable }
+            }
         }
     }
 
     async fn deliver_inner(&mut self, spool: &Spool, msg: &QueuedMessage, pending: &[String]) -> Result<Vec<(String, Reply)>, (Reply, bool)> {
+        let lost = |r: Reply| (r, false);
         if self.used {
-            self.send("RSET\r\n").await.map_err(|r| (r, false))?;
-            let r = self.read_reply().await.map_err(|r| (r, false))?;
+            self.send("RSET\r\n", Stage::Rset).await.map_err(lost)?;
+            let r = self.reply(Stage::Rset).await.map_err(lost)?;
             if !r.is_ok() {
                 return Err((self.refused(r, "said:", " (in reply to RSET command)"), false));
             }
         }
         self.used = true;
         if let Some(limit) = self.size_limit
-            && msg.size > limit {
-                return Err((Reply::local(552, format!("5.3.4 message too big for {} ({} > {limit})", self.relay, msg.size)), true));
-            }
+            && msg.size > limit
+        {
+            return Err((Reply::local(552, format!("5.3.4 message too big for {} ({} > {limit})", self.relay, msg.size)), true));
+        }
         let mut mail = format!("MAIL FROM:<{}>", msg.env.sender);
         if self.size_limit.is_some() {
             mail.push_str(&format!(" SIZE={}", msg.size));
@@ -254,67 +659,69 @@ impl Connection {
         mail.push_str("\r\n");
         let rcpt_lines: Vec<String> = pending.iter().map(|a| format!("RCPT TO:<{a}>\r\n")).collect();
         let mut results: Vec<(String, Reply)> = Vec::with_capacity(pending.len());
-        let lost = |r: Reply| (r, false);
 
         if self.pipelining {
-            let mut batch = mail.clone();
+            let mut batch = mail;
             for l in &rcpt_lines {
                 batch.push_str(l);
             }
             batch.push_str("DATA\r\n");
-            self.send(&batch).await.map_err(lost)?;
-            let mail_r = self.read_reply().await.map_err(lost)?;
+            self.send(&batch, Stage::Mail).await.map_err(lost)?;
+            let mail_r = self.reply(Stage::Mail).await.map_err(lost)?;
             for a in pending {
-                let r = self.read_reply().await.map_err(lost)?;
+                let r = self.reply(Stage::Rcpt).await.map_err(lost)?;
                 results.push((a.clone(), r));
             }
-            let data_r = self.read_reply().await.map_err(lost)?;
-            if !mail_r.is_ok() {
+            let data_r = self.reply(Stage::Data).await.map_err(lost)?;
+            // The batch is answered: anything more is out of step.
+            self.check_quiet().map_err(lost)?;
+            let accepted = mail_r.is_ok() && results.iter().any(|(_, r)| r.is_ok());
+            if !accepted {
                 if data_r.code == 354 {
-                    // Should not happen (RFC 2920), but end the empty message cleanly.
-                    self.send(".\r\n").await.map_err(lost)?;
-                    let _ = self.read_reply().await.map_err(lost)?;
+                    // RFC 2920 wants DATA refused here; end the empty
+                    // message cleanly, as Postfix does.
+                    self.write(b".\r\n", Stage::Dot).await.map_err(lost)?;
+                    self.reply(Stage::Dot).await.map_err(lost)?;
                 }
-                return Err((mail_r, true));
-            }
-            if data_r.code != 354 {
-                if results.iter().all(|(_, r)| !r.is_ok()) {
-                    return Ok(results);
+                if !mail_r.is_ok() {
+                    return Err((mail_r, true));
                 }
-                return Ok(results.into_iter().map(|(a, r)| if r.is_ok() { (a, data_r.clone()) } else { (a, r) }).collect());
-            }
-            if results.iter().all(|(_, r)| !r.is_ok()) {
-                self.send(".\r\n").await.map_err(lost)?;
-                let _ = self.read_reply().await.map_err(lost)?;
                 return Ok(results);
             }
+            if data_r.code != 354 {
+                return Ok(results.into_iter().map(|(a, r)| if r.is_ok() { (a, data_r.clone()) } else { (a, r) }).collect());
+            }
         } else {
-            self.send(&mail).await.map_err(lost)?;
-            let mail_r = self.read_reply().await.map_err(lost)?;
+            self.send(&mail, Stage::Mail).await.map_err(lost)?;
+            let mail_r = self.reply(Stage::Mail).await.map_err(lost)?;
             if !mail_r.is_ok() {
                 return Err((mail_r, true));
             }
             for (a, l) in pending.iter().zip(&rcpt_lines) {
-                self.send(l).await.map_err(lost)?;
-                let r = self.read_reply().await.map_err(lost)?;
+                self.send(l, Stage::Rcpt).await.map_err(lost)?;
+                let r = self.reply(Stage::Rcpt).await.map_err(lost)?;
                 results.push((a.clone(), r));
             }
             if results.iter().all(|(_, r)| !r.is_ok()) {
                 return Ok(results);
             }
-            self.send("DATA\r\n").await.map_err(lost)?;
-            let data_r = self.read_reply().await.map_err(lost)?;
+            self.send("DATA\r\n", Stage::Data).await.map_err(lost)?;
+            let data_r = self.reply(Stage::Data).await.map_err(lost)?;
             if data_r.code != 354 {
+                // A refusal of DATA itself (4xx, 5xx; anything else is a
+                // protocol error above): Postfix, too, bounces on a 5xx here.
                 return Ok(results.into_iter().map(|(a, r)| if r.is_ok() { (a, data_r.clone()) } else { (a, r) }).collect());
             }
+            self.check_quiet().map_err(lost)?;
         }
         self.send_body(spool, msg).await.map_err(lost)?;
         // RFC 5321 4.5.3.2.6: allow the primary 10 minutes for the final reply.
-        let saved = self.timeout;
-        self.timeout = saved.max(Duration::from_secs(600)).min(saved * 2);
-        let end_r = self.read_reply().await;
-        self.timeout = saved;
-        let end_r = end_r.map_err(lost)?;
+        let limit = self.timeout.max(Duration::from_secs(600)).min(self.timeout * 2);
+        let end = self.read_within(Stage::Dot, limit).await.map_err(lost)?;
+        let end_r = self.judge(Stage::Dot, end.reply).map_err(lost)?;
+        // Nothing may follow the last reply: if something does, the reply
+        // just read may not have been the one to the end of data.
+        self.check_quiet().map_err(lost)?;
         Ok(results.into_iter().map(|(a, r)| if r.is_ok() { (a, end_r.clone()) } else { (a, r) }).collect())
     }
 
@@ -327,6 +734,7 @@ impl Connection {
         let mut remaining = size;
         let mut at_bol = true;
         let mut last = b'\n';
+        self.last = Stage::Body;
         while remaining > 0 {
             let want = remaining.min(buf.len() as u64) as usize;
             let n = rd.read(&mut buf[..want]).map_err(local)?;
@@ -346,19 +754,346 @@ impl Connection {
             let w = timeout(self.timeout, self.wr.write_all(&out)).await;
             match w {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(Reply::local(421, format!("4.4.2 lost connection with {} while sending message body: {e}", self.relay))),
-                Err(_) => return Err(Reply::local(421, format!("4.4.2 conversation with {} timed out while sending message body", self.relay))),
+                Ok(Err(_)) => return Err(self.lost(Stage::Body)),
+                Err(_) => return Err(self.timed_out(Stage::Body)),
             }
         }
-        let tail: &str = if size == 0 || last == b'\n' { ".\r\n" } else { "\r\n.\r\n" };
-        self.send(tail).await
+        let tail: &[u8] = if size == 0 || last == b'\n' { b".\r\n" } else { b"\r\n.\r\n" };
+        // A reply before the end of data (the primary cannot have taken the
+        // message yet) would be read as the reply to it.
+        self.check_quiet()?;
+        self.write(tail, Stage::Dot).await
     }
 
     /// Ends the session politely.
     pub async fn quit(mut self) {
-        if self.send("QUIT\r\n").await.is_ok() {
-            let _ = timeout(Duration::from_secs(5), self.read_reply()).await;
+        if self.send("QUIT\r\n", Stage::Quit).await.is_ok() {
+            let _ = self.read_within(Stage::Quit, self.timeout.min(Duration::from_secs(5))).await;
         }
         let _ = self.wr.shutdown().await;
+    }
+}
+
+/// The first word of a greeting or of an EHLO/HELO reply: the server's name.
+fn first_word(p: &Parsed) -> &str {
+    p.lines.first().and_then(|l| l.split_whitespace().next()).unwrap_or("")
+}
+
+/// The primary is ourselves (Postfix: "mail for X loops back to myself",
+/// 5.4.6 when it is the best MX). Temporary here: a misconfiguration must
+/// not bounce the queue; the page and the log say what is wrong.
+fn loops_back(nexthop: &str) -> Reply {
+    Reply::local(451, format!("4.4.6 mail for {nexthop} loops back to myself"))
+}
+
+/// Up to `buf.len()` bytes waiting in the socket, without taking them:
+/// `None` when there are none (or the peer closed: the next read says so).
+fn peek_socket(fd: RawFd, buf: &mut [u8]) -> Option<usize> {
+    // SAFETY: `buf` is valid for `buf.len()` bytes; MSG_PEEK | MSG_DONTWAIT
+    // neither consumes input nor blocks.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    (n > 0).then_some(n as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(input: &[u8]) -> Vec<Result<Parsed, Malformed>> {
+        let mut p = ReplyParser::new();
+        let mut out = Vec::new();
+        let mut rest = input;
+        while !rest.is_empty() {
+            let (n, r) = p.feed(rest);
+            rest = &rest[n..];
+            match r {
+                Some(r) => out.push(r),
+                None => break,
+            }
+        }
+        out
+    }
+
+    fn one(input: &[u8]) -> Result<Parsed, Malformed> {
+        let mut v = parse_all(input);
+        assert_eq!(v.len(), 1, "{v:?}");
+        v.remove(0)
+    }
+
+    #[test]
+    fn parses_single_and_multi_line_replies() {
+        let p = one(b"250 2.0.0 Ok: queued\r\n").unwrap();
+        assert_eq!(p.reply, Reply { code: 250, text: "250 2.0.0 Ok: queued".into() });
+        assert_eq!(p.reply.enhanced(), Some("2.0.0"));
+        let p = one(b"250-primary.example.org\r\n250-PIPELINING\r\n250 SIZE 1000\r\n").unwrap();
+        assert_eq!(p.reply.text, "250 primary.example.org PIPELINING SIZE 1000");
+        assert_eq!(p.lines, vec!["primary.example.org", "PIPELINING", "SIZE 1000"]);
+        // A multi-line refusal keeps its enhanced code findable.
+        assert_eq!(one(b"550-5.1.1 no such user\r\n550 5.1.1 really\r\n").unwrap().reply.enhanced(), Some("5.1.1"));
+        // A code alone; a bare LF line end.
+        assert_eq!(one(b"250\r\n").unwrap().reply.text, "250");
+        assert_eq!(one(b"221 bye\n").unwrap().reply.code, 221);
+    }
+
+    #[test]
+    fn leaves_what_follows_a_reply() {
+        let mut p = ReplyParser::new();
+        let (n, r) = p.feed(b"250 a\r\n250 b\r\n");
+        assert_eq!(n, 7);
+        assert_eq!(r.unwrap().unwrap().reply.text, "250 a");
+        // Pieces: nothing until the line ends.
+        let (n, r) = p.feed(b"354 go");
+        assert_eq!((n, r), (6, None));
+        assert!(p.in_reply());
+        let (n, r) = p.feed(b" ahead\r\n");
+        assert_eq!(n, 8);
+        assert_eq!(r.unwrap().unwrap().reply.text, "354 go ahead");
+        assert!(!p.in_reply());
+    }
+
+    #[test]
+    fn finds_what_is_not_a_reply() {
+        assert_eq!(one(b"hello\r\n"), Err(Malformed::NotAReply("hello".into())));
+        assert_eq!(one(b"25 x\r\n"), Err(Malformed::NotAReply("25 x".into())));
+        assert_eq!(one(b"250x\r\n"), Err(Malformed::NotAReply("250x".into())));
+        assert_eq!(one(b"\r\n"), Err(Malformed::NotAReply("".into())));
+        assert_eq!(one(b"\x00\x01\xff\r\n"), Err(Malformed::NotAReply("???".into())));
+        assert_eq!(one(b"250-a\r\n550 b\r\n"), Err(Malformed::CodeChanged(250, 550)));
+        // Codes of any value parse; the caller judges them per command.
+        assert_eq!(one(b"699 x\r\n").unwrap().reply.code, 699);
+        assert_eq!(one(b"000 x\r\n").unwrap().reply.code, 0);
+    }
+
+    #[test]
+    fn bounds_lines_and_replies() {
+        let mut line = b"250 ".to_vec();
+        line.resize(MAX_REPLY_LINE - 2, b'x');
+        line.extend_from_slice(b"\r\n");
+        let p = one(&line).unwrap();
+        assert_eq!(p.reply.text.len(), MAX_REPLY_TEXT);
+        line.insert(5, b'x');
+        assert_eq!(parse_all(&line)[0], Err(Malformed::LineTooLong));
+        // Without any LF: the fault comes once the limit is passed, with the
+        // bytes after it left alone.
+        let mut p = ReplyParser::new();
+        let endless = vec![b'y'; 1 << 20];
+        let (n, r) = p.feed(&endless);
+        assert_eq!((n, r), (MAX_REPLY_LINE, Some(Err(Malformed::LineTooLong))));
+        let mut many = Vec::new();
+        for _ in 0..MAX_REPLY_LINES {
+            many.extend_from_slice(b"250-more\r\n");
+        }
+        assert_eq!(one(&many), Err(Malformed::TooManyLines));
+        many.truncate(many.len() - 10);
+        many.extend_from_slice(b"250 last\r\n");
+        let p = one(&many).unwrap();
+        assert_eq!(p.lines.len(), MAX_REPLY_LINES);
+        assert!(p.reply.text.len() <= MAX_REPLY_TEXT);
+    }
+
+    #[test]
+    fn text_is_printable_and_cut_on_a_character() {
+        let p = one("250 caf\u{e9} \x1b[31m\u{202e}x\x07\r\n".as_bytes()).unwrap();
+        assert_eq!(p.reply.text, "250 caf\u{e9} ?[31m?x?");
+        // A 3-byte character across the text limit is left out whole.
+        let mut s = b"250 ".to_vec();
+        s.resize(MAX_REPLY_TEXT - 1, b'a');
+        s.extend_from_slice("\u{20ac}\u{20ac}\r\n".as_bytes());
+        let p = one(&s).unwrap();
+        assert_eq!(p.reply.text.len(), MAX_REPLY_TEXT - 1);
+        assert!(p.reply.text.ends_with('a'));
+    }
+
+    // ---- whole conversations over a pipe ---------------------------------
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{DuplexStream, ReadBuf};
+
+    /// The client's read side; tells the scripted primary when the client
+    /// waits for input.
+    struct Watched(DuplexStream, Arc<AtomicBool>);
+
+    impl AsyncRead for Watched {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+            let r = Pin::new(&mut self.0).poll_read(cx, buf);
+            self.1.store(r.is_pending(), Ordering::SeqCst);
+            r
+        }
+    }
+
+    fn setup(name: &str) -> (Config, Spool, QueuedMessage) {
+        let root = std::env::temp_dir().join(format!("bartleby-delivery-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let spool = Spool::create(&root).unwrap();
+        let cfg = Config::parse(
+            &format!(
+                "hostname = \"backup.example.org\"\nspool = \"{}\"\nrelay_domains = [\"example.org\"]\nprimary = \"mx.example.org:25\"\ndelivery_timeout = \"5s\"\n",
+                root.display()
+            ),
+            "t.toml".as_ref(),
+        )
+        .unwrap();
+        let env = crate::spool::Envelope {
+            id: "ABCDEF0000001".try_into().unwrap(),
+            arrival: 1,
+            sender: "alice@sender.test".into(),
+            recipients: vec!["bob@example.org".into(), "carol@example.org".into()],
+            ..Default::default()
+        };
+        let mut w = spool.begin(&env).unwrap();
+        w.write(b"Subject: t\r\n\r\n.hi\r\n").unwrap();
+        w.finish().unwrap();
+        let msg = spool.read("ABCDEF0000001").unwrap();
+        (cfg, spool, msg)
+    }
+
+    /// Runs a delivery against a primary that says `script`, one piece each
+    /// time the client waits; returns the outcome (None: the handshake
+    /// failed, with its reply) and what the client wrote.
+    fn converse(name: &str, script: &[&str]) -> (Result<Outcome, Reply>, String) {
+        let (cfg, spool, msg) = setup(name);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let r = rt.block_on(async {
+            let (mut primary, client_rd) = tokio::io::duplex(1 << 16);
+            let (client_wr, mut heard) = tokio::io::duplex(1 << 16);
+            let idle = Arc::new(AtomicBool::new(false));
+            let done = Arc::new(AtomicBool::new(false));
+            let rd = Watched(client_rd, idle.clone());
+            let client = async {
+                let r = match Connection::handshake(Box::new(rd), Box::new(client_wr), None, "mx.example.org[192.0.2.25]:25".into(), &cfg).await {
+                    Ok(mut c) => Ok(c.deliver(&spool, &msg).await),
+                    Err(e) => Err(e.reply),
+                };
+                done.store(true, Ordering::SeqCst);
+                r
+            };
+            let server = async {
+                for piece in script {
+                    while !idle.load(Ordering::SeqCst) && !done.load(Ordering::SeqCst) {
+                        tokio::task::yield_now().await;
+                    }
+                    if done.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    idle.store(false, Ordering::SeqCst);
+                    primary.write_all(piece.as_bytes()).await.unwrap();
+                }
+                primary
+            };
+            let (r, _primary) = tokio::join!(client, server);
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_millis(50), tokio::io::AsyncReadExt::read_to_end(&mut heard, &mut out)).await;
+            (r, String::from_utf8_lossy(&out).into_owned())
+        });
+        let _ = std::fs::remove_dir_all(spool.root());
+        r
+    }
+
+    const GREET: &str = "220 mx.example.org ESMTP\r\n";
+    const EHLO: &str = "250-mx.example.org\r\n250 8BITMIME\r\n";
+    const EHLO_PIPE: &str = "250-mx.example.org\r\n250 PIPELINING\r\n";
+
+    fn sent(o: &Outcome) -> usize {
+        o.rcpts.iter().filter(|(_, r)| r.is_ok()).count()
+    }
+
+    #[test]
+    fn a_good_primary_gets_the_message() {
+        let (o, heard) = converse("good", &[GREET, EHLO, "250 ok\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 2.0.0 queued\r\n"]);
+        let o = o.unwrap();
+        assert_eq!(sent(&o), 2, "{o:?}");
+        assert!(heard.ends_with("DATA\r\nSubject: t\r\n\r\n..hi\r\n.\r\n"), "{heard:?}");
+        let (o, _) = converse("good-pipe", &[GREET, EHLO_PIPE, "250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n", "250 2.0.0 queued\r\n"]);
+        assert_eq!(sent(&o.unwrap()), 2);
+    }
+
+    #[test]
+    fn a_250_to_data_is_a_protocol_error_not_a_delivery() {
+        // Before: the 250 was copied onto the accepted recipients: "sent".
+        let (o, heard) = converse("data250", &[GREET, EHLO, "250 ok\r\n", "250 ok\r\n", "250 ok\r\n", "250 2.0.0 Ok\r\n"]);
+        let o = o.unwrap();
+        assert!(!o.reusable);
+        for (_, r) in &o.rcpts {
+            assert_eq!(r.code, 451);
+            assert_eq!(r.text, "Protocol error: host mx.example.org[192.0.2.25]:25 said: 250 2.0.0 Ok (in reply to DATA command)");
+        }
+        assert!(!heard.contains("Subject"), "message sent after a 250 to DATA: {heard:?}");
+        let (o, _) = converse("data250-pipe", &[GREET, EHLO_PIPE, "250 ok\r\n250 ok\r\n250 ok\r\n250 2.0.0 Ok\r\n"]);
+        assert_eq!(sent(&o.unwrap()), 0);
+    }
+
+    #[test]
+    fn a_doubled_greeting_is_caught_before_it_shifts_the_replies() {
+        let (o, heard) = converse("greet2", &[&format!("{GREET}{GREET}"), EHLO, "250 ok\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 ok\r\n"]);
+        let e = o.unwrap_err();
+        assert_eq!(e.code, 451);
+        assert!(e.text.starts_with("Protocol error: host mx.example.org[192.0.2.25]:25 sent more than its reply: \"220 mx.example.org ESMTP\""), "{e:?}");
+        assert_eq!(heard, "", "the client said something");
+    }
+
+    #[test]
+    fn lines_after_the_final_reply_void_it() {
+        let (o, _) = converse("endextra", &[GREET, EHLO_PIPE, "250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n", "250 queued\r\n250 again\r\n"]);
+        let o = o.unwrap();
+        assert_eq!(sent(&o), 0, "{o:?}");
+        assert!(o.rcpts[0].1.text.contains("sent more than its reply: \"250 again\" (in reply to end of DATA command)"), "{o:?}");
+    }
+
+    #[test]
+    fn refusals_keep_their_meaning() {
+        // 550 to one RCPT, 250 to the other, 250 at the end: one sent, one refused.
+        let (o, _) = converse("rcpt550", &[GREET, EHLO, "250 ok\r\n", "550 5.1.1 no\r\n", "250 ok\r\n", "354 go\r\n", "250 queued\r\n"]);
+        let o = o.unwrap();
+        assert_eq!(o.rcpts[0].1.text, "550 5.1.1 no");
+        assert!(o.rcpts[1].1.is_ok());
+        assert!(o.reusable);
+        // A 554 to DATA after an accepted RCPT bounces, as in Postfix.
+        let (o, _) = converse("data554", &[GREET, EHLO, "250 ok\r\n", "250 ok\r\n", "250 ok\r\n", "554 5.6.0 no thanks\r\n"]);
+        let o = o.unwrap();
+        assert!(o.rcpts.iter().all(|(_, r)| r.code == 554 && r.is_permanent()), "{o:?}");
+    }
+
+    #[test]
+    fn our_own_name_in_the_greeting_or_ehlo_is_a_loop() {
+        let (o, heard) = converse("loop1", &["220 BACKUP.example.org ESMTP\r\n"]);
+        assert_eq!(o.unwrap_err().text, "451 4.4.6 mail for mx.example.org loops back to myself");
+        assert_eq!(heard, "");
+        let (o, heard) = converse("loop2", &[GREET, "250-backup.example.org\r\n250 PIPELINING\r\n"]);
+        assert_eq!(o.unwrap_err().text, "451 4.4.6 mail for mx.example.org loops back to myself");
+        assert!(!heard.contains("MAIL"));
+    }
+
+    #[test]
+    fn ehlo_keywords_survive_junk() {
+        let (o, _) = converse(
+            "junk",
+            &[GREET, "250-mx\r\n250-SIZE -1\r\n250-SIZE 99999999999999999999999\r\n250-SIZE\r\n250-\u{ff}\u{fe}\r\n250 SIZE x\r\n", "250 ok\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 queued\r\n"],
+        );
+        assert_eq!(sent(&o.unwrap()), 2);
+    }
+
+    #[test]
+    fn splits_do_not_change_the_result() {
+        let input: &[u8] = b"220 hi\r\n250-a\r\n250 b\r\nxx\r\n354 go\n250-x\r\n221 y\r\n";
+        let whole = parse_all(input);
+        assert_eq!(whole.len(), 5);
+        for cut in 0..input.len() {
+            let mut p = ReplyParser::new();
+            let mut out = Vec::new();
+            let mut pending: Vec<u8> = Vec::new();
+            for piece in [&input[..cut], &input[cut..]] {
+                pending.extend_from_slice(piece);
+                loop {
+                    let (n, r) = p.feed(&pending);
+                    pending.drain(..n);
+                    match r {
+                        Some(r) => out.push(r),
+                        None => break,
+                    }
+                }
+            }
+            assert_eq!(out, whole, "cut at {cut}");
+        }
     }
 }

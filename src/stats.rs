@@ -9,6 +9,9 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
+/// Bytes of the primary's last error kept for the page.
+pub const LAST_ERROR_MAX: usize = 300;
+
 /// What the relay knows about the primary, from its own delivery attempts.
 #[derive(Debug, Clone, Default)]
 pub struct PrimaryState {
@@ -143,7 +146,9 @@ impl Stats {
                 }
                 p.up = Some(false);
                 p.last_error.clear();
-                p.last_error.push_str(&error[..error.len().min(300)]);
+                // The text is the primary's: cut on a character, never
+                // inside one (a panic here is PID 1 dying on every retry).
+                p.last_error.push_str(&error[..error.floor_char_boundary(LAST_ERROR_MAX)]);
             }
         }
     }
@@ -176,4 +181,25 @@ pub fn spool_in_ram(path: &Path) -> std::io::Result<Option<&'static str>> {
         RAMFS_MAGIC => Some("ramfs"),
         _ => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_error_is_cut_on_a_character() {
+        let s = Stats::new();
+        // A 3-byte character at bytes 299..302: a byte cut at 300 panicked.
+        let error = format!("{}{}", "x".repeat(LAST_ERROR_MAX - 1), "\u{20ac}".repeat(10));
+        s.primary_result(false, &error);
+        let p = s.primary();
+        assert_eq!(p.last_error, "x".repeat(LAST_ERROR_MAX - 1));
+        assert_eq!(p.up, Some(false));
+        s.primary_result(false, "short \u{e9}");
+        assert_eq!(s.primary().last_error, "short \u{e9}");
+        s.primary_result(true, "");
+        assert_eq!(s.primary().up, Some(true));
+        assert!(s.primary().last_error.is_empty());
+    }
 }

@@ -8,18 +8,52 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BINARY = os.environ.get("BARTLEBY", os.path.join(ROOT, "target", "release", "bartleby"))
 
 
+_PORTS_GIVEN = set()
+_PORTS_LOCK = threading.Lock()
+
+
+def _ephemeral_range():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+            return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    """A port free now, below the kernel's ephemeral range, and never handed
+    out before by this process. Below the ephemeral range, because a port
+    from bind(0) can be taken as the source port of any outgoing connection
+    before the server meant for it binds (smtp-sink then dies with "Address
+    already in use"); never twice, because tests run side by side
+    (test_hostile_primary.py)."""
+    import random
+    lo, _ = _ephemeral_range()
+    with _PORTS_LOCK:
+        for _ in range(1000):
+            port = random.randrange(max(1024, lo - 12000), lo) if lo > 2048 else 0
+            if port in _PORTS_GIVEN:
+                continue
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+                port = s.getsockname()[1]
+            except OSError:
+                continue
+            finally:
+                s.close()
+            if port not in _PORTS_GIVEN:
+                _PORTS_GIVEN.add(port)
+                return port
+        raise RuntimeError("no free port")
 
 
 def wait_port(port, host="127.0.0.1", timeout=10.0):
@@ -173,31 +207,122 @@ class Sink:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class FakePrimary:
-    """A scripted primary for replies smtp-sink cannot give (a 554 greeting,
-    a refused RSET). `replies` maps a command verb (or "greeting") to the
-    reply line; anything unlisted gets a plain success. Serves connections
-    one after another on a thread; records each message's data and every
-    command line seen."""
+class Silent:
+    """A FakePrimary action: say nothing more and read nothing more; hold the
+    connection open until the client drops it (or the fake stops)."""
 
-    def __init__(self, port, replies):
-        import threading
-        self.replies = dict(replies)
+    def __repr__(self):
+        return "Silent()"
+
+
+class Close:
+    """A FakePrimary action: close the connection at once."""
+
+    def __repr__(self):
+        return "Close()"
+
+
+class Endless:
+    """A FakePrimary action: write `chunk` again and again until the client
+    goes away or `limit` bytes are out (an endless reply, or with a chunk
+    without LF, an endless line)."""
+
+    def __init__(self, chunk, limit=64 << 20):
+        self.chunk = chunk if isinstance(chunk, bytes) else chunk.encode()
+        self.limit = limit
+
+    def __repr__(self):
+        return f"Endless({self.chunk[:12]!r}...)"
+
+
+class FakePrimary:
+    """A scripted primary for what smtp-sink cannot do: wrong codes, wrong
+    classes, extra lines, silence, endless replies, closing at any step.
+
+    `replies` maps a command verb ("EHLO", "MAIL", "RCPT", "DATA", "RSET",
+    "QUIT", ...), "greeting" or "end" (the reply to the end-of-data line) to
+    what the fake answers. "RCPT#2" (1-based, counted from MAIL) overrides
+    "RCPT" for one recipient. An answer is:
+      * a str: written with CR LF appended (it may hold CR LF itself, for
+        several lines);
+      * bytes: written exactly as given (partial lines, bare LF, binary);
+      * Silent(), Close(), Endless(chunk): see those classes;
+      * a list of the above, done in order.
+    Anything unlisted gets a plain success. With `pipelining`, the default
+    EHLO reply offers PIPELINING (and 8BITMIME). `replies` may instead be a
+    function of the connection number returning (replies, pipelining).
+
+    The fake enters DATA mode when its answer to DATA holds a line starting
+    with 354. Serves connections one after another on a thread. Records:
+    `commands` (every command line), `messages` (the data of each DATA,
+    complete or not), `acked` (the data of each message it read up to the
+    end-of-data line and answered with a 2xx), `connections`."""
+
+    EHLO_PLAIN = "250 primary.example.org"
+    EHLO_PIPELINING = "250-primary.example.org\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10240000"
+
+    def __init__(self, port, replies, pipelining=False):
+        # A callable picks (replies, pipelining) afresh for each connection,
+        # given the connection's number (1, 2, ...).
+        self.choose = replies if callable(replies) else None
+        self.replies = {} if self.choose else dict(replies)
+        self.pipelining = pipelining
         self.commands = []
         self.messages = []
+        self.acked = []
+        self.connections = 0
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", port))
         self.sock.listen(8)
         self.sock.settimeout(0.2)
         self.stopping = False
+        self.conn = None
+        self._said = ""
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
-    def _reply(self, f, verb, default):
-        f.write((self.replies.get(verb, default) + "\r\n").encode())
-        f.flush()
-        return self.replies.get(verb, default)
+    class _End(Exception):
+        """The script ended the session (Silent or Close)."""
+
+    def _do(self, conn, f, action):
+        """Performs one answer; returns the text written (for the caller to
+        see whether it was a 354 or a 2xx)."""
+        if isinstance(action, list):
+            return "".join(self._do(conn, f, a) for a in action)
+        if isinstance(action, str):
+            f.write((action + "\r\n").encode())
+            f.flush()
+            self._said += action + "\r\n"
+            return action + "\r\n"
+        if isinstance(action, bytes):
+            f.write(action)
+            f.flush()
+            self._said += action.decode(errors="replace")
+            return action.decode(errors="replace")
+        if isinstance(action, Close):
+            raise FakePrimary._End()
+        if isinstance(action, Silent):
+            conn.settimeout(0.2)
+            while not self.stopping:
+                try:
+                    if not conn.recv(65536):
+                        break
+                except socket.timeout:
+                    continue
+            raise FakePrimary._End()
+        if isinstance(action, Endless):
+            sent = 0
+            while sent < action.limit and not self.stopping:
+                f.write(action.chunk)
+                sent += len(action.chunk)
+            f.flush()
+            return action.chunk.decode(errors="replace")
+        raise TypeError(f"unknown FakePrimary action {action!r}")
+
+    def _reply(self, conn, f, verb, default):
+        self._said = ""
+        return self._do(conn, f, self.replies.get(verb, default))
 
     def _serve(self):
         while not self.stopping:
@@ -205,17 +330,23 @@ class FakePrimary:
                 conn, _ = self.sock.accept()
             except OSError:
                 continue
+            self.connections += 1
+            self.conn = conn
+            if self.choose:
+                self.replies, self.pipelining = self.choose(self.connections)
             conn.settimeout(10)
             try:
-                self._session(conn.makefile("rwb"))
-            except OSError:
+                self._session(conn, conn.makefile("rwb"))
+            except (OSError, FakePrimary._End):
                 pass
             finally:
+                self.conn = None
                 conn.close()
 
-    def _session(self, f):
-        if not self._reply(f, "greeting", "220 primary.example.org ESMTP fake").startswith("2"):
+    def _session(self, conn, f):
+        if not self._reply(conn, f, "greeting", "220 primary.example.org ESMTP fake").startswith("2"):
             return
+        nrcpt = 0
         while True:
             line = f.readline()
             if not line:
@@ -224,27 +355,58 @@ class FakePrimary:
             self.commands.append(cmd)
             verb = cmd.split(" ", 1)[0].split(":", 1)[0].upper()
             if verb == "EHLO":
-                self._reply(f, verb, "250 primary.example.org")
+                self._reply(conn, f, verb, self.EHLO_PIPELINING if self.pipelining else self.EHLO_PLAIN)
+            elif verb == "MAIL":
+                nrcpt = 0
+                self._reply(conn, f, verb, "250 2.1.0 Ok")
+            elif verb == "RCPT":
+                nrcpt += 1
+                self._reply(conn, f, f"RCPT#{nrcpt}" if f"RCPT#{nrcpt}" in self.replies else verb, "250 2.1.5 Ok")
             elif verb == "DATA":
-                if not self._reply(f, verb, "354 go ahead").startswith("3"):
+                said = self._reply(conn, f, verb, "354 go ahead")
+                if not any(l.startswith("354") for l in said.split("\n")):
                     continue
                 data = b""
+                complete = False
                 while True:
                     l = f.readline()
-                    if not l or l == b".\r\n":
+                    if not l:
+                        break
+                    if l == b".\r\n":
+                        complete = True
                         break
                     data += l
                 self.messages.append(data)
-                self._reply(f, "end", "250 2.0.0 Ok: queued")
+                if not complete:
+                    return
+                try:
+                    self._reply(conn, f, "end", "250 2.0.0 Ok: queued")
+                finally:
+                    # Also when the script closes right after its reply.
+                    if self._said.startswith("2"):
+                        self.acked.append(data)
             elif verb == "QUIT":
-                self._reply(f, verb, "221 bye")
+                self._reply(conn, f, verb, "221 bye")
                 return
             else:
-                self._reply(f, verb, "250 2.0.0 Ok")
+                self._reply(conn, f, verb, "250 2.0.0 Ok")
 
     def stop(self):
         self.stopping = True
+        c = self.conn
+        if c is not None:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self.thread.join(timeout=5)
+        # shutdown() first: a child process forked meanwhile by another
+        # thread (before its exec) holds a copy of the descriptor, and close()
+        # alone would leave the port listening until that child execs.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
 
 
