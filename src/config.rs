@@ -16,41 +16,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Reads a configuration file: a regular file of at most [`MAX_CONFIG_BYTES`],
-/// opened with O_NONBLOCK (opening a FIFO for reading would wait for a writer).
+/// never blocking (see [`crate::util::read_small_file`]).
 fn read_file(path: &Path) -> Result<Vec<u8>, String> {
-    use std::io::Read;
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| format!("cannot read: {e}"))?;
-    let meta = f.metadata().map_err(|e| format!("cannot read: {e}"))?;
-    let t = meta.file_type();
-    if !t.is_file() {
-        let what = if t.is_dir() {
-            "a directory"
-        } else if t.is_fifo() {
-            "a FIFO"
-        } else if t.is_socket() {
-            "a socket"
-        } else if t.is_char_device() || t.is_block_device() {
-            "a device"
-        } else {
-            "not a file"
-        };
-        return Err(format!("cannot read: not a regular file ({what})"));
-    }
-    let too_large = |n: u64| format!("too large ({n} bytes): a configuration file is at most 1 MiB");
-    if meta.len() > MAX_CONFIG_BYTES {
-        return Err(too_large(meta.len()));
-    }
-    let mut buf = Vec::new();
-    f.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut buf).map_err(|e| format!("cannot read: {e}"))?;
-    if buf.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(too_large(buf.len() as u64));
-    }
-    Ok(buf)
+    crate::util::read_small_file(path, MAX_CONFIG_BYTES).map(|(b, _)| b).map_err(|e| {
+        let hint = if e.to_string().starts_with("too large") { " (a configuration file is at most 1 MiB)" } else { "" };
+        format!("cannot read: {e}{hint}")
+    })
 }
 
 /// One configuration error, with the place it was found.

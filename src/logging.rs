@@ -171,15 +171,7 @@ fn open_log_file(path: &std::path::Path) -> io::Result<std::fs::File> {
         if t.is_file() || t.is_char_device() {
             return Ok(());
         }
-        let what = if t.is_fifo() {
-            "a FIFO"
-        } else if t.is_socket() {
-            "a socket"
-        } else if t.is_dir() {
-            "a directory"
-        } else {
-            "not a regular file"
-        };
+        let what = crate::util::file_kind(t);
         Err(io::Error::other(format!("{what}; the log file must be a regular file or a terminal")))
     };
     // Looked at before opening (opening a FIFO without a reader fails with a

@@ -262,38 +262,8 @@ impl RecipientList {
     /// blocking (a FIFO or a device at the path must never stall anything),
     /// at most [`MAX_LIST_BYTES`].
     fn read(path: &Path) -> Result<RecipientList, String> {
-        use std::io::Read;
-        use std::os::unix::fs::OpenOptionsExt;
         let err = |e: String| format!("recipients list {}: {e}", path.display());
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-            .open(path)
-            .map_err(|e| err(e.to_string()))?;
-        let meta = f.metadata().map_err(|e| err(e.to_string()))?;
-        if !meta.is_file() {
-            use std::os::unix::fs::FileTypeExt;
-            let t = meta.file_type();
-            let what = if t.is_dir() {
-                "a directory"
-            } else if t.is_fifo() {
-                "a FIFO"
-            } else if t.is_socket() {
-                "a socket"
-            } else {
-                "a device"
-            };
-            return Err(err(format!("not a regular file ({what})")));
-        }
-        if meta.len() > MAX_LIST_BYTES {
-            return Err(err(format!("{} bytes, larger than {} bytes", meta.len(), MAX_LIST_BYTES)));
-        }
-        let mut buf = Vec::with_capacity(meta.len() as usize);
-        // take(): the file may grow while it is read.
-        f.take(MAX_LIST_BYTES + 1).read_to_end(&mut buf).map_err(|e| err(e.to_string()))?;
-        if buf.len() as u64 > MAX_LIST_BYTES {
-            return Err(err(format!("larger than {MAX_LIST_BYTES} bytes")));
-        }
+        let (buf, meta) = crate::util::read_small_file(path, MAX_LIST_BYTES).map_err(|e| err(e.to_string()))?;
         let mut text = String::from_utf8(buf).map_err(|_| err("not UTF-8 text".into()))?;
         text.make_ascii_lowercase();
         let mut entries = Vec::new();

@@ -37,7 +37,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -177,25 +177,6 @@ fn at(path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
-/// What a file system object is, for messages.
-fn kind_of(ft: fs::FileType) -> &'static str {
-    if ft.is_dir() {
-        "a directory"
-    } else if ft.is_symlink() {
-        "a symbolic link"
-    } else if ft.is_fifo() {
-        "a FIFO"
-    } else if ft.is_socket() {
-        "a socket"
-    } else if ft.is_char_device() || ft.is_block_device() {
-        "a device"
-    } else if ft.is_file() {
-        "a regular file"
-    } else {
-        "of unknown type"
-    }
-}
-
 /// Opens a spool file for reading. Never follows a symlink (`O_NOFOLLOW`),
 /// never blocks on a FIFO (`O_NONBLOCK`), and refuses anything that is not
 /// a regular file with an `InvalidData` error naming the path and what is
@@ -205,14 +186,14 @@ pub fn open_regular(path: &Path) -> io::Result<File> {
         Ok(f) => f,
         // ELOOP: the last component is a symlink; ENXIO: a socket.
         Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENXIO)) => {
-            let what = fs::symlink_metadata(path).map_or("of unknown type", |m| kind_of(m.file_type()));
+            let what = fs::symlink_metadata(path).map_or("of unknown type", |m| crate::util::file_kind(m.file_type()));
             return Err(invalid(format!("{}: not a regular file ({what})", path.display())));
         }
         Err(e) => return Err(at(path, e)),
     };
     let ft = f.metadata().map_err(|e| at(path, e))?.file_type();
     if !ft.is_file() {
-        return Err(invalid(format!("{}: not a regular file ({})", path.display(), kind_of(ft))));
+        return Err(invalid(format!("{}: not a regular file ({})", path.display(), crate::util::file_kind(ft))));
     }
     Ok(f)
 }
@@ -293,7 +274,7 @@ impl Spool {
                 Ok(_) => "a symbolic link to something that is not a directory",
                 Err(_) => "a dangling symbolic link",
             },
-            Ok(m) => kind_of(m.file_type()),
+            Ok(m) => crate::util::file_kind(m.file_type()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return fs::create_dir(&p).map_err(|e| at(&p, e)),
             Err(e) => return Err(at(&p, e)),
         };
@@ -308,7 +289,7 @@ impl Spool {
         let q = root.join("queue");
         if !q.is_dir() {
             let what = match fs::symlink_metadata(&q) {
-                Ok(m) => format!("{}: not a directory ({})", q.display(), kind_of(m.file_type())),
+                Ok(m) => format!("{}: not a directory ({})", q.display(), crate::util::file_kind(m.file_type())),
                 Err(e) => format!("{}: {e}", q.display()),
             };
             return Err(io::Error::new(io::ErrorKind::NotFound, format!("{}: no spool here ({what})", root.display())));
@@ -367,7 +348,7 @@ impl Spool {
                         },
                         Ok(t) => {
                             let name = format!("{}.incoming", e.file_name().to_string_lossy());
-                            changed |= self.quarantine_logged(&p, &name, &format!("not a regular file ({})", kind_of(t)), &mut r);
+                            changed |= self.quarantine_logged(&p, &name, &format!("not a regular file ({})", crate::util::file_kind(t)), &mut r);
                         }
                         Err(err) => log::warn!(target: MASTER, "warning: {}: {err}", p.display()),
                     }
@@ -416,7 +397,7 @@ impl Spool {
                     let os_name = e.file_name();
                     let name = os_name.to_string_lossy();
                     let regular = e.file_type().map(|t| t.is_file()).unwrap_or(false);
-                    let what = || format!("not a regular file ({})", e.file_type().map_or("of unknown type", kind_of));
+                    let what = || format!("not a regular file ({})", e.file_type().map_or("of unknown type", crate::util::file_kind));
                     let has_message = !name.ends_with(".tmp")
                         && valid_queue_id(&name)
                         && fs::symlink_metadata(self.queue_path(&name)).is_ok();

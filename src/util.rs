@@ -68,6 +68,53 @@ pub fn human_duration(secs: u64) -> String {
     }
 }
 
+/// What a file system object is, for messages: "a FIFO", "a directory".
+pub fn file_kind(ft: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_char_device() || ft.is_block_device() {
+        "a device"
+    } else if ft.is_file() {
+        "a regular file"
+    } else {
+        "of unknown type"
+    }
+}
+
+/// Reads a whole small file that an administrator or another program
+/// provides (the configuration, the recipients list): only a regular file
+/// (a symlink to one is followed), opened with O_NONBLOCK so that a FIFO or
+/// a device at the path can never stall the caller, and at most `max`
+/// bytes (checked before and while reading: the file may grow meanwhile).
+/// Returns the bytes and the metadata of the file read. Errors say what is
+/// wrong; the caller names the file.
+pub fn read_small_file(path: &std::path::Path, max: u64) -> std::io::Result<(Vec<u8>, std::fs::Metadata)> {
+    use std::io::{Error, ErrorKind, Read};
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(Error::new(ErrorKind::InvalidData, format!("not a regular file ({})", file_kind(meta.file_type()))));
+    }
+    let too_large = |n: u64| Error::new(ErrorKind::InvalidData, format!("too large: {n} bytes, larger than {max} bytes"));
+    if meta.len() > max {
+        return Err(too_large(meta.len()));
+    }
+    let mut buf = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    f.take(max.saturating_add(1)).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(too_large(buf.len() as u64));
+    }
+    Ok((buf, meta))
+}
+
 /// A queue ID: uppercase hex, 13 characters, like Postfix's short IDs.
 pub type QueueId = heapless::String<16>;
 

@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -491,3 +492,22 @@ class Client:
 def queued_id(text):
     m = re.search(r"queued as ([0-9A-F]+)", text)
     return m.group(1) if m else None
+
+
+def take_binary_arg():
+    """Takes the relay binary from the command line (the first argument, as
+    tests/run passes it) and checks that it exists."""
+    global BINARY
+    if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
+        BINARY = os.path.abspath(sys.argv.pop(1))
+    if not os.path.exists(BINARY):
+        sys.exit(f"no binary at {BINARY}: run cargo build --release first")
+
+
+def report(name, res):
+    """Ends a suite with the "NAME: N passed, M failed" line tests/run adds
+    up (skipped tests count as neither); exits non-zero on a failure."""
+    failed = len(res.failures) + len(res.errors)
+    print(f"{name}: {res.testsRun - failed - len(res.skipped)} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+

@@ -520,17 +520,11 @@ class Persistence(Base):
 
 
 def main():
-    if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
-        harness.BINARY = os.path.abspath(sys.argv.pop(1))
-    if not os.path.exists(harness.BINARY):
-        sys.exit(f"no binary at {harness.BINARY}: run cargo build --release first")
+    harness.take_binary_arg()
     suite = unittest.TestSuite()
     for case in (Ranges, Paths, Rows, Persistence):
         suite.addTests(unittest.defaultTestLoader.loadTestsFromTestCase(case))
-    res = unittest.TextTestRunner(verbosity=2).run(suite)
-    failed = len(res.failures) + len(res.errors)
-    print(f"config_abuse: {res.testsRun - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    harness.report("config_abuse", unittest.TextTestRunner(verbosity=2).run(suite))
 
 
 if __name__ == "__main__":

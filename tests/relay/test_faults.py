@@ -484,18 +484,11 @@ class Faults(unittest.TestCase):
 
 
 def main():
-    if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
-        harness.BINARY = os.path.abspath(sys.argv.pop(1))
-    if not os.path.exists(harness.BINARY):
-        sys.exit(f"no binary at {harness.BINARY}: run cargo build --release first")
+    harness.take_binary_arg()
     why = loop_devices_usable()
     if why:
         print(f"faults: skipped: loop devices unavailable: {why}")
-    prog = unittest.main(exit=False, verbosity=2)
-    res = prog.result
-    failed = len(res.failures) + len(res.errors)
-    print(f"faults: {res.testsRun - failed - len(res.skipped)} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    harness.report("faults", unittest.main(exit=False, verbosity=2).result)
 
 
 if __name__ == "__main__":

@@ -395,77 +395,8 @@ for _name, _replies, _expect, _why, _note in ROWS:
         setattr(HostilePrimary, f"test_{_name}_{'pipelined' if _p else 'plain'}", make_test(_name, _p))
 
 
-def soak(seconds):
-    """Not a timed test: `test_hostile_primary.py BIN --soak SECONDS`. One
-    relay, a steady stream of messages, and a primary that answers each
-    connection with a random row of the table (or well, half the time).
-    Then smtp-sink takes the rest. Zero acknowledged messages may be lost
-    (each is acknowledged by the fake's end of data or reaches smtp-sink);
-    prints the relay's VmHWM."""
-    import random
-    rng = random.Random(int(os.environ.get("SOAK_SEED", "1")))
-    r = Relay(extra=EXTRA.replace("delivery_connections = 1", "delivery_connections = 2")
-              + '\nqueue_run_interval = "5s"').start()
-    with open(r.config) as f:
-        conf = f.read()
-    with open(r.config, "w") as f:
-        f.write(conf.replace('minimal_backoff = "5m"', 'minimal_backoff = "1s"').replace('maximal_backoff = "1h"', 'maximal_backoff = "4s"'))
-    r.stop()
-    r.start()
-
-    def choose(n):
-        if rng.random() < 0.5:
-            return {}, rng.random() < 0.5
-        _, replies, _, _, _ = rng.choice(ROWS)
-        return (replies(r.primary_port) if callable(replies) else replies), rng.random() < 0.5
-
-    fake = FakePrimary(r.primary_port, choose)
-    sent, hwm, t0, n = {}, 0, time.time(), 0
-    try:
-        while time.time() - t0 < seconds:
-            n += 1
-            body = b"Subject: soak %d\r\nMessage-ID: <soak-%d@sender.test>\r\n\r\n.line\r\n%s\r\n" % (n, n, b"x" * rng.randrange(0, 3000))
-            rcpts = rng.choice((("bob@example.org",), ("bob@example.org", "carol@example.org")))
-            try:
-                sent[b"<soak-%d@sender.test>" % n] = submit(r, rcpts, body)
-            except Exception as e:  # noqa: BLE001 - a refused submission is not acknowledged
-                sys.stderr.write(f"  [soak] submission {n} not acknowledged: {e}\n")
-            if r.proc.poll() is not None:
-                sys.exit(f"soak: the relay died after {n} messages:\n{r.read_log()[-3000:]}")
-            hwm = max(hwm, proc_status(r.proc.pid)["VmHWM"])
-            time.sleep(rng.random() * 0.2)
-            if n % 50 == 0:
-                sys.stderr.write(f"  [soak] {time.time() - t0:.0f} s: {n} sent, {len(r.queue_ids())} queued, {fake.connections} connections, VmHWM {hwm} kB\n")
-        fake.stop()
-        sink = Sink(r.primary_port)
-        r.flush()
-        drained = r.wait_empty(120)
-        got = b"\n".join(fake.acked + sink.messages())
-        lost = [mid for mid in sent if mid not in got]
-        hwm = max(hwm, proc_status(r.proc.pid)["VmHWM"])
-        bounced = r.read_log().count("status=bounced")
-        sink.stop()
-        print(f"soak: {seconds} s, {len(sent)} messages acknowledged, {fake.connections} connections to the fake primary (about half misbehaving), "
-              f"drained {drained}, lost {len(lost)}, bounced {bounced}, VmHWM {hwm} kB")
-        if lost:
-            print("lost:", lost[:20])
-        sys.exit(0 if drained and not lost and not bounced else 1)
-    finally:
-        r.cleanup()
-
-
 def main():
-    if "--soak" in sys.argv:
-        i = sys.argv.index("--soak")
-        secs = int(sys.argv[i + 1])
-        del sys.argv[i:i + 2]
-        if len(sys.argv) > 1:
-            harness.BINARY = os.path.abspath(sys.argv[1])
-        soak(secs)
-    if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
-        harness.BINARY = os.path.abspath(sys.argv.pop(1))
-    if not os.path.exists(harness.BINARY):
-        sys.exit(f"no binary at {harness.BINARY}: run cargo build --release first")
+    harness.take_binary_arg()
     only = os.environ.get("HOSTILE_ROWS")
     if only:
         keep = set(only.split(","))
@@ -473,11 +404,7 @@ def main():
         for attr in list(vars(HostilePrimary)):
             if attr.startswith("test_") and not any(attr in (f"test_{k}_plain", f"test_{k}_pipelined") for k in keep):
                 delattr(HostilePrimary, attr)
-    prog = unittest.main(exit=False, verbosity=2)
-    res = prog.result
-    failed = len(res.failures) + len(res.errors)
-    print(f"hostile: {res.testsRun - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    harness.report("hostile", unittest.main(exit=False, verbosity=2).result)
 
 
 if __name__ == "__main__":

@@ -671,15 +671,8 @@ for _row in ROWS:
 
 
 def main():
-    if len(sys.argv) > 1 and not sys.argv[1].startswith("-"):
-        harness.BINARY = os.path.abspath(sys.argv.pop(1))
-    if not os.path.exists(harness.BINARY):
-        sys.exit(f"no binary at {harness.BINARY}: run cargo build --release first")
-    prog = unittest.main(exit=False, verbosity=2)
-    res = prog.result
-    failed = len(res.failures) + len(res.errors)
-    print(f"spool_matrix: {res.testsRun - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    harness.take_binary_arg()
+    harness.report("spool_matrix", unittest.main(exit=False, verbosity=2).result)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll, Waker};
 
+mod watched;
+use watched::Watched;
+
 use bartleby::config::Config;
 use bartleby::delivery::{Connection, MAX_REPLY_LINE, MAX_REPLY_LINES, MAX_REPLY_TEXT, Malformed, Parsed, ReplyParser};
 use bartleby::spool::{Envelope, QueuedMessage, Spool};
@@ -149,20 +152,6 @@ fn parser_only(pieces: &[&[u8]]) {
 
 // ---- a whole delivery -----------------------------------------------------
 
-/// The client's end of the pipe: remembers whether its last read found
-/// nothing (the client waits for the primary).
-struct Watched {
-    inner: DuplexStream,
-    idle: Arc<AtomicBool>,
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.idle.store(r.is_pending(), Ordering::SeqCst);
-        r
-    }
-}
 
 /// Everything the client wrote so far, without waiting.
 fn drain(rd: &mut DuplexStream, out: &mut Vec<u8>) {

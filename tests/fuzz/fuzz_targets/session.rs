@@ -23,11 +23,12 @@ use std::collections::BTreeSet;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
+
+mod watched;
+use watched::Watched;
 
 use bartleby::config::Config;
 use bartleby::policy::{RecipientList, Recipients};
@@ -36,7 +37,7 @@ use bartleby::spool::{Committer, Spool};
 use bartleby::stats::Stats;
 use bartleby::util::QueueId;
 use libfuzzer_sys::fuzz_target;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 /// Bigger than any input, so the client's `write_all` never waits.
@@ -100,33 +101,6 @@ static H: LazyLock<Harness> = LazyLock::new(|| {
 /// BARTLEBY_FUZZ_DEBUG=1 prints each exchange (for reproducing a crash:
 /// `cargo +nightly fuzz run --fuzz-dir tests/fuzz session ARTIFACT`).
 static DEBUG: LazyLock<bool> = LazyLock::new(|| std::env::var_os("BARTLEBY_FUZZ_DEBUG").is_some());
-
-/// The server's end of the pipe; remembers whether the server's last read
-/// found nothing to read (it is waiting for the client).
-struct Watched {
-    inner: DuplexStream,
-    idle: Arc<AtomicBool>,
-}
-
-impl AsyncRead for Watched {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.idle.store(r.is_pending(), Ordering::SeqCst);
-        r
-    }
-}
-
-impl AsyncWrite for Watched {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
 
 async fn wait_idle(idle: &AtomicBool, done: &AtomicBool) {
     let mut spins = 0u32;
