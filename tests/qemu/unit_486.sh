@@ -15,6 +15,9 @@ export CARGO_PROFILE_DEV_PANIC=unwind CARGO_PROFILE_TEST_PANIC=unwind
 # i486 libunwind crashes walking the stack for a backtrace; without one a
 # failing test reports its message instead of dying with SIGSEGV.
 export RUST_BACKTRACE=0
+# The target leaves out unwind tables (panic=immediate-abort in the image);
+# the test harness unwinds to report a failing test, so tests keep them.
+export RUSTFLAGS="-C force-unwind-tables=yes"
 cd "$TOP"
 exec cargo test --target "$IMAGE_DIR/i486-unknown-linux-musl.json" --target-dir "$CACHE/target486-test" \
   -Z json-target-spec -Z build-std=std,panic_unwind,panic_abort,test "$@"
