@@ -18,7 +18,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::config::{Cidr, Config, split_host_port};
 use crate::logging::MASTER;
 use crate::clients::Limits;
-use crate::policy::{RecipientList, Recipients};
+use crate::policy::Recipients;
 use crate::scheduler::Scheduler;
 use crate::session::{self, Ctx};
 use crate::spool::{Committer, Spool};
@@ -82,14 +82,9 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
         rec.removed_incoming,
         rec.corrupt.len()
     );
-    let recipients = RecipientList::load(cfg.recipients.as_deref())?;
-    if recipients.is_enabled() {
-        log::info!(target: MASTER, "recipients list: {} entries", recipients.len());
-        if recipients.is_empty() {
-            log::warn!(target: MASTER, "warning: the recipients list is empty: every recipient is refused");
-        }
-    }
-    stats.recipients_entries.store(u32::try_from(recipients.len()).unwrap_or(u32::MAX), std::sync::atomic::Ordering::Relaxed);
+    // Never fails: a list that cannot be used means 451 (try again later),
+    // or the last good list kept in the spool, not a server that is down.
+    let recipients = Recipients::start(cfg.recipients.as_deref(), &spool.root().join(crate::policy::LAST_GOOD), &stats);
     let mut listeners = Vec::new();
     for addr in &cfg.listen {
         let l = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -107,7 +102,7 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
         spool: spool.clone(),
         committer: committer.clone(),
         stats: stats.clone(),
-        recipients: Recipients::new(recipients),
+        recipients,
         queued: tx,
         etrn_allow: etrn_allow(&cfg),
     });

@@ -97,12 +97,7 @@ pub fn file_kind(ft: std::fs::FileType) -> &'static str {
 /// wrong; the caller names the file.
 pub fn read_small_file(path: &std::path::Path, max: u64) -> std::io::Result<(Vec<u8>, std::fs::Metadata)> {
     use std::io::{Error, ErrorKind, Read};
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
-    let meta = f.metadata()?;
-    if !meta.is_file() {
-        return Err(Error::new(ErrorKind::InvalidData, format!("not a regular file ({})", file_kind(meta.file_type()))));
-    }
+    let (f, meta) = open_regular(path)?;
     let too_large = |n: u64| Error::new(ErrorKind::InvalidData, format!("too large: {n} bytes, larger than {max} bytes"));
     if meta.len() > max {
         return Err(too_large(meta.len()));
@@ -113,6 +108,20 @@ pub fn read_small_file(path: &std::path::Path, max: u64) -> std::io::Result<(Vec
         return Err(too_large(buf.len() as u64));
     }
     Ok((buf, meta))
+}
+
+/// Opens a file for reading only if it is a regular file (a symlink to one
+/// is followed), without blocking on a FIFO or a device at the path (see
+/// [`read_small_file`]). Returns the file and its metadata.
+pub fn open_regular(path: &std::path::Path) -> std::io::Result<(std::fs::File, std::fs::Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        let what = format!("not a regular file ({})", file_kind(meta.file_type()));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, what));
+    }
+    Ok((f, meta))
 }
 
 /// A queue ID: uppercase hex, 13 characters, like Postfix's short IDs.

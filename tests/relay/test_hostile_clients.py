@@ -66,11 +66,13 @@ class HostileTest(unittest.TestCase):
             return False
         return any(t is self for t, _ in res.result.failures + res.result.errors)
 
-    def relay(self, extra="", status=True, **kw):
+    def relay(self, extra="", status=True, before_start=None, **kw):
         self.status_port = free_port() if status else None
         st = f'[status]\nlisten = "127.0.0.1:{self.status_port}"' if status else None
         r = Relay(extra=extra, status=st, **kw)
         self.relays.append(r)
+        if before_start:
+            before_start(r)
         self.start(r)
         if status:
             self.assertTrue(harness.wait_port(self.status_port), "status page did not start")
@@ -325,6 +327,126 @@ class RecipientsPush(HostileTest):
     def path(self, r):
         return os.path.join(r.dir, "recipients")
 
+    def rcpt_reply(self, r, addr):
+        c = self.client(r)
+        self.assertEqual(c.banner[0], 220, c.banner)
+        c.cmd("EHLO x")
+        c.cmd("MAIL FROM:<a@sender.test>")
+        reply = c.cmd(f"RCPT TO:<{addr}>")
+        c.cmd("QUIT")
+        c.close()
+        return reply
+
+    def put_list(self, r, lines):
+        """Replaces whatever is at the path by a good list, atomically."""
+        p = self.path(r)
+        with open(p + ".new", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        if os.path.isdir(p) and not os.path.islink(p):
+            os.rmdir(p)
+        os.rename(p + ".new", p)
+
+    def test_unusable_list_at_start_defers_until_a_good_one_arrives(self):
+        """Before: a 0-byte list at start (a push cut by a power failure) got
+        every recipient 550 5.1.1 until the next push; a list cut mid-line, a
+        FIFO, a directory or a file over 1 MiB made `serve` exit 75 (on the
+        appliance: reboot, the same file, reboot). Postfix answers a recipient
+        whose relay_recipient_maps lookup fails with `451 4.3.0 <addr>:
+        Temporary lookup failure` (smtpd_check.c, reject_dict_retry): the
+        sender retries later, nothing is refused for good."""
+
+        def write(text):
+            def spoil(p):
+                with open(p, "w") as f:
+                    f.write(text)
+            return spoil
+
+        def replace(make):
+            def spoil(p):
+                os.remove(p)
+                make(p)
+            return spoil
+
+        def huge(p):
+            with open(p, "w") as f:
+                f.truncate(2 * 1024 * 1024)
+
+        cases = [
+            ("empty", write(""), "no entries"),
+            ("comments only", write("# nobody yet\n\n"), "no entries"),
+            ("cut mid-line", write("bob@example.org\ncarol@exam\ncar"), ":3: `car` is not user@domain"),
+            ("FIFO", replace(os.mkfifo), "not a regular file (a FIFO)"),
+            ("directory", replace(os.mkdir), "not a regular file (a directory)"),
+            ("over 1 MiB", huge, "larger than"),
+            ("missing", os.remove, "No such file"),
+        ]
+        for name, spoil, why in cases:
+            with self.subTest(name):
+                r = self.relay(recipients=self.USERS, before_start=lambda r: spoil(self.path(r)))
+                self.assertEqual(self.rcpt_reply(r, "bob@example.org"), (451, "451 4.3.0 <bob@example.org>: Temporary lookup failure"))
+                # Never an open relay meanwhile.
+                self.assertEqual(self.rcpt_reply(r, "bob@evil.test")[0], 550)
+                self.assertRegex(r.read_log(), rf"warning: recipients list .*{re.escape(why)}.*no usable list.*451 4\.3\.0")
+                self.assertEqual(self.metric("bartleby_recipients_list_usable"), 0)
+                self.assertRegex(self.http("/"), r'id="recipients-unusable"[^>]*>[^<]*451')
+                # `check` still calls it an error.
+                out = r.cli("check")
+                self.assertEqual(out.returncode, 78, out)
+                self.assertIn(why, out.stderr)
+                # The first good version is taken.
+                mark = len(r.read_log())
+                self.put_list(r, self.USERS)
+                self.wait_log(r, r"recipients list reloaded: 4 entries", 10, mark)
+                self.assertEqual(self.rcpt_reply(r, "bob@example.org")[0], 250)
+                self.assertEqual(self.rcpt_reply(r, "mallory@example.org")[0], 550)
+                self.assertEqual(self.metric("bartleby_recipients_list_usable"), 1)
+                self.assertNotIn('id="recipients-unusable"', self.http("/"))
+                r.cleanup()
+                r.logf.close()
+
+    def test_last_good_list_survives_a_restart_with_a_bad_file(self):
+        """The last list taken is kept in spool/recipients.last; at start, a
+        file that cannot be used, or that has shrunk by more than half, gives
+        way to it (the same guard as a reload while running)."""
+        r = self.relay(recipients=self.USERS)
+        last = os.path.join(r.spool, "recipients.last")
+        self.assertTrue(wait_for(lambda: os.path.exists(last), 5))
+        r.stop()
+        # Cut short while the relay was down.
+        with open(self.path(r), "w") as f:
+            f.write("bob@example.org\ncarol@exam\ncar")
+        mark = len(r.read_log())
+        self.start(r)
+        self.assertRegex(r.read_log()[mark:], r"warning: recipients list .*:3: .*using the last good list .*recipients\.last \(4 entries\)")
+        self.assertEqual(self.rcpt_reply(r, "erin@example.org")[0], 250)
+        self.assertEqual(self.rcpt_reply(r, "mallory@example.org")[0], 550)
+        self.assertEqual(self.metric("bartleby_recipients_entries"), 4)
+        self.assertEqual(self.metric("bartleby_recipients_list_kept"), 1)
+        self.assertEqual(self.metric("bartleby_recipients_list_usable"), 1)
+        self.assertRegex(self.http("/"), r'id="recipients-kept"[^>]*>[^<]*:3:')
+        # Shrunk by more than half while the relay was down.
+        r.stop()
+        with open(self.path(r), "w") as f:
+            f.write("bob@example.org\n")
+        mark = len(r.read_log())
+        self.start(r)
+        self.assertRegex(r.read_log()[mark:], r"warning: recipients list .*: 1 entries, fewer than half of the 4 .*using the last good list")
+        self.assertEqual(self.rcpt_reply(r, "erin@example.org")[0], 250)
+        # Not reread by the watcher a second later: one warning.
+        time.sleep(2.5)
+        self.assertEqual(len(re.findall("fewer than half", r.read_log()[mark:])), 1, r.read_log()[mark:])
+        # SIGHUP takes the file as it is, and it becomes the last good list.
+        r.proc.send_signal(signal.SIGHUP)
+        self.wait_log(r, r"recipients list reloaded: 1 entries", 10, mark)
+        self.assertEqual(self.rcpt_reply(r, "erin@example.org")[0], 550)
+        r.stop()
+        mark = len(r.read_log())
+        self.start(r)
+        self.assertNotIn("warning: recipients list", r.read_log()[mark:])
+        self.assertEqual(self.rcpt_reply(r, "erin@example.org")[0], 550)
+        self.assertEqual(self.rcpt_reply(r, "bob@example.org")[0], 250)
+        self.assertEqual(self.metric("bartleby_recipients_list_kept"), 0)
+
     def test_fifo_does_not_freeze_sessions(self):
         r = self.relay(recipients=self.USERS)
         self.assertEqual(self.rcpt(r, "bob@example.org"), 250)
@@ -356,7 +478,7 @@ class RecipientsPush(HostileTest):
         while time.time() < end and "keeping the previous list" not in r.read_log()[mark:]:
             self.assertEqual(self.rcpt(r, "bob@example.org"), 250)
             time.sleep(0.2)
-        self.wait_log(r, r"warning: recipients list .*: 0 entries.*4.*keeping the previous list", 1, mark)
+        self.wait_log(r, r"warning: recipients list .*: no entries .*keeping the previous list of 4 entries", 1, mark)
         self.assertEqual(self.rcpt(r, "bob@example.org"), 250)
         self.assertEqual(self.rcpt(r, "erin@example.org"), 250)
         self.assertEqual(self.metric("bartleby_recipients_entries"), 4)
