@@ -352,8 +352,10 @@ class RecipientsPush(HostileTest):
         FIFO, a directory or a file over 1 MiB made `serve` exit 75 (on the
         appliance: reboot, the same file, reboot). Postfix answers a recipient
         whose relay_recipient_maps lookup fails with `451 4.3.0 <addr>:
-        Temporary lookup failure` (smtpd_check.c, reject_dict_retry): the
-        sender retries later, nothing is refused for good."""
+        Temporary lookup failure` (smtpd_check.c, reject_dict_retry; a
+        texthash table that cannot be opened does that, checked in
+        PostfixAnchor): the sender retries later, nothing is refused for
+        good."""
 
         def write(text):
             def spoil(p):
@@ -584,6 +586,9 @@ class PostfixAnchor(HostileTest):
                 "smtpd_client_event_limit_exceptions =\n"
                 "smtpd_client_message_rate_limit = 3\n"
                 "anvil_rate_time_unit = 3600s\n"
+                # A recipient table that cannot be opened (a push that has
+                # not arrived): what does smtpd answer at RCPT?
+                f"relay_recipient_maps = texthash:{cls.base}/no-such-recipients\n"
             )
         cls.pf.start()
 
@@ -626,6 +631,14 @@ class PostfixAnchor(HostileTest):
 
         self.assertTrue(wait_for(lambda: b"pwn" in maillog(), 10))
         self.assertIn(b"<?]0;pwn?@evil.test>", maillog())
+
+    def test_postfix_defers_when_the_recipient_table_cannot_be_read(self):
+        # What Bartleby answers when no recipients list can be used.
+        c = self.pclient("127.0.0.5")
+        c.cmd("EHLO x")
+        c.cmd("MAIL FROM:<a@sender.test>")
+        self.assertEqual(c.cmd("RCPT TO:<bob@example.org>"), (451, "451 4.3.0 <bob@example.org>: Temporary lookup failure"))
+        self.assertEqual(c.cmd("RCPT TO:<bob@evil.test>")[0], 554)
 
 
 def main():
