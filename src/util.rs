@@ -124,6 +124,41 @@ pub fn open_regular(path: &std::path::Path) -> std::io::Result<(std::fs::File, s
     Ok((f, meta))
 }
 
+/// At most one log line a minute for one kind of warning, and a count of
+/// those not logged (for warnings a flood could repeat at every connection
+/// or command: on the appliance the log is the serial console).
+#[derive(Debug, Default)]
+pub struct LogLimiter {
+    /// When a line was last logged (unix seconds, 32 bits; 0: never).
+    last: AtomicU32,
+    unlogged: AtomicU32,
+}
+
+impl LogLimiter {
+    pub const fn new() -> LogLimiter {
+        LogLimiter { last: AtomicU32::new(0), unlogged: AtomicU32::new(0) }
+    }
+
+    /// `Some(n)`: log the warning now; `n` earlier ones were not logged.
+    /// `None`: do not log it (it is counted).
+    pub fn allow(&self, now: u64) -> Option<u32> {
+        let now = (now as u32).max(1);
+        let last = self.last.load(Ordering::Relaxed);
+        if (last == 0 || now.wrapping_sub(last) >= 60)
+            && self.last.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            return Some(self.unlogged.swap(0, Ordering::Relaxed));
+        }
+        self.unlogged.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    /// The end of a line for `n` unlogged warnings ("" for none).
+    pub fn unlogged(n: u32) -> String {
+        if n == 0 { String::new() } else { format!(" ({n} more since the last such line were not logged)") }
+    }
+}
+
 /// A queue ID: uppercase hex, 13 characters, like Postfix's short IDs.
 pub type QueueId = heapless::String<16>;
 

@@ -540,7 +540,7 @@ pub fn page(d: &PageData) -> String {
     let lim = &d.client_limits;
     let sessions = match lim.connections {
         0 => "no session limit".to_string(),
-        n => format!("{n} sessions"),
+        n => format!("{n} sessions (the last {} slots only for clients without one)", lim.reserve),
     };
     let queued = match lim.queued {
         0 => "no queue share".to_string(),

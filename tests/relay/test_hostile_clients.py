@@ -180,6 +180,31 @@ class Hogging(HostileTest):
         # Past max_connections, the global cap answers as before.
         self.assertIn("too many connections; try again later", self.client(r2).banner[1])
 
+    def test_three_hogs_cannot_starve_a_fourth(self):
+        """With a cap of half of max_connections per client, two addresses
+        held every slot. The last max(2, max_connections / 10) slots go only
+        to clients that hold no session yet. Postfix has no such reserve:
+        anvil only counts per client, and smtpd's process limit
+        (default_process_limit = 100) is shared by all clients; past it new
+        connections wait in the listen queue while master logs `service
+        "smtp" ... has reached its process limit`."""
+        r = self.relay(extra="max_connections = 10")
+        got = {}
+        for src in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            got[src] = 0
+            for _ in range(8):
+                c = self.client(r, source=src)
+                if c.banner[0] != 220:
+                    self.assertEqual(c.banner[1], f"421 4.7.0 {HOST} Error: too many connections from {src}")
+                    break
+                got[src] += 1
+        # 5 (the per-client cap), then 3 (the last 2 slots are kept), then 1.
+        self.assertEqual(got, {"127.0.0.2": 5, "127.0.0.3": 3, "127.0.0.4": 1})
+        code, text = self.send_one(r, source="127.0.0.5")
+        self.assertEqual(code, 250, text)
+        self.assertEqual(self.metric('bartleby_client_limit_refusals_total{limit="connections"}'), 3)
+        self.assertRegex(r.read_log(), r"warning: Connection concurrency limit exceeded: 4 from unknown\[127\.0\.0\.3\]")
+
     def test_many_distinct_addresses_keep_memory_bounded(self):
         """Connections from 3000 distinct addresses (the per-client table must
         not grow without bound: it evicts idle entries)."""
@@ -264,6 +289,87 @@ class Flooding(HostileTest):
         self.assertEqual(self.send_one(r, source="127.0.0.2")[0], 250)
         self.assertEqual(self.metric('bartleby_client_limit_refusals_total{limit="rate"}'), 1)
         self.assertRegex(r.read_log(), r"warning: Message delivery request rate limit exceeded: 4 from unknown\[127\.0\.0\.1\]")
+
+
+class FloodLogging(HostileTest):
+    """Postfix logs every refusal: `Connection concurrency limit exceeded`
+    and `Message delivery request rate limit exceeded` once per refused
+    connection or MAIL. On the appliance the log is the serial console, and
+    one flooder in the 30-minute soak wrote 532,129 warning lines. Bartleby
+    logs at most one line per client and limit a minute (and for the global
+    limits, one a minute), then how many were not logged; the counters in
+    /metrics stay exact."""
+
+    def count(self, r, pattern):
+        return len(re.findall(pattern, r.read_log()))
+
+    def refused_banner(self, r, source=None):
+        c = Client(r.port, source=source)
+        try:
+            return c.banner[0]
+        finally:
+            c.close()
+
+    def test_connection_refusals_are_logged_once_a_minute(self):
+        r = self.relay(extra="max_connections = 4\nsmtpd_client_connection_count_limit = 1")
+        held = self.client(r)
+        self.assertEqual(held.banner[0], 220)
+        self.assertEqual([self.refused_banner(r) for _ in range(40)], [421] * 40)
+        self.assertEqual(self.metric('bartleby_client_limit_refusals_total{limit="connections"}'), 40)
+        self.assertEqual(self.count(r, r"Connection concurrency limit exceeded"), 1, r.read_log())
+        # Another client has its own line.
+        self.assertEqual(self.client(r, source="127.0.0.2").banner[0], 220)
+        self.assertEqual(self.refused_banner(r, "127.0.0.2"), 421)
+        self.assertEqual(self.count(r, r"Connection concurrency limit exceeded: 2 from unknown\[127\.0\.0\.2\]"), 1)
+        # When the client lets go, the log says how many were not logged.
+        held.close()
+        self.wait_log(r, r"warning: 127\.0\.0\.1: 39 more per-client limit refusals were not logged", 10)
+        # Past max_connections (no per-client limit): one line a minute too.
+        r2 = self.relay(extra="max_connections = 2\nsmtpd_client_connection_count_limit = 0", status=False)
+        hold = [self.client(r2) for _ in range(2)]
+        self.assertEqual([c.banner[0] for c in hold], [220, 220])
+        self.assertEqual([self.refused_banner(r2) for _ in range(30)], [421] * 30)
+        self.assertEqual(self.count(r2, r"too many connections"), 1, r2.read_log())
+
+    def test_mail_refusals_are_logged_once_a_minute(self):
+        r = self.relay(extra='smtpd_client_message_rate_limit = 2\nanvil_rate_time_unit = "1h"\nerror_limit = 100')
+        c = self.client(r)
+        c.cmd("EHLO x")
+        codes = []
+        for _ in range(32):
+            code = c.cmd("MAIL FROM:<a@sender.test>")[0]
+            codes.append(code)
+            if code == 250:
+                c.cmd("RSET")
+        self.assertEqual(codes, [250, 250] + [450] * 30)
+        self.assertEqual(self.metric('bartleby_client_limit_refusals_total{limit="rate"}'), 30)
+        self.assertEqual(self.count(r, r"Message delivery request rate limit exceeded"), 1, r.read_log())
+        # The queue share (2 of max_queue_messages = 8), and, with no share,
+        # the queue full: one line each, exact counters.
+        r = self.relay(extra="max_queue_messages = 8\nerror_limit = 100")
+        for _ in range(2):
+            self.assertEqual(self.send_one(r)[0], 250)
+        c = self.client(r)
+        c.cmd("EHLO x")
+        self.assertEqual([c.cmd("MAIL FROM:<a@sender.test>")[0] for _ in range(30)], [452] * 30)
+        self.assertEqual(self.metric('bartleby_client_limit_refusals_total{limit="queue_share"}'), 30)
+        self.assertEqual(self.count(r, r"Queue share limit exceeded"), 1, r.read_log())
+        r = self.relay(extra="max_queue_messages = 2\nsmtpd_client_queue_share = 0\nerror_limit = 100", status=False)
+        for _ in range(2):
+            self.assertEqual(self.send_one(r)[0], 250)
+        c = self.client(r)
+        c.cmd("EHLO x")
+
+        def full():
+            # The scheduler counts the queue a moment after the 250.
+            if c.cmd("MAIL FROM:<a@sender.test>")[0] == 452:
+                return True
+            c.cmd("RSET")
+            return False
+
+        self.assertTrue(wait_for(full, 10, 0.1))
+        self.assertEqual([c.cmd("MAIL FROM:<a@sender.test>")[0] for _ in range(30)], [452] * 30)
+        self.assertEqual(self.count(r, r"refusing mail: queue is full"), 1, r.read_log())
 
 
 class SlowDrip(HostileTest):
