@@ -527,13 +527,15 @@ impl Recipients {
             Err(why) => match from_last(&why) {
                 Ok(l) => (l, Some(seen_at_start), why),
                 Err(e) => {
-                    let no_last = match std::fs::symlink_metadata(last) {
-                        Err(_) => "no last good list".to_string(),
-                        Ok(_) => format!("no last good list ({e})"),
+                    // Missing is the normal case (the first start); say why else.
+                    let last_error = match std::fs::symlink_metadata(last) {
+                        Err(_) => String::new(),
+                        Ok(_) => format!(": {e}"),
                     };
                     log::warn!(
                         target: crate::logging::MASTER,
-                        "warning: {why}; {no_last}: no usable list: every recipient in the relay domains gets 451 4.3.0 (try again later) until the file is fixed"
+                        "warning: {why}; no usable list (no last good list {}{last_error}): every recipient in the relay domains gets 451 4.3.0 (try again later) until the file is fixed",
+                        last.display()
                     );
                     (RecipientList::unusable(path), Some(seen_at_start), why)
                 }
