@@ -80,7 +80,8 @@ fn main() -> ExitCode {
     match args.command.as_str() {
         "check" => match load(&args.config) {
             Ok(c) => {
-                // serve refuses to start on a bad recipients list: say so now.
+                // serve starts with a bad recipients list (451 to every
+                // recipient, or the last good list): an error here.
                 match bartleby::policy::RecipientList::load(c.recipients.as_deref()) {
                     Ok(l) if l.is_enabled() => println!("recipients list: {} entries", l.len()),
                     Ok(_) => {}

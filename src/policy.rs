@@ -196,6 +196,12 @@ pub fn check_recipient(cfg: &Config, raw: &str, parsed: &str, list: &RecipientLi
         return Err(denied());
     }
     let addr = format!("{local}@{}", domain.to_ascii_lowercase());
+    if !list.is_usable() {
+        // A list is configured but none can be used (see Recipients::start):
+        // what Postfix answers when a relay_recipient_maps lookup fails
+        // (smtpd_check.c, reject_dict_retry). The sender tries again later.
+        return Err(Refusal::new(451, "4.3.0", format!("<{addr}>: Temporary lookup failure")));
+    }
     if !list.accepts(&addr) {
         return Err(Refusal::new(
             550,
@@ -206,9 +212,10 @@ pub fn check_recipient(cfg: &Config, raw: &str, parsed: &str, list: &RecipientLi
     Ok(addr)
 }
 
-/// Largest recipients list read. A bigger file is refused (at start, an
-/// error; later, the previous list stays): the list is held in memory, and
-/// 1 MiB is some 40,000 addresses (`@domain` lines cover whole domains).
+/// Largest recipients list read. A bigger file is not used (see
+/// [`Recipients::start`] and [`Recipients::watch`]): the list is held in
+/// memory, and 1 MiB is some 40,000 addresses (`@domain` lines cover whole
+/// domains).
 pub const MAX_LIST_BYTES: u64 = 1024 * 1024;
 /// How often the watcher looks at the list file.
 const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -246,11 +253,19 @@ pub struct RecipientList {
     entries: Vec<(u32, u32)>,
     /// The version of the file this list was read from.
     id: Option<FileId>,
+    /// A list is configured, but none could be used: every lookup fails
+    /// (451 4.3.0) until the watcher takes a good version.
+    failed: bool,
 }
 
+/// The spool's copy of the last list taken, in the spool directory (see
+/// [`Recipients::start`]).
+pub const LAST_GOOD: &str = "recipients.last";
+
 impl RecipientList {
-    /// Loads the list; an unreadable list is an error at start (a typo here
-    /// must not silently accept every address).
+    /// Loads the list, for `bartleby check`: a list that cannot be used
+    /// (unreadable, a bad line, no entries) is an error. `serve` does not
+    /// stop for one: see [`Recipients::start`].
     pub fn load(path: Option<&Path>) -> Result<RecipientList, String> {
         match path {
             None => Ok(RecipientList::default()),
@@ -258,9 +273,18 @@ impl RecipientList {
         }
     }
 
+    /// Configured at `path`, but no list can be used.
+    fn unusable(path: &Path) -> RecipientList {
+        RecipientList { path: Some(path.to_path_buf()), failed: true, ..RecipientList::default() }
+    }
+
     /// Reads the file: a regular file (or a symlink to one), opened without
     /// blocking (a FIFO or a device at the path must never stall anything),
-    /// at most [`MAX_LIST_BYTES`].
+    /// at most [`MAX_LIST_BYTES`]. A list without entries is an error too:
+    /// with `recipients` configured it would refuse every address (a file
+    /// cut to 0 bytes by a copy in progress or a power failure looks just
+    /// like that); to refuse all mail for a domain, remove it from
+    /// `relay_domains`.
     fn read(path: &Path) -> Result<RecipientList, String> {
         let err = |e: String| format!("recipients list {}: {e}", path.display());
         let (buf, meta) = crate::util::read_small_file(path, MAX_LIST_BYTES).map_err(|e| err(e.to_string()))?;
@@ -281,15 +305,62 @@ impl RecipientList {
             let at = start + (addr.as_ptr() as usize - line.as_ptr() as usize);
             entries.push((at as u32, addr.len() as u32));
         }
+        if entries.is_empty() {
+            return Err(err(
+                "no entries (an empty list would refuse every address: a copy cut short? To refuse all mail for a domain, remove it from relay_domains)"
+                    .into(),
+            ));
+        }
         let key = |&(s, l): &(u32, u32)| &text[s as usize..(s + l) as usize];
         entries.sort_by(|a, b| key(a).cmp(key(b)));
         entries.dedup_by(|a, b| key(a) == key(b));
         entries.shrink_to_fit();
-        Ok(RecipientList { path: Some(path.to_path_buf()), entries, id: Some(FileId::of(&meta)), text })
+        Ok(RecipientList { path: Some(path.to_path_buf()), entries, id: Some(FileId::of(&meta)), text, failed: false })
+    }
+
+    /// The addresses, sorted, without duplicates.
+    fn addresses(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|&(s, l)| &self.text[s as usize..(s + l) as usize])
+    }
+
+    /// Writes the list to `last` (see [`LAST_GOOD`]) unless it holds the
+    /// same list already: one address a line, sorted, so that its line count
+    /// is its entry count. Atomic: a temporary file, fsync, rename, fsync of
+    /// the directory. Returns false when nothing had to be written.
+    fn save(&self, last: &Path) -> std::io::Result<bool> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        if same_lines(last, self.addresses()) {
+            return Ok(false);
+        }
+        let tmp = last.with_extension("last.tmp");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(4096, f);
+        for a in self.addresses() {
+            w.write_all(a.as_bytes())?;
+            w.write_all(b"\n")?;
+        }
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, last)?;
+        if let Some(dir) = last.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(true)
     }
 
     pub fn is_enabled(&self) -> bool {
         self.path.is_some()
+    }
+
+    /// False when a list is configured but none can be used: lookups fail.
+    pub fn is_usable(&self) -> bool {
+        !self.failed
     }
 
     pub fn len(&self) -> usize {
@@ -320,6 +391,52 @@ impl RecipientList {
     }
 }
 
+/// True when the file at `path` holds exactly `lines`, each ended by a line
+/// feed (compared a few KiB at a time: no second copy of a list in memory).
+fn same_lines<'a>(path: &Path, lines: impl Iterator<Item = &'a str>) -> bool {
+    use std::io::BufRead;
+    let Ok((f, _)) = crate::util::open_regular(path) else { return false };
+    let mut r = std::io::BufReader::with_capacity(4096, f);
+    for line in lines {
+        for mut part in [line.as_bytes(), b"\n"] {
+            while !part.is_empty() {
+                let buf = match r.fill_buf() {
+                    Ok(b) if !b.is_empty() => b,
+                    _ => return false,
+                };
+                let n = buf.len().min(part.len());
+                if buf[..n] != part[..n] {
+                    return false;
+                }
+                r.consume(n);
+                part = &part[n..];
+            }
+        }
+    }
+    r.fill_buf().is_ok_and(|b| b.is_empty())
+}
+
+/// Lines in the file at `path` (entries of a [`LAST_GOOD`] file), counted a
+/// few KiB at a time; `None` when it cannot be read or is too large to be a
+/// list.
+fn count_lines(path: &Path) -> Option<usize> {
+    use std::io::Read;
+    let (f, meta) = crate::util::open_regular(path).ok()?;
+    if meta.len() > MAX_LIST_BYTES {
+        return None;
+    }
+    let mut f = f.take(MAX_LIST_BYTES);
+    let (mut buf, mut n) = ([0u8; 4096], 0usize);
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => return Some(n),
+            Ok(k) => n += buf[..k].iter().filter(|&&b| b == b'\n').count(),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+}
+
 /// The recipients list the sessions use: a snapshot behind a lock held only
 /// to clone an `Arc`, so a session never waits for the disk. The watcher
 /// thread swaps in a new list when the file changes.
@@ -335,13 +452,103 @@ struct Shared {
     force: std::sync::atomic::AtomicBool,
     /// The watcher thread, to wake it (unpark) for a forced reload.
     watcher: std::sync::OnceLock<std::thread::Thread>,
+    /// Where the last good list is kept ([`LAST_GOOD`] in the spool).
+    last: Option<PathBuf>,
+    /// The version of the file refused at start, so that the watcher does
+    /// not read it again (and warn again) until it changes.
+    refused_at_start: std::sync::Mutex<Option<Result<FileId, String>>>,
+}
+
+/// What the watcher saw at the path: a version of the file, or why not.
+fn seen(path: &Path) -> Result<FileId, String> {
+    std::fs::metadata(path).map(|m| FileId::of(&m)).map_err(|e| e.to_string())
 }
 
 impl Recipients {
     pub fn new(list: RecipientList) -> Recipients {
+        Recipients::with_last(list, None, None)
+    }
+
+    fn with_last(list: RecipientList, last: Option<PathBuf>, refused: Option<Result<FileId, String>>) -> Recipients {
         let current = std::sync::Mutex::new(std::sync::Arc::new(list));
         let force = std::sync::atomic::AtomicBool::new(false);
-        Recipients { inner: std::sync::Arc::new(Shared { current, force, watcher: std::sync::OnceLock::new() }) }
+        let refused_at_start = std::sync::Mutex::new(refused);
+        Recipients { inner: std::sync::Arc::new(Shared { current, force, watcher: std::sync::OnceLock::new(), last, refused_at_start }) }
+    }
+
+    /// The list to start with. Never an error: a list that cannot be used
+    /// must not stop the server (on the appliance PID 1 would reboot into
+    /// the same file again and again). In order:
+    ///   * the file, when it can be used and holds at least half the entries
+    ///     of the last good list (`last`, kept in the spool): it becomes the
+    ///     last good list;
+    ///   * else the last good list, with a warning (the file is refused as a
+    ///     reload would be, and taken once it changes, or by SIGHUP);
+    ///   * else no list: every recipient gets `451 4.3.0` (temporary: the
+    ///     sender retries), with a warning in the log, on the page and in
+    ///     `/metrics`, until the watcher takes a good version.
+    pub fn start(path: Option<&Path>, last: &Path, stats: &crate::stats::Stats) -> Recipients {
+        let Some(path) = path else { return Recipients::new(RecipientList::default()) };
+        // Before reading: a change after this is seen by the watcher.
+        let seen_at_start = seen(path);
+        // The last good list instead of the file, for `why`; Err: why not.
+        let from_last = |why: &str| match RecipientList::read(last) {
+            Ok(mut l) => {
+                l.path = Some(path.to_path_buf());
+                l.id = None;
+                log::warn!(
+                    target: crate::logging::MASTER,
+                    "warning: {why}; using the last good list {} ({} entries) until the file changes (send SIGHUP to take the file as it is)",
+                    last.display(),
+                    l.len()
+                );
+                Ok(l)
+            }
+            Err(e) => Err(e),
+        };
+        let (list, refused, why) = match RecipientList::read(path) {
+            Ok(new) => match count_lines(last) {
+                Some(n) if new.len() * 2 < n => {
+                    let why = format!(
+                        "recipients list {}: {} entries, fewer than half of the {n} of the last good list (a copy cut short?)",
+                        path.display(),
+                        new.len()
+                    );
+                    match from_last(&why) {
+                        Ok(l) => (l, Some(seen_at_start), why),
+                        Err(e) => {
+                            log::warn!(target: crate::logging::MASTER, "warning: {e}; using the file");
+                            (new, None, String::new())
+                        }
+                    }
+                }
+                _ => (new, None, String::new()),
+            },
+            Err(why) => match from_last(&why) {
+                Ok(l) => (l, Some(seen_at_start), why),
+                Err(e) => {
+                    // Missing is the normal case (the first start); say why else.
+                    let last_error = match std::fs::symlink_metadata(last) {
+                        Err(_) => String::new(),
+                        Ok(_) => format!(": {e}"),
+                    };
+                    log::warn!(
+                        target: crate::logging::MASTER,
+                        "warning: {why}; no usable list (no last good list {}{last_error}): every recipient in the relay domains gets 451 4.3.0 (try again later) until the file is fixed",
+                        last.display()
+                    );
+                    (RecipientList::unusable(path), Some(seen_at_start), why)
+                }
+            },
+        };
+        if refused.is_none() {
+            log::info!(target: crate::logging::MASTER, "recipients list {}: {} entries", path.display(), list.len());
+            save_last(&list, last);
+        }
+        stats.recipients_unusable.store(!list.is_usable(), std::sync::atomic::Ordering::Relaxed);
+        stats.recipients_entries.store(u32::try_from(list.len()).unwrap_or(u32::MAX), std::sync::atomic::Ordering::Relaxed);
+        *stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()) = why;
+        Recipients::with_last(list, Some(last.to_path_buf()), refused)
     }
 
     /// The list in force now.
@@ -367,10 +574,10 @@ impl Recipients {
     /// it looks at the file (stat only); a changed file is read once it has
     /// been left alone for a second (a copy in progress keeps changing), off
     /// the SMTP runtime. A new version is refused, and the list in force
-    /// kept, when it cannot be read (not a regular file, too big, not UTF-8,
-    /// a bad line) or when it holds fewer than half the entries of the list
-    /// in force (a truncated copy: 0 entries would answer 550 to everyone).
-    /// A refused version is not read again until the file changes.
+    /// kept, when it cannot be used (not a regular file, too big, not UTF-8,
+    /// a bad line, no entries) or when it holds fewer than half the entries
+    /// of the list in force (a truncated copy: 0 entries would answer 550 to
+    /// everyone). A refused version is not read again until the file changes.
     pub fn watch(&self, stats: std::sync::Arc<crate::stats::Stats>) -> std::io::Result<()> {
         let Some(path) = self.get().path.clone() else { return Ok(()) };
         let me = self.clone();
@@ -384,12 +591,12 @@ impl Recipients {
 
     fn watcher(&self, path: &Path, stats: &crate::stats::Stats) {
         let mut pending: Option<Result<FileId, String>> = None;
-        let mut refused: Option<Result<FileId, String>> = None;
+        let mut refused = self.inner.refused_at_start.lock().unwrap_or_else(|p| p.into_inner()).take();
         loop {
             // Woken early by force_reload(); spurious wake-ups only cost a stat.
             std::thread::park_timeout(WATCH_INTERVAL);
             let forced = self.inner.force.swap(false, std::sync::atomic::Ordering::SeqCst);
-            let seen = std::fs::metadata(path).map(|m| FileId::of(&m)).map_err(|e| e.to_string());
+            let seen = seen(path);
             if !forced {
                 let current = self.get();
                 if seen.as_ref().ok() == current.id.as_ref() || Some(&seen) == refused.as_ref() {
@@ -411,13 +618,18 @@ impl Recipients {
     }
 
     /// Reads the file and takes it, or keeps the list in force and says why.
+    /// With no usable list in force, any usable version is taken.
     fn reload(&self, path: &Path, forced: bool, stats: &crate::stats::Stats) -> Result<(), ()> {
         let old = self.get();
         let why = match RecipientList::read(path) {
-            Ok(new) if forced || new.len() * 2 >= old.len() => {
+            Ok(new) if forced || !old.is_usable() || new.len() * 2 >= old.len() => {
                 let n = new.len();
+                if let Some(last) = &self.inner.last {
+                    save_last(&new, last);
+                }
                 self.set(new);
-                stats.recipients_entries.store(n as u32, std::sync::atomic::Ordering::Relaxed);
+                stats.recipients_entries.store(u32::try_from(n).unwrap_or(u32::MAX), std::sync::atomic::Ordering::Relaxed);
+                stats.recipients_unusable.store(false, std::sync::atomic::Ordering::Relaxed);
                 stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 log::info!(
                     target: crate::logging::SMTPD,
@@ -434,13 +646,30 @@ impl Recipients {
             ),
             Err(e) => e,
         };
-        log::warn!(
-            target: crate::logging::SMTPD,
-            "warning: {why}; keeping the previous list of {} entries (send SIGHUP to force a reload)",
-            old.len()
-        );
+        if old.is_usable() {
+            log::warn!(
+                target: crate::logging::SMTPD,
+                "warning: {why}; keeping the previous list of {} entries (send SIGHUP to force a reload)",
+                old.len()
+            );
+        } else {
+            log::warn!(
+                target: crate::logging::SMTPD,
+                "warning: {why}; still no usable list: every recipient in the relay domains gets 451 4.3.0 (try again later)"
+            );
+        }
         *stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()) = why;
         Err(())
+    }
+}
+
+/// Keeps `list` as the last good list; a failure is only a warning (the
+/// list in force is not affected, only what a restart could fall back on).
+fn save_last(list: &RecipientList, last: &Path) {
+    match list.save(last) {
+        Ok(true) => log::info!(target: crate::logging::MASTER, "recipients list: {} entries saved to {}", list.len(), last.display()),
+        Ok(false) => {}
+        Err(e) => log::warn!(target: crate::logging::MASTER, "warning: cannot save the recipients list to {}: {e}", last.display()),
     }
 }
 
@@ -576,7 +805,11 @@ mod tests {
         std::fs::write(&p, "").unwrap();
         assert!(r.reload(&p, false, &stats).is_err());
         assert_eq!(r.get().len(), 4);
-        assert!(stats.recipients_kept.lock().unwrap().contains("0 entries, fewer than half of the 4"));
+        assert!(stats.recipients_kept.lock().unwrap().contains(": no entries"));
+        std::fs::write(&p, "a@example.org\n").unwrap();
+        assert!(r.reload(&p, false, &stats).is_err());
+        assert_eq!(r.get().len(), 4);
+        assert!(stats.recipients_kept.lock().unwrap().contains("1 entries, fewer than half of the 4"));
         std::fs::write(&p, "a@example.org\nb@example.org\n").unwrap();
         assert!(r.reload(&p, false, &stats).is_ok());
         assert_eq!(r.get().len(), 2);
@@ -584,10 +817,121 @@ mod tests {
         std::fs::write(&p, "a@example.org\nbad\n").unwrap();
         assert!(r.reload(&p, false, &stats).is_err());
         assert!(stats.recipients_kept.lock().unwrap().contains(":2:"));
-        std::fs::write(&p, "").unwrap();
+        std::fs::write(&p, "a@example.org\n").unwrap();
         assert!(r.reload(&p, true, &stats).is_ok(), "forced");
-        assert_eq!(r.get().len(), 0);
-        assert!(!r.get().accepts("a@example.org"));
+        assert_eq!(r.get().len(), 1);
+        // An empty file is never taken, not even by SIGHUP: it would refuse
+        // every address (remove the domain from relay_domains for that).
+        std::fs::write(&p, "# nobody\n").unwrap();
+        assert!(r.reload(&p, true, &stats).is_err(), "forced, empty");
+        assert!(r.get().accepts("a@example.org"));
+        assert!(stats.recipients_kept.lock().unwrap().contains("no entries"));
         std::fs::remove_file(&p).unwrap();
+    }
+
+    fn start_dir(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("bartleby-rcpts-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        (dir.join("recipients"), dir.join(LAST_GOOD), dir)
+    }
+
+    #[test]
+    fn an_unusable_list_at_start_defers_and_the_first_good_one_is_taken() {
+        let (p, last, dir) = start_dir("unusable");
+        for (what, spoil) in [
+            ("empty", &(|p: &Path| std::fs::write(p, "").unwrap()) as &dyn Fn(&Path)),
+            ("cut", &|p: &Path| std::fs::write(p, "alice@example.org\nbob@exam\ncar").unwrap()),
+            ("directory", &|p: &Path| std::fs::create_dir(p).unwrap()),
+            ("missing", &|_: &Path| {}),
+        ] {
+            spoil(&p);
+            let stats = crate::stats::Stats::new();
+            let r = Recipients::start(Some(&p), &last, &stats);
+            let l = r.get();
+            assert!(l.is_enabled() && !l.is_usable(), "{what}");
+            let e = check_recipient(&cfg(), "bob@example.org", "bob@example.org", &l).unwrap_err();
+            assert_eq!(e.line(), "451 4.3.0 <bob@example.org>: Temporary lookup failure", "{what}");
+            // Still never an open relay.
+            assert_eq!(check_recipient(&cfg(), "bob@evil.test", "bob@evil.test", &l).unwrap_err().code, 550);
+            assert!(stats.recipients_unusable.load(std::sync::atomic::Ordering::Relaxed));
+            assert!(!stats.recipients_kept.lock().unwrap().is_empty(), "{what}");
+            // A bad version does not end it; the first good one does.
+            assert!(r.reload(&p, false, &stats).is_err());
+            assert!(!r.get().is_usable());
+            if p.is_dir() {
+                std::fs::remove_dir(&p).unwrap();
+            }
+            std::fs::write(&p, "bob@example.org\n").unwrap();
+            assert!(r.reload(&p, false, &stats).is_ok(), "{what}");
+            assert!(r.get().is_usable() && r.get().accepts("bob@example.org") && !r.get().accepts("eve@example.org"));
+            assert!(!stats.recipients_unusable.load(std::sync::atomic::Ordering::Relaxed));
+            assert!(stats.recipients_kept.lock().unwrap().is_empty());
+            // ... and becomes the last good list.
+            assert_eq!(std::fs::read_to_string(&last).unwrap(), "bob@example.org\n");
+            std::fs::remove_file(&last).unwrap();
+            std::fs::remove_file(&p).unwrap();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_last_good_list_is_kept_and_used_at_start() {
+        let (p, last, dir) = start_dir("last");
+        let stats = crate::stats::Stats::new();
+        std::fs::write(&p, "# users\nDave@Example.org\nbob@example.org OK\n@lists.example.org\ncarol@example.org\nbob@example.org\n").unwrap();
+        let r = Recipients::start(Some(&p), &last, &stats);
+        assert_eq!(r.get().len(), 4);
+        // Sorted, one a line, lower case: its line count is its entry count.
+        let saved = "@lists.example.org\nbob@example.org\ncarol@example.org\ndave@example.org\n";
+        assert_eq!(std::fs::read_to_string(&last).unwrap(), saved);
+        assert_eq!(count_lines(&last), Some(4));
+        // The same list again: not rewritten.
+        let before = std::fs::metadata(&last).unwrap().modified().unwrap();
+        assert!(!r.get().save(&last).unwrap());
+        assert_eq!(std::fs::metadata(&last).unwrap().modified().unwrap(), before);
+        assert!(same_lines(&last, r.get().addresses()));
+        assert!(!same_lines(&last, ["bob@example.org"].into_iter()));
+
+        // Cut mid-line while the relay was down: the last good list is used.
+        std::fs::write(&p, "bob@example.org\ncarol@exam\ncar").unwrap();
+        let stats = crate::stats::Stats::new();
+        let r = Recipients::start(Some(&p), &last, &stats);
+        let l = r.get();
+        assert!(l.is_usable() && l.accepts("dave@example.org") && l.accepts("x@lists.example.org") && !l.accepts("eve@example.org"));
+        assert_eq!(l.path.as_deref(), Some(p.as_path()), "watches the configured file");
+        assert!(stats.recipients_kept.lock().unwrap().contains(":3:"));
+        assert!(!stats.recipients_unusable.load(std::sync::atomic::Ordering::Relaxed));
+        assert_eq!(stats.recipients_entries.load(std::sync::atomic::Ordering::Relaxed), 4);
+        // The refused version is remembered for the watcher.
+        assert_eq!(*r.inner.refused_at_start.lock().unwrap(), Some(seen(&p)));
+        assert_eq!(std::fs::read_to_string(&last).unwrap(), saved, "not overwritten");
+
+        // Shrunk by more than half: the same guard as a reload.
+        std::fs::write(&p, "bob@example.org\n").unwrap();
+        let stats = crate::stats::Stats::new();
+        let r = Recipients::start(Some(&p), &last, &stats);
+        assert_eq!(r.get().len(), 4);
+        assert!(stats.recipients_kept.lock().unwrap().contains("1 entries, fewer than half of the 4"));
+        // Half is fine: taken, and saved.
+        std::fs::write(&p, "bob@example.org\ncarol@example.org\n").unwrap();
+        let stats = crate::stats::Stats::new();
+        let r = Recipients::start(Some(&p), &last, &stats);
+        assert_eq!(r.get().len(), 2);
+        assert!(stats.recipients_kept.lock().unwrap().is_empty());
+        assert_eq!(count_lines(&last), Some(2));
+
+        // A damaged last good list is not used: the file is.
+        std::fs::write(&last, "junk\n".repeat(10)).unwrap();
+        let r = Recipients::start(Some(&p), &last, &crate::stats::Stats::new());
+        assert_eq!(r.get().len(), 2);
+        // A bad file and a damaged last good list: no usable list.
+        std::fs::write(&last, "junk\n").unwrap();
+        std::fs::write(&p, "").unwrap();
+        assert!(!Recipients::start(Some(&p), &last, &crate::stats::Stats::new()).get().is_usable());
+        // Not configured: everything in the relay domains.
+        let r = Recipients::start(None, &last, &crate::stats::Stats::new());
+        assert!(!r.get().is_enabled() && r.get().is_usable() && r.get().accepts("anyone@example.org"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::config::{Cidr, Config, split_host_port};
 use crate::logging::MASTER;
 use crate::clients::Limits;
-use crate::policy::{RecipientList, Recipients};
+use crate::policy::Recipients;
 use crate::scheduler::Scheduler;
 use crate::session::{self, Ctx};
 use crate::spool::{Committer, Spool};
@@ -82,14 +82,9 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
         rec.removed_incoming,
         rec.corrupt.len()
     );
-    let recipients = RecipientList::load(cfg.recipients.as_deref())?;
-    if recipients.is_enabled() {
-        log::info!(target: MASTER, "recipients list: {} entries", recipients.len());
-        if recipients.is_empty() {
-            log::warn!(target: MASTER, "warning: the recipients list is empty: every recipient is refused");
-        }
-    }
-    stats.recipients_entries.store(u32::try_from(recipients.len()).unwrap_or(u32::MAX), std::sync::atomic::Ordering::Relaxed);
+    // Never fails: a list that cannot be used means 451 (try again later),
+    // or the last good list kept in the spool, not a server that is down.
+    let recipients = Recipients::start(cfg.recipients.as_deref(), &spool.root().join(crate::policy::LAST_GOOD), &stats);
     let mut listeners = Vec::new();
     for addr in &cfg.listen {
         let l = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -107,7 +102,7 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
         spool: spool.clone(),
         committer: committer.clone(),
         stats: stats.clone(),
-        recipients: Recipients::new(recipients),
+        recipients,
         queued: tx,
         etrn_allow: etrn_allow(&cfg),
     });
@@ -182,14 +177,25 @@ async fn accept_loop(l: TcpListener, ctx: Arc<Ctx>, sem: Arc<Semaphore>, mut shu
         };
         let _ = stream.set_nodelay(true);
         // The per-client cap first (as Postfix's anvil check, before the
-        // greeting): one address must never hold every slot.
+        // greeting): one address must never hold every slot, and the last
+        // slots are kept for clients without a session (see clients.rs).
         let limits = Limits::of(&ctx.cfg);
-        let client = match ctx.stats.clients.connect(peer.ip(), &limits, crate::util::now()) {
+        let client = match ctx.stats.clients.connect(peer.ip(), &limits, crate::util::now(), sem.available_permits()) {
             Ok(key) => ClientSlot { ctx: ctx.clone(), key, limits },
-            Err(n) => {
+            Err(r) => {
                 let ip = peer.ip().to_canonical();
                 crate::stats::Stats::inc(&ctx.stats.client_refusals_connections);
-                log::warn!(target: MASTER, "warning: Connection concurrency limit exceeded: {n} from unknown[{ip}] for service smtp");
+                // At most once a minute per client (a flood would fill the
+                // console); the counter above counts every one.
+                if let crate::clients::Warn::Log { earlier } = r.warn {
+                    crate::clients::log_unlogged(crate::clients::ClientKey::of(ip), earlier);
+                    let why = if r.reserve {
+                        format!(" (the last {} of max_connections are kept for clients without a session)", limits.reserve)
+                    } else {
+                        String::new()
+                    };
+                    log::warn!(target: MASTER, "warning: Connection concurrency limit exceeded: {} from unknown[{ip}] for service smtp{why}", r.n);
+                }
                 let msg = format!("421 4.7.0 {} Error: too many connections from {ip}\r\n", ctx.cfg.hostname);
                 tokio::spawn(async move {
                     let mut stream = stream;
@@ -211,7 +217,18 @@ async fn accept_loop(l: TcpListener, ctx: Arc<Ctx>, sem: Arc<Semaphore>, mut shu
             }
             Err(_) => {
                 drop(client);
-                log::warn!(target: MASTER, "warning: too many connections: refusing unknown[{}]", peer.ip().to_canonical());
+                // One line a minute: a flood from many addresses would
+                // otherwise write one per connection.
+                static WARN: crate::util::LogLimiter = crate::util::LogLimiter::new();
+                if let Some(n) = WARN.allow(crate::util::now()) {
+                    log::warn!(
+                        target: MASTER,
+                        "warning: too many connections (max_connections {}): refusing unknown[{}]{}",
+                        ctx.cfg.max_connections,
+                        peer.ip().to_canonical(),
+                        crate::util::LogLimiter::unlogged(n)
+                    );
+                }
                 let host = ctx.cfg.hostname.clone();
                 tokio::spawn(async move {
                     let mut stream = stream;

@@ -378,14 +378,18 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             Ok(_) => None,
         };
         if let Some(why) = refusal {
-            log::warn!(target: SMTPD, "warning: {}: refusing mail: {why}", self.client);
+            // One line a minute: a flooder retries MAIL as fast as it can.
+            static WARN: util::LogLimiter = util::LogLimiter::new();
+            if let Some(n) = WARN.allow(util::now()) {
+                log::warn!(target: SMTPD, "warning: {}: refusing mail: {why}{}", self.client, util::LogLimiter::unlogged(n));
+            }
             self.reply(452, "4.3.1", "Insufficient system storage");
             return Ok(());
         }
         // Per-client limits: one client's share of the queue, its MAIL rate.
         let limits = crate::clients::Limits::of(&cfg);
-        if let Err((limit, n)) = self.ctx.stats.clients.check_mail(self.peer.ip(), &limits, util::now()) {
-            return self.client_limited(limit, n, &limits);
+        if let Err(r) = self.ctx.stats.clients.check_mail(self.peer.ip(), &limits, util::now()) {
+            return self.client_limited(r, &limits);
         }
         let id = util::new_queue_id();
         log::info!(target: SMTPD, "{id}: client={}", self.client);
@@ -395,25 +399,39 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
     }
 
     /// Refuses MAIL for a per-client limit, as Postfix words its rate limit.
-    fn client_limited(&mut self, limit: crate::clients::Limit, n: u32, limits: &crate::clients::Limits) -> Result<(), Close> {
-        use crate::clients::Limit;
+    /// Logged at most once a minute per client and limit (see clients.rs);
+    /// the counters count every refusal.
+    fn client_limited(&mut self, r: crate::clients::Refused, limits: &crate::clients::Limits) -> Result<(), Close> {
+        use crate::clients::{Limit, Warn};
         let ip = self.peer.ip().to_canonical();
         let st = &self.ctx.stats;
-        match limit {
+        let n = r.n;
+        let log = match r.warn {
+            Warn::Log { earlier } => {
+                crate::clients::log_unlogged(crate::clients::ClientKey::of(ip), earlier);
+                true
+            }
+            Warn::Quiet => false,
+        };
+        match r.limit {
             Limit::QueueShare => {
                 Stats::inc(&st.client_refusals_queue_share);
-                log::warn!(
-                    target: SMTPD,
-                    "warning: Queue share limit exceeded: {n} messages from {} in the queue (smtpd_client_queue_share: {})",
-                    self.client,
-                    limits.queued
-                );
+                if log {
+                    log::warn!(
+                        target: SMTPD,
+                        "warning: Queue share limit exceeded: {n} messages from {} in the queue (smtpd_client_queue_share: {})",
+                        self.client,
+                        limits.queued
+                    );
+                }
                 self.reply(452, "4.3.1", &format!("Error: too much mail from {ip} in the queue; try again later"));
             }
             // (check_mail never answers Connections.)
             Limit::Rate | Limit::Connections => {
                 Stats::inc(&st.client_refusals_rate);
-                log::warn!(target: SMTPD, "warning: Message delivery request rate limit exceeded: {n} from {} for service smtp", self.client);
+                if log {
+                    log::warn!(target: SMTPD, "warning: Message delivery request rate limit exceeded: {n} from {} for service smtp", self.client);
+                }
                 self.reply(450, "4.7.1", &format!("Error: too much mail from {ip}"));
             }
         }

@@ -63,6 +63,10 @@ pub struct Stats {
     /// (the last reload was refused and the previous list kept); empty when
     /// the file and the list agree.
     pub recipients_kept: Mutex<String>,
+    /// A recipients list is configured but none can be used (the file is
+    /// bad and no last good list was kept): every recipient gets 451 4.3.0;
+    /// `recipients_kept` says why.
+    pub recipients_unusable: AtomicBool,
     /// The spool could not record a delivery result (a removal or a state
     /// write failed): no delivery starts, and MAIL gets 452, until a probe
     /// finds it writable again (kept by the scheduler).

@@ -323,6 +323,7 @@ fn page_data<'a>(ctx: &'a Ctx, flushed: bool) -> render::PageData<'a> {
         flush_interval: cfg.status.flush_interval,
         recipients_entries: get(&st.recipients_entries),
         recipients_kept: st.recipients_kept.lock().map(|s| s.clone()).unwrap_or_default(),
+        recipients_unusable: st.recipients_unusable.load(Ordering::Relaxed),
         client_limits: crate::clients::Limits::of(cfg),
         client_limited: st.clients.limited(now()),
     }
@@ -433,8 +434,16 @@ fn metrics(ctx: &Ctx) -> String {
     }
     if cfg.recipients.is_some() {
         metric(&mut o, "bartleby_recipients_entries", "gauge", "Entries of the recipients list in force.", Stats::get(&st.recipients_entries));
-        let kept = st.recipients_kept.lock().map(|s| !s.is_empty()).unwrap_or(false);
+        let unusable = st.recipients_unusable.load(Ordering::Relaxed);
+        let kept = !unusable && st.recipients_kept.lock().map(|s| !s.is_empty()).unwrap_or(false);
         metric(&mut o, "bartleby_recipients_list_kept", "gauge", "1 if the last reload of the recipients list was refused and the previous list kept.", u8::from(kept));
+        metric(
+            &mut o,
+            "bartleby_recipients_list_usable",
+            "gauge",
+            "0 if no recipients list can be used: every recipient gets 451 4.3.0.",
+            u8::from(!unusable),
+        );
     }
     let started = st.started.load(Ordering::Relaxed) as u64;
     metric(&mut o, "bartleby_uptime_seconds", "gauge", "Seconds since the relay started.", t.saturating_sub(started));

@@ -97,12 +97,7 @@ pub fn file_kind(ft: std::fs::FileType) -> &'static str {
 /// wrong; the caller names the file.
 pub fn read_small_file(path: &std::path::Path, max: u64) -> std::io::Result<(Vec<u8>, std::fs::Metadata)> {
     use std::io::{Error, ErrorKind, Read};
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
-    let meta = f.metadata()?;
-    if !meta.is_file() {
-        return Err(Error::new(ErrorKind::InvalidData, format!("not a regular file ({})", file_kind(meta.file_type()))));
-    }
+    let (f, meta) = open_regular(path)?;
     let too_large = |n: u64| Error::new(ErrorKind::InvalidData, format!("too large: {n} bytes, larger than {max} bytes"));
     if meta.len() > max {
         return Err(too_large(meta.len()));
@@ -113,6 +108,55 @@ pub fn read_small_file(path: &std::path::Path, max: u64) -> std::io::Result<(Vec
         return Err(too_large(buf.len() as u64));
     }
     Ok((buf, meta))
+}
+
+/// Opens a file for reading only if it is a regular file (a symlink to one
+/// is followed), without blocking on a FIFO or a device at the path (see
+/// [`read_small_file`]). Returns the file and its metadata.
+pub fn open_regular(path: &std::path::Path) -> std::io::Result<(std::fs::File, std::fs::Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        let what = format!("not a regular file ({})", file_kind(meta.file_type()));
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, what));
+    }
+    Ok((f, meta))
+}
+
+/// At most one log line a minute for one kind of warning, and a count of
+/// those not logged (for warnings a flood could repeat at every connection
+/// or command: on the appliance the log is the serial console).
+#[derive(Debug, Default)]
+pub struct LogLimiter {
+    /// When a line was last logged (unix seconds, 32 bits; 0: never).
+    last: AtomicU32,
+    unlogged: AtomicU32,
+}
+
+impl LogLimiter {
+    pub const fn new() -> LogLimiter {
+        LogLimiter { last: AtomicU32::new(0), unlogged: AtomicU32::new(0) }
+    }
+
+    /// `Some(n)`: log the warning now; `n` earlier ones were not logged.
+    /// `None`: do not log it (it is counted).
+    pub fn allow(&self, now: u64) -> Option<u32> {
+        let now = (now as u32).max(1);
+        let last = self.last.load(Ordering::Relaxed);
+        if (last == 0 || now.wrapping_sub(last) >= 60)
+            && self.last.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            return Some(self.unlogged.swap(0, Ordering::Relaxed));
+        }
+        self.unlogged.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    /// The end of a line for `n` unlogged warnings ("" for none).
+    pub fn unlogged(n: u32) -> String {
+        if n == 0 { String::new() } else { format!(" ({n} more since the last such line were not logged)") }
+    }
 }
 
 /// A queue ID: uppercase hex, 13 characters, like Postfix's short IDs.

@@ -865,22 +865,45 @@ mod tests {
 
     #[test]
     fn wildcard_listen_takes_this_machines_addresses() {
-        // An address of this machine without sending anything: the source
-        // address the kernel picks for a UDP "connection" (no route: skip).
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        let Some(mine) = s.connect("192.0.2.1:9").ok().and_then(|_| s.local_addr().ok()).map(|a| a.ip()) else {
-            return;
-        };
-        assert!(is_local_address(mine), "{mine} not found by getifaddrs");
+        // Every host has 127.0.0.1 (on lo): getifaddrs must list it, read
+        // through the AF_INET branch.
         assert!(is_local_address("127.0.0.1".parse().unwrap()));
         assert!(!is_local_address("203.0.113.254".parse().unwrap()));
+        assert!(!is_local_address("2001:db8::fe".parse().unwrap()));
+        // This machine's addresses as the kernel lists them apart from
+        // getifaddrs: IPv6 from /proc/net/if_inet6 (::1 wherever IPv6 is on),
+        // IPv4 from the source address of a UDP "connection" (none without
+        // a route).
+        let mut mine: Vec<IpAddr> = std::fs::read_to_string("/proc/net/if_inet6")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| u128::from_str_radix(l.split_whitespace().next()?, 16).ok())
+            .map(|v| IpAddr::V6(Ipv6Addr::from(v)))
+            .collect();
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        mine.extend(s.connect("192.0.2.1:9").ok().and_then(|_| s.local_addr().ok()).map(|a| a.ip()));
+        for ip in &mine {
+            assert!(is_local_address(*ip), "{ip} not found by getifaddrs");
+        }
         let peer: IpAddr = "127.0.0.1".parse().unwrap();
         let any = Hosts::new("b.example.org", &[], "0.0.0.0:80".parse().unwrap());
         let only = Hosts::new("b.example.org", &[], "203.0.113.253:80".parse().unwrap());
-        let lit = format!("{mine}:80");
-        assert_eq!(any.check(&[&lit], false, peer), Ok(()));
-        assert_eq!(only.check(&[&lit], false, peer), Err((421, "Misdirected Request")));
+        // Loopback literals are always this machine; a listen address is
+        // its own; any other address only for a wildcard listener, and only
+        // when it is local.
+        assert_eq!(any.check(&["127.0.0.1:80"], false, peer), Ok(()));
+        assert_eq!(only.check(&["127.0.0.1"], false, peer), Ok(()));
         assert_eq!(only.check(&["203.0.113.253"], false, peer), Ok(()));
         assert_eq!(any.check(&["203.0.113.254"], false, peer), Err((421, "Misdirected Request")));
+        assert_eq!(only.check(&["203.0.113.254"], false, peer), Err((421, "Misdirected Request")));
+        assert_eq!(any.check(&["[2001:db8::fe]"], false, peer), Err((421, "Misdirected Request")));
+        for ip in mine.iter().filter(|ip| !ip.is_loopback()) {
+            let lit = match ip {
+                IpAddr::V4(v4) => format!("{v4}:80"),
+                IpAddr::V6(v6) => format!("[{v6}]:80"),
+            };
+            assert_eq!(any.check(&[&lit], false, peer), Ok(()), "{lit}");
+            assert_eq!(only.check(&[&lit], false, peer), Err((421, "Misdirected Request")), "{lit}");
+        }
     }
 }

@@ -240,6 +240,9 @@ pub struct PageData<'a> {
     pub recipients_entries: u32,
     /// Why the last reload of the recipients list was refused (empty: none).
     pub recipients_kept: String,
+    /// No recipients list can be used: every recipient gets 451 4.3.0
+    /// (`recipients_kept` says why).
+    pub recipients_unusable: bool,
     pub client_limits: crate::clients::Limits,
     /// The last client a per-client limit refused, if recent.
     pub client_limited: Option<crate::clients::Limited>,
@@ -371,7 +374,11 @@ pub fn page(d: &PageData) -> String {
         }
         _ => {}
     }
-    if !d.recipients_kept.is_empty() {
+    if d.recipients_unusable {
+        o.push_str("<p class=\"alert\" id=\"recipients-unusable\">No usable recipients list: every recipient gets 451 4.3.0 (try again later) until the file is fixed: ");
+        html(&mut o, d.recipients_kept.strip_prefix("recipients list ").unwrap_or(&d.recipients_kept));
+        o.push_str(". Senders retry; no mail is refused for good. (An empty file is never taken: to refuse all mail for a domain, remove it from relay_domains.)</p>\n");
+    } else if !d.recipients_kept.is_empty() {
         o.push_str("<p class=\"warn\" id=\"recipients-kept\">Warning: the recipients list was not reloaded: ");
         html(&mut o, d.recipients_kept.strip_prefix("recipients list ").unwrap_or(&d.recipients_kept));
         let _ = writeln!(
@@ -511,6 +518,11 @@ pub fn page(d: &PageData) -> String {
             html(&mut o, p);
             o.push_str("</span>");
         }
+        (_, Some(p)) if d.recipients_unusable => {
+            o.push_str("<span class=\"bad\">no usable list: 451 to every recipient</span> <span class=\"mono\">");
+            html(&mut o, p);
+            o.push_str("</span>");
+        }
         (RecipientsList::Age(a), Some(p)) => {
             let stale = *a > d.recipients_max_age.as_secs();
             let _ = write!(
@@ -528,7 +540,7 @@ pub fn page(d: &PageData) -> String {
     let lim = &d.client_limits;
     let sessions = match lim.connections {
         0 => "no session limit".to_string(),
-        n => format!("{n} sessions"),
+        n => format!("{n} sessions (the last {} slots only for clients without one)", lim.reserve),
     };
     let queued = match lim.queued {
         0 => "no queue share".to_string(),

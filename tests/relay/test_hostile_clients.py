@@ -66,11 +66,13 @@ class HostileTest(unittest.TestCase):
             return False
         return any(t is self for t, _ in res.result.failures + res.result.errors)
 
-    def relay(self, extra="", status=True, **kw):
+    def relay(self, extra="", status=True, before_start=None, **kw):
         self.status_port = free_port() if status else None
         st = f'[status]\nlisten = "127.0.0.1:{self.status_port}"' if status else None
         r = Relay(extra=extra, status=st, **kw)
         self.relays.append(r)
+        if before_start:
+            before_start(r)
         self.start(r)
         if status:
             self.assertTrue(harness.wait_port(self.status_port), "status page did not start")
@@ -178,6 +180,31 @@ class Hogging(HostileTest):
         # Past max_connections, the global cap answers as before.
         self.assertIn("too many connections; try again later", self.client(r2).banner[1])
 
+    def test_three_hogs_cannot_starve_a_fourth(self):
+        """With a cap of half of max_connections per client, two addresses
+        held every slot. The last max(2, max_connections / 10) slots go only
+        to clients that hold no session yet. Postfix has no such reserve:
+        anvil only counts per client, and smtpd's process limit
+        (default_process_limit = 100) is shared by all clients; past it new
+        connections wait in the listen queue while master logs `service
+        "smtp" ... has reached its process limit`."""
+        r = self.relay(extra="max_connections = 10")
+        got = {}
+        for src in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            got[src] = 0
+            for _ in range(8):
+                c = self.client(r, source=src)
+                if c.banner[0] != 220:
+                    self.assertEqual(c.banner[1], f"421 4.7.0 {HOST} Error: too many connections from {src}")
+                    break
+                got[src] += 1
+        # 5 (the per-client cap), then 3 (the last 2 slots are kept), then 1.
+        self.assertEqual(got, {"127.0.0.2": 5, "127.0.0.3": 3, "127.0.0.4": 1})
+        code, text = self.send_one(r, source="127.0.0.5")
+        self.assertEqual(code, 250, text)
+        self.assertEqual(self.metric('bartleby_client_limit_refusals_total{limit="connections"}'), 3)
+        self.assertRegex(r.read_log(), r"warning: Connection concurrency limit exceeded: 4 from unknown\[127\.0\.0\.3\]")
+
     def test_many_distinct_addresses_keep_memory_bounded(self):
         """Connections from 3000 distinct addresses (the per-client table must
         not grow without bound: it evicts idle entries)."""
@@ -264,6 +291,87 @@ class Flooding(HostileTest):
         self.assertRegex(r.read_log(), r"warning: Message delivery request rate limit exceeded: 4 from unknown\[127\.0\.0\.1\]")
 
 
+class FloodLogging(HostileTest):
+    """Postfix logs every refusal: `Connection concurrency limit exceeded`
+    and `Message delivery request rate limit exceeded` once per refused
+    connection or MAIL. On the appliance the log is the serial console, and
+    one flooder in the 30-minute soak wrote 532,129 warning lines. Bartleby
+    logs at most one line per client and limit a minute (and for the global
+    limits, one a minute), then how many were not logged; the counters in
+    /metrics stay exact."""
+
+    def count(self, r, pattern):
+        return len(re.findall(pattern, r.read_log()))
+
+    def refused_banner(self, r, source=None):
+        c = Client(r.port, source=source)
+        try:
+            return c.banner[0]
+        finally:
+            c.close()
+
+    def test_connection_refusals_are_logged_once_a_minute(self):
+        r = self.relay(extra="max_connections = 4\nsmtpd_client_connection_count_limit = 1")
+        held = self.client(r)
+        self.assertEqual(held.banner[0], 220)
+        self.assertEqual([self.refused_banner(r) for _ in range(40)], [421] * 40)
+        self.assertEqual(self.metric('bartleby_client_limit_refusals_total{limit="connections"}'), 40)
+        self.assertEqual(self.count(r, r"Connection concurrency limit exceeded"), 1, r.read_log())
+        # Another client has its own line.
+        self.assertEqual(self.client(r, source="127.0.0.2").banner[0], 220)
+        self.assertEqual(self.refused_banner(r, "127.0.0.2"), 421)
+        self.assertEqual(self.count(r, r"Connection concurrency limit exceeded: 2 from unknown\[127\.0\.0\.2\]"), 1)
+        # When the client lets go, the log says how many were not logged.
+        held.close()
+        self.wait_log(r, r"warning: 127\.0\.0\.1: 39 more per-client limit refusals were not logged", 10)
+        # Past max_connections (no per-client limit): one line a minute too.
+        r2 = self.relay(extra="max_connections = 2\nsmtpd_client_connection_count_limit = 0", status=False)
+        hold = [self.client(r2) for _ in range(2)]
+        self.assertEqual([c.banner[0] for c in hold], [220, 220])
+        self.assertEqual([self.refused_banner(r2) for _ in range(30)], [421] * 30)
+        self.assertEqual(self.count(r2, r"too many connections"), 1, r2.read_log())
+
+    def test_mail_refusals_are_logged_once_a_minute(self):
+        r = self.relay(extra='smtpd_client_message_rate_limit = 2\nanvil_rate_time_unit = "1h"\nerror_limit = 100')
+        c = self.client(r)
+        c.cmd("EHLO x")
+        codes = []
+        for _ in range(32):
+            code = c.cmd("MAIL FROM:<a@sender.test>")[0]
+            codes.append(code)
+            if code == 250:
+                c.cmd("RSET")
+        self.assertEqual(codes, [250, 250] + [450] * 30)
+        self.assertEqual(self.metric('bartleby_client_limit_refusals_total{limit="rate"}'), 30)
+        self.assertEqual(self.count(r, r"Message delivery request rate limit exceeded"), 1, r.read_log())
+        # The queue share (2 of max_queue_messages = 8), and, with no share,
+        # the queue full: one line each, exact counters.
+        r = self.relay(extra="max_queue_messages = 8\nerror_limit = 100")
+        for _ in range(2):
+            self.assertEqual(self.send_one(r)[0], 250)
+        c = self.client(r)
+        c.cmd("EHLO x")
+        self.assertEqual([c.cmd("MAIL FROM:<a@sender.test>")[0] for _ in range(30)], [452] * 30)
+        self.assertEqual(self.metric('bartleby_client_limit_refusals_total{limit="queue_share"}'), 30)
+        self.assertEqual(self.count(r, r"Queue share limit exceeded"), 1, r.read_log())
+        r = self.relay(extra="max_queue_messages = 2\nsmtpd_client_queue_share = 0\nerror_limit = 100", status=False)
+        for _ in range(2):
+            self.assertEqual(self.send_one(r)[0], 250)
+        c = self.client(r)
+        c.cmd("EHLO x")
+
+        def full():
+            # The scheduler counts the queue a moment after the 250.
+            if c.cmd("MAIL FROM:<a@sender.test>")[0] == 452:
+                return True
+            c.cmd("RSET")
+            return False
+
+        self.assertTrue(wait_for(full, 10, 0.1))
+        self.assertEqual([c.cmd("MAIL FROM:<a@sender.test>")[0] for _ in range(30)], [452] * 30)
+        self.assertEqual(self.count(r, r"refusing mail: queue is full"), 1, r.read_log())
+
+
 class SlowDrip(HostileTest):
     """A client that sends DATA a byte at a time below min_data_rate is cut
     off with 421 once data_timeout plus its allowance has passed, and its slot
@@ -325,6 +433,128 @@ class RecipientsPush(HostileTest):
     def path(self, r):
         return os.path.join(r.dir, "recipients")
 
+    def rcpt_reply(self, r, addr):
+        c = self.client(r)
+        self.assertEqual(c.banner[0], 220, c.banner)
+        c.cmd("EHLO x")
+        c.cmd("MAIL FROM:<a@sender.test>")
+        reply = c.cmd(f"RCPT TO:<{addr}>")
+        c.cmd("QUIT")
+        c.close()
+        return reply
+
+    def put_list(self, r, lines):
+        """Replaces whatever is at the path by a good list, atomically."""
+        p = self.path(r)
+        with open(p + ".new", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        if os.path.isdir(p) and not os.path.islink(p):
+            os.rmdir(p)
+        os.rename(p + ".new", p)
+
+    def test_unusable_list_at_start_defers_until_a_good_one_arrives(self):
+        """Before: a 0-byte list at start (a push cut by a power failure) got
+        every recipient 550 5.1.1 until the next push; a list cut mid-line, a
+        FIFO, a directory or a file over 1 MiB made `serve` exit 75 (on the
+        appliance: reboot, the same file, reboot). Postfix answers a recipient
+        whose relay_recipient_maps lookup fails with `451 4.3.0 <addr>:
+        Temporary lookup failure` (smtpd_check.c, reject_dict_retry; a
+        texthash table that cannot be opened does that, checked in
+        PostfixAnchor): the sender retries later, nothing is refused for
+        good."""
+
+        def write(text):
+            def spoil(p):
+                with open(p, "w") as f:
+                    f.write(text)
+            return spoil
+
+        def replace(make):
+            def spoil(p):
+                os.remove(p)
+                make(p)
+            return spoil
+
+        def huge(p):
+            with open(p, "w") as f:
+                f.truncate(2 * 1024 * 1024)
+
+        cases = [
+            ("empty", write(""), "no entries"),
+            ("comments only", write("# nobody yet\n\n"), "no entries"),
+            ("cut mid-line", write("bob@example.org\ncarol@exam\ncar"), ":3: `car` is not user@domain"),
+            ("FIFO", replace(os.mkfifo), "not a regular file (a FIFO)"),
+            ("directory", replace(os.mkdir), "not a regular file (a directory)"),
+            ("over 1 MiB", huge, "larger than"),
+            ("missing", os.remove, "No such file"),
+        ]
+        for name, spoil, why in cases:
+            with self.subTest(name):
+                r = self.relay(recipients=self.USERS, before_start=lambda r: spoil(self.path(r)))
+                self.assertEqual(self.rcpt_reply(r, "bob@example.org"), (451, "451 4.3.0 <bob@example.org>: Temporary lookup failure"))
+                # Never an open relay meanwhile.
+                self.assertEqual(self.rcpt_reply(r, "bob@evil.test")[0], 550)
+                self.assertRegex(r.read_log(), rf"warning: recipients list .*{re.escape(why)}.*no usable list.*451 4\.3\.0")
+                self.assertEqual(self.metric("bartleby_recipients_list_usable"), 0)
+                self.assertRegex(self.http("/"), r'id="recipients-unusable"[^>]*>[^<]*451')
+                # `check` still calls it an error.
+                out = r.cli("check")
+                self.assertEqual(out.returncode, 78, out)
+                self.assertIn(why, out.stderr)
+                # The first good version is taken.
+                mark = len(r.read_log())
+                self.put_list(r, self.USERS)
+                self.wait_log(r, r"recipients list reloaded: 4 entries", 10, mark)
+                self.assertEqual(self.rcpt_reply(r, "bob@example.org")[0], 250)
+                self.assertEqual(self.rcpt_reply(r, "mallory@example.org")[0], 550)
+                self.assertEqual(self.metric("bartleby_recipients_list_usable"), 1)
+                self.assertNotIn('id="recipients-unusable"', self.http("/"))
+                r.cleanup()
+                r.logf.close()
+
+    def test_last_good_list_survives_a_restart_with_a_bad_file(self):
+        """The last list taken is kept in spool/recipients.last; at start, a
+        file that cannot be used, or that has shrunk by more than half, gives
+        way to it (the same guard as a reload while running)."""
+        r = self.relay(recipients=self.USERS)
+        last = os.path.join(r.spool, "recipients.last")
+        self.assertTrue(wait_for(lambda: os.path.exists(last), 5))
+        r.stop()
+        # Cut short while the relay was down.
+        with open(self.path(r), "w") as f:
+            f.write("bob@example.org\ncarol@exam\ncar")
+        mark = len(r.read_log())
+        self.start(r)
+        self.assertRegex(r.read_log()[mark:], r"warning: recipients list .*:3: .*using the last good list .*recipients\.last \(4 entries\)")
+        self.assertEqual(self.rcpt_reply(r, "erin@example.org")[0], 250)
+        self.assertEqual(self.rcpt_reply(r, "mallory@example.org")[0], 550)
+        self.assertEqual(self.metric("bartleby_recipients_entries"), 4)
+        self.assertEqual(self.metric("bartleby_recipients_list_kept"), 1)
+        self.assertEqual(self.metric("bartleby_recipients_list_usable"), 1)
+        self.assertRegex(self.http("/"), r'id="recipients-kept"[^>]*>[^<]*:3:')
+        # Shrunk by more than half while the relay was down.
+        r.stop()
+        with open(self.path(r), "w") as f:
+            f.write("bob@example.org\n")
+        mark = len(r.read_log())
+        self.start(r)
+        self.assertRegex(r.read_log()[mark:], r"warning: recipients list .*: 1 entries, fewer than half of the 4 .*using the last good list")
+        self.assertEqual(self.rcpt_reply(r, "erin@example.org")[0], 250)
+        # Not reread by the watcher a second later: one warning.
+        time.sleep(2.5)
+        self.assertEqual(len(re.findall("fewer than half", r.read_log()[mark:])), 1, r.read_log()[mark:])
+        # SIGHUP takes the file as it is, and it becomes the last good list.
+        r.proc.send_signal(signal.SIGHUP)
+        self.wait_log(r, r"recipients list reloaded: 1 entries", 10, mark)
+        self.assertEqual(self.rcpt_reply(r, "erin@example.org")[0], 550)
+        r.stop()
+        mark = len(r.read_log())
+        self.start(r)
+        self.assertNotIn("warning: recipients list", r.read_log()[mark:])
+        self.assertEqual(self.rcpt_reply(r, "erin@example.org")[0], 550)
+        self.assertEqual(self.rcpt_reply(r, "bob@example.org")[0], 250)
+        self.assertEqual(self.metric("bartleby_recipients_list_kept"), 0)
+
     def test_fifo_does_not_freeze_sessions(self):
         r = self.relay(recipients=self.USERS)
         self.assertEqual(self.rcpt(r, "bob@example.org"), 250)
@@ -356,7 +586,7 @@ class RecipientsPush(HostileTest):
         while time.time() < end and "keeping the previous list" not in r.read_log()[mark:]:
             self.assertEqual(self.rcpt(r, "bob@example.org"), 250)
             time.sleep(0.2)
-        self.wait_log(r, r"warning: recipients list .*: 0 entries.*4.*keeping the previous list", 1, mark)
+        self.wait_log(r, r"warning: recipients list .*: no entries .*keeping the previous list of 4 entries", 1, mark)
         self.assertEqual(self.rcpt(r, "bob@example.org"), 250)
         self.assertEqual(self.rcpt(r, "erin@example.org"), 250)
         self.assertEqual(self.metric("bartleby_recipients_entries"), 4)
@@ -462,6 +692,9 @@ class PostfixAnchor(HostileTest):
                 "smtpd_client_event_limit_exceptions =\n"
                 "smtpd_client_message_rate_limit = 3\n"
                 "anvil_rate_time_unit = 3600s\n"
+                # A recipient table that cannot be opened (a push that has
+                # not arrived): what does smtpd answer at RCPT?
+                f"relay_recipient_maps = texthash:{cls.base}/no-such-recipients\n"
             )
         cls.pf.start()
 
@@ -504,6 +737,14 @@ class PostfixAnchor(HostileTest):
 
         self.assertTrue(wait_for(lambda: b"pwn" in maillog(), 10))
         self.assertIn(b"<?]0;pwn?@evil.test>", maillog())
+
+    def test_postfix_defers_when_the_recipient_table_cannot_be_read(self):
+        # What Bartleby answers when no recipients list can be used.
+        c = self.pclient("127.0.0.5")
+        c.cmd("EHLO x")
+        c.cmd("MAIL FROM:<a@sender.test>")
+        self.assertEqual(c.cmd("RCPT TO:<bob@example.org>"), (451, "451 4.3.0 <bob@example.org>: Temporary lookup failure"))
+        self.assertEqual(c.cmd("RCPT TO:<bob@evil.test>")[0], 554)
 
 
 def main():
