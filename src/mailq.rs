@@ -38,7 +38,7 @@ pub fn print(spool: &Spool, out: &mut dyn Write) -> io::Result<()> {
         let sender = if m.env.sender.is_empty() { "MAILER-DAEMON" } else { &m.env.sender };
         writeln!(out, "{:<13} {:>8} {:<20} {}", m.env.id.as_str(), m.size, util::mailq_date(m.env.arrival), sender)?;
         if let Some(e) = &m.state_error {
-            writeln!(out, "{:>15}(delivery state unreadable, every recipient counts as pending: {})", "", cut(e, 200))?;
+            writeln!(out, "{:>15}(delivery state damaged, every recipient counts as pending: {})", "", cut(e, 200))?;
         }
         let mut last_err = "";
         for r in m.recipients.iter().filter(|r| r.status == RcptStatus::Pending) {

@@ -13,16 +13,46 @@
 //! The in-memory index holds only a few numbers per message; envelopes are
 //! read from the spool when a message is tried.
 //!
-//! When the spool cannot record an outcome (removing a delivered message or
-//! writing its state fails: a read-only, full or failing file system), the
-//! scheduler says so, naming the message that will be delivered again after
-//! a restart, and starts no new delivery until a probe finds the spool
-//! writable again: the duplicates a restart can cause are bounded by the
-//! deliveries in flight (`delivery_connections`). Postfix's qmgr, in the
-//! same spot, exits with "fatal: ... remove ...: Read-only file system" and
-//! is restarted by master later, with the same effect.
+//! Recording outcomes when the spool cannot be written. An outcome is
+//! recorded by removing the queue file (every recipient done: an unlink,
+//! which needs no space, even on a full ext4 or tmpfs) or by writing the
+//! delivery state (some recipients done: needs space; only a retry time:
+//! harmless to lose, the message is just tried sooner). So:
+//!
+//! * a removal fails (read-only, failing disk, EPERM): the scheduler says
+//!   so, naming the message that will be delivered again after a restart,
+//!   and starts no new delivery (*suspended*) until the write probe passes
+//!   in `queue/`: the duplicates a restart can cause are bounded by the
+//!   deliveries in flight (`delivery_connections`). Postfix's qmgr, in the
+//!   same spot, exits with "fatal: ... remove ...: Read-only file system"
+//!   and is restarted by master later, with the same effect;
+//! * a state write fails for lack of space (ENOSPC, EDQUOT), or the probe
+//!   passes in `queue/` but not in `state/`, or fails in `queue/` for lack
+//!   of space: *removals only*. Only messages with one recipient left are
+//!   delivered: their outcome is a removal (or a retry time), so they drain
+//!   a full spool and free its space. A message with more recipients left
+//!   waits ("held"): delivered in part, it would need a state write, and a
+//!   restart before that is written would deliver to those recipients
+//!   again. Duplicates thus stay bounded by the deliveries in flight when
+//!   the failure was seen, and the spool still drains;
+//! * a state write after a partial delivery fails for another reason
+//!   (read-only, EIO, EPERM): suspended, as for a removal, until the probe
+//!   tells more;
+//! * only a retry time cannot be written: kept in memory (lost in a
+//!   restart, it only means an earlier try); no delivery stops for it, the
+//!   probe it asks for decides;
+//! * a probe (create, write, sync, remove a file; sync the directory, in
+//!   `incoming/`, `queue/` and `state/`) runs on a blocking thread with a
+//!   timeout, driven beside the scheduler's loop (never behind it), so
+//!   neither a queue run nor a hanging disk delays it or stalls the SMTP
+//!   sessions: at once after a write failure (at
+//!   most one a second), then every 10 s while it fails. When it passes,
+//!   the outcomes not yet recorded are written, held messages and any flush
+//!   asked for meanwhile run, and MAIL is accepted again.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,9 +76,13 @@ enum Attempt {
     Done(Box<QueuedMessage>, Outcome, String, tokio::sync::oneshot::Sender<()>),
     /// The message left the queue meanwhile.
     Gone(QueueId),
-    /// Its queue file could not be read (I/O error, permissions): it is
-    /// left alone until a later run instead of being retried at once.
+    /// Its queue file or delivery state could not be read (I/O error,
+    /// permissions): it is left alone until a later run instead of being
+    /// retried at once.
     Unreadable(QueueId, std::io::Error),
+    /// Not tried: more than one recipient left while the spool can record
+    /// only removals (see [`Recording::RemovalsOnly`]).
+    Held(QueueId),
 }
 
 /// One connection's worth of deliveries: takes due messages from the shared
@@ -61,6 +95,7 @@ async fn worker(
     tx: tokio::sync::mpsc::UnboundedSender<Attempt>,
     conn: Option<Connection>,
     shutdown: watch::Receiver<bool>,
+    single_only: Arc<AtomicBool>,
 ) {
     let mut conn = match conn {
         Some(c) => c,
@@ -84,6 +119,10 @@ async fn worker(
                 continue;
             }
         };
+        if single_only.load(Ordering::SeqCst) && msg.pending().nth(1).is_some() {
+            let _ = tx.send(Attempt::Held(id));
+            continue;
+        }
         let outcome = conn.deliver(&spool, &msg).await;
         let relay = conn.relay.clone();
         let reusable = outcome.reusable;
@@ -94,8 +133,15 @@ async fn worker(
             // The connection broke, or stopped mid-message: close it without
             // QUIT (in DATA, a QUIT would be message text and its wait for a
             // reply would time out), which makes the primary discard any
-            // half-sent message. One new try, else leave the rest to others.
+            // half-sent message. One new try, else leave the rest to others;
+            // none when nothing is left (the list is done, or was emptied
+            // because the spool cannot record) or the server stops: against
+            // a hostile primary a new connection can cost connect_timeout +
+            // 2 x delivery_timeout, all that time holding up the run.
             drop(conn);
+            if *shutdown.borrow() || queue.lock().map_or(true, |q| q.is_empty()) {
+                return;
+            }
             match Connection::open(&cfg).await {
                 Ok(c) => conn = c,
                 Err(e) => {
@@ -114,8 +160,116 @@ struct Entry {
     size: u64,
 }
 
-/// How often a spool that could not record an outcome is probed.
+/// How often a spool that could not be written is probed.
 const PROBE_INTERVAL: Duration = Duration::from_secs(10);
+/// At least this long between two probes, however many writes fail.
+const PROBE_GAP: Duration = Duration::from_secs(1);
+/// A probe that takes longer counts as failed (a disk whose fsync hangs):
+/// it keeps its blocking thread, and no other probe starts before it ends.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How far the spool can record delivery outcomes (see the module doc).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Recording {
+    Ok,
+    /// Removals work, delivery states cannot be written (why): only
+    /// messages with one recipient left are delivered.
+    RemovalsOnly(String),
+    /// Removals fail (why): no delivery starts.
+    Suspended(String),
+}
+
+/// What a write probe found, for each of [`crate::spool::PROBED`]: the
+/// error's kind and text where it failed.
+#[derive(Debug, Default)]
+struct Probe {
+    dirs: [Option<(io::ErrorKind, String)>; 3],
+    /// `Stats::spool_failures` when it began: it vouches for the spool only
+    /// if no write failed since.
+    failures: u32,
+}
+
+/// No space (ENOSPC) or no quota (EDQUOT): the file system works, it is
+/// full. An unlink still works then.
+fn is_full(kind: io::ErrorKind) -> bool {
+    matches!(kind, io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
+}
+
+/// What a probe's results for `queue/` and `state/` make of the spool's
+/// recording (`None`: no change). Only a probe that passed in `queue/`, and
+/// began after the latest failure (`fresh`), lifts a suspension; a full
+/// `queue/` means removals only, unless removals were seen to fail.
+fn verdict(suspended: bool, queue: Option<(io::ErrorKind, String)>, state: Option<(io::ErrorKind, String)>, fresh: bool) -> Option<Recording> {
+    match (queue, state) {
+        (None, None) if fresh => Some(Recording::Ok),
+        (None, Some((_, why))) if fresh || !suspended => Some(Recording::RemovalsOnly(why)),
+        (None, _) => None,
+        (Some((kind, why)), _) if is_full(kind) => (!suspended).then_some(Recording::RemovalsOnly(why)),
+        (Some((_, why)), _) => Some(Recording::Suspended(why)),
+    }
+}
+
+/// The write probe's task: probes the spool when a write failed (at once,
+/// at most one every [`PROBE_GAP`]) and every [`PROBE_INTERVAL`] while
+/// `Stats::spool_unwritable` is set; clears it when every directory passes
+/// and no write failed meanwhile; tells the scheduler every result. Polled
+/// beside the scheduler's loop (`tokio::join!`), never behind it, so a
+/// queue run in progress (which can last long against a silent primary)
+/// never delays it; the probe itself runs on a blocking thread, so a
+/// hanging disk never stalls the runtime.
+async fn prober(spool: Spool, stats: Arc<Stats>, tx: watch::Sender<Probe>, mut shutdown: watch::Receiver<bool>) {
+    let mut hung: Option<tokio::task::JoinHandle<[io::Result<()>; 3]>> = None;
+    let mut last: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = stats.spool_probe.notified() => {}
+            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            break;
+        }
+        if !stats.spool_unwritable.load(Ordering::SeqCst) {
+            continue;
+        }
+        if let Some(t) = last {
+            tokio::select! {
+                _ = tokio::time::sleep_until(t + PROBE_GAP) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        last = Some(tokio::time::Instant::now());
+        let failures = stats.spool_failures.load(Ordering::SeqCst);
+        let dirs = probe_off_runtime(&spool, &mut hung).await;
+        if dirs.iter().all(Option::is_none) && stats.spool_failures.load(Ordering::SeqCst) == failures {
+            stats.spool_unwritable.store(false, Ordering::SeqCst);
+        } else if let Some((_, e)) = dirs.iter().flatten().next() {
+            log::debug!(target: QMGR, "spool {} not writable yet: {e}", spool.root().display());
+        }
+        tx.send_replace(Probe { dirs, failures });
+    }
+}
+
+/// Runs [`Spool::probe`] on a blocking thread, waiting at most
+/// [`PROBE_TIMEOUT`]. A probe that has not returned is kept in `hung` and
+/// counts as failed until it does: at most one probe thread at a time.
+async fn probe_off_runtime(spool: &Spool, hung: &mut Option<tokio::task::JoinHandle<[io::Result<()>; 3]>>) -> [Option<(io::ErrorKind, String)>; 3] {
+    let failed = |why: String| std::array::from_fn(|_| Some((io::ErrorKind::TimedOut, why.clone())));
+    if hung.as_ref().is_some_and(|h| !h.is_finished()) {
+        return failed(format!("spool {}: the last write probe has not returned yet", spool.root().display()));
+    }
+    *hung = None;
+    let sp = spool.clone();
+    let mut h = tokio::task::spawn_blocking(move || sp.probe());
+    match tokio::time::timeout(PROBE_TIMEOUT, &mut h).await {
+        Ok(Ok(res)) => res.map(|r| r.err().map(|e| (e.kind(), e.to_string()))),
+        Ok(Err(e)) => failed(format!("spool {}: write probe failed: {e}", spool.root().display())),
+        Err(_) => {
+            *hung = Some(h);
+            failed(format!("spool {}: write probe took more than {}s", spool.root().display(), PROBE_TIMEOUT.as_secs()))
+        }
+    }
+}
 
 /// A delivery outcome the spool could not record yet. The message is out of
 /// `entries` meanwhile: never delivered again within this server's life.
@@ -139,16 +293,30 @@ pub struct Scheduler {
     /// Why the primary could not be reached on the last try.
     down_reply: Option<Reply>,
     last_full_run: u64,
-    /// Set (with the error) when the spool could not record an outcome:
-    /// no delivery starts until [`Scheduler::writable`] clears it.
-    broken: Option<String>,
+    /// What the spool can record now.
+    recording: Recording,
     /// Outcomes still to record, retried when the spool is writable again.
-    /// Bounded: deliveries stop at the first failure, so each failure adds
-    /// at most the deliveries then in flight.
+    /// Bounded: at the first failure, deliveries stop (or those that could
+    /// leave such an outcome do), so each failure adds at most the
+    /// deliveries then in flight.
     unrecorded: BTreeMap<QueueId, Unrecorded>,
-    /// The work list of the queue run in progress, so that a failure to
-    /// record can stop it.
-    current: Option<Arc<Mutex<VecDeque<QueueId>>>>,
+    /// The work list of the queue run in progress and whether it is a full
+    /// run, so that a failure to record can stop it.
+    current: Option<(Arc<Mutex<VecDeque<QueueId>>>, bool)>,
+    /// Messages with more than one recipient left, held back while the
+    /// spool records only removals (empty otherwise).
+    held: BTreeSet<QueueId>,
+    /// Workers deliver only messages with one recipient left (set unless
+    /// the spool records everything).
+    single_only: Arc<AtomicBool>,
+    /// A full queue run is owed: a flush asked for while deliveries were
+    /// suspended, a full run the suspension cut short, or messages held
+    /// back; it runs as soon as the spool allows.
+    owed_run: bool,
+    /// The write probe's results (see [`prober`]), and its sender until
+    /// the prober starts.
+    probes: watch::Receiver<Probe>,
+    probe_tx: Option<watch::Sender<Probe>>,
 }
 
 /// The delay before attempt `attempts + 1`.
@@ -160,6 +328,7 @@ pub fn backoff(cfg: &Config, attempts: u32) -> Duration {
 
 impl Scheduler {
     pub fn new(cfg: Arc<Config>, spool: Spool, stats: Arc<Stats>, committer: Committer, rx: UnboundedReceiver<(QueueId, u64)>) -> Scheduler {
+        let (probe_tx, probes) = watch::channel(Probe::default());
         Scheduler {
             cfg,
             spool,
@@ -170,10 +339,19 @@ impl Scheduler {
             dead_until: 0,
             down_reply: None,
             last_full_run: util::now(),
-            broken: None,
+            recording: Recording::Ok,
             unrecorded: BTreeMap::new(),
             current: None,
+            held: BTreeSet::new(),
+            single_only: Arc::new(AtomicBool::new(false)),
+            owed_run: false,
+            probes,
+            probe_tx: Some(probe_tx),
         }
+    }
+
+    fn suspended(&self) -> bool {
+        matches!(self.recording, Recording::Suspended(_))
     }
 
     /// Indexes what is already in the spool (after a restart).
@@ -219,22 +397,40 @@ impl Scheduler {
     }
 
     /// Runs until `shutdown` turns true.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(mut self, shutdown: watch::Receiver<bool>) {
         self.load();
+        // The prober runs beside the scheduler's own loop (polled in the
+        // same task, but never waiting for it: a queue run in progress does
+        // not hold it up). Both end at shutdown.
+        match self.probe_tx.take() {
+            Some(tx) => {
+                let probe = prober(self.spool.clone(), self.stats.clone(), tx, shutdown.clone());
+                tokio::join!(self.schedule(shutdown), probe);
+            }
+            None => self.schedule(shutdown).await,
+        }
+        log::info!(target: QMGR, "scheduler stopped");
+    }
+
+    async fn schedule(&mut self, mut shutdown: watch::Receiver<bool>) {
         let stats = self.stats.clone();
         loop {
             if *shutdown.borrow() {
                 break;
             }
+            if self.owed_run && !self.suspended() {
+                self.owed_run = false;
+                log::info!(target: QMGR, "queue run (owed: asked for, or held back, while the spool could not record delivery results)");
+                self.run_queue(true, &shutdown).await;
+                continue;
+            }
             let now = util::now();
             let interval = self.cfg.queue_run_interval.as_secs();
             let full_at = self.last_full_run + interval;
-            let due_at = self.entries.values().map(|e| e.next).min().unwrap_or(u64::MAX).min(full_at);
-            let mut wait = Duration::from_secs(due_at.saturating_sub(now)).min(self.cfg.queue_run_interval);
-            if self.broken.is_some() {
-                // Due messages wait for the spool, not in a loop of failed probes.
-                wait = PROBE_INTERVAL;
-            }
+            let due_at = self.entries.iter().filter(|(id, _)| !self.held.contains(*id)).map(|(_, e)| e.next).min().unwrap_or(u64::MAX).min(full_at);
+            let wait = Duration::from_secs(due_at.saturating_sub(now)).min(self.cfg.queue_run_interval);
+            // Suspended: due messages wait for the probe's verdict.
+            let may_run = !self.suspended();
             tokio::select! {
                 id = self.rx.recv() => {
                     let Some((id, size)) = id else { break };
@@ -245,37 +441,29 @@ impl Scheduler {
                     self.publish();
                 }
                 _ = stats.flush.notified() => {
-                    log::info!(target: QMGR, "queue run requested (flush)");
-                    if self.writable() {
-                        self.run_queue(true, &shutdown).await;
-                    } else {
+                    if let Recording::Suspended(why) = &self.recording {
                         log::warn!(
                             target: QMGR,
-                            "warning: queue run skipped: the spool still cannot record delivery results ({})",
-                            self.broken.as_deref().unwrap_or("")
+                            "warning: queue run requested (flush): deferred until the spool can record delivery results again ({why})"
                         );
+                        self.owed_run = true;
+                    } else {
+                        log::info!(target: QMGR, "queue run requested (flush)");
+                        self.run_queue(true, &shutdown).await;
                     }
                 }
-                _ = tokio::time::sleep(wait) => {
-                    if self.writable() {
-                        let full = util::now() >= full_at;
-                        self.run_queue(full, &shutdown).await;
-                    }
+                _ = tokio::time::sleep(wait), if may_run => {
+                    let full = util::now() >= full_at;
+                    self.run_queue(full, &shutdown).await;
                 }
-                _ = stats.spool_probe.notified() => {
-                    // A session could not store a message: is the spool at
-                    // fault (read-only, failing), or was it that one file?
-                    if self.broken.is_none() {
-                        match self.spool.probe_writable() {
-                            Ok(()) => stats.spool_unwritable.store(false, std::sync::atomic::Ordering::Relaxed),
-                            Err(e) => self.suspend(&e),
-                        }
+                changed = self.probes.changed() => {
+                    if changed.is_ok() {
+                        self.on_probe();
                     }
                 }
                 _ = shutdown.changed() => {}
             }
         }
-        log::info!(target: QMGR, "scheduler stopped");
     }
 
     /// Tries every due message (all of them when `full`), over up to
@@ -283,10 +471,11 @@ impl Scheduler {
     /// deliver; every outcome comes back here to be recorded, so the queue
     /// state has a single writer.
     async fn run_queue(&mut self, full: bool, shutdown: &watch::Receiver<bool>) {
-        if !self.unrecorded.is_empty() {
-            self.record_pending();
+        if !self.unrecorded.is_empty() && self.recording == Recording::Ok {
+            self.record_pending(false);
         }
-        if self.broken.is_some() {
+        if self.suspended() {
+            self.owed_run |= full;
             return;
         }
         let now = util::now();
@@ -295,7 +484,12 @@ impl Scheduler {
             self.dead_until = 0;
             self.publish();
         }
-        let due: VecDeque<QueueId> = self.entries.iter().filter(|(_, e)| full || e.next <= now).map(|(id, _)| id.clone()).collect();
+        let due: VecDeque<QueueId> = self
+            .entries
+            .iter()
+            .filter(|(id, e)| (full || e.next <= now) && !self.held.contains(*id))
+            .map(|(id, _)| id.clone())
+            .collect();
         if due.is_empty() {
             return;
         }
@@ -308,7 +502,7 @@ impl Scheduler {
             Err(e) => {
                 self.primary_down(&e.reply);
                 for id in due {
-                    if self.broken.is_some() {
+                    if self.suspended() {
                         break;
                     }
                     self.defer_unreached(&id, &e.reply).await;
@@ -319,7 +513,7 @@ impl Scheduler {
         };
         let workers = self.cfg.delivery_connections.clamp(1, due.len());
         let queue = Arc::new(Mutex::new(due));
-        self.current = Some(queue.clone());
+        self.current = Some((queue.clone(), full));
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let mut first = Some(first);
         for _ in 0..workers {
@@ -330,10 +524,23 @@ impl Scheduler {
                 tx.clone(),
                 first.take(),
                 shutdown.clone(),
+                self.single_only.clone(),
             ));
         }
         drop(tx);
-        while let Some(r) = rx.recv().await {
+        loop {
+            // The probe's verdicts count during the run too: a spool found
+            // unable to record stops it, or restricts it to single messages.
+            let r = tokio::select! {
+                r = rx.recv() => r,
+                changed = self.probes.changed() => {
+                    if changed.is_ok() {
+                        self.on_probe();
+                    }
+                    continue;
+                }
+            };
+            let Some(r) = r else { break };
             match r {
                 Attempt::Done(msg, outcome, relay, recorded) => {
                     self.apply(&msg, outcome, &relay).await;
@@ -343,15 +550,23 @@ impl Scheduler {
                     self.entries.remove(&id);
                 }
                 Attempt::Unreadable(id, e) => self.unreadable(id, &e),
+                Attempt::Held(id) => {
+                    if self.entries.contains_key(&id) && self.held.insert(id.clone()) {
+                        log::info!(
+                            target: QMGR,
+                            "{id}: held: more than one recipient left, and the spool cannot record a partial delivery now; tried once it can"
+                        );
+                    }
+                }
             }
         }
         self.current = None;
         // Messages no worker could take (every connection failed): they wait.
         let left: Vec<QueueId> = queue.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
-        if !left.is_empty() && !*shutdown.borrow() && self.broken.is_none() {
+        if !left.is_empty() && !*shutdown.borrow() && !self.suspended() {
             let reply = self.down_reply.clone().unwrap_or_else(|| Reply::local(421, "4.4.2 lost connection with the primary"));
             for id in left {
-                if self.broken.is_some() {
+                if self.suspended() {
                     break;
                 }
                 self.defer_unreached(&id, &reply).await;
@@ -378,57 +593,119 @@ impl Scheduler {
     /// again before `minimal_backoff` has passed. Left due, it would make the
     /// scheduler loop at once into another run that fails the same way.
     fn unreadable(&mut self, id: QueueId, e: &std::io::Error) {
-        log::error!(target: QMGR, "error: {id}: cannot read queue file: {e}; next try in {}s", self.cfg.minimal_backoff.as_secs().max(1));
+        log::error!(
+            target: QMGR,
+            "error: {id}: cannot read queue file or delivery state: {e}; next try in {}s",
+            self.cfg.minimal_backoff.as_secs().max(1)
+        );
         let next = util::now().saturating_add(self.cfg.minimal_backoff.as_secs().max(1));
         self.entries.entry(id).or_insert(Entry { next, size: 0 }).next = next;
     }
 
-    /// The spool could not record something: the queue run in progress
-    /// starts no further delivery (those in flight finish; their outcomes
-    /// may not be recorded either: at most `delivery_connections - 1` more),
-    /// and none starts until [`Scheduler::writable`] finds the spool
-    /// writable again. MAIL gets 452 meanwhile.
-    fn suspend(&mut self, e: &std::io::Error) {
-        if let Some(q) = &self.current
+    /// A removal failed, or the probe failed in `queue/` for another reason
+    /// than a full file system: the queue run in progress starts no further
+    /// delivery (those in flight finish; their outcomes may not be recorded
+    /// either: at most `delivery_connections - 1` more), and none starts
+    /// until the probe passes in `queue/` again. MAIL gets 452 meanwhile.
+    fn suspend(&mut self, why: String) {
+        if let Some((q, full)) = &self.current
             && let Ok(mut q) = q.lock()
         {
+            // A full run cut short is owed; the due messages of another
+            // run stay due.
+            self.owed_run |= *full && !q.is_empty();
             q.clear();
         }
-        if self.broken.is_none() {
+        self.single_only.store(true, Ordering::SeqCst);
+        self.stats.spool_removals_only.store(false, Ordering::Relaxed);
+        if !self.suspended() {
             log::warn!(
                 target: QMGR,
-                "warning: spool {} cannot record delivery results ({e}): no new deliveries until it is writable again (checked every {}s)",
+                "warning: spool {} cannot record delivery results ({why}): no new deliveries until it is writable again (checked every {}s)",
                 self.spool.root().display(),
                 PROBE_INTERVAL.as_secs()
             );
-            self.stats.spool_unwritable.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.stats.spool_write_failed();
         }
-        self.broken = Some(e.to_string());
+        self.recording = Recording::Suspended(why);
     }
 
-    /// True when deliveries may start: at once if nothing failed, else
-    /// when a probe (create, sync, remove a file in `state/` and `queue/`)
-    /// finds the spool writable again.
-    fn writable(&mut self) -> bool {
-        if self.broken.is_none() {
-            return true;
+    /// Removals work but delivery states cannot be written (a state write
+    /// failed for lack of space, or the probe failed in `state/`, or in
+    /// `queue/` for lack of space): only messages with one recipient left
+    /// are delivered, the others are held until the spool records
+    /// everything again. From a suspension, only on a probe that passed in
+    /// `queue/`.
+    fn removals_only(&mut self, why: String) {
+        match self.recording {
+            Recording::Ok => {
+                log::warn!(
+                    target: QMGR,
+                    "warning: spool {} cannot record delivery states ({why}): only messages with one recipient left are delivered (a removal records their outcome, and frees space); the others wait until it can (checked every {}s)",
+                    self.spool.root().display(),
+                    PROBE_INTERVAL.as_secs()
+                );
+                self.stats.spool_write_failed();
+            }
+            Recording::Suspended(_) => {
+                log::info!(
+                    target: QMGR,
+                    "spool {} can record removals again, not yet delivery states ({why}): messages with one recipient left are delivered",
+                    self.spool.root().display()
+                );
+                self.recording = Recording::RemovalsOnly(why.clone());
+                self.record_pending(true);
+            }
+            Recording::RemovalsOnly(_) => {}
         }
-        if let Err(e) = self.spool.probe_writable() {
-            log::debug!(target: QMGR, "spool still not writable: {e}");
-            self.broken = Some(e.to_string());
-            return false;
+        self.single_only.store(true, Ordering::SeqCst);
+        self.stats.spool_removals_only.store(true, Ordering::Relaxed);
+        self.recording = Recording::RemovalsOnly(why);
+    }
+
+    /// The probe passed in `queue/` and `state/`, and no write failed since
+    /// it began: the outcomes not yet recorded are written, and deliveries
+    /// resume; held messages and a flush asked for meanwhile are owed a run.
+    fn resume(&mut self) {
+        if self.recording == Recording::Ok {
+            return;
         }
         log::info!(target: QMGR, "spool {} is writable again: deliveries resume", self.spool.root().display());
-        self.broken = None;
-        self.stats.spool_unwritable.store(false, std::sync::atomic::Ordering::Relaxed);
-        true
+        self.recording = Recording::Ok;
+        self.single_only.store(false, Ordering::SeqCst);
+        self.stats.spool_removals_only.store(false, Ordering::Relaxed);
+        if !self.held.is_empty() {
+            self.held.clear();
+            self.owed_run = true;
+        }
+        self.record_pending(false);
     }
 
-    /// Records the outcomes that could not be recorded before. A failure
-    /// now (right after a successful probe: a problem of that one file) is
-    /// logged and kept for the next run; the message stays out of the queue
-    /// runs until its outcome is on disk.
-    fn record_pending(&mut self) {
+    /// Acts on the write probe's latest result.
+    fn on_probe(&mut self) {
+        let (dirs, failures) = {
+            let p = self.probes.borrow_and_update();
+            (p.dirs.clone(), p.failures)
+        };
+        // A result from before the latest failure cannot lift anything.
+        let fresh = failures == self.stats.spool_failures.load(Ordering::SeqCst);
+        let [_incoming, queue, state] = dirs;
+        match verdict(self.suspended(), queue, state, fresh) {
+            Some(Recording::Ok) => self.resume(),
+            Some(Recording::RemovalsOnly(why)) => self.removals_only(why),
+            Some(Recording::Suspended(why)) => self.suspend(why),
+            None => {}
+        }
+    }
+
+    /// Records the outcomes that could not be recorded before (only the
+    /// removals, if `removals_only`). A failure now (right after a
+    /// successful probe: a problem of that one file) is logged and kept for
+    /// the next run; the message stays out of the queue runs until its
+    /// outcome is on disk. Blocking file I/O on the runtime (an unlink, a
+    /// state write and its fsync), as recording every outcome is; it runs
+    /// right after the probe found the spool writable.
+    fn record_pending(&mut self, removals_only: bool) {
         for (id, u) in std::mem::take(&mut self.unrecorded) {
             match u {
                 Unrecorded::Remove => match self.spool.remove(&id) {
@@ -439,6 +716,9 @@ impl Scheduler {
                         self.unrecorded.insert(id, Unrecorded::Remove);
                     }
                 },
+                Unrecorded::State(state, size) if removals_only => {
+                    self.unrecorded.insert(id, Unrecorded::State(state, size));
+                }
                 Unrecorded::State(state, size) => match self.spool.write_state(&id, &state, true) {
                     Ok(()) => {
                         log::info!(target: QMGR, "{id}: delivery state recorded (late: the spool is writable again)");
@@ -452,6 +732,7 @@ impl Scheduler {
             }
         }
         self.note_unrecorded();
+        self.publish();
     }
 
     fn note_unrecorded(&self) {
@@ -587,7 +868,7 @@ impl Scheduler {
                     );
                     self.unrecorded.insert(id.clone(), Unrecorded::Remove);
                     self.note_unrecorded();
-                    self.suspend(&e);
+                    self.suspend(e.to_string());
                 }
             }
             if state.done.iter().any(|(_, s, _)| *s == RcptStatus::Sent) {
@@ -603,6 +884,15 @@ impl Scheduler {
             state.last_error = r.text.clone();
         }
         state.errors = deferred.iter().map(|(a, r)| (a.clone(), r.text.clone())).collect();
+        if !newly_done && self.recording != Recording::Ok {
+            // Only a retry time, and the spool cannot write states now (a
+            // full disk): kept in memory, not tried (it would fail, once per
+            // message and run). Lost in a restart, it only means an earlier try.
+            if let Some(en) = self.entries.get_mut(id) {
+                en.next = state.next_attempt;
+            }
+            return;
+        }
         if let Err(e) = self.spool.write_state(id, &state, newly_done) {
             if newly_done {
                 log::error!(
@@ -616,13 +906,30 @@ impl Scheduler {
                 self.note_unrecorded();
                 self.publish();
             } else {
-                // Only the retry time is lost; keep it in memory.
-                log::error!(target: QMGR, "error: {id}: cannot write delivery state: {e}");
+                // Only the retry time is lost (the message is tried sooner
+                // after a restart, no duplicate): keep it in memory, and
+                // stop no delivery for it.
+                log::error!(target: QMGR, "error: {id}: cannot write delivery state: {e}; its next try time is kept in memory");
                 if let Some(en) = self.entries.get_mut(id) {
                     en.next = state.next_attempt;
                 }
             }
-            self.suspend(&e);
+            if is_full(e.kind()) {
+                // A full file system still unlinks: deliveries recorded by a
+                // removal go on (and free space); the others wait.
+                self.removals_only(e.to_string());
+            } else if newly_done {
+                // Read-only, failing, EPERM: removals may fail as well.
+                // Suspended until the probe tells (it relaxes this to
+                // removals only if queue/ passes, e.g. only state/ is
+                // unwritable), so duplicates stay bounded by the deliveries
+                // in flight now.
+                self.suspend(e.to_string());
+            } else {
+                // Only a retry time: no reason to stop anything; the probe
+                // this asks for decides whether deliveries must stop.
+                self.stats.spool_write_failed();
+            }
             return;
         }
         if let Some(e) = self.entries.get_mut(id) {
@@ -645,5 +952,35 @@ mod tests {
         let secs: Vec<u64> = (1..=6).map(|a| backoff(&cfg, a).as_secs()).collect();
         assert_eq!(secs, vec![300, 600, 1200, 2400, 3600, 3600]);
         assert_eq!(backoff(&cfg, 1000).as_secs(), 3600);
+    }
+
+    /// The probe's decision table: a full spool drains (removals only), a
+    /// suspension is lifted only by a fresh probe that passed in queue/.
+    #[test]
+    fn probe_verdicts() {
+        use io::ErrorKind::{PermissionDenied, ReadOnlyFilesystem, StorageFull};
+        let e = |k| Some((k, "why".to_string()));
+        let only = Some(Recording::RemovalsOnly("why".into()));
+        let susp = Some(Recording::Suspended("why".into()));
+        for suspended in [false, true] {
+            assert_eq!(verdict(suspended, None, None, true), Some(Recording::Ok));
+            assert_eq!(verdict(suspended, None, None, false), None, "a stale pass lifts nothing");
+            assert_eq!(verdict(suspended, e(ReadOnlyFilesystem), None, true), susp);
+            assert_eq!(verdict(suspended, e(ReadOnlyFilesystem), e(ReadOnlyFilesystem), false), susp);
+            // Only state/ fails: removals proven to work.
+            assert_eq!(verdict(suspended, None, e(PermissionDenied), true), only);
+        }
+        // Full: removals only, but a removal that failed keeps its suspension.
+        assert_eq!(verdict(false, e(StorageFull), e(StorageFull), true), only);
+        assert_eq!(verdict(true, e(StorageFull), e(StorageFull), true), None);
+        assert_eq!(verdict(false, e(io::ErrorKind::QuotaExceeded), None, false), only);
+        // A stale probe that passed in queue/ does not lift a suspension.
+        assert_eq!(verdict(true, None, e(PermissionDenied), false), None);
+        assert_eq!(verdict(false, None, e(PermissionDenied), false), only);
+        // ENOSPC and EDQUOT are "full"; EROFS and EIO are not.
+        assert!(is_full(io::Error::from_raw_os_error(libc::ENOSPC).kind()));
+        assert!(is_full(io::Error::from_raw_os_error(libc::EDQUOT).kind()));
+        assert!(!is_full(io::Error::from_raw_os_error(libc::EROFS).kind()));
+        assert!(!is_full(io::Error::from_raw_os_error(libc::EIO).kind()));
     }
 }

@@ -55,8 +55,12 @@ const MAX_HEADER_LINE: usize = 1024;
 const MAX_STATE: u64 = 4 << 20;
 /// The spool's subdirectories.
 const SUBDIRS: [&str; 4] = ["incoming", "queue", "state", "corrupt"];
-/// Name of the file [`Spool::probe_writable`] creates (never a queue ID).
+/// Name of the file [`Spool::probe`] creates (never a queue ID).
 const PROBE: &str = "write-test.tmp";
+/// The directories [`Spool::probe`] writes in: what sessions (`incoming/`,
+/// `queue/`), outcomes (`state/`, removals in `queue/`) and bounces (all
+/// three) need.
+pub const PROBED: [&str; 3] = ["incoming", "queue", "state"];
 
 /// The envelope of a message, as received.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -113,9 +117,12 @@ pub struct QueuedMessage {
     pub size: u64,
     pub state: DeliveryState,
     pub recipients: Vec<Recipient>,
-    /// Why `state/ID` could not be used, if so. The message is then taken as
-    /// never tried: every recipient pending (at worst one gets it twice,
-    /// never none), and the scheduler moves the bad file to `corrupt/`.
+    /// Why `state/ID` is damaged, if it is (not UTF-8, bad syntax, not a
+    /// regular file). The message is then taken as never tried: every
+    /// recipient pending (at worst one gets it twice, never none), and the
+    /// scheduler moves the bad file to `corrupt/`. A state that cannot be
+    /// read for a passing reason (EACCES, EIO, EMFILE) is not damaged: the
+    /// whole message is unreadable then (see [`Spool::read`]).
     pub state_error: Option<String>,
 }
 
@@ -141,8 +148,9 @@ pub struct Recovery {
     /// Entries moved to `corrupt/` that were not damaged queue files
     /// (directories, FIFOs, symlinks, damaged delivery states).
     pub quarantined: usize,
-    /// Queue files left in place because they could not be read (EACCES,
-    /// EIO): they are tried again later, never moved or deleted.
+    /// Queue files, or delivery states, left in place because they could
+    /// not be read (EACCES, EIO): their messages are tried again later;
+    /// never moved or deleted.
     pub unreadable: usize,
 }
 
@@ -325,14 +333,21 @@ impl Spool {
     /// * `queue/`: a queue file that is damaged (length, header, not a
     ///   regular file) goes to `corrupt/ID` with its state (`ID.state`); one
     ///   that cannot be read (EACCES, EIO) stays where it is, with its state.
-    /// * `state/`: a state file that cannot be used (unreadable, not UTF-8,
-    ///   cut short, not a regular file) goes to `corrupt/ID.state`, and its
-    ///   message counts as never tried (every recipient pending again);
-    ///   temporary files and states without a message are deleted (when
-    ///   regular files: they are leftovers of a crash).
+    /// * `state/`: a damaged state file (not UTF-8, cut short, bad syntax,
+    ///   not a regular file) goes to `corrupt/ID.state`, and its message
+    ///   counts as never tried (every recipient pending again); one that
+    ///   cannot be read now (EACCES, EIO, EMFILE) stays where it is, and its
+    ///   message waits until it can be read (it may record recipients
+    ///   already delivered to); temporary files and states without a
+    ///   message are deleted (when regular files: they are leftovers of a
+    ///   crash).
     pub fn recover(&self) -> io::Result<Recovery> {
         let mut r = Recovery::default();
         let mut changed = false;
+        // A write probe cut short by the crash: not a partial message.
+        for d in PROBED {
+            let _ = fs::remove_file(self.root.join(d).join(PROBE));
+        }
         let incoming = self.root.join("incoming");
         match fs::read_dir(&incoming) {
             Ok(rd) => {
@@ -356,7 +371,6 @@ impl Spool {
             }
             Err(e) => log::error!(target: MASTER, "error: {}: cannot list partial messages: {e}", incoming.display()),
         }
-        let _ = fs::remove_file(self.root.join("queue").join(PROBE));
         for id in self.ids()? {
             match self.check(&id) {
                 Ok(()) => r.queued += 1,
@@ -418,6 +432,16 @@ impl Spool {
                     }
                     if let Err(err) = self.read_state(&name) {
                         if err.kind() == io::ErrorKind::NotFound {
+                            continue;
+                        }
+                        if err.kind() != io::ErrorKind::InvalidData {
+                            // Perhaps a good state, only unreadable now: the
+                            // message waits for it (see `read`), never moved.
+                            log::error!(
+                                target: MASTER,
+                                "error: {name}: cannot read delivery state: {err}; left in place, the message is tried once it can be read"
+                            );
+                            r.unreadable += 1;
                             continue;
                         }
                         match self.quarantine(&p, &format!("{name}.state")) {
@@ -568,13 +592,18 @@ impl Spool {
         syncfs(&File::open(&q).map_err(|e| at(&q, e))?)
     }
 
-    /// Reads a queued message's envelope and state (no body). A state that
-    /// cannot be used does not fail the read: see [`QueuedMessage::state_error`].
+    /// Reads a queued message's envelope and state (no body). A damaged
+    /// state does not fail the read: see [`QueuedMessage::state_error`]. A
+    /// state that cannot be read for a passing reason (EACCES, EIO, EMFILE:
+    /// any error but `InvalidData` and `NotFound`) fails it, as an
+    /// unreadable queue file does: taking the state as lost would send the
+    /// message again to recipients it records as done.
     pub fn read(&self, id: &str) -> io::Result<QueuedMessage> {
         let (_, env, size, _) = self.open_queue_file(id, 1024)?;
         let (state, state_error) = match self.read_state(id) {
             Ok(s) => (s, None),
-            Err(e) => (DeliveryState::default(), Some(e.to_string())),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => (DeliveryState::default(), Some(e.to_string())),
+            Err(e) => return Err(e),
         };
         let recipients = env
             .recipients
@@ -626,8 +655,10 @@ impl Spool {
     }
 
     /// The delivery state of a message (default when none was written yet).
-    /// Any other failure (not a regular file, unreadable, not UTF-8, cut
-    /// short) is an error naming the path; callers treat the state as lost.
+    /// Any other failure is an error naming the path: `InvalidData` when the
+    /// state is damaged (not a regular file, not UTF-8, cut short, bad
+    /// syntax, too big), which callers treat as lost; any other kind when
+    /// it could not be read (EACCES, EIO), which they treat as unreadable.
     pub fn read_state(&self, id: &str) -> io::Result<DeliveryState> {
         let path = self.state_path(id);
         let f = match open_regular(&path) {
@@ -701,23 +732,27 @@ impl Spool {
         Ok(())
     }
 
-    /// Checks that the spool can record delivery results: creates, syncs
-    /// and removes a file in `state/` and in `queue/`. The scheduler uses
-    /// it to decide when deliveries may start again after a failure.
-    pub fn probe_writable(&self) -> io::Result<()> {
-        for d in ["state", "queue"] {
-            let dir = self.root.join(d);
-            let p = dir.join(PROBE);
-            let _ = fs::remove_file(&p);
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&p).map_err(|e| at(&p, e))?;
-            let r = f.write_all(b"x\n").and_then(|_| f.sync_data());
-            drop(f);
-            let removed = fs::remove_file(&p);
-            r.map_err(|e| at(&p, e))?;
-            removed.map_err(|e| at(&p, e))?;
-            fsync_dir(&dir).map_err(|e| at(&dir, e))?;
-        }
-        Ok(())
+    /// Checks that the spool can be written: in each of [`PROBED`], creates
+    /// a file, writes and syncs it, removes it and syncs the directory.
+    /// Returns each directory's result (in the order of [`PROBED`]): the
+    /// scheduler tells a full file system (removals still work) from one
+    /// that cannot record anything. Blocking, and on a failing disk it may
+    /// block for long: run it off the runtime (the scheduler's prober does).
+    pub fn probe(&self) -> [io::Result<()>; 3] {
+        PROBED.map(|d| self.probe_dir(d))
+    }
+
+    fn probe_dir(&self, d: &str) -> io::Result<()> {
+        let dir = self.root.join(d);
+        let p = dir.join(PROBE);
+        let _ = fs::remove_file(&p);
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&p).map_err(|e| at(&p, e))?;
+        let r = f.write_all(b"x\n").and_then(|_| f.sync_data());
+        drop(f);
+        let removed = fs::remove_file(&p);
+        r.map_err(|e| at(&p, e))?;
+        removed.map_err(|e| at(&p, e))?;
+        fsync_dir(&dir).map_err(|e| at(&dir, e))
     }
 
     /// Space on the spool's file system.

@@ -67,10 +67,17 @@ pub struct Stats {
     /// bad and no last good list was kept): every recipient gets 451 4.3.0;
     /// `recipients_kept` says why.
     pub recipients_unusable: AtomicBool,
-    /// The spool could not record a delivery result (a removal or a state
-    /// write failed): no delivery starts, and MAIL gets 452, until a probe
-    /// finds it writable again (kept by the scheduler).
+    /// A write to the spool failed (a session's message, a delivery
+    /// result): MAIL gets 452 until the write probe passes in every spool
+    /// directory (kept by the scheduler's prober and the scheduler).
     pub spool_unwritable: AtomicBool,
+    /// The spool can record removals but not delivery states (a full file
+    /// system, an unwritable `state/`): only messages with one recipient
+    /// left are delivered (kept by the scheduler, for the page).
+    pub spool_removals_only: AtomicBool,
+    /// Spool write failures reported so far (wraps): a probe that began
+    /// before the latest one cannot vouch for the spool.
+    pub spool_failures: AtomicU32,
     /// Delivered messages whose outcome is not recorded yet: they would be
     /// delivered again if the server restarted now.
     pub spool_unrecorded: AtomicU32,
@@ -101,13 +108,17 @@ impl Stats {
         self.flush.notify_one();
     }
 
-    /// A session could not store a message (451): MAIL gets 452 from now
-    /// on, until the scheduler's probe finds the spool writable (at once, if
-    /// the failure was one file's own). Without this, a read-only or failed
-    /// file system that statvfs does not show (ext4's emergency read-only,
-    /// EIO) would get every client a 250 to MAIL and a 451 after its DATA.
+    /// A write to the spool failed (a session could not store a message,
+    /// or the scheduler a delivery result): MAIL gets 452 from now on, until
+    /// the scheduler's write probe, which this wakes (at most one a second,
+    /// off the runtime, also during a queue run), finds the spool writable
+    /// (at once, if the failure was one file's own). Without this, a
+    /// read-only or failed file system that statvfs does not show (ext4's
+    /// emergency read-only, EIO) would get every client a 250 to MAIL and a
+    /// 451 after its DATA.
     pub fn spool_write_failed(&self) {
-        self.spool_unwritable.store(true, Ordering::Relaxed);
+        self.spool_failures.fetch_add(1, Ordering::SeqCst);
+        self.spool_unwritable.store(true, Ordering::SeqCst);
         self.spool_probe.notify_one();
     }
 

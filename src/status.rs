@@ -314,6 +314,7 @@ fn page_data<'a>(ctx: &'a Ctx, flushed: bool) -> render::PageData<'a> {
         persistent_spool: st.check_spool(&cfg.spool),
         spool_note: st.spool_note.lock().map(|s| s.clone()).unwrap_or_default(),
         spool_unwritable: st.spool_unwritable.load(Ordering::Relaxed),
+        spool_removals_only: st.spool_removals_only.load(Ordering::Relaxed),
         recipients_path: cfg.recipients.as_ref().map(|p| p.display().to_string()),
         recipients: recipients_list(cfg),
         recipients_max_age: cfg.status.recipients_max_age,
@@ -412,7 +413,7 @@ fn metrics(ctx: &Ctx) -> String {
         &mut o,
         "bartleby_spool_recording",
         "gauge",
-        "0 while the spool cannot record delivery results (deliveries suspended).",
+        "0 while a spool write failed and the write probe has not passed (MAIL gets 452; deliveries suspended or, on a full spool, only messages with one recipient left).",
         u8::from(!st.spool_unwritable.load(Ordering::Relaxed)),
     );
     // Unknown before the first attempt: NaN, so "== 0" alerts do not fire.

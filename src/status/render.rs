@@ -228,8 +228,10 @@ pub struct PageData<'a> {
     pub counters: [(&'static str, u32); 7],
     pub persistent_spool: bool,
     pub spool_note: String,
-    /// The scheduler found the spool unable to record delivery results.
+    /// A write to the spool failed and the write probe has not passed yet.
     pub spool_unwritable: bool,
+    /// The spool records removals but not delivery states (a full disk).
+    pub spool_removals_only: bool,
     pub recipients_path: Option<String>,
     pub recipients: RecipientsList,
     pub recipients_max_age: Duration,
@@ -399,8 +401,10 @@ pub fn page(d: &PageData) -> String {
             human_duration(d.now.saturating_sub(l.last))
         );
     }
-    if d.spool_unwritable {
-        o.push_str("<p class=\"alert\" id=\"spool-unwritable\"><strong>The spool cannot record delivery results.</strong> Deliveries are suspended and new mail is refused with 452 until it is writable again; messages delivered meanwhile would be delivered again after a restart (see the log).</p>\n");
+    if d.spool_removals_only {
+        o.push_str("<p class=\"alert\" id=\"spool-unwritable\"><strong>The spool cannot record delivery states</strong> (full, or <code>state/</code> not writable). Only messages with one recipient left are delivered (their removal frees space); the others wait, and new mail is refused with 452, until it can (see the log).</p>\n");
+    } else if d.spool_unwritable {
+        o.push_str("<p class=\"alert\" id=\"spool-unwritable\"><strong>The spool cannot be written.</strong> New mail is refused with 452, and deliveries are suspended if it cannot record their results, until it is writable again; messages delivered meanwhile would be delivered again after a restart (see the log).</p>\n");
     }
     if let Some(e) = &q.error {
         o.push_str("<p class=\"alert\">Cannot read the spool: ");

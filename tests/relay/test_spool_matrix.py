@@ -46,6 +46,7 @@ Loopback only; ports chosen free. The last line is "N passed, M failed".
 """
 
 import os
+import re
 import shutil
 import smtplib
 import stat
@@ -382,10 +383,40 @@ def state_zero_length(x):
 
 
 def state_unreadable(x):
+    # A state that cannot be read for a passing reason (EACCES here; EIO,
+    # EMFILE alike) is not damaged: it stays in state/, and its message is
+    # left alone (named unreadable by mailq) until it can be read, then sent
+    # only to the recipients the state does not record as done. Taking it as
+    # lost would send bob a second copy and move a good state to corrupt/.
+    # (Postfix keeps recipient status in the queue file itself; a queue file
+    # it cannot open, qmgr leaves alone: "fatal: open active ID".)
     p = x.p("state", g(0))
-    x.keep_file(p)
+    with open(p, "ab") as f:
+        f.write(b"sent bob@example.org 250 2.0.0 Ok: queued on an earlier attempt\n")
+    # Not in x.keep: once readable, the state is used and, the message
+    # done, removed with it. That it was kept while unreadable, restore checks.
     os.chmod(p, 0)
     x.log_paths.append(p)
+    x.mailq_unreadable.append(g(0))
+    x.later = [m for m in x.good if m[0] == g(0)]
+    x.drop(g(0))
+
+    def restore():
+        x.t.assertTrue(os.path.isfile(p), "the unreadable delivery state was moved away")
+        x.t.assertEqual(os.listdir(x.p("corrupt")), [], "something went to corrupt/")
+        x.t.assertIn(g(0), x.r.queue_ids(), "the message was removed")
+        os.chmod(p, 0o600)
+
+    def after(x):
+        tok = Template.msgs[0][1]
+        copies = [b for b in x.t.sink.messages() if re.search(rb"Subject: " + tok.encode() + rb"\r?\n", b)]
+        x.t.assertEqual(len(copies), 1, "not one copy")
+        head = b"".join(l for l in copies[0].split(b"\n") if l.startswith(b"X-Rcpt"))
+        x.t.assertIn(b"carol@example.org", head)
+        x.t.assertNotIn(b"bob@example.org", head, "bob, recorded as sent, was sent the message again")
+
+    x.restore = restore
+    x.after = after
 
 
 def state_tmp_dir(x):
