@@ -775,6 +775,18 @@ impl Scheduler {
                 Err(e) => log::error!(target: QMGR, "error: {id}: delivery state unusable ({err}); cannot move it to corrupt/: {e}"),
             }
         }
+        if msg.state.attempts > 0 {
+            // As Postfix's qmgr each time a deferred message enters the
+            // active queue (smtpd logged it for the first attempt): after a
+            // restart or a log rotation, tools still know its sender and size.
+            log::info!(
+                target: QMGR,
+                "{id}: from=<{}>, size={}, nrcpt={} (queue active)",
+                msg.env.sender,
+                msg.size,
+                msg.env.recipients.len()
+            );
+        }
         let mut state = msg.state.clone();
         state.attempts += 1;
         state.last_attempt = now;

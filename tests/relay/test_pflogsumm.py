@@ -279,6 +279,32 @@ class Pflogsumm(unittest.TestCase):
         self.assertLess(log.index(f"{qid}: client="), log.index(f"{qid}: from="))
 
 
+    def test_retry_logs_from_again_counted_once(self):
+        """Postfix's qmgr logs from=, size= each time a deferred message
+        enters the active queue; pflogsumm counts it once."""
+        port = free_port()
+        primary = AddressPrimary(port)
+        self.cleanups.append(primary.stop)
+        r = Relay(primary_port=port)
+        self.cleanups.append(r.cleanup)
+        r.start()
+        qid, _ = self.send(r.port, "alice@sender.test", ["defer-1@example.org"], b"Subject: x\n\nhi\n")
+        line = re.compile(qid + r": to=<defer-1@example\.org>.*status=deferred")
+        wait_until(lambda: len(line.findall(r.read_log())) == 1, 20, "the first deferral")
+        r.flush()
+        wait_until(lambda: len(line.findall(r.read_log())) == 2, 20, "the second deferral")
+        r.stop()
+        log = r.read_log()
+        froms = re.findall(rf"bartleby/qmgr\[\d+\]: {qid}: from=<alice@sender\.test>, size=(\d+), nrcpt=1 \(queue active\)$", log, re.M)
+        self.assertEqual(len(froms), 2, log)
+        self.assertEqual(len(set(froms)), 1)
+        got = grand_totals(pflogsumm(r.log))
+        self.assertEqual(
+            {k: got[k][0] for k in ("received", "deferred", "bytes received", "senders")},
+            {"received": 1, "deferred": 1, "bytes received": int(froms[0]), "senders": 1},
+        )
+
+
 class SyslogReceiver:
     """A UDP socket on loopback collecting datagrams."""
 
