@@ -182,6 +182,10 @@ pub struct Config {
     pub delivery_connections: usize,
     pub log_file: Option<PathBuf>,
     pub log_level: log::LevelFilter,
+    /// The timestamp of log lines: syslog's (default) or RFC 3339.
+    pub log_format: crate::logging::Format,
+    /// A syslog server on the LAN that gets every log line (UDP, RFC 3164).
+    pub log_host: Option<SocketAddr>,
     pub status: StatusConfig,
     pub network: NetworkConfig,
     /// Sessions one client (an IPv4 address or an IPv6 /64) may hold at
@@ -763,6 +767,19 @@ fn want_path(v: &Value) -> Result<PathBuf, String> {
 }
 
 /// An absolute path, or "" for none.
+/// `log_host`: an IP address with an optional port (514 by default):
+/// `192.168.1.5`, `192.168.1.5:514`, `[fe80::1]:514`, `fe80::1`. No name:
+/// it would need a DNS lookup before every start, and the appliance logs
+/// before its network is up.
+fn parse_log_host(s: &str) -> Result<SocketAddr, String> {
+    let bad = || format!("`{}` is not an IP address with an optional port (like \"192.168.1.5:514\")", clip(s));
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return if a.port() == 0 { Err(bad()) } else { Ok(a) };
+    }
+    let ip = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(s);
+    ip.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 514)).map_err(|_| bad())
+}
+
 fn want_opt_path(v: &Value) -> Result<Option<PathBuf>, String> {
     match v {
         Value::Str(s) if s.is_empty() => Ok(None),
@@ -829,6 +846,8 @@ impl Builder {
             delivery_connections: 4,
             log_file: None,
             log_level: log::LevelFilter::Info,
+            log_format: crate::logging::Format::Syslog,
+            log_host: None,
             status: StatusConfig {
                 listen: None,
                 allow: vec![Cidr::parse("127.0.0.1/32").unwrap(), Cidr::parse("::1/128").unwrap()],
@@ -1023,6 +1042,26 @@ impl Builder {
                     return Err("must be 1s to 1d".into());
                 }
                 c.anvil_rate_time_unit = d;
+                Ok(())
+            }
+            ("", "log_format") => match want_str(v)? {
+                "syslog" => {
+                    c.log_format = crate::logging::Format::Syslog;
+                    Ok(())
+                }
+                "iso" => {
+                    c.log_format = crate::logging::Format::Iso;
+                    Ok(())
+                }
+                o => Err(format!("`{}` must be \"syslog\" or \"iso\"", clip(o))),
+            },
+            ("", "log_host") => {
+                let s = want_str(v)?;
+                if s.is_empty() {
+                    c.log_host = None;
+                    return Ok(());
+                }
+                c.log_host = Some(parse_log_host(s)?);
                 Ok(())
             }
             ("", "status") | ("", "network") => Err(format!("`{}` is a table: write it as [{}]", it.key, it.key)),
@@ -1260,6 +1299,18 @@ allow = ["127.0.0.1/32", "192.168.1.0/24", "fe80::/10"]
             let e = parse(&format!("{MIN}{key} = \"0s\"\n")).unwrap_err();
             assert_eq!((e.line, e.message.as_str()), (4, format!("`{key}` must be more than 0").as_str()), "{e}");
         }
+        for (v, want) in [("192.168.1.5", "192.168.1.5:514"), ("192.168.1.5:1514", "192.168.1.5:1514"), ("[fe80::1]:514", "[fe80::1]:514"), ("::1", "[::1]:514"), ("[::1]", "[::1]:514")] {
+            let c = parse(&format!("{MIN}log_host = \"{v}\"\n")).unwrap();
+            assert_eq!(c.log_host.unwrap().to_string(), want);
+        }
+        for v in ["syslog.lan", "192.168.1.5:0", "192.168.1.5:70000", "1.2.3:514", "192.168.1.5:"] {
+            let e = parse(&format!("{MIN}log_host = \"{v}\"\n")).unwrap_err().to_string();
+            assert!(e.contains("log_host") && e.contains("not an IP address"), "{v}: {e}");
+        }
+        assert_eq!(parse(&format!("{MIN}log_format = \"iso\"\n")).unwrap().log_format, crate::logging::Format::Iso);
+        assert_eq!(parse(MIN).unwrap().log_format, crate::logging::Format::Syslog);
+        let e = parse(&format!("{MIN}log_format = \"rfc5424\"\n")).unwrap_err().to_string();
+        assert!(e.contains("log_format"), "{e}");
         let e = parse(&format!("{MIN}log_level = \"loud\"\n")).unwrap_err();
         assert!(e.message.contains("must be error, warn"), "{e}");
         assert_eq!(parse(&format!("{MIN}log_level = \"Debug\"\n")).unwrap().log_level, log::LevelFilter::Debug);

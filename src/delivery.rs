@@ -88,6 +88,22 @@ impl Reply {
         (parts.len() == 3 && parts.iter().all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))).then_some(first)
     }
 
+    /// The enhanced status code for the log's `dsn=`: the first `X.Y.Z` in
+    /// the text whose class is the reply's (`host ... said: 550 5.1.1 ...`),
+    /// else the class alone, as Postfix (`5.0.0`, `4.0.0`, `2.0.0`).
+    pub fn dsn(&self) -> String {
+        let class = (self.code / 100).to_string();
+        let is_dsn = |w: &str| {
+            let mut p = w.split('.');
+            let (Some(a), Some(b), Some(c), None) = (p.next(), p.next(), p.next(), p.next()) else { return false };
+            a == class && [b, c].iter().all(|x| (1..=3).contains(&x.len()) && x.bytes().all(|b| b.is_ascii_digit()))
+        };
+        match self.text.split([' ', ';', ',', '(', ')']).find(|w| is_dsn(w)) {
+            Some(w) => w.to_string(),
+            None => format!("{class}.0.0"),
+        }
+    }
+
     /// A local failure, phrased as a reply (for logs and bounces).
     pub fn local(code: u16, text: impl Into<String>) -> Reply {
         Reply { code, text: format!("{code} {}", text.into()) }
@@ -362,6 +378,13 @@ pub struct Outcome {
     pub rcpts: Vec<(String, Reply)>,
     /// False when the connection must not be reused.
     pub reusable: bool,
+    /// Time spent setting up the connection (DNS, connect, greeting,
+    /// EHLO), counted for its first message only: the `c` of Postfix's
+    /// `delays=a/b/c/d`.
+    pub setup: Duration,
+    /// Time spent sending this message (RSET to the reply to its end of
+    /// data): the `d`.
+    pub xfer: Duration,
 }
 
 type Reader = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
@@ -375,6 +398,8 @@ pub struct Connection {
     fd: Option<RawFd>,
     /// `host[ip]:port` for the logs.
     pub relay: String,
+    /// Connection setup time not yet reported (see [`Outcome::setup`]).
+    setup: Duration,
     pipelining: bool,
     eightbit: bool,
     size_limit: Option<u64>,
@@ -395,6 +420,7 @@ impl Connection {
     /// Resolves the primary, connects, reads the greeting and says EHLO
     /// (HELO when EHLO is refused).
     pub async fn open(cfg: &Config) -> Result<Connection, ConnectError> {
+        let started = std::time::Instant::now();
         let fail = |text: String| ConnectError { reply: Reply::local(421, format!("4.4.1 {text}")) };
         let (host, port) = split_host_port(&cfg.primary).map_err(fail)?;
         let addrs: Vec<SocketAddr> = match host.parse::<std::net::IpAddr>() {
@@ -423,7 +449,10 @@ impl Connection {
             let fd = stream.as_raw_fd();
             let (r, w) = stream.into_split();
             match Connection::handshake(Box::new(r), Box::new(w), Some(fd), relay, cfg).await {
-                Ok(c) => return Ok(c),
+                Ok(mut c) => {
+                    c.setup = started.elapsed();
+                    return Ok(c);
+                }
                 Err(e) => last = e,
             }
         }
@@ -446,6 +475,7 @@ impl Connection {
             wr: BufWriter::with_capacity(8192, wr),
             fd,
             relay,
+            setup: Duration::ZERO,
             pipelining: false,
             eightbit: false,
             size_limit: None,
@@ -623,13 +653,17 @@ impl Connection {
     pub async fn deliver(&mut self, spool: &Spool, msg: &QueuedMessage) -> Outcome {
         let pending: Vec<String> = msg.pending().map(|r| r.addr.clone()).collect();
         let all = |reply: &Reply| pending.iter().map(|a| (a.clone(), reply.clone())).collect::<Vec<_>>();
-        match self.deliver_inner(spool, msg, &pending).await {
-            Ok(rcpts) => Outcome { rcpts, reusable: true },
+        let started = std::time::Instant::now();
+        let setup = std::mem::take(&mut self.setup);
+        let result = self.deliver_inner(spool, msg, &pending).await;
+        let xfer = started.elapsed();
+        match result {
+            Ok(rcpts) => Outcome { rcpts, reusable: true, setup, xfer },
             Err((reply, reusable)) => {
                 if reply.text.starts_with("Protocol error: ") {
                     log::warn!(target: SMTP, "warning: {}: {}; connection dropped", msg.env.id, reply.text);
                 }
-                Outcome { rcpts: all(&reply), reusable }
+                Outcome { rcpts: all(&reply), reusable, setup, xfer }
             }
         }
     }
@@ -818,6 +852,17 @@ mod tests {
         let mut v = parse_all(input);
         assert_eq!(v.len(), 1, "{v:?}");
         v.remove(0)
+    }
+
+    #[test]
+    fn dsn_of_a_reply() {
+        let r = |code, text: &str| Reply { code, text: text.to_string() };
+        assert_eq!(r(250, "250 2.0.0 Ok: queued as X").dsn(), "2.0.0");
+        assert_eq!(r(550, "host a[1.2.3.4]:25 said: 550 5.1.1 <b@c>: unknown (in reply to RCPT TO command)").dsn(), "5.1.1");
+        assert_eq!(r(421, "421 4.4.1 connect to a[1.2.3.4]:25: Connection refused").dsn(), "4.4.1");
+        assert_eq!(r(550, "550 no such user").dsn(), "5.0.0");
+        // A code of another class in the text is not the reply's.
+        assert_eq!(r(451, "Protocol error: host a said: 250 2.0.0 Ok (in reply to DATA command)").dsn(), "4.0.0");
     }
 
     #[test]

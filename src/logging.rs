@@ -1,16 +1,29 @@
-//! Logging: Postfix-style lines to stderr, optionally a file, and a small
-//! ring of recent lines for the status page.
+//! Logging: Postfix-style lines to stderr, optionally a file and a syslog
+//! server on the LAN (UDP), and a small ring of recent lines for the status
+//! page.
 //!
-//! Lines look like Postfix's, with the program/role as the log target and
-//! the queue ID first in the message, so `grep 3F2B81C0A12` finds a message's
-//! whole life:
+//! Lines are written as syslogd writes Postfix's (and as Postfix's own
+//! `maillog_file` does), so that pflogsumm and other tools read them:
 //!
 //! ```text
-//! 2026-11-22T04:15:58.123Z bartleby/smtpd: 6940A9A90F3A2: client=mx.sender.test[192.0.2.1]
+//! Dec  2 17:19:43 backup bartleby/smtpd[1]: 6940A9A90F3A2: client=mx.sender.test[192.0.2.1]
 //! ```
+//!
+//! a BSD timestamp in local time (UTC on the appliance), the first label of
+//! `hostname` (as syslogd writes the host), the program/role and the pid,
+//! then the text, queue ID first, so `grep 6940A9A90F3A2` finds a message's
+//! whole life. `log_format = "iso"` writes an RFC 3339 timestamp in UTC
+//! instead (`2026-12-02T17:19:43.120Z backup bartleby/smtpd[1]: ...`, as
+//! rsyslog's high-precision file format; pflogsumm reads it too).
 //!
 //! Roles log with `log::info!(target: SMTPD, ...)` etc.; severities other
 //! than info say so in the text ("warning: ...") as Postfix does.
+//!
+//! With `log_host`, every line also goes as one RFC 3164 datagram
+//! (`<22>Dec  2 17:19:43 backup bartleby/smtpd[1]: ...`, facility mail) to
+//! a syslog server over UDP, from a non-blocking socket: a datagram that
+//! cannot be sent at once is dropped and counted (never retried, never
+//! waited for), so a dead or slow log host never holds up the relay.
 //!
 //! Every line passes through [`printable`] before it is written anywhere,
 //! as every Postfix log line passes through its printable(): text from the
@@ -18,11 +31,14 @@
 //! terminal escapes, bells or line breaks into the log.
 
 use std::borrow::Cow;
-use std::io::{self, Write};
+use std::fmt::Write as _;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use log::{Log, Metadata, Record};
-use simplelog::{CombinedLogger, ConfigBuilder, LevelFilter, SharedLogger, WriteLogger};
+use log::{Level, LevelFilter, Log, Metadata, Record};
+use simplelog::{CombinedLogger, ConfigBuilder, SharedLogger, WriteLogger};
 
 pub const SMTPD: &str = "bartleby/smtpd";
 pub const QMGR: &str = "bartleby/qmgr";
@@ -36,6 +52,31 @@ pub const INIT: &str = "bartleby/init";
 pub const RING_LINES: usize = 64;
 /// Longest line kept in the ring (longer ones are cut).
 pub const RING_LINE_LEN: usize = 240;
+/// Longest datagram sent to `log_host` (RFC 5426 asks receivers to take
+/// 2048 bytes; longer lines are cut on a character boundary).
+pub const MAX_DATAGRAM: usize = 2048;
+/// The syslog facility: mail (2), as Postfix's default syslog_facility.
+const FACILITY_MAIL: u8 = 2;
+
+/// The timestamp of each line (`log_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `Dec  2 17:19:43`, local time: what syslogd writes (the default).
+    Syslog,
+    /// `2026-12-02T17:19:43.120Z`, UTC.
+    Iso,
+}
+
+/// What [`init`] sets up.
+pub struct Options<'a> {
+    pub level: LevelFilter,
+    pub file: Option<&'a std::path::Path>,
+    pub format: Format,
+    /// The configured `hostname`; its first label goes into each line.
+    pub hostname: &'a str,
+    /// A syslog server to send every line to (UDP, RFC 3164).
+    pub log_host: Option<SocketAddr>,
+}
 
 type Line = heapless::String<RING_LINE_LEN>;
 
@@ -43,41 +84,34 @@ type Line = heapless::String<RING_LINE_LEN>;
 /// log flood cannot grow the process.
 static RING: Mutex<heapless::Deque<Line, RING_LINES>> = Mutex::new(heapless::Deque::new());
 
+/// Datagrams to `log_host` that could not be sent (socket buffer full,
+/// network down, port unreachable) and were dropped.
+static DROPPED: AtomicUsize = AtomicUsize::new(0);
+
 /// The last log lines, oldest first.
 pub fn recent_lines() -> Vec<String> {
     RING.lock().map(|r| r.iter().map(|l| l.as_str().to_string()).collect()).unwrap_or_default()
 }
 
-/// A `Write` that cuts the formatted log output into lines for the ring.
-struct RingWriter {
-    partial: Line,
+/// Datagrams to `log_host` dropped since start (`bartleby_log_host_dropped_total`).
+pub fn log_host_dropped() -> usize {
+    DROPPED.load(Ordering::Relaxed)
 }
 
-impl Write for RingWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        for chunk in buf.split_inclusive(|&b| b == b'\n') {
-            let (text, ends) = match chunk.strip_suffix(b"\n") {
-                Some(t) => (t, true),
-                None => (chunk, false),
-            };
-            for ch in String::from_utf8_lossy(text).chars() {
-                let _ = self.partial.push(if ch.is_control() { ' ' } else { ch });
-            }
-            if ends {
-                if let Ok(mut r) = RING.lock() {
-                    if r.is_full() {
-                        r.pop_front();
-                    }
-                    let _ = r.push_back(std::mem::take(&mut self.partial));
-                }
-                self.partial.clear();
-            }
+/// Keeps a line (already printable, without its line end) in the ring, cut
+/// to [`RING_LINE_LEN`] bytes on a character boundary.
+fn ring_push(text: &str) {
+    let mut line = Line::new();
+    for ch in text.chars() {
+        if line.push(if ch.is_control() { ' ' } else { ch }).is_err() {
+            break;
         }
-        Ok(buf.len())
     }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+    if let Ok(mut r) = RING.lock() {
+        if r.is_full() {
+            r.pop_front();
+        }
+        let _ = r.push_back(line);
     }
 }
 
@@ -100,19 +134,106 @@ pub fn printable(s: &str) -> Cow<'_, str> {
     Cow::Owned(s.chars().map(|c| if masked(c) { '?' } else { c }).collect())
 }
 
-/// The installed logger: masks each line ([`printable`]), then hands it to
-/// simplelog's writers (stderr, the ring, the log file).
-struct Escaping {
-    inner: Box<CombinedLogger>,
+const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+
+/// `Dec  2 17:19:43` in local time, as syslogd writes it (the month's day
+/// padded with a space). Without a usable local time (no zone information,
+/// as on the appliance), UTC.
+fn bsd_stamp(out: &mut String, secs: u64) {
+    let (mon, day, h, m, s) = local_time(secs).unwrap_or_else(|| {
+        let (_, mon, day) = crate::util::civil_from_days((secs / 86400) as i64);
+        let t = secs % 86400;
+        (mon - 1, day, (t / 3600) as u32, (t / 60 % 60) as u32, (t % 60) as u32)
+    });
+    let _ = write!(out, "{} {day:>2} {h:02}:{m:02}:{s:02}", MONTHS[mon as usize % 12]);
 }
 
-impl Log for Escaping {
+/// (month 0-11, day, hour, minute, second) in the local time zone.
+fn local_time(secs: u64) -> Option<(u32, u32, u32, u32, u32)> {
+    let t = libc::time_t::try_from(secs).ok()?;
+    // SAFETY: localtime_r writes into the tm we pass and reads only t.
+    let tm = unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return None;
+        }
+        tm
+    };
+    let n = |v: libc::c_int| u32::try_from(v).ok();
+    Some((n(tm.tm_mon)?, n(tm.tm_mday)?, n(tm.tm_hour)?, n(tm.tm_min)?, n(tm.tm_sec)?))
+}
+
+/// `2026-12-02T17:19:43.120Z`.
+fn iso_stamp(out: &mut String, secs: u64, millis: u32) {
+    let (y, mon, d) = crate::util::civil_from_days((secs / 86400) as i64);
+    let t = secs % 86400;
+    let _ = write!(out, "{y:04}-{mon:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", t / 3600, t / 60 % 60, t % 60);
+}
+
+/// The syslog severity of a level (RFC 5424 numbers).
+fn severity(l: Level) -> u8 {
+    match l {
+        Level::Error => 3,
+        Level::Warn => 4,
+        Level::Info => 6,
+        Level::Debug | Level::Trace => 7,
+    }
+}
+
+/// The installed logger: masks each line ([`printable`]), formats it once
+/// and hands it to simplelog's writers (stderr, the log file), the ring and
+/// the log host. simplelog has no option for syslog's `HOST TAG[PID]:`
+/// prefix, so the line is formatted here and simplelog is configured to
+/// write the message alone.
+struct Logger {
+    level: LevelFilter,
+    format: Format,
+    /// The host field: the first label of `hostname`.
+    host: String,
+    pid: u32,
+    writers: Box<CombinedLogger>,
+    udp: Option<(UdpSocket, SocketAddr)>,
+}
+
+impl Logger {
+    /// The line without its line end: `STAMP HOST TAG[PID]: TEXT`.
+    fn format(&self, r: &Record<'_>, text: &str, now: std::time::Duration) -> String {
+        let tag = if r.target().starts_with("bartleby") { r.target() } else { "bartleby" };
+        let mut line = String::with_capacity(48 + tag.len() + text.len());
+        match self.format {
+            Format::Syslog => bsd_stamp(&mut line, now.as_secs()),
+            Format::Iso => iso_stamp(&mut line, now.as_secs(), now.subsec_millis()),
+        }
+        let _ = write!(line, " {} {tag}[{}]: {text}", self.host, self.pid);
+        line
+    }
+
+    /// One RFC 3164 datagram, sent without waiting: dropped and counted if
+    /// the socket cannot take it now.
+    fn send(&self, r: &Record<'_>, text: &str, now: std::time::Duration) {
+        let Some((sock, to)) = &self.udp else { return };
+        let tag = if r.target().starts_with("bartleby") { r.target() } else { "bartleby" };
+        let mut d = String::with_capacity(64 + text.len());
+        let _ = write!(d, "<{}>", FACILITY_MAIL * 8 + severity(r.level()));
+        bsd_stamp(&mut d, now.as_secs());
+        let _ = write!(d, " {} {tag}[{}]: {text}", self.host, self.pid);
+        let mut end = d.len().min(MAX_DATAGRAM);
+        while !d.is_char_boundary(end) {
+            end -= 1;
+        }
+        if sock.send_to(&d.as_bytes()[..end], to).is_err() {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Log for Logger {
     fn enabled(&self, m: &Metadata<'_>) -> bool {
-        self.inner.enabled(m)
+        m.level() <= self.level
     }
 
     fn log(&self, r: &Record<'_>) {
-        if !self.inner.enabled(r.metadata()) {
+        if !self.enabled(r.metadata()) {
             return;
         }
         let text: Cow<'_, str> = match r.args().as_str() {
@@ -120,44 +241,96 @@ impl Log for Escaping {
             None => Cow::Owned(r.args().to_string()),
         };
         let clean = printable(&text);
-        self.inner.log(
-            &Record::builder()
-                .metadata(r.metadata().clone())
-                .args(format_args!("{clean}"))
-                .module_path(r.module_path())
-                .file(r.file())
-                .line(r.line())
-                .build(),
-        );
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let line = self.format(r, &clean, now);
+        if r.level() <= Level::Info {
+            ring_push(&line);
+        }
+        self.send(r, &clean, now);
+        self.writers.log(&Record::builder().metadata(r.metadata().clone()).args(format_args!("{line}")).build());
     }
 
     fn flush(&self) {
-        self.inner.flush();
+        self.writers.flush();
     }
 }
 
+/// A delay in seconds as Postfix logs it (its format_tv with two
+/// significant digits and at most two decimals): `0`, `0.02`, `0.27`,
+/// `1.2`, `37`, `412`.
+pub fn delay(secs: f64) -> String {
+    let secs = if secs.is_finite() { secs.max(0.0) } else { 0.0 };
+    let text = if secs >= 10.0 {
+        return format!("{}", secs.round() as u64);
+    } else if secs >= 1.0 {
+        format!("{:.1}", (secs * 10.0).round() / 10.0)
+    } else {
+        format!("{:.2}", (secs * 100.0).round() / 100.0)
+    };
+    let t = text.trim_end_matches('0').trim_end_matches('.');
+    if t.is_empty() { "0".to_string() } else { t.to_string() }
+}
+
+/// The host field of each line: the first label of `hostname`, as syslogd
+/// writes a host's name; `bartleby` without one.
+pub fn host_field(hostname: &str) -> &str {
+    match hostname.split('.').next() {
+        Some(h) if !h.is_empty() => h,
+        _ => "bartleby",
+    }
+}
+
+/// Opens the socket for `log_host`: unbound (any port), non-blocking, of
+/// the address family of the log host. Nothing is sent yet.
+fn log_socket(to: SocketAddr) -> io::Result<UdpSocket> {
+    let any: SocketAddr = if to.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let s = UdpSocket::bind(any)?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
 /// Installs the logger. Call once, before the runtime starts.
-pub fn init(level: LevelFilter, file: Option<&std::path::Path>) -> Result<(), String> {
+pub fn init(o: &Options<'_>) -> Result<(), String> {
+    // simplelog writes only the message: the line is formatted by Logger.
     let cfg = ConfigBuilder::new()
-        .set_time_format_rfc3339()
-        .set_time_level(LevelFilter::Error)
+        .set_time_level(LevelFilter::Off)
         .set_max_level(LevelFilter::Off)
         .set_thread_level(LevelFilter::Off)
-        .set_target_level(LevelFilter::Error)
+        .set_target_level(LevelFilter::Off)
         .set_location_level(LevelFilter::Off)
         .build();
-    // simplelog writes each line in ~20 pieces; LineWriter turns them into
-    // one write(2) per line (measured: the drain rate tripled).
-    let mut loggers: Vec<Box<dyn SharedLogger>> = vec![
-        WriteLogger::new(level, cfg.clone(), io::LineWriter::new(io::stderr())),
-        WriteLogger::new(level.min(LevelFilter::Info), cfg.clone(), RingWriter { partial: Line::new() }),
-    ];
-    if let Some(path) = file {
+    // simplelog writes a line in pieces; LineWriter makes it one write(2)
+    // per line (measured: the drain rate tripled), so lines from the page's
+    // threads and the relay never interleave.
+    let mut writers: Vec<Box<dyn SharedLogger>> = vec![WriteLogger::new(o.level, cfg.clone(), io::LineWriter::new(io::stderr()))];
+    if let Some(path) = o.file {
         let f = open_log_file(path).map_err(|e| format!("log file {}: {e}", path.display()))?;
-        loggers.push(WriteLogger::new(level, cfg, io::LineWriter::new(f)));
+        writers.push(WriteLogger::new(o.level, cfg, io::LineWriter::new(f)));
     }
-    log::set_boxed_logger(Box::new(Escaping { inner: CombinedLogger::new(loggers) })).map_err(|e| e.to_string())?;
-    log::set_max_level(level);
+    // A socket that cannot be opened (IPv6 turned off, no descriptors)
+    // stops nothing: the log goes to the other places, with a warning.
+    let mut udp_error = None;
+    let udp = match o.log_host.map(|to| (log_socket(to), to)) {
+        Some((Ok(s), to)) => Some((s, to)),
+        Some((Err(e), to)) => {
+            udp_error = Some(format!("warning: log_host {to}: cannot open a UDP socket: {e}; the log is not sent there"));
+            None
+        }
+        None => None,
+    };
+    // The local time zone, read once before the first line (localtime_r
+    // alone need not read it).
+    unsafe extern "C" {
+        fn tzset();
+    }
+    // SAFETY: tzset takes no argument; it reads TZ and the zone file.
+    unsafe { tzset() };
+    let logger = Logger { level: o.level, format: o.format, host: host_field(o.hostname).to_string(), pid: std::process::id(), writers: CombinedLogger::new(writers), udp };
+    log::set_boxed_logger(Box::new(logger)).map_err(|e| e.to_string())?;
+    log::set_max_level(o.level);
+    if let Some(w) = udp_error {
+        log::warn!(target: MASTER, "{w}");
+    }
     Ok(())
 }
 
@@ -212,6 +385,28 @@ mod tests {
     }
 
     #[test]
+    fn delays_as_postfix_writes_them() {
+        for (v, t) in [(0.0, "0"), (0.001, "0"), (0.02, "0.02"), (0.273, "0.27"), (0.999, "1"), (1.24, "1.2"), (9.96, "10"), (37.4, "37"), (412.0, "412"), (-1.0, "0"), (f64::NAN, "0")] {
+            assert_eq!(delay(v), t, "{v}");
+        }
+    }
+
+    #[test]
+    fn stamps_and_host() {
+        let mut s = String::new();
+        iso_stamp(&mut s, 1_796_000_000, 7);
+        assert_eq!(s, "2026-11-30T00:53:20.007Z");
+        // Syslog's stamp: "Mmm dd hh:mm:ss" with the day padded by a space.
+        let mut b = String::new();
+        bsd_stamp(&mut b, 1_796_000_000);
+        assert_eq!(b.len(), 15, "{b}");
+        assert!(MONTHS.contains(&&b[..3]) && b.as_bytes()[3] == b' ' && b.as_bytes()[6] == b' ', "{b}");
+        assert_eq!(host_field("backup.example.org"), "backup");
+        assert_eq!(host_field("backup"), "backup");
+        assert_eq!(host_field(""), "bartleby");
+    }
+
+    #[test]
     fn log_file_fifo_refused_without_blocking() {
         let dir = std::env::temp_dir().join(format!("bartleby-logfifo-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
@@ -230,15 +425,14 @@ mod tests {
 
     #[test]
     fn ring_keeps_last_lines() {
-        let mut w = RingWriter { partial: Line::new() };
         for i in 0..(RING_LINES + 10) {
-            writeln!(w, "line {i}").unwrap();
+            ring_push(&format!("line {i}"));
         }
         let lines = recent_lines();
         assert_eq!(lines.len(), RING_LINES);
         assert_eq!(lines.last().unwrap(), &format!("line {}", RING_LINES + 9));
         let long = "x".repeat(1000);
-        writeln!(w, "{long}").unwrap();
+        ring_push(&long);
         assert_eq!(recent_lines().last().unwrap().len(), RING_LINE_LEN);
     }
 }

@@ -207,7 +207,14 @@ fn pid1() -> ! {
 
 fn serve(cfg: Config, boot: Option<&bartleby::init::BootInfo>) -> ExitCode {
     let cfg = Arc::new(cfg);
-    if let Err(e) = logging::init(cfg.log_level, cfg.log_file.as_deref()) {
+    let log = logging::Options {
+        level: cfg.log_level,
+        file: cfg.log_file.as_deref(),
+        format: cfg.log_format,
+        hostname: &cfg.hostname,
+        log_host: cfg.log_host,
+    };
+    if let Err(e) = logging::init(&log) {
         eprintln!("bartleby: {e}");
         return ExitCode::from(73);
     }

@@ -62,7 +62,7 @@ use tokio::sync::watch;
 use crate::bounces::{self, Reason};
 use crate::config::Config;
 use crate::delivery::{Connection, Outcome, Reply};
-use crate::logging::QMGR;
+use crate::logging::{self, QMGR};
 use crate::spool::{Committer, DeliveryState, QueuedMessage, RcptStatus, Spool};
 use crate::stats::Stats;
 use crate::util::{self, QueueId};
@@ -580,7 +580,8 @@ impl Scheduler {
         match self.spool.read(id) {
             Ok(msg) => {
                 let rcpts = msg.pending().map(|r| (r.addr.clone(), reply.clone())).collect();
-                self.apply(&msg, Outcome { rcpts, reusable: false }, "none").await;
+                let none = std::time::Duration::ZERO;
+                self.apply(&msg, Outcome { rcpts, reusable: false, setup: none, xfer: none }, "none").await;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.entries.remove(id);
@@ -752,7 +753,15 @@ impl Scheduler {
     async fn apply(&mut self, msg: &QueuedMessage, outcome: Outcome, relay: &str) {
         let now = util::now();
         let id = &msg.env.id;
-        let delay = now.saturating_sub(msg.env.arrival);
+        // Postfix's delay= and delays=a/b/c/d: a (before the queue
+        // manager) is 0, the message goes to the scheduler as it is
+        // acknowledged; b is the time in the queue; c and d as measured.
+        // The arrival time is kept to the second.
+        let (c, d) = (outcome.setup.as_secs_f64(), outcome.xfer.as_secs_f64());
+        let now_f = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(now as f64, |t| t.as_secs_f64());
+        let delay = (now_f - msg.env.arrival as f64).max(c + d);
+        let delays = format!("0/{}/{}/{}", logging::delay(delay - c - d), logging::delay(c), logging::delay(d));
+        let delay = logging::delay(delay);
         if let Some(err) = &msg.state_error {
             // The state was taken as lost (every recipient pending): keep the
             // bad file for the admin, out of the way of the new one.
@@ -765,6 +774,18 @@ impl Scheduler {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => log::error!(target: QMGR, "error: {id}: delivery state unusable ({err}); cannot move it to corrupt/: {e}"),
             }
+        }
+        if msg.state.attempts > 0 {
+            // As Postfix's qmgr each time a deferred message enters the
+            // active queue (smtpd logged it for the first attempt): after a
+            // restart or a log rotation, tools still know its sender and size.
+            log::info!(
+                target: QMGR,
+                "{id}: from=<{}>, size={}, nrcpt={} (queue active)",
+                msg.env.sender,
+                msg.size,
+                msg.env.recipients.len()
+            );
         }
         let mut state = msg.state.clone();
         state.attempts += 1;
@@ -781,10 +802,11 @@ impl Scheduler {
             } else {
                 "deferred"
             };
+            // Fields and order as Postfix's smtp(8), which pflogsumm parses.
             log::info!(
                 target: crate::logging::SMTP,
-                "{id}: to=<{rcpt}>, relay={relay}, delay={delay}, tries={}, status={status} ({})",
-                state.attempts,
+                "{id}: to=<{rcpt}>, relay={relay}, delay={delay}, delays={delays}, dsn={}, status={status} ({})",
+                reply.dsn(),
                 reply.text
             );
             if reply.is_ok() {
@@ -800,13 +822,9 @@ impl Scheduler {
         let expired = !deferred.is_empty() && now.saturating_sub(msg.env.arrival) >= lifetime;
         let mut expired_list = Vec::new();
         if expired {
-            for (rcpt, reply) in &deferred {
-                log::info!(
-                    target: QMGR,
-                    "{id}: to=<{rcpt}>, relay={relay}, delay={delay}, status=expired, returned to sender ({})",
-                    reply.text
-                );
-            }
+            // As Postfix's qmgr: one line for the message (its recipients
+            // were logged deferred above; the bounce names them).
+            log::info!(target: QMGR, "{id}: from=<{}>, status=expired, returned to sender", msg.env.sender);
             expired_list = std::mem::take(&mut deferred);
         }
         // Bounces first, durably, and only then mark the recipients done:
@@ -823,6 +841,9 @@ impl Scheduler {
                         log::info!(target: crate::logging::BOUNCE, "{id}: sender non-delivery notification: {bid}");
                         Stats::inc(&self.stats.bounced);
                         let size = self.spool.read(&bid).map(|m| m.size).unwrap_or(0);
+                        // As Postfix's qmgr for the bounce it queued: the
+                        // size of what is then delivered.
+                        log::info!(target: QMGR, "{bid}: from=<>, size={size}, nrcpt=1 (queue active)");
                         self.add(bid, size);
                         true
                     }

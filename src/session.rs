@@ -141,7 +141,9 @@ where
     if let Err(Close::After) = result {
         let _ = s.flush().await;
     }
-    if let Some(t) = s.txn.take() {
+    // With no recipient accepted there is no queue file to speak of (Postfix
+    // has no queue ID before the first accepted RCPT either).
+    if let Some(t) = s.txn.take().filter(|t| !t.rcpts.is_empty()) {
         log::info!(target: SMTPD, "{}: lost connection or aborted before DATA completed", t.id);
     }
     let _ = s.wr.shutdown().await;
@@ -392,7 +394,6 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             return self.client_limited(r, &limits);
         }
         let id = util::new_queue_id();
-        log::info!(target: SMTPD, "{id}: client={}", self.client);
         self.txn = Some(Txn { id, sender, body_8bit: flags & MAIL_BODY_8BITMIME != 0, rcpts: Vec::new() });
         self.reply(250, "2.1.0", "Ok");
         Ok(())
@@ -467,15 +468,24 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             Ok(addr) => {
                 if let Some(t) = self.txn.as_mut()
                     && !t.rcpts.iter().any(|r| r.eq_ignore_ascii_case(&addr)) {
+                        if t.rcpts.is_empty() {
+                            // As Postfix's smtpd, when the first recipient
+                            // is accepted (and its queue file created):
+                            // pflogsumm counts a message received here.
+                            log::info!(target: SMTPD, "{}: client={}", t.id, self.client);
+                        }
                         t.rcpts.push(addr);
                     }
                 self.reply(250, "2.1.5", "Ok");
                 Ok(())
             }
             Err(r) => {
+                // NOQUEUE until a recipient was accepted, then the queue
+                // ID, as Postfix (which creates the queue file then).
                 log::info!(
                     target: SMTPD,
-                    "NOQUEUE: reject: RCPT from {}: {}; from=<{}> to=<{}> proto={} helo=<{}>",
+                    "{}: reject: RCPT from {}: {}; from=<{}> to=<{}> proto={} helo=<{}>",
+                    if txn.rcpts.is_empty() { "NOQUEUE" } else { txn.id.as_str() },
                     self.client,
                     r.line(),
                     txn.sender,
@@ -684,8 +694,10 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             self.reply(451, "4.3.0", "Error: queue file write error");
             return Ok(());
         }
+        // Postfix's qmgr logs this as the message enters its active queue
+        // (here: at once, the scheduler is told below).
         log::info!(
-            target: SMTPD,
+            target: crate::logging::QMGR,
             "{}: from=<{}>, size={size}, nrcpt={} (queue active)",
             txn.id,
             txn.sender,

@@ -394,6 +394,15 @@ fn metrics(ctx: &Ctx) -> String {
     ] {
         let _ = writeln!(o, "bartleby_client_limit_refusals_total{{limit=\"{label}\"}} {}", Stats::get(c));
     }
+    if cfg.log_host.is_some() {
+        metric(
+            &mut o,
+            "bartleby_log_host_dropped_total",
+            "counter",
+            "Log lines not sent to log_host (the socket could not take them at once) since start.",
+            logging::log_host_dropped(),
+        );
+    }
     metric(&mut o, "bartleby_clients_tracked", "gauge", "Clients in the per-client limits table.", st.clients.tracked());
     if let Ok(d) = spool::disk_space(&cfg.spool) {
         metric(&mut o, "bartleby_spool_free_bytes", "gauge", "Space available on the spool file system.", d.avail);

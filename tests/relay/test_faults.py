@@ -266,7 +266,8 @@ class Faults(unittest.TestCase):
 
     def start(self, size_mb=48, inodes=None, primary_up=False):
         self.disk = Disk(size_mb, inodes)
-        r = Relay(extra=f"delivery_connections = {DELIVERY_CONNECTIONS}\nmax_connections = 20")
+        # ISO timestamps: the warning's time to the millisecond (check_duplicates).
+        r = Relay(extra=f'delivery_connections = {DELIVERY_CONNECTIONS}\nmax_connections = 20\nlog_format = "iso"')
         spool = os.path.join(self.disk.mnt, "spool")
         with open(r.config) as f:
             conf = f.read().replace(r.spool, spool)
@@ -444,7 +445,7 @@ class Faults(unittest.TestCase):
         failure but not yet committed by the journal are lost with it (as for
         Postfix, which does not fsync an unlink either): bounded by the
         messages delivered in the last journal commit interval, counted."""
-        m = re.search(r"^(\S+) bartleby/qmgr: warning: spool .* cannot record delivery results", log, re.M)
+        m = re.search(r"^(\S+) \S+ bartleby/qmgr\[\d+\]: warning: spool .* cannot record delivery results", log, re.M)
         dups = self.figures["duplicates"]
         if m:
             ts = m.group(1).rstrip("Z")

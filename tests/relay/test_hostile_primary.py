@@ -254,7 +254,7 @@ def run_row(name, replies, expect, why, pipelining):
             mid = re.search(rb"Message-ID: (<[^>]+>)", body).group(1)
             in_queue = qid in r.queue_ids()
             state = state_of(r, qid)
-            sent_lines = [a for a in rcpts if re.search(rf"{qid}: to=<{re.escape(a)}>, relay=\S+, delay=\d+, tries=\d+, status=sent", log)]
+            sent_lines = [a for a in rcpts if re.search(rf"{qid}: to=<{re.escape(a)}>, relay=\S+, delay=[\d.]+, delays=[\d./]+, dsn=\d\.\d+\.\d+, status=sent", log)]
             marked = [a for a in rcpts if re.search(rf"^sent {re.escape(a)} ", state, re.M)]
             removed = not in_queue or f"{qid}: removed" in log
             if sent_lines or marked or removed:
@@ -266,7 +266,7 @@ def run_row(name, replies, expect, why, pipelining):
                 if qid not in mailq:
                     problems.append(f"{qid} not in mailq")
                 for a in rcpts:
-                    m = re.search(rf"{qid}: to=<{re.escape(a)}>, relay=\S+, delay=\d+, tries=\d+, status=deferred \((.*)\)$", log, re.M)
+                    m = re.search(rf"{qid}: to=<{re.escape(a)}>, relay=\S+, delay=[\d.]+, delays=[\d./]+, dsn=\d\.\d+\.\d+, status=deferred \((.*)\)$", log, re.M)
                     if not m:
                         problems.append(f"{qid} to {a}: no deferral logged")
                     elif why and not re.search(why, m.group(1)):
@@ -358,7 +358,7 @@ class LoopAtDelivery(unittest.TestCase):
                 finally:
                     fake.stop()
                 log = r.read_log()
-                self.assertRegex(log, qid + r": to=<bob@example\.org>, relay=none, delay=\d+, tries=1, status=deferred \(451 4\.4\.6 mail for 127\.0\.0\.1 loops back to myself\)")
+                self.assertRegex(log, qid + r": to=<bob@example\.org>, relay=none, delay=[\d.]+, delays=[\d./]+, dsn=\d\.\d+\.\d+, status=deferred \(451 4\.4\.6 mail for 127\.0\.0\.1 loops back to myself\)")
                 self.assertRegex(log, r"warning: host 127\.0\.0\.1\[127\.0\.0\.1\]:\d+ (greeted me|replied to HELO/EHLO) with my own hostname backup\.example\.org")
                 self.assertEqual(fake.messages, [])
                 self.assertIn(qid, r.queue_ids())

@@ -436,8 +436,8 @@ class Queue(RelayTest):
         log = r.read_log()
         self.assertRegex(log, qid + r": client=unknown\[127\.0\.0\.1\]")
         self.assertRegex(log, qid + r": from=<alice@sender\.test>, size=\d+, nrcpt=1")
-        self.assertRegex(log, qid + r": to=<bob@example\.org>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, delay=\d+, tries=\d+, status=sent \(250")
-        self.assertRegex(log, qid + r": to=<bob@example\.org>, relay=none, delay=\d+, tries=1, status=deferred")
+        self.assertRegex(log, qid + r": to=<bob@example\.org>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, delay=[\d.]+, delays=[\d./]+, dsn=\d\.\d+\.\d+, status=sent \(250")
+        self.assertRegex(log, qid + r": to=<bob@example\.org>, relay=none, delay=[\d.]+, delays=[\d./]+, dsn=\d\.\d+\.\d+, status=deferred")
 
     def test_flush_without_server_fails(self):
         r = Relay()
@@ -459,7 +459,7 @@ class Queue(RelayTest):
         log = r.read_log()
         for qid in ids:
             self.assertEqual(log.count(qid + ": to=<"), log.count(qid + ": to=<b") * 2, qid)
-            self.assertEqual(len(re.findall(qid + r": to=<[a-z]+@example\.org>, relay=127[^ ]+, delay=\d+, tries=\d+, status=sent", log)), 2, qid)
+            self.assertEqual(len(re.findall(qid + r": to=<[a-z]+@example\.org>, relay=127[^ ]+, delay=[\d.]+, delays=[\d./]+, dsn=\d\.\d+\.\d+, status=sent", log)), 2, qid)
         # Twenty messages, but no more connections than delivery_connections (4).
         sessions = {os.path.basename(f).split(".")[0] for f in s.files()}
         self.assertLessEqual(len(sessions), 4, s.files())
@@ -542,7 +542,7 @@ class Queue(RelayTest):
             time.sleep(0.1)
         self.assertNotIn(qid, r.queue_ids(), r.read_log())
         log = r.read_log()
-        self.assertRegex(log, qid + r": to=<bob@example\.org>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, delay=\d+, tries=2, status=bounced \(5")
+        self.assertRegex(log, qid + r": to=<bob@example\.org>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, delay=[\d.]+, delays=[\d./]+, dsn=\d\.\d+\.\d+, status=bounced \(5")
         self.assertIn(qid + ": sender non-delivery notification:", log)
         # One bounce for both recipients, from <> to the sender; this
         # primary refuses every RCPT, so the bounce bounces too and, being
@@ -553,7 +553,7 @@ class Queue(RelayTest):
         while time.time() < end and bid in r.queue_ids():
             time.sleep(0.1)
         log = r.read_log()
-        self.assertRegex(log, bid + r": to=<alice@sender\.test>, relay=\S+, delay=\d+, tries=1, status=bounced")
+        self.assertRegex(log, bid + r": to=<alice@sender\.test>, relay=\S+, delay=[\d.]+, delays=[\d./]+, dsn=\d\.\d+\.\d+, status=bounced")
         self.assertIn(bid + ": bounce of a bounce (null sender): discarded", log)
         self.assertEqual(r.queue_ids(), [])
 
@@ -568,7 +568,7 @@ class Queue(RelayTest):
             ({"greeting": "554 5.3.2 primary.example.org not accepting mail"}, "refused to talk to me: 554 5.3.2"),
             ({"EHLO": "502 5.5.2 no EHLO", "HELO": "550 5.7.1 go away"}, "said: 550 5.7.1 go away (in reply to HELO command)"),
         ):
-            deferred = [re.compile(qid + r": to=<bob@example\.org>, relay=none, delay=\d+, tries=\d+, status=deferred \(host 127\.0\.0\.1\[127\.0\.0\.1\]:\d+ " + re.escape(seen)) for qid in ids]
+            deferred = [re.compile(qid + r": to=<bob@example\.org>, relay=none, delay=[\d.]+, delays=[\d./]+, dsn=\d\.\d+\.\d+, status=deferred \(host 127\.0\.0\.1\[127\.0\.0\.1\]:\d+ " + re.escape(seen)) for qid in ids]
             p = FakePrimary(r.primary_port, replies)
             try:
                 r.flush()

@@ -31,7 +31,14 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let path = args.get(1).expect("usage: status_demo CONFIG [RAM]");
     let cfg = Arc::new(Config::load(Path::new(path)).unwrap_or_else(|e| panic!("{e}")));
-    logging::init(log::LevelFilter::Info, None).expect("logging");
+    logging::init(&logging::Options {
+        level: log::LevelFilter::Info,
+        file: None,
+        format: logging::Format::Syslog,
+        hostname: "backup.example.org",
+        log_host: None,
+    })
+    .expect("logging");
     Spool::create(&cfg.spool).expect("spool");
 
     let stats = Arc::new(Stats::new());
@@ -48,8 +55,11 @@ fn main() {
         *stats.spool_note.lock().unwrap() = "No disk found: the spool is on a RAM disk & mail is lost at power-off.".into();
     }
     log::info!(target: SMTPD, "6940A9A90F3A2: client=mx.sender.test[192.0.2.1]");
-    log::info!(target: SMTPD, "6940A9A90F3A2: from=<<script>alert(1)</script>@evil.test>, size=1234");
-    log::info!(target: SMTP, "6940A9A90F3A2: to=<bob@example.org>, relay=mail.example.org, status=deferred (connect: Connection refused)");
+    log::info!(target: QMGR, "6940A9A90F3A2: from=<<script>alert(1)</script>@evil.test>, size=1234, nrcpt=1 (queue active)");
+    log::info!(
+        target: SMTP,
+        "6940A9A90F3A2: to=<bob@example.org>, relay=none, delay=0.12, delays=0/0.1/0.02/0, dsn=4.4.1, status=deferred (421 4.4.1 connect to mail.example.org[192.0.2.25]:25: Connection refused)"
+    );
     log::info!(target: QMGR, "queue run: 3 messages, 0 delivered, 3 deferred");
 
     if let Err(e) = bartleby::status::start(cfg.clone(), stats.clone()) {
