@@ -401,7 +401,11 @@ pub fn page(d: &PageData) -> String {
         _ => {}
     }
     if d.recipients_unusable {
-        o.push_str("<p class=\"alert\" id=\"recipients-unusable\">No usable recipients list: every recipient gets 451 4.3.0 (try again later) until the file is fixed: ");
+        let _ = write!(
+            o,
+            "<p class=\"alert\" id=\"recipients-unusable\">No usable recipients list: every recipient gets 451 4.3.0 (try again later) until {}: ",
+            if fr.source == Source::Push { "the next push" } else { "the file is fixed" }
+        );
         html(&mut o, d.recipients_kept.strip_prefix("recipients list ").unwrap_or(&d.recipients_kept));
         o.push_str(". Senders retry; no mail is refused for good. (An empty file is never taken: to refuse all mail for a domain, remove it from relay_domains.)</p>\n");
     } else if !d.recipients_kept.is_empty() {
