@@ -126,8 +126,14 @@ pub struct StatusConfig {
     pub allow: Vec<Cidr>,
     /// Seconds between two accepted flushes from the page.
     pub flush_interval: Duration,
-    /// Age after which the recipients list is reported stale.
+    /// Age after which the recipients list is reported stale: not taken
+    /// from its source (the file, a push) for this long. 0: never stale.
     pub recipients_max_age: Duration,
+    /// May replace the recipients list with `PUT /recipients` (with the
+    /// token of `push_token_file`). Empty: push is off.
+    pub push_allow: Vec<Cidr>,
+    /// The file holding the push's bearer token (read for each push).
+    pub push_token_file: Option<PathBuf>,
     /// Further names (lower case, no trailing dot) and IP addresses the page
     /// answers for besides `hostname` (DNS rebinding: see status/gate.rs).
     pub names: Vec<String>,
@@ -854,6 +860,8 @@ impl Builder {
                 flush_interval: Duration::from_secs(10),
                 recipients_max_age: Duration::from_secs(7 * 86400),
                 names: Vec::new(),
+                push_allow: Vec::new(),
+                push_token_file: None,
             },
             network: NetworkConfig { interface: None, address: "dhcp".into(), gateway: None, dns: Vec::new() },
             smtpd_client_connection_count_limit: 0, // see finish()
@@ -1064,6 +1072,8 @@ impl Builder {
                 c.log_host = Some(parse_log_host(s)?);
                 Ok(())
             }
+            ("status", "push_allow") => want_cidrs(v).map(|a| c.status.push_allow = a),
+            ("status", "push_token_file") => want_opt_path(v).map(|p| c.status.push_token_file = p),
             ("", "status") | ("", "network") => Err(format!("`{}` is a table: write it as [{}]", it.key, it.key)),
             ("", k) => Err(format!("unknown key `{k}`")),
             ("status", _) | ("network", _) => Err(format!("unknown key `{full}`")),
@@ -1125,6 +1135,12 @@ impl Builder {
             // Not set: one client may take half the sessions, so one address
             // can never lock everyone else out.
             c.smtpd_client_connection_count_limit = (c.max_connections / 2).max(1);
+        }
+        if !c.status.push_allow.is_empty() && c.status.push_token_file.is_none() {
+            return Err((
+                self.line_of("status.push_allow"),
+                "`status.push_allow` needs `status.push_token_file`: a file holding the token the primary sends (Authorization: Bearer)".into(),
+            ));
         }
         if let Some(e) = self_loop(c) {
             return Err((self.line_of("primary"), e));

@@ -90,6 +90,14 @@ fn main() -> ExitCode {
                         return ExitCode::from(78);
                     }
                 }
+                match bartleby::status::check_push(&c) {
+                    Ok(true) => println!("recipients list push: enabled (PUT /recipients)"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        eprintln!("bartleby: {e}");
+                        return ExitCode::from(78);
+                    }
+                }
                 println!(
                     "{}: OK: {} relaying for {} to {}",
                     args.config.display(),

@@ -261,6 +261,57 @@ pub struct RecipientList {
 /// The spool's copy of the last list taken, in the spool directory (see
 /// [`Recipients::start`]).
 pub const LAST_GOOD: &str = "recipients.last";
+/// The list last pushed with `PUT /recipients` (see [`Recipients::push`]),
+/// as it was sent, in the spool directory beside [`LAST_GOOD`].
+pub const PUSHED: &str = "recipients.push";
+/// A push's body on its way in, in the spool directory: `PUSH_TMP` and a
+/// number. Left over by a crash, removed at start.
+pub const PUSH_TMP: &str = "recipients.push.tmp.";
+
+/// Where the recipients list in force came from, for the page and `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// No list: every address in the relay domains.
+    None = 0,
+    /// The `recipients` file.
+    File = 1,
+    /// A push (`PUT /recipients`, kept as [`PUSHED`]).
+    Push = 2,
+    /// The last good list ([`LAST_GOOD`]): the file or push cannot be used.
+    LastGood = 3,
+}
+
+impl Source {
+    pub fn of(n: u32) -> Source {
+        match n {
+            1 => Source::File,
+            2 => Source::Push,
+            3 => Source::LastGood,
+            _ => Source::None,
+        }
+    }
+
+    /// The `source` label of `bartleby_recipients_source`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::None => "none",
+            Source::File => "file",
+            Source::Push => "push",
+            Source::LastGood => "last_good",
+        }
+    }
+}
+
+/// Why a push was not taken (see [`Recipients::push`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum PushRefused {
+    /// The body is not a list (a bad line, not UTF-8, no entries): 400.
+    BadList(String),
+    /// It holds fewer than half the entries in force (new, in force): 409.
+    Shrink(usize, usize),
+    /// The spool could not keep it: 500.
+    Io(String),
+}
 
 impl RecipientList {
     /// Loads the list, for `bartleby check`: a list that cannot be used
@@ -316,6 +367,13 @@ impl RecipientList {
         entries.dedup_by(|a, b| key(a) == key(b));
         entries.shrink_to_fit();
         Ok(RecipientList { path: Some(path.to_path_buf()), entries, id: Some(FileId::of(&meta)), text, failed: false })
+    }
+
+    /// The modification time of the file this list was read from.
+    fn modified(&self) -> Option<std::time::SystemTime> {
+        let (s, ns) = self.id?.mtime;
+        let d = std::time::Duration::new(u64::try_from(s).ok()?, u32::try_from(ns).unwrap_or(0));
+        std::time::SystemTime::UNIX_EPOCH.checked_add(d)
     }
 
     /// The addresses, sorted, without duplicates.
@@ -439,7 +497,16 @@ fn count_lines(path: &Path) -> Option<usize> {
 
 /// The recipients list the sessions use: a snapshot behind a lock held only
 /// to clone an `Arc`, so a session never waits for the disk. The watcher
-/// thread swaps in a new list when the file changes.
+/// thread swaps in a new list when the file changes; the status page's
+/// handler when a list is pushed ([`Recipients::push`]).
+///
+/// The file and the push: **the newer wins**. A push is taken when it
+/// arrives; a version of the file is taken when its modification time is
+/// later than the push in force (an edit after the push), and then the
+/// pushed copy is removed from the spool; at start the same rule picks one.
+/// SIGHUP takes the file whatever its age. The guards are the same for both
+/// (never an empty list; not fewer than half the entries in force unless
+/// forced: SIGHUP, `?force=1`).
 #[derive(Debug, Clone)]
 pub struct Recipients {
     inner: std::sync::Arc<Shared>,
@@ -457,6 +524,13 @@ struct Shared {
     /// The version of the file refused at start, so that the watcher does
     /// not read it again (and warn again) until it changes.
     refused_at_start: std::sync::Mutex<Option<Result<FileId, String>>>,
+    /// The configured `recipients` file.
+    file: Option<PathBuf>,
+    /// When the list in force was pushed; `None` when it was not.
+    pushed: std::sync::Mutex<Option<std::time::SystemTime>>,
+    /// Held while a new list is read and swapped in: the watcher and a push
+    /// never interleave (the newer-wins rule is decided under it).
+    update: std::sync::Mutex<()>,
 }
 
 /// What the watcher saw at the path: a version of the file, or why not.
@@ -464,21 +538,74 @@ fn seen(path: &Path) -> Result<FileId, String> {
     std::fs::metadata(path).map(|m| FileId::of(&m)).map_err(|e| e.to_string())
 }
 
+fn unix(t: std::time::SystemTime) -> u32 {
+    t.duration_since(std::time::SystemTime::UNIX_EPOCH).map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX))
+}
+
+/// Tells the page and `/metrics` about the list in force.
+fn publish(stats: &crate::stats::Stats, list: &RecipientList, source: Source, updated: Option<std::time::SystemTime>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let source = if list.is_enabled() { source } else { Source::None };
+    stats.recipients_entries.store(u32::try_from(list.len()).unwrap_or(u32::MAX), Relaxed);
+    stats.recipients_unusable.store(!list.is_usable(), Relaxed);
+    stats.recipients_source.store(source as u32, Relaxed);
+    stats.recipients_updated.store(updated.map_or(0, unix), Relaxed);
+}
+
+/// Removes what pushes cut short by a crash left in `dir` (see [`PUSH_TMP`]).
+fn remove_push_temps(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_str().is_some_and(|n| n.starts_with(PUSH_TMP)) {
+            let p = e.path();
+            match std::fs::remove_file(&p) {
+                Ok(()) => log::info!(target: crate::logging::MASTER, "removed {} (a push cut short)", p.display()),
+                Err(err) => log::warn!(target: crate::logging::MASTER, "warning: cannot remove {}: {err}", p.display()),
+            }
+        }
+    }
+}
+
+/// The pushed list kept in the spool: `Ok(None)` when there is none.
+fn read_pushed(p: &Path) -> Result<Option<RecipientList>, String> {
+    match std::fs::symlink_metadata(p) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        _ => RecipientList::read(p).map(Some),
+    }
+}
+
 impl Recipients {
     pub fn new(list: RecipientList) -> Recipients {
-        Recipients::with_last(list, None, None)
+        Recipients::with_last(list, None, None, None)
     }
 
-    fn with_last(list: RecipientList, last: Option<PathBuf>, refused: Option<Result<FileId, String>>) -> Recipients {
+    fn with_last(list: RecipientList, last: Option<PathBuf>, refused: Option<Result<FileId, String>>, file: Option<PathBuf>) -> Recipients {
         let current = std::sync::Mutex::new(std::sync::Arc::new(list));
         let force = std::sync::atomic::AtomicBool::new(false);
         let refused_at_start = std::sync::Mutex::new(refused);
-        Recipients { inner: std::sync::Arc::new(Shared { current, force, watcher: std::sync::OnceLock::new(), last, refused_at_start }) }
+        Recipients {
+            inner: std::sync::Arc::new(Shared {
+                current,
+                force,
+                watcher: std::sync::OnceLock::new(),
+                last,
+                refused_at_start,
+                file,
+                pushed: std::sync::Mutex::new(None),
+                update: std::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    fn pushed_path(&self) -> Option<PathBuf> {
+        self.inner.last.as_ref().map(|l| l.with_file_name(PUSHED))
     }
 
     /// The list to start with. Never an error: a list that cannot be used
     /// must not stop the server (on the appliance PID 1 would reboot into
     /// the same file again and again). In order:
+    ///   * the pushed list ([`PUSHED`], in the spool), when there is one and
+    ///     the file is not newer (by its modification time);
     ///   * the file, when it can be used and holds at least half the entries
     ///     of the last good list (`last`, kept in the spool): it becomes the
     ///     last good list;
@@ -486,11 +613,79 @@ impl Recipients {
     ///     reload would be, and taken once it changes, or by SIGHUP);
     ///   * else no list: every recipient gets `451 4.3.0` (temporary: the
     ///     sender retries), with a warning in the log, on the page and in
-    ///     `/metrics`, until the watcher takes a good version.
+    ///     `/metrics`, until the watcher takes a good version (or a push).
+    ///
+    /// With neither a file configured nor a pushed list: no list (every
+    /// address in the relay domains), as before push existed.
     pub fn start(path: Option<&Path>, last: &Path, stats: &crate::stats::Stats) -> Recipients {
-        let Some(path) = path else { return Recipients::new(RecipientList::default()) };
+        let pushed_path = last.with_file_name(PUSHED);
+        if let Some(dir) = last.parent() {
+            remove_push_temps(dir);
+        }
         // Before reading: a change after this is seen by the watcher.
-        let seen_at_start = seen(path);
+        let seen_at_start = path.map(seen);
+        let file_time = path.and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        let mut push_error = None;
+        match read_pushed(&pushed_path) {
+            Ok(Some(mut p)) if file_time.is_none() || file_time <= p.modified() => {
+                let t = p.modified();
+                log::info!(
+                    target: crate::logging::MASTER,
+                    "recipients list: {} entries, pushed {} ({}){}",
+                    p.len(),
+                    t.map_or_else(|| "?".into(), |t| crate::util::iso_date(unix(t) as u64)),
+                    pushed_path.display(),
+                    match path {
+                        Some(f) if file_time.is_some() => format!(", newer than {}", f.display()),
+                        _ => String::new(),
+                    }
+                );
+                save_last(&p, last);
+                publish(stats, &p, Source::Push, t);
+                stats.recipients_kept.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                p.path = Some(pushed_path.clone());
+                let r = Recipients::with_last(p, Some(last.to_path_buf()), seen_at_start, path.map(Path::to_path_buf));
+                *r.inner.pushed.lock().unwrap_or_else(|e| e.into_inner()) = t;
+                return r;
+            }
+            Ok(Some(_)) => {
+                if let Some(f) = path {
+                    log::info!(target: crate::logging::MASTER, "recipients list {} is newer than the pushed list {}: using the file", f.display(), pushed_path.display());
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                log::warn!(target: crate::logging::MASTER, "warning: pushed {e}: not used");
+                push_error = Some(e);
+            }
+        }
+        let Some(path) = path else {
+            let Some(why) = push_error else {
+                publish(stats, &RecipientList::default(), Source::None, None);
+                return Recipients::with_last(RecipientList::default(), Some(last.to_path_buf()), None, None);
+            };
+            // A list was pushed, but its copy is damaged: the last good
+            // list, else 451 until the next push (never "everyone").
+            let (list, source) = match RecipientList::read(last) {
+                Ok(mut l) => {
+                    log::warn!(target: crate::logging::MASTER, "warning: using the last good list {} ({} entries) until the next push", last.display(), l.len());
+                    let t = l.modified();
+                    l.path = Some(pushed_path);
+                    l.id = None;
+                    publish(stats, &l, Source::LastGood, t);
+                    (l, why)
+                }
+                Err(_) => {
+                    log::warn!(target: crate::logging::MASTER, "warning: no usable recipients list: every recipient in the relay domains gets 451 4.3.0 (try again later) until the next push");
+                    let l = RecipientList::unusable(&pushed_path);
+                    publish(stats, &l, Source::Push, None);
+                    (l, why)
+                }
+            };
+            *stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()) = source;
+            return Recipients::with_last(list, Some(last.to_path_buf()), None, None);
+        };
+        let seen_at_start = seen_at_start.unwrap_or_else(|| seen(path));
         // The last good list instead of the file, for `why`; Err: why not.
         let from_last = |why: &str| match RecipientList::read(last) {
             Ok(mut l) => {
@@ -506,6 +701,7 @@ impl Recipients {
             }
             Err(e) => Err(e),
         };
+        let last_time = || std::fs::metadata(last).and_then(|m| m.modified()).ok();
         let (list, refused, why) = match RecipientList::read(path) {
             Ok(new) => match count_lines(last) {
                 Some(n) if new.len() * 2 < n => {
@@ -544,11 +740,16 @@ impl Recipients {
         if refused.is_none() {
             log::info!(target: crate::logging::MASTER, "recipients list {}: {} entries", path.display(), list.len());
             save_last(&list, last);
+            publish(stats, &list, Source::File, list.modified());
+            // The file is newer than any push: the pushed copy is done with.
+            remove_pushed(&pushed_path);
+        } else if list.is_usable() {
+            publish(stats, &list, Source::LastGood, last_time());
+        } else {
+            publish(stats, &list, Source::File, None);
         }
-        stats.recipients_unusable.store(!list.is_usable(), std::sync::atomic::Ordering::Relaxed);
-        stats.recipients_entries.store(u32::try_from(list.len()).unwrap_or(u32::MAX), std::sync::atomic::Ordering::Relaxed);
         *stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()) = why;
-        Recipients::with_last(list, Some(last.to_path_buf()), refused)
+        Recipients::with_last(list, Some(last.to_path_buf()), refused, Some(path.to_path_buf()))
     }
 
     /// The list in force now.
@@ -561,8 +762,8 @@ impl Recipients {
     }
 
     /// Rereads the list now and takes it even if it drops most entries (the
-    /// administrator's way past the guard: SIGHUP). False when no list is
-    /// configured.
+    /// administrator's way past the guard: SIGHUP), and even if a push is
+    /// newer. False when no list file is configured.
     pub fn force_reload(&self) -> bool {
         let Some(t) = self.inner.watcher.get() else { return false };
         self.inner.force.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -570,16 +771,19 @@ impl Recipients {
         true
     }
 
-    /// Starts the watcher thread (when a list is configured). Once a second
-    /// it looks at the file (stat only); a changed file is read once it has
-    /// been left alone for a second (a copy in progress keeps changing), off
-    /// the SMTP runtime. A new version is refused, and the list in force
-    /// kept, when it cannot be used (not a regular file, too big, not UTF-8,
-    /// a bad line, no entries) or when it holds fewer than half the entries
-    /// of the list in force (a truncated copy: 0 entries would answer 550 to
-    /// everyone). A refused version is not read again until the file changes.
+    /// Starts the watcher thread (when a list file is configured). Once a
+    /// second it looks at the file (stat only); a changed file is read once
+    /// it has been left alone for a second (a copy in progress keeps
+    /// changing), off the SMTP runtime. A new version is refused, and the
+    /// list in force kept, when it cannot be used (not a regular file, too
+    /// big, not UTF-8, a bad line, no entries) or when it holds fewer than
+    /// half the entries of the list in force (a truncated copy: 0 entries
+    /// would answer 550 to everyone); it is not taken either when a pushed
+    /// list is in force and the file's modification time is not later than
+    /// the push (the newer wins). A refused version is not read again until
+    /// the file changes.
     pub fn watch(&self, stats: std::sync::Arc<crate::stats::Stats>) -> std::io::Result<()> {
-        let Some(path) = self.get().path.clone() else { return Ok(()) };
+        let Some(path) = self.inner.file.clone() else { return Ok(()) };
         let me = self.clone();
         let handle = std::thread::Builder::new()
             .name("recipients".into())
@@ -618,8 +822,23 @@ impl Recipients {
     }
 
     /// Reads the file and takes it, or keeps the list in force and says why.
-    /// With no usable list in force, any usable version is taken.
+    /// With no usable list in force, any usable version is taken. A version
+    /// not newer than a push in force is left alone (unless `forced`).
     fn reload(&self, path: &Path, forced: bool, stats: &crate::stats::Stats) -> Result<(), ()> {
+        let _update = self.inner.update.lock().unwrap_or_else(|p| p.into_inner());
+        let pushed = *self.inner.pushed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tp) = pushed.filter(|_| !forced)
+            && let Ok(tf) = std::fs::metadata(path).and_then(|m| m.modified())
+            && tf <= tp
+        {
+            log::info!(
+                target: crate::logging::SMTPD,
+                "recipients list {}: not taken: older than the list pushed {} (the newer one is in force; send SIGHUP to take the file)",
+                path.display(),
+                crate::util::iso_date(unix(tp) as u64)
+            );
+            return Err(());
+        }
         let old = self.get();
         let why = match RecipientList::read(path) {
             Ok(new) if forced || !old.is_usable() || new.len() * 2 >= old.len() => {
@@ -627,15 +846,19 @@ impl Recipients {
                 if let Some(last) = &self.inner.last {
                     save_last(&new, last);
                 }
+                publish(stats, &new, Source::File, new.modified());
                 self.set(new);
-                stats.recipients_entries.store(u32::try_from(n).unwrap_or(u32::MAX), std::sync::atomic::Ordering::Relaxed);
-                stats.recipients_unusable.store(false, std::sync::atomic::Ordering::Relaxed);
                 stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 log::info!(
                     target: crate::logging::SMTPD,
                     "recipients list reloaded: {n} entries{}",
                     if forced { " (forced by SIGHUP)" } else { "" }
                 );
+                if self.inner.pushed.lock().unwrap_or_else(|p| p.into_inner()).take().is_some()
+                    && let Some(p) = self.pushed_path()
+                {
+                    remove_pushed(&p);
+                }
                 return Ok(());
             }
             Ok(new) => format!(
@@ -660,6 +883,87 @@ impl Recipients {
         }
         *stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()) = why;
         Err(())
+    }
+
+    /// Takes a pushed list. `tmp` holds the body as received (in the spool
+    /// directory, where [`PUSHED`] goes: a rename there is atomic); it is
+    /// parsed by the same reader as the file, then fsynced and renamed to
+    /// [`PUSHED`], the directory fsynced, and only then swapped in: a crash
+    /// at any point leaves the old list or the new one, never a mix. Refused
+    /// (and `tmp` left for the caller to remove) when it is not a usable
+    /// list, or when it holds fewer than half the entries in force unless
+    /// `force`. `from` is the client, for the log.
+    pub fn push(&self, tmp: &Path, force: bool, from: &str, stats: &crate::stats::Stats) -> Result<(usize, usize), PushRefused> {
+        let _update = self.inner.update.lock().unwrap_or_else(|p| p.into_inner());
+        let (Some(last), Some(dest)) = (self.inner.last.as_ref(), self.pushed_path()) else {
+            return Err(PushRefused::Io("no spool to keep a pushed list in".into()));
+        };
+        let mut new = RecipientList::read(tmp).map_err(|e| PushRefused::BadList(body_error(&e, tmp)))?;
+        let old = self.get();
+        let before = if old.is_enabled() && old.is_usable() { old.len() } else { 0 };
+        if !force && new.len() * 2 < before {
+            log::warn!(
+                target: crate::logging::STATUS,
+                "warning: recipients list pushed by {from}: {} entries, fewer than half of the {before} in force: refused (push with ?force=1 to take it)",
+                new.len()
+            );
+            return Err(PushRefused::Shrink(new.len(), before));
+        }
+        let io = |what: &str, p: &Path, e: std::io::Error| {
+            let msg = format!("cannot {what} {}: {e}", p.display());
+            log::warn!(target: crate::logging::STATUS, "warning: recipients list pushed by {from}: {msg}");
+            PushRefused::Io(msg)
+        };
+        std::fs::File::open(tmp).and_then(|f| f.sync_all()).map_err(|e| io("sync", tmp, e))?;
+        std::fs::rename(tmp, &dest).map_err(|e| io("rename to", &dest, e))?;
+        if let Some(dir) = dest.parent() {
+            std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| io("sync", dir, e))?;
+        }
+        let now = std::fs::metadata(&dest).and_then(|m| m.modified()).unwrap_or_else(|_| std::time::SystemTime::now());
+        new.path = Some(dest);
+        new.id = None;
+        let n = new.len();
+        save_last(&new, last);
+        publish(stats, &new, Source::Push, Some(now));
+        *self.inner.pushed.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
+        self.set(new);
+        stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        log::info!(
+            target: crate::logging::STATUS,
+            "recipients list pushed by {from}: {n} entries (was {}){}",
+            old.len(),
+            if force { " (forced)" } else { "" }
+        );
+        Ok((n, old.len()))
+    }
+}
+
+/// A reader's error about a pushed body, without the temporary file's name:
+/// `line 7: ...` for a bad line.
+fn body_error(e: &str, tmp: &Path) -> String {
+    let prefix = format!("recipients list {}", tmp.display());
+    let rest = e.strip_prefix(prefix.as_str()).unwrap_or(e);
+    if let Some(r) = rest.strip_prefix(':')
+        && let Some((n, what)) = r.split_once(':')
+        && !n.is_empty()
+        && n.bytes().all(|b| b.is_ascii_digit())
+    {
+        return format!("line {n}:{what}");
+    }
+    rest.strip_prefix(": ").unwrap_or(rest).to_string()
+}
+
+/// Removes the pushed copy once the file has taken over.
+fn remove_pushed(p: &Path) {
+    match std::fs::remove_file(p) {
+        Ok(()) => {
+            log::info!(target: crate::logging::MASTER, "recipients list: the file is newer than the pushed list; removed {}", p.display());
+            if let Some(dir) = p.parent() {
+                let _ = std::fs::File::open(dir).and_then(|f| f.sync_all());
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => log::warn!(target: crate::logging::MASTER, "warning: cannot remove {}: {e}", p.display()),
     }
 }
 
@@ -934,4 +1238,101 @@ mod tests {
         assert!(!r.get().is_enabled() && r.get().is_usable() && r.get().accepts("anyone@example.org"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    fn push_body(dir: &Path, text: &str) -> PathBuf {
+        let tmp = dir.join(format!("{PUSH_TMP}7"));
+        std::fs::write(&tmp, text).unwrap();
+        tmp
+    }
+
+    fn set_mtime(p: &Path, secs_ago: u64) {
+        let t = std::time::SystemTime::now() - std::time::Duration::from_secs(secs_ago);
+        std::fs::File::options().write(true).open(p).unwrap().set_modified(t).unwrap();
+    }
+
+    #[test]
+    fn a_push_replaces_the_list_with_the_same_guards_and_survives_a_restart() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (p, last, dir) = start_dir("push");
+        std::fs::write(&p, "a@example.org\nb@example.org\nc@example.org\nd@example.org\n").unwrap();
+        let stats = crate::stats::Stats::new();
+        let r = Recipients::start(Some(&p), &last, &stats);
+        assert_eq!(Source::of(stats.recipients_source.load(Relaxed)), Source::File);
+        // A bad line: refused, naming the line, not the temporary file.
+        let tmp = push_body(&dir, "a@example.org\nnope\n");
+        assert_eq!(r.push(&tmp, false, "192.0.2.10", &stats), Err(PushRefused::BadList("line 2: `nope` is not user@domain or @domain".into())));
+        assert_eq!(r.get().len(), 4);
+        // No entries: never, not even forced.
+        let tmp = push_body(&dir, "# nobody\n");
+        assert!(matches!(r.push(&tmp, true, "x", &stats), Err(PushRefused::BadList(e)) if e.starts_with("no entries")));
+        // Fewer than half: only forced.
+        let tmp = push_body(&dir, "a@example.org\n");
+        assert_eq!(r.push(&tmp, false, "x", &stats), Err(PushRefused::Shrink(1, 4)));
+        assert!(tmp.exists() && !dir.join(PUSHED).exists());
+        assert_eq!(r.push(&tmp, true, "x", &stats), Ok((1, 4)));
+        assert!(!tmp.exists() && dir.join(PUSHED).exists());
+        assert!(r.get().accepts("a@example.org") && !r.get().accepts("b@example.org"));
+        assert_eq!(Source::of(stats.recipients_source.load(Relaxed)), Source::Push);
+        assert_eq!(std::fs::read_to_string(&last).unwrap(), "a@example.org\n");
+        // The file, older than the push, is not taken by the watcher...
+        set_mtime(&p, 60);
+        assert!(r.reload(&p, false, &stats).is_err());
+        assert!(!r.get().accepts("b@example.org"));
+        assert!(stats.recipients_kept.lock().unwrap().is_empty(), "not a warning");
+        // ... nor at start; a crash's leftovers are removed.
+        std::fs::write(dir.join(format!("{PUSH_TMP}3")), "junk").unwrap();
+        let stats = crate::stats::Stats::new();
+        let r = Recipients::start(Some(&p), &last, &stats);
+        assert!(!r.get().accepts("b@example.org") && r.get().accepts("a@example.org"));
+        assert_eq!(Source::of(stats.recipients_source.load(Relaxed)), Source::Push);
+        assert!(!dir.join(format!("{PUSH_TMP}3")).exists());
+        // SIGHUP takes the file whatever its age, and the push is done with.
+        assert!(r.reload(&p, true, &stats).is_ok());
+        assert!(r.get().accepts("b@example.org"));
+        assert!(!dir.join(PUSHED).exists());
+        let r = Recipients::start(Some(&p), &last, &crate::stats::Stats::new());
+        assert!(r.get().accepts("b@example.org"));
+        // A file edited after the push wins, at start too.
+        let tmp = push_body(&dir, "a@example.org\nb@example.org\nx@example.org\n");
+        assert!(r.push(&tmp, false, "x", &stats).is_ok());
+        set_mtime(&dir.join(PUSHED), 60);
+        std::fs::write(&p, "a@example.org\nb@example.org\nc@example.org\nd@example.org\n").unwrap();
+        let stats = crate::stats::Stats::new();
+        let r = Recipients::start(Some(&p), &last, &stats);
+        assert!(r.get().accepts("d@example.org") && !r.get().accepts("x@example.org"));
+        assert_eq!(Source::of(stats.recipients_source.load(Relaxed)), Source::File);
+        assert!(!dir.join(PUSHED).exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn push_without_a_file() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (_, last, dir) = start_dir("push-only");
+        let stats = crate::stats::Stats::new();
+        let r = Recipients::start(None, &last, &stats);
+        assert!(!r.get().is_enabled() && r.get().accepts("anyone@example.org"));
+        assert!(r.watch(std::sync::Arc::new(crate::stats::Stats::new())).is_ok() && !r.force_reload(), "no watcher");
+        let tmp = push_body(&dir, "bob@example.org\n");
+        assert_eq!(r.push(&tmp, false, "x", &stats), Ok((1, 0)));
+        assert!(r.get().accepts("bob@example.org") && !r.get().accepts("anyone@example.org"));
+        let stats = crate::stats::Stats::new();
+        let r = Recipients::start(None, &last, &stats);
+        assert!(r.get().accepts("bob@example.org") && !r.get().accepts("anyone@example.org"));
+        assert_eq!(Source::of(stats.recipients_source.load(Relaxed)), Source::Push);
+        assert!(stats.recipients_updated.load(Relaxed) > 0);
+        // The pushed copy damaged: the last good list, never "everyone".
+        std::fs::write(dir.join(PUSHED), "bob@exa\nmple").unwrap();
+        let r = Recipients::start(None, &last, &crate::stats::Stats::new());
+        assert!(r.get().accepts("bob@example.org") && !r.get().accepts("anyone@example.org"));
+        std::fs::remove_file(&last).unwrap();
+        let r = Recipients::start(None, &last, &crate::stats::Stats::new());
+        assert!(r.get().is_enabled() && !r.get().is_usable());
+        // The next push ends it, whatever its size.
+        let tmp = push_body(&dir, "carol@example.org\n");
+        assert!(r.push(&tmp, false, "x", &crate::stats::Stats::new()).is_ok());
+        assert!(r.get().is_usable() && r.get().accepts("carol@example.org"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
 }

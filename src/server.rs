@@ -117,8 +117,9 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
     }
     tokio::spawn(control_loop(control, stats.clone(), shutdown_rx.clone()));
     // The status page lives on its own threads and only reads the spool and
-    // the shared counters: it can never stall SMTP.
-    crate::status::start(cfg.clone(), stats.clone()).map_err(|e| format!("status page: {e}"))?;
+    // the shared counters (and swaps in a pushed recipients list, as the
+    // watcher does): it can never stall SMTP.
+    crate::status::start_with(cfg.clone(), stats.clone(), Some(ctx.recipients.clone())).map_err(|e| format!("status page: {e}"))?;
     log::info!(
         target: MASTER,
         "daemon started -- version {}, listening on {}, primary {}",

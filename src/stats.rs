@@ -63,6 +63,12 @@ pub struct Stats {
     /// (the last reload was refused and the previous list kept); empty when
     /// the file and the list agree.
     pub recipients_kept: Mutex<String>,
+    /// Where the recipients list in force came from: a
+    /// [`crate::policy::Source`] as a number (0: no list).
+    pub recipients_source: AtomicU32,
+    /// When the list in force was taken from its source: the file's
+    /// modification time, or the time of the push (unix seconds; 0: never).
+    pub recipients_updated: AtomicU32,
     /// A recipients list is configured but none can be used (the file is
     /// bad and no last good list was kept): every recipient gets 451 4.3.0;
     /// `recipients_kept` says why.

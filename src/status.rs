@@ -28,8 +28,16 @@
 //! hidden field, and when the browser sends `Origin` (or, failing that,
 //! `Referer`) it must name the `Host` the request was sent to. Flushes are
 //! rate-limited to one per `[status] flush_interval`.
+//!
+//! # Pushes
+//!
+//! `PUT /recipients` replaces the recipients list: see [`push`] (who may,
+//! how the body reaches the disk) and [`crate::policy::Recipients::push`]
+//! (how it is taken). A bearer token, unlike the flush form, needs no CSRF
+//! defence: browsers never send one by themselves.
 
 mod gate;
+mod push;
 mod render;
 
 use std::io::{self, BufWriter, Read, Write};
@@ -43,6 +51,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tiny_http::{Header, Method, Request, Response};
 
 use crate::config::Config;
+use crate::policy::{PushRefused, Recipients, Source};
 use crate::logging::{self, STATUS};
 use crate::spool::{self, Spool};
 use crate::stats::Stats;
@@ -61,6 +70,11 @@ const HANDLER_STACK: usize = 256 * 1024;
 /// returned so that `main` can report them; once started, the page keeps
 /// going by itself.
 pub fn start(cfg: Arc<Config>, stats: Arc<Stats>) -> io::Result<()> {
+    start_with(cfg, stats, None)
+}
+
+/// [`start`], with the recipients list a push (`PUT /recipients`) replaces.
+pub fn start_with(cfg: Arc<Config>, stats: Arc<Stats>, recipients: Option<Recipients>) -> io::Result<()> {
     let Some(addr) = cfg.status.listen else {
         return Ok(());
     };
@@ -72,7 +86,18 @@ pub fn start(cfg: Arc<Config>, stats: Arc<Stats>) -> io::Result<()> {
         secret: random_hex(),
         fd_pressure: Mutex::new(None),
         fd_lock: Mutex::new(()),
+        push: push::Push::new(cfg.status.push_allow.clone(), cfg.status.push_token_file.clone(), cfg.spool.clone()),
     });
+    if gate.push.enabled() {
+        match gate.push.token() {
+            Ok(_) => log::info!(
+                target: STATUS,
+                "recipients list push enabled: PUT /recipients from {}",
+                cfg.status.push_allow.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(" ")
+            ),
+            Err(why) => gate.push.warn_token(&why),
+        }
+    }
     let server = bind_backend(&gate)?;
     let (tx, rx) = mpsc::sync_channel(gate::QUEUE);
     let rx = Arc::new(Mutex::new(rx));
@@ -83,7 +108,7 @@ pub fn start(cfg: Arc<Config>, stats: Arc<Stats>) -> io::Result<()> {
             .stack_size(gate::STACK)
             .spawn(move || gate::worker(rx, g))?;
     }
-    let ctx = Ctx { cfg, stats, gate: gate.clone(), token: random_hex(), last_flush: None };
+    let ctx = Ctx { cfg, stats, gate: gate.clone(), token: random_hex(), last_flush: None, recipients };
     std::thread::Builder::new()
         .name("status-page".into())
         .stack_size(HANDLER_STACK)
@@ -94,6 +119,16 @@ pub fn start(cfg: Arc<Config>, stats: Arc<Stats>) -> io::Result<()> {
         .spawn(move || gate::run(listener, gate, tx))?;
     log::info!(target: STATUS, "status page listening on http://{addr}/");
     Ok(())
+}
+
+/// For `bartleby check`: `Ok` when push is off or its token file can be
+/// used (`serve` runs either way, with push off and a warning).
+pub fn check_push(cfg: &Config) -> Result<bool, String> {
+    let p = push::Push::new(cfg.status.push_allow.clone(), cfg.status.push_token_file.clone(), cfg.spool.clone());
+    if !p.enabled() {
+        return Ok(false);
+    }
+    p.token().map(|_| true).map_err(|e| format!("{e}: push of the recipients list would be disabled"))
 }
 
 /// Starts tiny_http on a fresh abstract Unix socket (no file to clean up,
@@ -144,6 +179,8 @@ struct Ctx {
     /// The hidden form field that `POST /flush` must return.
     token: String,
     last_flush: Option<Instant>,
+    /// What `PUT /recipients` replaces (none in the status demo).
+    recipients: Option<Recipients>,
 }
 
 /// Answers requests forever, restarting tiny_http if its accept loop dies
@@ -222,9 +259,55 @@ fn handle(rq: Request, ctx: &mut Ctx) {
             send(rq, 200, "text/plain; version=0.0.4; charset=utf-8", body, &[]);
         }
         "/flush" if *rq.method() == Method::Post => flush(rq, ctx, &peer),
+        "/recipients" if *rq.method() == Method::Put => push_list(rq, ctx, &peer, &query),
+        "/recipients" => text(rq, 405, "405 Method Not Allowed: push the list with PUT", &[("Allow", "PUT")]),
         "/flush" => text(rq, 405, "405 Method Not Allowed: use the button on the page (POST)", &[("Allow", "POST")]),
         "/" | "/api/queue" | "/metrics" => text(rq, 405, "405 Method Not Allowed", &[("Allow", "GET, HEAD")]),
         _ => text(rq, 404, "404 Not Found", &[]),
+    }
+}
+
+/// `PUT /recipients`, vetted by the gate (peer, token, length), its body
+/// already in a file in the spool that the gate names: parsed, guarded and
+/// swapped in by [`Recipients::push`]. Here, one at a time: at most one
+/// pushed list is being parsed in memory.
+fn push_list(rq: Request, ctx: &mut Ctx, peer: &str, query: &str) {
+    let name = header(&rq, "X-Bartleby-Push").unwrap_or("").to_string();
+    if !name.starts_with(crate::policy::PUSH_TMP) || name.contains('/') {
+        return text(rq, 400, "400 Bad Request: no body", &[]);
+    }
+    let Some(recipients) = &ctx.recipients else {
+        return text(rq, 503, "503 Service Unavailable: no recipients list here", &[]);
+    };
+    let force = query.split('&').any(|kv| kv == "force=1");
+    let tmp = ctx.cfg.spool.join(&name);
+    let outcome = recipients.push(&tmp, force, peer, &ctx.stats);
+    if outcome.is_err() {
+        // Before the answer: once a pusher has it, nothing is left behind.
+        push::remove(&tmp);
+    }
+    let count = |o| ctx.gate.push.count(o);
+    match outcome {
+        Ok((n, was)) => {
+            count(push::Outcome::Accepted);
+            text(rq, 200, &format!("200 OK: recipients list replaced: {n} entries (was {was})"), &[]);
+        }
+        Err(PushRefused::BadList(why)) => {
+            count(push::Outcome::BadList);
+            log::warn!(target: STATUS, "warning: recipients list pushed by {peer}: {why}; the list in force is kept");
+            text(rq, 400, &format!("400 Bad Request: {why}; the list in force is kept"), &[]);
+        }
+        Err(PushRefused::Shrink(n, was)) => {
+            count(push::Outcome::Shrink);
+            let msg = format!(
+                "409 Conflict: the pushed list has {n} entries, fewer than half of the {was} in force (a list cut short?); the list in force is kept. To take it anyway, push to /recipients?force=1"
+            );
+            text(rq, 409, &msg, &[]);
+        }
+        Err(PushRefused::Io(why)) => {
+            count(push::Outcome::Failed);
+            text(rq, 500, &format!("500 Internal Server Error: {why}; the list in force is kept"), &[]);
+        }
     }
 }
 
@@ -275,16 +358,32 @@ fn flush(mut rq: Request, ctx: &mut Ctx, peer: &str) {
     send(rq, 303, "text/plain; charset=utf-8", b"303 See Other: /?flushed=1\n".to_vec(), &[("Location", "/?flushed=1")]);
 }
 
-/// The recipients list's age, from its modification time.
+/// Whether the recipients file can be seen.
 fn recipients_list(cfg: &Config) -> render::RecipientsList {
     let Some(p) = &cfg.recipients else {
         return render::RecipientsList::NotConfigured;
     };
-    match std::fs::metadata(p).and_then(|m| m.modified()) {
-        Ok(t) => render::RecipientsList::Age(SystemTime::now().duration_since(t).map(|d| d.as_secs()).unwrap_or(0)),
+    match std::fs::metadata(p) {
+        Ok(_) => render::RecipientsList::Present,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => render::RecipientsList::Missing("no such file".into()),
         Err(e) => render::RecipientsList::Missing(e.to_string()),
     }
+}
+
+/// Where the list in force came from, when, and whether that is too long
+/// ago (`[status] recipients_max_age`; 0: never stale).
+fn freshness(ctx: &Ctx, now: u64) -> render::Freshness {
+    let st = &ctx.stats;
+    let source = Source::of(st.recipients_source.load(Ordering::Relaxed));
+    let updated = u64::from(Stats::get(&st.recipients_updated));
+    let max_age = ctx.cfg.status.recipients_max_age.as_secs();
+    let path = match source {
+        Source::Push => ctx.cfg.spool.join(crate::policy::PUSHED),
+        Source::LastGood => ctx.cfg.spool.join(crate::policy::LAST_GOOD),
+        _ => ctx.cfg.recipients.clone().unwrap_or_else(|| ctx.cfg.spool.join(crate::policy::PUSHED)),
+    };
+    let stale = source != Source::None && max_age > 0 && updated > 0 && now.saturating_sub(updated) > max_age;
+    render::Freshness { source, updated, stale, path: path.display().to_string(), push: ctx.gate.push.enabled() }
 }
 
 fn page_data<'a>(ctx: &'a Ctx, flushed: bool) -> render::PageData<'a> {
@@ -318,6 +417,7 @@ fn page_data<'a>(ctx: &'a Ctx, flushed: bool) -> render::PageData<'a> {
         recipients_path: cfg.recipients.as_ref().map(|p| p.display().to_string()),
         recipients: recipients_list(cfg),
         recipients_max_age: cfg.status.recipients_max_age,
+        freshness: freshness(ctx, now()),
         log: logging::recent_lines(),
         token: &ctx.token,
         flushed,
@@ -439,10 +539,8 @@ fn metrics(ctx: &Ctx) -> String {
         "1 if the spool is on persistent storage.",
         u8::from(st.check_spool(&cfg.spool)),
     );
-    if let render::RecipientsList::Age(a) = recipients_list(cfg) {
-        metric(&mut o, "bartleby_recipients_list_age_seconds", "gauge", "Age of the recipients list file.", a);
-    }
-    if cfg.recipients.is_some() {
+    let fr = freshness(ctx, t);
+    if cfg.recipients.is_some() || fr.source != Source::None || fr.push {
         metric(&mut o, "bartleby_recipients_entries", "gauge", "Entries of the recipients list in force.", Stats::get(&st.recipients_entries));
         let unusable = st.recipients_unusable.load(Ordering::Relaxed);
         let kept = !unusable && st.recipients_kept.lock().map(|s| !s.is_empty()).unwrap_or(false);
@@ -454,6 +552,33 @@ fn metrics(ctx: &Ctx) -> String {
             "0 if no recipients list can be used: every recipient gets 451 4.3.0.",
             u8::from(!unusable),
         );
+        o.push_str("# HELP bartleby_recipients_source 1 for where the recipients list in force came from.\n# TYPE bartleby_recipients_source gauge\n");
+        for s in [Source::File, Source::Push, Source::LastGood] {
+            let _ = writeln!(o, "bartleby_recipients_source{{source=\"{}\"}} {}", s.label(), u8::from(fr.source == s));
+        }
+        if fr.updated > 0 {
+            metric(
+                &mut o,
+                "bartleby_recipients_last_update_timestamp_seconds",
+                "gauge",
+                "When the recipients list in force was taken from its source (file modification time, or the push).",
+                fr.updated,
+            );
+            metric(&mut o, "bartleby_recipients_list_age_seconds", "gauge", "Age of the recipients list in force.", t.saturating_sub(fr.updated));
+        }
+        metric(
+            &mut o,
+            "bartleby_recipients_stale",
+            "gauge",
+            "1 if the recipients list was not refreshed within [status] recipients_max_age.",
+            u8::from(fr.stale),
+        );
+    }
+    if fr.push {
+        o.push_str("# HELP bartleby_recipients_pushes_total Pushes of the recipients list (PUT /recipients) since start, by result.\n# TYPE bartleby_recipients_pushes_total counter\n");
+        for r in push::Outcome::ALL {
+            let _ = writeln!(o, "bartleby_recipients_pushes_total{{result=\"{}\"}} {}", r.label(), ctx.gate.push.counted(r));
+        }
     }
     let started = st.started.load(Ordering::Relaxed) as u64;
     metric(&mut o, "bartleby_uptime_seconds", "gauge", "Seconds since the relay started.", t.saturating_sub(started));

@@ -20,6 +20,10 @@
 //! * The request head must fit in [`MAX_HEAD`] bytes (else 431), a body in
 //!   [`MAX_BODY`] bytes (else 413), and both must arrive within
 //!   [`REQUEST_DEADLINE`] (else 408). Chunked request bodies are refused.
+//! * `PUT /recipients` (a push of the recipients list, up to 1 MiB) is the
+//!   exception: its head is vetted here (also from `[status] push_allow`,
+//!   which may send nothing else), and its body is never buffered here: a
+//!   worker streams it to a file in the spool ([`super::push`]).
 //! * A vetted request is re-written (hop-by-hop headers and any client
 //!   `X-Bartleby-*` header removed; `Connection: close`, `X-Bartleby-Peer`
 //!   and the per-process `X-Bartleby-Gate` secret added) and queued for one
@@ -90,6 +94,8 @@ pub struct Gate {
     /// Held by a worker from its descriptor check until tiny_http has
     /// accepted its connection; the gate does not accept meanwhile.
     pub fd_lock: Mutex<()>,
+    /// `PUT /recipients` (see [`super::push`]).
+    pub push: super::push::Push,
 }
 
 impl Gate {
@@ -305,6 +311,9 @@ fn fd_headroom(fd: std::os::unix::io::RawFd, n: usize) -> bool {
 pub struct Job {
     stream: TcpStream,
     request: Vec<u8>,
+    /// A push: the length of the head in `request` (the rest is the start
+    /// of the body), and of the whole body.
+    push: Option<(usize, usize)>,
 }
 
 enum Phase {
@@ -322,6 +331,11 @@ struct Conn {
     deadline: Instant,
     buf: Vec<u8>,
     phase: Phase,
+    /// The peer is in `[status] allow` (else it is only in `push_allow`,
+    /// and may send nothing but a push).
+    page_ok: bool,
+    /// See [`Job::push`].
+    push: Option<(usize, usize)>,
 }
 
 enum Step {
@@ -336,6 +350,12 @@ fn reply(stream: &mut TcpStream, code: u16, reason: &str, extra: &str) {
         421 => "This status page answers only for its own names: its IP address, its hostname, or a name in [status] names.\n",
         _ => "",
     };
+    reply_text(stream, code, reason, extra, hint);
+}
+
+/// [`reply`] with a text of our own after the status line in the body.
+fn reply_text(stream: &mut TcpStream, code: u16, reason: &str, extra: &str, hint: &str) {
+    let hint = if hint.is_empty() || hint.ends_with('\n') { hint.to_string() } else { format!("{hint}\n") };
     let body_len = reason.len() + 5 + hint.len();
     let msg = format!(
         "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {body_len}\r\nCache-Control: no-store\r\nConnection: close\r\n{extra}\r\n{code} {reason}\n{hint}"
@@ -347,10 +367,62 @@ impl Conn {
     /// Sends an error reply and switches to draining.
     fn fail(&mut self, code: u16, reason: &str, extra: &str) {
         reply(&mut self.stream, code, reason, extra);
+        self.linger();
+    }
+
+    /// [`Conn::fail`] for a push refused by the gate, counted.
+    fn refuse_push(&mut self, gate: &Gate, (o, r): (super::push::Outcome, super::push::Refusal)) {
+        gate.push.count(o);
+        reply_text(&mut self.stream, r.code, r.reason, r.extra, &r.text);
+        self.linger();
+    }
+
+    fn linger(&mut self) {
         let _ = self.stream.shutdown(Shutdown::Write);
         self.buf = Vec::new();
         self.phase = Phase::Linger { discarded: 0 };
         self.deadline = Instant::now() + LINGER;
+    }
+
+    /// The head of a push (`end` bytes in `buf`): vetted (Host, who, token,
+    /// length), then Ready with only what came with the head; a worker
+    /// streams the body to disk (super::push). False when refused.
+    fn push_head(&mut self, end: usize, gate: &Gate) -> bool {
+        use super::push::{Outcome, Refusal};
+        let max = crate::policy::MAX_LIST_BYTES as usize;
+        let (fwd, body_len, expect) = match rewrite_with(&self.buf[..end], self.peer, &gate.secret, &gate.hosts, max, true) {
+            Ok(r) => r,
+            Err((501, _)) => {
+                let text = "send Content-Length (curl -T FILE does; a chunked body, as from a pipe, is not taken)".into();
+                self.refuse_push(gate, (Outcome::LengthRequired, Refusal { code: 411, reason: "Length Required", extra: "", text }));
+                return false;
+            }
+            Err((413, reason)) => {
+                let text = format!("a recipients list is at most {max} bytes");
+                self.refuse_push(gate, (Outcome::TooLarge, Refusal { code: 413, reason, extra: "", text }));
+                return false;
+            }
+            Err((code, reason)) => {
+                self.fail(code, reason, "");
+                return false;
+            }
+        };
+        if let Err(refusal) = gate.push.vet(&self.buf[..end], self.peer) {
+            self.refuse_push(gate, refusal);
+            return false;
+        }
+        let head_len = fwd.len();
+        let have = (self.buf.len() - end).min(body_len);
+        let mut req = fwd;
+        req.extend_from_slice(&self.buf[end..end + have]);
+        self.buf = req;
+        self.push = Some((head_len, body_len));
+        if expect && have < body_len {
+            let _ = self.stream.write(b"HTTP/1.1 100 Continue\r\n\r\n");
+        }
+        self.phase = Phase::Ready;
+        self.deadline = Instant::now() + READY_WAIT;
+        true
     }
 
     /// Reads what is available. Never blocks: the socket is non-blocking.
@@ -390,7 +462,18 @@ impl Conn {
                         continue;
                     }
                     None => continue,
-                    Some(end) => match rewrite(&self.buf[..end], self.peer, &gate.secret, &gate.hosts) {
+                    Some(end) if super::push::is_push(&self.buf[..end]) => {
+                        if self.push_head(end, gate) {
+                            return Step::Keep;
+                        }
+                        continue;
+                    }
+                    Some(_) if !self.page_ok => {
+                        // In push_allow only: nothing else (not even the page).
+                        self.fail(403, "Forbidden", "");
+                        continue;
+                    }
+                    Some(end) => match rewrite_with(&self.buf[..end], self.peer, &gate.secret, &gate.hosts, MAX_BODY, false) {
                         Err((code, reason)) => {
                             self.fail(code, reason, "");
                             continue;
@@ -448,7 +531,15 @@ const DROP: [&str; 8] = ["connection", "keep-alive", "proxy-connection", "upgrad
 /// Validates a request head (its `Host` against `hosts`) and re-writes it
 /// for tiny_http. Returns the new head, the body length and whether the
 /// client expects `100 Continue`.
+#[cfg(test)]
 pub fn rewrite(head: &[u8], peer: IpAddr, secret: &str, hosts: &Hosts) -> Result<(Vec<u8>, usize, bool), (u16, &'static str)> {
+    rewrite_with(head, peer, secret, hosts, MAX_BODY, false)
+}
+
+/// [`rewrite`] with a body of at most `max_body` bytes. For a `push`, the
+/// head is made for a request without a body (the worker streams it to a
+/// file and names that instead), and the token is not forwarded.
+fn rewrite_with(head: &[u8], peer: IpAddr, secret: &str, hosts: &Hosts, max_body: usize, push: bool) -> Result<(Vec<u8>, usize, bool), (u16, &'static str)> {
     let text = std::str::from_utf8(head).map_err(|_| (400, "Bad Request"))?;
     let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
     let request_line = lines.next().unwrap_or("");
@@ -490,7 +581,7 @@ pub fn rewrite(head: &[u8], peer: IpAddr, secret: &str, hosts: &Hosts) -> Result
             if length.is_some_and(|l| l != n) {
                 return Err((400, "Bad Request"));
             }
-            if n > MAX_BODY {
+            if n > max_body {
                 return Err((413, "Content Too Large"));
             }
             length = Some(n);
@@ -506,6 +597,7 @@ pub fn rewrite(head: &[u8], peer: IpAddr, secret: &str, hosts: &Hosts) -> Result
         }
         if DROP.iter().any(|d| name.eq_ignore_ascii_case(d))
             || name.get(..11).is_some_and(|p| p.eq_ignore_ascii_case("x-bartleby-"))
+            || (push && name.eq_ignore_ascii_case("authorization"))
         {
             continue;
         }
@@ -517,7 +609,8 @@ pub fn rewrite(head: &[u8], peer: IpAddr, secret: &str, hosts: &Hosts) -> Result
     hosts.check(&host, version == "HTTP/1.0", peer)?;
     let length = length.unwrap_or(0);
     let peer = peer.to_canonical();
-    let fixed = format!("Content-Length: {length}\r\nConnection: close\r\nX-Bartleby-Peer: {peer}\r\nX-Bartleby-Gate: {secret}\r\n\r\n");
+    let fixed = format!("Content-Length: {}\r\n", if push { 0 } else { length });
+    let fixed = format!("{fixed}Connection: close\r\nX-Bartleby-Peer: {peer}\r\nX-Bartleby-Gate: {secret}\r\n\r\n");
     out.extend_from_slice(fixed.as_bytes());
     Ok((out, length, expect))
 }
@@ -552,11 +645,11 @@ pub fn run(listener: TcpListener, gate: Arc<Gate>, jobs: SyncSender<Job>) {
                 i += 1;
                 continue;
             }
-            let Conn { stream, buf, peer, deadline, .. } = conns.remove(i);
-            match jobs.try_send(Job { stream, request: buf }) {
+            let Conn { stream, buf, peer, deadline, page_ok, push, .. } = conns.remove(i);
+            match jobs.try_send(Job { stream, request: buf, push }) {
                 Ok(()) | Err(TrySendError::Disconnected(_)) => {}
                 Err(TrySendError::Full(j)) => {
-                    conns.insert(i, Conn { stream: j.stream, peer, deadline, buf: j.request, phase: Phase::Ready });
+                    conns.insert(i, Conn { stream: j.stream, peer, deadline, buf: j.request, phase: Phase::Ready, page_ok, push });
                     break;
                 }
             }
@@ -628,14 +721,17 @@ pub fn run(listener: TcpListener, gate: Arc<Gate>, jobs: SyncSender<Job>) {
                         continue;
                     }
                     let peer = addr.ip();
+                    let page_ok = config::allowed(&gate.allow, peer);
                     let mut c = Conn {
                         stream,
                         peer,
                         deadline: Instant::now() + REQUEST_DEADLINE,
                         buf: Vec::new(),
                         phase: Phase::Reading { need: None },
+                        page_ok,
+                        push: None,
                     };
-                    if !config::allowed(&gate.allow, peer) {
+                    if !page_ok && !gate.push.may_push(peer) {
                         log::debug!(target: STATUS, "status page: refused {peer} (not in [status] allow)");
                         c.fail(403, "Forbidden", "");
                     } else if let Step::Close = c.step(&mut chunk, &gate) {
@@ -694,12 +790,37 @@ pub fn worker(jobs: Arc<Mutex<Receiver<Job>>>, gate: Arc<Gate>) {
 }
 
 fn forward(job: Job, gate: &Gate, buf: &mut [u8]) {
-    let Job { mut stream, request } = job;
+    let Job { mut stream, request, push } = job;
     if stream.set_nonblocking(false).is_err() {
         return;
     }
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    let Some((head_len, body_len)) = push else {
+        return relay(stream, request, gate, buf);
+    };
+    // A push: the body goes to a file first; the handler gets its name.
+    let name = match gate.push.receive(&mut stream, &request[head_len..], body_len, buf) {
+        Ok(name) => name,
+        Err((o, r)) => {
+            gate.push.count(o);
+            reply_text(&mut stream, r.code, r.reason, r.extra, &r.text);
+            return drain(&mut stream, buf);
+        }
+    };
+    let line = request.iter().position(|&c| c == b'\n').map_or(0, |i| i + 1);
+    let mut head = Vec::with_capacity(head_len + 64);
+    head.extend_from_slice(&request[..line]);
+    head.extend_from_slice(format!("X-Bartleby-Push: {name}\r\n").as_bytes());
+    head.extend_from_slice(&request[line..head_len]);
+    drop(request);
+    relay(stream, head, gate, buf);
+    // Renamed into place when taken; otherwise it goes now.
+    super::push::remove(&gate.push.dir.join(name));
+}
+
+/// Sends a vetted request to tiny_http and copies the response back.
+fn relay(mut stream: TcpStream, request: Vec<u8>, gate: &Gate, buf: &mut [u8]) {
     // No new descriptors for the gate until tiny_http has accepted (and
     // cloned) this connection: see fd_headroom.
     let mut guard = Some(gate.fd_lock.lock().unwrap_or_else(|e| e.into_inner()));
@@ -760,7 +881,11 @@ fn forward(job: Job, gate: &Gate, buf: &mut [u8]) {
             return;
         }
     }
-    // Half-close and drain briefly so the response is not cut by an RST.
+    drain(&mut stream, buf);
+}
+
+/// Half-closes and drains briefly so the response is not cut by an RST.
+fn drain(stream: &mut TcpStream, buf: &mut [u8]) {
     let _ = stream.shutdown(Shutdown::Write);
     let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
     for _ in 0..8 {

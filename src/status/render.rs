@@ -16,6 +16,7 @@ use std::io::{self, Write};
 use std::time::Duration;
 
 use crate::spool::{DiskSpace, QueuedMessage, RcptStatus, Spool};
+use crate::policy::Source;
 use crate::stats::PrimaryState;
 use crate::util::{human_duration, iso_date};
 
@@ -205,11 +206,24 @@ impl SystemView {
     }
 }
 
-/// The recipients list's state, for the page and the metrics.
+/// The recipients file's state, for the page.
 pub enum RecipientsList {
     NotConfigured,
     Missing(String),
-    Age(u64),
+    Present,
+}
+
+/// Where the recipients list in force came from and how fresh it is.
+pub struct Freshness {
+    pub source: crate::policy::Source,
+    /// When it was taken from its source (unix seconds; 0: never).
+    pub updated: u64,
+    /// Not refreshed within `[status] recipients_max_age`.
+    pub stale: bool,
+    /// Where it is: the file, or its copy in the spool.
+    pub path: String,
+    /// `PUT /recipients` is configured.
+    pub push: bool,
 }
 
 /// Everything the page shows, gathered before rendering.
@@ -235,6 +249,7 @@ pub struct PageData<'a> {
     pub recipients_path: Option<String>,
     pub recipients: RecipientsList,
     pub recipients_max_age: Duration,
+    pub freshness: Freshness,
     pub log: Vec<String>,
     pub token: &'a str,
     pub flushed: bool,
@@ -356,28 +371,41 @@ pub fn page(d: &PageData) -> String {
         }
         o.push_str(": mail is being queued here.</p>\n");
     }
+    let fr = &d.freshness;
     match &d.recipients {
-        RecipientsList::Missing(e) => {
+        RecipientsList::Missing(e) if fr.source != Source::Push => {
             o.push_str("<p class=\"warn\" id=\"recipients-warning\">Warning: the recipients list ");
             html(&mut o, d.recipients_path.as_deref().unwrap_or(""));
             o.push_str(" cannot be read (");
             html(&mut o, e);
             o.push_str(").</p>\n");
         }
-        RecipientsList::Age(age) if *age > d.recipients_max_age.as_secs() => {
+        _ if fr.stale => {
             o.push_str("<p class=\"warn\" id=\"recipients-warning\">Warning: the recipients list ");
-            html(&mut o, d.recipients_path.as_deref().unwrap_or(""));
+            match fr.source {
+                Source::Push => o.push_str("pushed by the primary"),
+                Source::LastGood => o.push_str("(the last good list) "),
+                _ => {}
+            }
+            if fr.source != Source::Push {
+                html(&mut o, &fr.path);
+            }
             let _ = writeln!(
                 o,
-                " is {} old (more than {}): it may not know recent addresses.</p>",
-                human_duration(*age),
-                human_duration(d.recipients_max_age.as_secs())
+                " has not been refreshed for {} (more than {}): it may not know recent addresses{}.</p>",
+                human_duration(d.now.saturating_sub(fr.updated)),
+                human_duration(d.recipients_max_age.as_secs()),
+                if fr.push { "; is the primary's job that pushes it still running?" } else { "" }
             );
         }
         _ => {}
     }
     if d.recipients_unusable {
-        o.push_str("<p class=\"alert\" id=\"recipients-unusable\">No usable recipients list: every recipient gets 451 4.3.0 (try again later) until the file is fixed: ");
+        let _ = write!(
+            o,
+            "<p class=\"alert\" id=\"recipients-unusable\">No usable recipients list: every recipient gets 451 4.3.0 (try again later) until {}: ",
+            if fr.source == Source::Push { "the next push" } else { "the file is fixed" }
+        );
         html(&mut o, d.recipients_kept.strip_prefix("recipients list ").unwrap_or(&d.recipients_kept));
         o.push_str(". Senders retry; no mail is refused for good. (An empty file is never taken: to refuse all mail for a domain, remove it from relay_domains.)</p>\n");
     } else if !d.recipients_kept.is_empty() {
@@ -512,31 +540,40 @@ pub fn page(d: &PageData) -> String {
     if let Some((a, b, c)) = s.load {
         let _ = write!(o, "<tr><th>Load average</th><td>{a:.2} {b:.2} {c:.2}</td></tr>");
     }
-    o.push_str("<tr><th>Recipients list</th><td>");
-    match (&d.recipients, &d.recipients_path) {
-        (RecipientsList::NotConfigured, _) | (_, None) => {
-            o.push_str("<span class=\"dim\">not configured: every address in the relay domains is accepted</span>")
-        }
-        (RecipientsList::Missing(_), Some(p)) => {
-            o.push_str("<span class=\"bad\">missing</span> <span class=\"mono\">");
-            html(&mut o, p);
-            o.push_str("</span>");
-        }
-        (_, Some(p)) if d.recipients_unusable => {
+    o.push_str("<tr><th>Recipients list</th><td id=\"recipients\">");
+    match (&d.recipients, fr.source) {
+        _ if d.recipients_unusable => {
             o.push_str("<span class=\"bad\">no usable list: 451 to every recipient</span> <span class=\"mono\">");
-            html(&mut o, p);
+            html(&mut o, &fr.path);
             o.push_str("</span>");
         }
-        (RecipientsList::Age(a), Some(p)) => {
-            let stale = *a > d.recipients_max_age.as_secs();
+        (RecipientsList::Missing(_), Source::None | Source::File) => {
+            o.push_str("<span class=\"bad\">missing</span> <span class=\"mono\">");
+            html(&mut o, d.recipients_path.as_deref().unwrap_or(""));
+            o.push_str("</span>");
+        }
+        (_, Source::None) => {
+            o.push_str("<span class=\"dim\">not configured: every address in the relay domains is accepted");
+            if fr.push {
+                o.push_str(" (until the primary pushes a list)");
+            }
+            o.push_str("</span>");
+        }
+        (_, source) => {
+            let how = match source {
+                Source::Push => "pushed by the primary",
+                Source::LastGood => "the last good list (the configured one cannot be used)",
+                _ => "from the file",
+            };
             let _ = write!(
                 o,
-                "{} entries, <span class=\"{}\">updated {} ago</span> <span class=\"mono\">",
+                "{} entries, {how}, <span class=\"{}\" title=\"{}\">updated {} ago</span> <span class=\"mono\">",
                 d.recipients_entries,
-                if stale { "bad" } else { "ok" },
-                human_duration(*a)
+                if fr.stale { "bad" } else { "ok" },
+                iso_date(fr.updated),
+                human_duration(d.now.saturating_sub(fr.updated))
             );
-            html(&mut o, p);
+            html(&mut o, &fr.path);
             o.push_str("</span>");
         }
     }
