@@ -327,6 +327,19 @@ fn page_data<'a>(ctx: &'a Ctx, flushed: bool) -> render::PageData<'a> {
         recipients_unusable: st.recipients_unusable.load(Ordering::Relaxed),
         client_limits: crate::clients::Limits::of(cfg),
         client_limited: st.clients.limited(now()),
+        verify: cfg.verify_recipients.then(|| verify_view(st)),
+    }
+}
+
+fn verify_view(st: &Stats) -> render::VerifyView {
+    render::VerifyView {
+        positive: Stats::get(&st.verify_positive),
+        negative: Stats::get(&st.verify_negative),
+        hits: Stats::get(&st.verify_hits),
+        misses: Stats::get(&st.verify_misses),
+        probes: Stats::get(&st.verify_probes),
+        answered: Stats::get(&st.verify_answered),
+        last_refresh: u64::from(Stats::get(&st.verify_last_refresh)),
     }
 }
 
@@ -445,6 +458,17 @@ fn metrics(ctx: &Ctx) -> String {
             "0 if no recipients list can be used: every recipient gets 451 4.3.0.",
             u8::from(!unusable),
         );
+    }
+    if cfg.verify_recipients {
+        let v = verify_view(st);
+        o.push_str("# HELP bartleby_verify_cache_entries Entries of the recipient verification cache.\n# TYPE bartleby_verify_cache_entries gauge\n");
+        let _ = writeln!(o, "bartleby_verify_cache_entries{{kind=\"positive\"}} {}", v.positive);
+        let _ = writeln!(o, "bartleby_verify_cache_entries{{kind=\"negative\"}} {}", v.negative);
+        metric(&mut o, "bartleby_verify_cache_hits_total", "counter", "Recipient lookups answered from the verification cache.", v.hits);
+        metric(&mut o, "bartleby_verify_cache_misses_total", "counter", "Recipient lookups not in the verification cache.", v.misses);
+        metric(&mut o, "bartleby_verify_probes_total", "counter", "Verification probes sent to the primary (RCPT TO).", v.probes);
+        metric(&mut o, "bartleby_verify_probes_answered_total", "counter", "Verification probes the primary answered (2xx, 4xx or 5xx).", v.answered);
+        metric(&mut o, "bartleby_verify_last_refresh_timestamp_seconds", "gauge", "When the primary last answered a probe with yes or no (0: never).", v.last_refresh);
     }
     let started = st.started.load(Ordering::Relaxed) as u64;
     metric(&mut o, "bartleby_uptime_seconds", "gauge", "Seconds since the relay started.", t.saturating_sub(started));
