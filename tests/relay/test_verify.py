@@ -74,7 +74,7 @@ class UserPrimary(harness.FakePrimary):
         return self._do(conn, f, action)
 
 
-class VerifyTest(unittest.TestCase):
+class Base(unittest.TestCase):
     def setUp(self):
         self.relays, self.clients, self.primaries = [], [], []
         self.status_port = None
@@ -153,6 +153,9 @@ class VerifyTest(unittest.TestCase):
                 out[k] = float(v)
         return out
 
+
+
+class VerifyTest(Base):
     # -- while the primary is up ------------------------------------------
 
     def test_known_accepted_unknown_refused_one_connection_never_data(self):
@@ -469,6 +472,75 @@ class VerifyTest(unittest.TestCase):
                 out = subprocess.run([harness.BINARY, "check", "-c", rr.config], capture_output=True, text=True, timeout=10)
                 self.assertEqual(out.returncode, 78, out.stderr)
                 self.assertIn(bad.split(" ")[0], out.stderr)
+
+
+class PostfixPrimary(Base):
+    """A real Postfix as the primary: a private instance (tests/bench/mtas.py)
+    relaying example.org with a relay_recipient_maps that lists only
+    alice@example.org (smtpd_reject_unlisted_recipient = yes, the default):
+    its own 550 5.1.1 "User unknown in relay recipient table" must come back
+    as Bartleby's 550 5.1.1, and its 250 as 250."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.pf = None
+        if os.geteuid() != 0 or not os.path.exists("/usr/sbin/postfix"):
+            raise unittest.SkipTest("Postfix not installed, or not root")
+        import tempfile
+
+        sys.path.insert(0, os.path.join(harness.ROOT, "tests", "bench"))
+        import mtas  # noqa: E402
+
+        cls.base = tempfile.mkdtemp(prefix="bartleby-pf-", dir="/var/tmp")
+        os.chmod(cls.base, 0o755)
+        cls.port = free_port()
+        cls.pf = mtas.Postfix(cls.base, "127.0.0.1", cls.port, "127.0.0.1", free_port())
+        cls.pf.setup()
+        users = os.path.join(cls.base, "recipients")
+        with open(users, "w") as f:
+            f.write("alice@example.org OK\n")
+        with open(os.path.join(cls.pf.etc, "main.cf")) as f:
+            cf = f.read().replace("relay_recipient_maps =\n", f"relay_recipient_maps = texthash:{users}\n")
+        with open(os.path.join(cls.pf.etc, "main.cf"), "w") as f:
+            f.write(cf)
+        cls.pf.start()
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.pf:
+            cls.pf.stop()
+            import shutil
+
+            shutil.rmtree(cls.base, ignore_errors=True)
+
+    def test_real_postfix_primary(self):
+        r = self.relay(self.port)
+        c = self.session(r)
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        code, text = self.rcpt(c, "nobody@example.org")
+        self.assertEqual(code, 550, text)
+        self.assertIn("5.1.1", text)
+        self.assertIn("User unknown in relay recipient table", text)
+        c.cmd("QUIT")
+
+        def maillog():
+            try:
+                with open(self.pf.maillog, errors="replace") as f:
+                    return f.read()
+            except OSError:
+                return ""
+
+        # The probe connection ends (QUIT when idle) with no message made:
+        # Postfix's cleanup never saw one (no message-id= line).
+        def probe_disconnect():
+            return [l for l in maillog().splitlines() if "disconnect from" in l and "rcpt=" in l]
+
+        self.assertTrue(wait_for(probe_disconnect, 20), maillog()[-2000:])
+        line = probe_disconnect()[0]
+        # e.g. "ehlo=1 mail=2 rcpt=1/2 rset=2 quit=1 commands=7/8"
+        self.assertIn("mail=2 rcpt=1/2 rset=2 quit=1", line)
+        self.assertNotIn("data", line)
+        self.assertNotIn("message-id=", maillog())
 
 
 def main():
