@@ -505,6 +505,11 @@ impl Verifier {
         let mut last_save = tokio::time::Instant::now();
         let mut last_refresh_probe = 0u64;
         loop {
+            // Also seen here: a probe cut short by the shutdown has marked
+            // the change seen already.
+            if *shutdown.borrow() {
+                break;
+            }
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -587,6 +592,14 @@ impl Verifier {
         }
         if let Some(c) = conn.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), c.quit()).await;
+        }
+        // A periodic save still running finishes first (both would use the
+        // same temporary file).
+        for _ in 0..50 {
+            if !self.saving.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if self.lock().dirty > 0
             && let Some(done) = self.save(true)
@@ -694,9 +707,10 @@ impl Verifier {
         }
         match &answer {
             Answer::Yes => log::info!(target: SMTP, "verify: <{addr}>: status=deliverable"),
-            Answer::No(r) | Answer::TempFail(r) => {
-                log::info!(target: SMTP, "verify: <{addr}>: status={} ({r})", if matches!(answer, Answer::No(_)) { "undeliverable" } else { "deferred" })
-            }
+            // Debug only: the session's reject line says it already, and a
+            // dictionary attack would double the console's lines.
+            Answer::No(r) => log::debug!(target: SMTP, "verify: <{addr}>: status=undeliverable ({r})"),
+            Answer::TempFail(r) => log::info!(target: SMTP, "verify: <{addr}>: status=deferred ({r})"),
             _ => {}
         }
         self.publish();

@@ -311,6 +311,26 @@ class VerifyTest(Base):
         c = self.session(r)
         self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
 
+    def test_shutdown_during_a_probe_saves_the_cache(self):
+        # SIGTERM while a probe waits on a silent primary: the prober stops
+        # at once and writes the cache before the server exits.
+        p = self.primary(["alice@example.org"])
+        r = self.relay(p.sock.getsockname()[1], extra='verify_timeout = "30s"')
+        c = self.session(r)
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        p.mode = "silent"
+        c.send("RCPT TO:<bob@example.org>\r\n")
+        self.assertTrue(wait_for(lambda: p.rcpts("bob@example.org"), 10))
+        t = time.time()
+        r.proc.terminate()
+        self.assertEqual(r.proc.wait(timeout=30), 0)
+        took = time.time() - t
+        with open(os.path.join(r.spool, "verify.cache")) as f:
+            self.assertIn("alice@example.org", f.read())
+        # (Open sessions get up to 10 s to finish, as before.)
+        self.assertLess(took, 15, f"shutdown took {took:.1f} s")
+        r.proc = None
+
     # -- a damaged cache file ---------------------------------------------
 
     def test_damaged_cache_file_is_reported_and_moved_aside(self):
