@@ -295,6 +295,13 @@ impl Cache {
             let e = Entry { ok, checked: checked.min(now), tried: 0 };
             if now.saturating_sub(e.checked) < self.ttl(ok) {
                 entries.push((addr.into(), e));
+                // A file far larger than the cache (a smaller
+                // verify_cache_size than when it was written, or junk that
+                // parses): memory stays at twice the bound.
+                if entries.len() >= 2 * self.max {
+                    entries.sort_by_key(|(_, e)| std::cmp::Reverse(e.checked));
+                    entries.truncate(self.max);
+                }
             }
         }
         if n == 0 {
@@ -811,6 +818,18 @@ mod tests {
         // A smaller bound keeps the newest.
         let mut e = Cache::new(4, 31 * DAY, 3 * DAY);
         assert_eq!(e.load(&path, 1_000_010), Ok(Some(2)));
+        // A file of many times the bound: the newest entries are kept.
+        let mut text = String::from(HEADER);
+        text.push('\n');
+        for i in 0..1000u32 {
+            text.push_str(&format!("+ {} u{i}@example.org\n", 1_000_000 + i));
+        }
+        std::fs::write(&path, text).unwrap();
+        let mut f = Cache::new(10, 31 * DAY, 3 * DAY);
+        assert!(f.load(&path, 1_001_000).unwrap().unwrap() <= 20);
+        assert_eq!(f.len(), 10);
+        assert_eq!(f.get("u999@example.org", 1_001_000), Some(true));
+        assert_eq!(f.get("u989@example.org", 1_001_000), None);
         // No file: nothing, no error.
         assert_eq!(Cache::new(10, DAY, DAY).load(&dir.join("none"), 5), Ok(None));
         let _ = std::fs::remove_dir_all(&dir);
