@@ -354,7 +354,10 @@ class VerifyTest(Base):
             with open(path, "w") as f:
                 f.write("# bartleby verify cache 1\n+ 123 ok@example.org\n? what\n")
 
-        for name, make in [("garbage", garbage), ("directory", directory), ("symlink", symlink), ("bad line", bad_line)]:
+        def fifo(path):
+            os.mkfifo(path)
+
+        for name, make in [("garbage", garbage), ("directory", directory), ("symlink", symlink), ("bad line", bad_line), ("fifo", fifo)]:
             with self.subTest(name):
                 p = self.primary(["alice@example.org"])
 
