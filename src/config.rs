@@ -202,6 +202,23 @@ pub struct Config {
     /// MAIL commands one client may send per `anvil_rate_time_unit`; 0 = no limit.
     pub smtpd_client_message_rate_limit: u32,
     pub anvil_rate_time_unit: Duration,
+    /// Ask the primary whether a recipient exists (see [`crate::verify`]).
+    pub verify_recipients: bool,
+    /// Longest a session waits for the primary's answer to one probe.
+    pub verify_timeout: Duration,
+    pub verify_positive_ttl: Duration,
+    pub verify_negative_ttl: Duration,
+    /// What a never-seen address gets while the primary cannot be asked.
+    pub verify_unknown: VerifyUnknown,
+    /// Entries in the verification cache (a quarter at most negative).
+    pub verify_cache_size: usize,
+}
+
+/// `verify_unknown`: queue the mail, or answer 450 4.1.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyUnknown {
+    Accept,
+    Defer,
 }
 
 impl Config {
@@ -868,6 +885,12 @@ impl Builder {
             smtpd_client_queue_share: 25,
             smtpd_client_message_rate_limit: 0,
             anvil_rate_time_unit: Duration::from_secs(60),
+            verify_recipients: false,
+            verify_timeout: Duration::from_secs(10),
+            verify_positive_ttl: Duration::from_secs(31 * 86400),
+            verify_negative_ttl: Duration::from_secs(3 * 86400),
+            verify_unknown: VerifyUnknown::Accept,
+            verify_cache_size: 2000,
         };
         Builder { c, seen: Vec::new() }
     }
@@ -1074,6 +1097,39 @@ impl Builder {
             }
             ("status", "push_allow") => want_cidrs(v).map(|a| c.status.push_allow = a),
             ("status", "push_token_file") => want_opt_path(v).map(|p| c.status.push_token_file = p),
+            ("", "verify_recipients") => want_bool(v).map(|b| c.verify_recipients = b),
+            ("", "verify_timeout") => {
+                let d = want_duration_max(v, 600, "10m")?;
+                if d.is_zero() {
+                    return Err("must be more than 0".into());
+                }
+                c.verify_timeout = d;
+                Ok(())
+            }
+            ("", "verify_positive_ttl") | ("", "verify_negative_ttl") => {
+                let d = want_duration_max(v, 365 * 86400, "365d")?;
+                if d.as_secs() < 1 {
+                    return Err("must be at least 1s".into());
+                }
+                if it.key == "verify_positive_ttl" {
+                    c.verify_positive_ttl = d;
+                } else {
+                    c.verify_negative_ttl = d;
+                }
+                Ok(())
+            }
+            ("", "verify_unknown") => match want_str(v)? {
+                "accept" => {
+                    c.verify_unknown = VerifyUnknown::Accept;
+                    Ok(())
+                }
+                "defer" => {
+                    c.verify_unknown = VerifyUnknown::Defer;
+                    Ok(())
+                }
+                o => Err(format!("`{}` must be \"accept\" or \"defer\"", clip(o))),
+            },
+            ("", "verify_cache_size") => want_range(v, 100, 50_000, "").and_then(to_usize).map(|n| c.verify_cache_size = n),
             ("", "status") | ("", "network") => Err(format!("`{}` is a table: write it as [{}]", it.key, it.key)),
             ("", k) => Err(format!("unknown key `{k}`")),
             ("status", _) | ("network", _) => Err(format!("unknown key `{full}`")),

@@ -799,6 +799,29 @@ impl Connection {
         self.write(tail, Stage::Dot).await
     }
 
+    /// Asks whether the primary takes mail for `addr` (recipient
+    /// verification, see [`crate::verify`]): `MAIL FROM:<>`, `RCPT TO`,
+    /// `RSET`, one at a time; never DATA. `Ok` holds the reply to RCPT
+    /// (2xx, 4xx or 5xx) and whether the connection may be used again;
+    /// `Err`, why there is no answer (a refusal of MAIL, a lost connection,
+    /// a protocol error).
+    pub async fn probe(&mut self, addr: &str) -> Result<(Reply, bool), Reply> {
+        self.used = true;
+        self.send("MAIL FROM:<>\r\n", Stage::Mail).await?;
+        let mail = self.reply(Stage::Mail).await?;
+        if !mail.is_ok() {
+            return Err(self.refused(mail, "said:", " (in reply to MAIL FROM command)"));
+        }
+        self.send(&format!("RCPT TO:<{addr}>\r\n"), Stage::Rcpt).await?;
+        let rcpt = self.reply(Stage::Rcpt).await?;
+        // The answer is in; a failed RSET only ends the connection.
+        let reusable = match self.send("RSET\r\n", Stage::Rset).await {
+            Ok(()) => matches!(self.reply(Stage::Rset).await, Ok(r) if r.is_ok()),
+            Err(_) => false,
+        };
+        Ok((rcpt, reusable))
+    }
+
     /// Ends the session politely.
     pub async fn quit(mut self) {
         if self.send("QUIT\r\n", Stage::Quit).await.is_ok() {

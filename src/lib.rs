@@ -22,3 +22,4 @@ pub mod spool;
 pub mod stats;
 pub mod status;
 pub mod util;
+pub mod verify;

@@ -156,6 +156,50 @@ fn valid_domain_part(d: &str) -> bool {
 /// address smtp-proto returned; `raw` is the path as written. Returns the
 /// recipient to store, lower-cased domain.
 pub fn check_recipient(cfg: &Config, raw: &str, parsed: &str, list: &RecipientList) -> Result<String, Refusal> {
+    let addr = check_address(cfg, raw, parsed)?;
+    match list.listed(&addr) {
+        Listed::NoList | Listed::Yes => Ok(addr),
+        Listed::Unusable => Err(lookup_failed(&addr)),
+        Listed::No => Err(unknown_in_list(&addr)),
+    }
+}
+
+/// What the recipients list says of an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listed {
+    /// No list is configured.
+    NoList,
+    Yes,
+    No,
+    /// A list is configured but none can be used.
+    Unusable,
+}
+
+/// A list is configured but none can be used (see Recipients::start):
+/// what Postfix answers when a relay_recipient_maps lookup fails
+/// (smtpd_check.c, reject_dict_retry). The sender tries again later.
+pub fn lookup_failed(addr: &str) -> Refusal {
+    Refusal::new(451, "4.3.0", format!("<{addr}>: Temporary lookup failure"))
+}
+
+pub fn unknown_in_list(addr: &str) -> Refusal {
+    Refusal::new(550, "5.1.1", format!("<{addr}>: Recipient address rejected: User unknown in relay recipient table"))
+}
+
+/// The primary said no to a verification probe (Postfix's words for
+/// reject_unverified_recipient, with unverified_recipient_reject_code 550).
+pub fn unverified_reject(addr: &str, said: &str) -> Refusal {
+    Refusal::new(550, "5.1.1", format!("<{addr}>: Recipient address rejected: undeliverable address: {said}"))
+}
+
+/// No verdict can be had now: the sender tries again later (Postfix's
+/// unverified_recipient_defer_code 450 with 4.1.1).
+pub fn unverified_defer(addr: &str, why: &str) -> Refusal {
+    Refusal::new(450, "4.1.1", format!("<{addr}>: Recipient address rejected: unverified address: {why}"))
+}
+
+/// The relay and syntax checks of [`check_recipient`], without the list.
+pub fn check_address(cfg: &Config, raw: &str, parsed: &str) -> Result<String, Refusal> {
     let denied = || Refusal::new(550, "5.7.1", format!("<{raw}>: Relay access denied"));
     if raw.is_empty() {
         return Err(Refusal::new(501, "5.1.3", "Bad recipient address syntax"));
@@ -195,21 +239,7 @@ pub fn check_recipient(cfg: &Config, raw: &str, parsed: &str, list: &RecipientLi
     if !cfg.is_relay_domain(domain) {
         return Err(denied());
     }
-    let addr = format!("{local}@{}", domain.to_ascii_lowercase());
-    if !list.is_usable() {
-        // A list is configured but none can be used (see Recipients::start):
-        // what Postfix answers when a relay_recipient_maps lookup fails
-        // (smtpd_check.c, reject_dict_retry). The sender tries again later.
-        return Err(Refusal::new(451, "4.3.0", format!("<{addr}>: Temporary lookup failure")));
-    }
-    if !list.accepts(&addr) {
-        return Err(Refusal::new(
-            550,
-            "5.1.1",
-            format!("<{addr}>: Recipient address rejected: User unknown in relay recipient table"),
-        ));
-    }
-    Ok(addr)
+    Ok(format!("{local}@{}", domain.to_ascii_lowercase()))
 }
 
 /// Largest recipients list read. A bigger file is not used (see
@@ -431,6 +461,19 @@ impl RecipientList {
 
     fn find(&self, key: &str) -> bool {
         self.entries.binary_search_by(|&(s, l)| self.text[s as usize..(s + l) as usize].cmp(key)).is_ok()
+    }
+
+    /// What the list says of the address (domain already lower-case).
+    pub fn listed(&self, addr: &str) -> Listed {
+        if !self.is_enabled() {
+            Listed::NoList
+        } else if !self.is_usable() {
+            Listed::Unusable
+        } else if self.accepts(addr) {
+            Listed::Yes
+        } else {
+            Listed::No
+        }
     }
 
     /// True when the address (domain already lower-case) may receive mail.

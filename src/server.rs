@@ -105,11 +105,13 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
         recipients,
         queued: tx,
         etrn_allow: etrn_allow(&cfg),
+        verifier: cfg.verify_recipients.then(|| crate::verify::Verifier::start(cfg.clone(), stats.clone(), &spool)),
     });
     // The list is reread on its own thread, never on the SMTP runtime.
     ctx.recipients.watch(stats.clone()).map_err(|e| format!("recipients list watcher: {e}"))?;
     let scheduler = Scheduler::new(cfg.clone(), spool.clone(), stats.clone(), committer, rx);
     let sched_task = tokio::spawn(scheduler.run(shutdown_rx.clone()));
+    let verify_task = ctx.verifier.clone().map(|v| tokio::spawn(v.run(shutdown_rx.clone())));
 
     let sem = Arc::new(Semaphore::new(cfg.max_connections));
     for l in listeners {
@@ -156,6 +158,10 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
     let all = u32::try_from(cfg.max_connections).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, sem.acquire_many(all)).await;
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, sched_task).await;
+    if let Some(t) = verify_task {
+        // Saves the cache (a thread of its own; at most a few seconds).
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, t).await;
+    }
     let _ = std::fs::remove_file(&sock_path);
     log::info!(target: MASTER, "stopped");
     Ok(())

@@ -34,6 +34,8 @@ use crate::util::{self, QueueId};
 const JUNK_LIMIT: u32 = 100;
 /// Read buffer per session.
 const READ_BUF: usize = 2048;
+/// Replies held for a pipelining client before they are written.
+const OUT_MAX: usize = 4096;
 
 /// What every session shares.
 pub struct Ctx {
@@ -47,6 +49,8 @@ pub struct Ctx {
     pub queued: UnboundedSender<(QueueId, u64)>,
     /// Hosts that may send ETRN.
     pub etrn_allow: Vec<Cidr>,
+    /// Recipient verification against the primary (`verify_recipients`).
+    pub verifier: Option<Arc<crate::verify::Verifier>>,
 }
 
 struct Txn {
@@ -132,7 +136,11 @@ where
                     }
                 }
             }
-            if rd.buffer().is_empty() {
+            // Pipelined commands: replies go out in one write, but at most
+            // OUT_MAX bytes are held (a client pipelining thousands of
+            // RCPTs, each refused with a long verification reply, would
+            // otherwise make the buffer grow with every command).
+            if rd.buffer().is_empty() || s.out.len() >= OUT_MAX {
                 s.flush().await?;
             }
         }
@@ -296,7 +304,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                 self.error()?;
             }
             Request::Mail { from } => self.mail(body, &from.address, from.flags, from.env_id.is_some()).await?,
-            Request::Rcpt { to } => self.rcpt(body, &to.address, to.flags, to.orcpt.is_some())?,
+            Request::Rcpt { to } => self.rcpt(body, &to.address, to.flags, to.orcpt.is_some()).await?,
             Request::Data => return self.data(rd).await.map(|()| false),
             Request::Rset => {
                 self.txn = None;
@@ -441,7 +449,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         self.error()
     }
 
-    fn rcpt(&mut self, line: &[u8], parsed: &str, flags: u64, orcpt: bool) -> Result<(), Close> {
+    async fn rcpt(&mut self, line: &[u8], parsed: &str, flags: u64, orcpt: bool) -> Result<(), Close> {
         let cfg = self.ctx.cfg.clone();
         let Some(txn) = &self.txn else {
             self.reply(503, "5.5.1", "Error: need MAIL command");
@@ -463,7 +471,10 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             }
         };
         // A snapshot: no file is read here (the watcher thread does that).
-        let verdict = policy::check_recipient(&cfg, raw, parsed, &self.ctx.recipients.get());
+        let verdict = match policy::check_address(&cfg, raw, parsed) {
+            Ok(addr) => self.listed_or_verified(addr).await,
+            Err(r) => Err(r),
+        };
         match verdict {
             Ok(addr) => {
                 if let Some(t) = self.txn.as_mut()
@@ -488,13 +499,52 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                     if txn.rcpts.is_empty() { "NOQUEUE" } else { txn.id.as_str() },
                     self.client,
                     r.line(),
-                    txn.sender,
+                    self.txn.as_ref().map_or("", |t| t.sender.as_str()),
                     raw,
                     if self.esmtp { "ESMTP" } else { "SMTP" },
                     self.helo.as_deref().unwrap_or("")
                 );
                 self.refuse(&r)
             }
+        }
+    }
+
+    /// The recipients list, then (with `verify_recipients`) the primary's
+    /// answer, fresh or cached. The list wins when it has the address. One
+    /// it lacks is verified too (the file may be stale; the primary is the
+    /// authority); with no answer to be had then, it gets 450 (neither the
+    /// list nor the primary vouched for it: no backscatter, and no
+    /// permanent refusal because of a stale file).
+    async fn listed_or_verified(&self, addr: String) -> Result<String, policy::Refusal> {
+        use crate::verify::Verdict;
+        use policy::Listed;
+        let listed = self.ctx.recipients.get().listed(&addr);
+        let Some(v) = &self.ctx.verifier else {
+            return match listed {
+                Listed::Yes | Listed::NoList => Ok(addr),
+                Listed::No => Err(policy::unknown_in_list(&addr)),
+                Listed::Unusable => Err(policy::lookup_failed(&addr)),
+            };
+        };
+        if listed == Listed::Yes {
+            return Ok(addr);
+        }
+        let primary = &self.ctx.cfg.primary;
+        let cut = |s: &str| s[..s.floor_char_boundary(200)].to_string();
+        match v.verify(&addr).await {
+            Verdict::Accept => Ok(addr),
+            Verdict::Reject { cached: true, .. } => Err(policy::unverified_reject(&addr, "User unknown (the primary's answer, cached)")),
+            Verdict::Reject { said, .. } => Err(policy::unverified_reject(&addr, &format!("host {primary} said: {}", cut(&said)))),
+            Verdict::Defer(why) => Err(policy::unverified_defer(&addr, &cut(&why))),
+            Verdict::Unknown(why) => match listed {
+                Listed::No => Err(policy::unverified_defer(&addr, "not in the recipients list, and the primary cannot be asked now")),
+                Listed::Unusable => Err(policy::lookup_failed(&addr)),
+                _ if v.unknown_accepts() => Ok(addr),
+                _ => {
+                    let _ = why;
+                    Err(policy::unverified_defer(&addr, "the primary cannot be asked now"))
+                }
+            },
         }
     }
 

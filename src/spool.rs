@@ -469,7 +469,7 @@ impl Spool {
 
     /// Moves `from` into `corrupt/` as `name`, or `name.1`, `name.2`, ... :
     /// never over an existing entry. Returns where it went.
-    fn quarantine(&self, from: &Path, name: &str) -> io::Result<PathBuf> {
+    pub fn quarantine(&self, from: &Path, name: &str) -> io::Result<PathBuf> {
         let to = unused_name(&self.root.join("corrupt"), name)?;
         fs::rename(from, &to).map_err(|e| at(from, e))?;
         Ok(to)

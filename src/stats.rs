@@ -90,6 +90,18 @@ pub struct Stats {
     /// Wakes the scheduler to probe the spool after a session failed to
     /// store a message (see [`Stats::spool_write_failed`]).
     pub spool_probe: tokio::sync::Notify,
+    /// Recipient verification (see [`crate::verify`]): cache entries now,
+    /// lookups answered from the cache and not, probes sent to the primary
+    /// and those it answered (2xx, 4xx or 5xx to RCPT).
+    pub verify_positive: AtomicU32,
+    pub verify_negative: AtomicU32,
+    pub verify_hits: AtomicU32,
+    pub verify_misses: AtomicU32,
+    pub verify_probes: AtomicU32,
+    pub verify_answered: AtomicU32,
+    /// When the primary last answered a probe with a yes or a no (unix
+    /// seconds, 0: never; at start, the newest entry of the saved cache).
+    pub verify_last_refresh: AtomicU32,
 }
 
 impl Stats {

@@ -427,6 +427,22 @@ fn page_data<'a>(ctx: &'a Ctx, flushed: bool) -> render::PageData<'a> {
         recipients_unusable: st.recipients_unusable.load(Ordering::Relaxed),
         client_limits: crate::clients::Limits::of(cfg),
         client_limited: st.clients.limited(now()),
+        verify: cfg.verify_recipients.then(|| verify_view(cfg, st, now())),
+    }
+}
+
+fn verify_view(cfg: &Config, st: &Stats, now: u64) -> render::VerifyView {
+    let last_refresh = u64::from(Stats::get(&st.verify_last_refresh));
+    let max_age = cfg.status.recipients_max_age.as_secs();
+    render::VerifyView {
+        stale: max_age > 0 && last_refresh > 0 && now.saturating_sub(last_refresh) > max_age,
+        positive: Stats::get(&st.verify_positive),
+        negative: Stats::get(&st.verify_negative),
+        hits: Stats::get(&st.verify_hits),
+        misses: Stats::get(&st.verify_misses),
+        probes: Stats::get(&st.verify_probes),
+        answered: Stats::get(&st.verify_answered),
+        last_refresh,
     }
 }
 
@@ -579,6 +595,18 @@ fn metrics(ctx: &Ctx) -> String {
         for r in push::Outcome::ALL {
             let _ = writeln!(o, "bartleby_recipients_pushes_total{{result=\"{}\"}} {}", r.label(), ctx.gate.push.counted(r));
         }
+    }
+    if cfg.verify_recipients {
+        let v = verify_view(cfg, st, t);
+        o.push_str("# HELP bartleby_verify_cache_entries Entries of the recipient verification cache.\n# TYPE bartleby_verify_cache_entries gauge\n");
+        let _ = writeln!(o, "bartleby_verify_cache_entries{{kind=\"positive\"}} {}", v.positive);
+        let _ = writeln!(o, "bartleby_verify_cache_entries{{kind=\"negative\"}} {}", v.negative);
+        metric(&mut o, "bartleby_verify_cache_hits_total", "counter", "Recipient lookups answered from the verification cache.", v.hits);
+        metric(&mut o, "bartleby_verify_cache_misses_total", "counter", "Recipient lookups not in the verification cache.", v.misses);
+        metric(&mut o, "bartleby_verify_probes_total", "counter", "Verification probes sent to the primary (RCPT TO).", v.probes);
+        metric(&mut o, "bartleby_verify_probes_answered_total", "counter", "Verification probes the primary answered (2xx, 4xx or 5xx).", v.answered);
+        metric(&mut o, "bartleby_verify_last_refresh_timestamp_seconds", "gauge", "When the primary last answered a probe with yes or no (0: never).", v.last_refresh);
+        metric(&mut o, "bartleby_verify_stale", "gauge", "1 if the primary has not refreshed the verification cache within [status] recipients_max_age.", u8::from(v.stale));
     }
     let started = st.started.load(Ordering::Relaxed) as u64;
     metric(&mut o, "bartleby_uptime_seconds", "gauge", "Seconds since the relay started.", t.saturating_sub(started));

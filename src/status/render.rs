@@ -263,6 +263,24 @@ pub struct PageData<'a> {
     pub client_limits: crate::clients::Limits,
     /// The last client a per-client limit refused, if recent.
     pub client_limited: Option<crate::clients::Limited>,
+    /// Recipient verification, when `verify_recipients` is on.
+    pub verify: Option<VerifyView>,
+}
+
+/// Recipient verification's figures (see [`crate::verify`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VerifyView {
+    pub positive: u32,
+    pub negative: u32,
+    pub hits: u32,
+    pub misses: u32,
+    pub probes: u32,
+    pub answered: u32,
+    /// When the primary last answered a probe (unix seconds, 0: never).
+    pub last_refresh: u64,
+    /// The primary has answered before, but not within `[status]
+    /// recipients_max_age`: the cache is ageing while the primary is away.
+    pub stale: bool,
 }
 
 const CSS: &str = "\
@@ -576,6 +594,31 @@ pub fn page(d: &PageData) -> String {
             html(&mut o, &fr.path);
             o.push_str("</span>");
         }
+    }
+    if let Some(v) = &d.verify {
+        let lookups = v.hits as u64 + v.misses as u64;
+        let rate = match (v.hits as u64 * 100).checked_div(lookups) {
+            None => "no lookups yet".to_string(),
+            Some(pc) => format!("{pc}% of {lookups} lookups from the cache"),
+        };
+        let last = if v.last_refresh == 0 {
+            "never answered yet".to_string()
+        } else {
+            format!("last answer {} ago", human_duration(d.now.saturating_sub(v.last_refresh)))
+        };
+        let last = if v.stale {
+            format!(
+                "<span class=\"bad\">{last}: the cache has not been refreshed by the primary within {} (recipients_max_age)</span>",
+                human_duration(d.recipients_max_age.as_secs())
+            )
+        } else {
+            last
+        };
+        let _ = write!(
+            o,
+            "</td></tr><tr><th>Recipient verification</th><td id=\"verify\">{} known, {} unknown cached; {rate}; {} probes, {} answered by the primary, {last}",
+            v.positive, v.negative, v.probes, v.answered
+        );
     }
     // Per client (an IPv4 address or an IPv6 /64).
     let lim = &d.client_limits;

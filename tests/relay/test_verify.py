@@ -1,0 +1,594 @@
+#!/usr/bin/env python3
+"""Recipient verification against the primary (issue 13, part 1):
+verify_recipients, verify_timeout, verify_positive_ttl, verify_negative_ttl,
+verify_unknown, verify_cache_size.
+
+A fake primary that knows a set of users (harness.FakePrimary, answering
+RCPT by address). Postfix's reject_unverified_recipient is the model: it
+probes the primary with MAIL FROM:<> / RCPT TO (never DATA), caches the
+answer (address_verify_map), answers the client 450 by default for an
+undeliverable address (unverified_recipient_reject_code = 450; here 550
+5.1.1, as the issue asks), 450 4.1.1 while the answer is pending or the
+primary says 4xx (unverified_recipient_defer_code = 450), and refreshes
+positive entries after address_verify_positive_refresh_time (7d of 31d).
+
+Usage: test_verify.py [path/to/bartleby]
+"""
+
+import os
+import random
+import socket
+import sys
+import threading
+import time
+import unittest
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import Client, Relay, free_port  # noqa: E402
+
+
+def wait_for(cond, timeout):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+class UserPrimary(harness.FakePrimary):
+    """A fake primary that knows `users`: 250 for them, 550 5.1.1 for the
+    rest (Postfix's smtpd_reject_unlisted_recipient wording). `mode` turns
+    every RCPT into a 4xx ("tempfail") or silence ("silent"); `delay` makes
+    each RCPT answer wait (seconds)."""
+
+    def __init__(self, port, users, replies=None):
+        self.users = {u.lower() for u in users}
+        self.mode = None
+        self.delay = 0.0
+        super().__init__(port, replies or {})
+
+    def rcpts(self, addr=None):
+        out = [c for c in self.commands if c.upper().startswith("RCPT TO:")]
+        if addr is not None:
+            out = [c for c in out if c.lower() == f"rcpt to:<{addr.lower()}>"]
+        return out
+
+    def _reply(self, conn, f, verb, default):
+        if not verb.startswith("RCPT"):
+            return super()._reply(conn, f, verb, default)
+        self._said = ""
+        addr = self.commands[-1].split(":", 1)[1].strip().strip("<>").lower()
+        if self.delay:
+            time.sleep(self.delay)
+        if self.mode == "tempfail":
+            action = f"450 4.2.0 <{addr}>: Recipient address rejected: try again later"
+        elif self.mode == "silent":
+            action = harness.Silent()
+        elif addr in self.users:
+            action = "250 2.1.5 Ok"
+        else:
+            action = f"550 5.1.1 <{addr}>: Recipient address rejected: User unknown in local recipient table"
+        return self._do(conn, f, action)
+
+
+class Base(unittest.TestCase):
+    def setUp(self):
+        self.relays, self.clients, self.primaries = [], [], []
+        self.status_port = None
+
+    def tearDown(self):
+        for c in self.clients:
+            c.close()
+        for r in self.relays:
+            if self._failed():
+                sys.stderr.write(f"\n--- relay log {r.log} ---\n{r.read_log()[-4000:]}\n")
+            r.cleanup()
+        for p in self.primaries:
+            p.stop()
+
+    def _failed(self):
+        res = getattr(self, "_outcome", None)
+        if res is None or not hasattr(res, "result"):
+            return False
+        return any(t is self for t, _ in res.result.failures + res.result.errors)
+
+    def primary(self, users=(), replies=None, port=None):
+        p = UserPrimary(port or free_port(), users, replies)
+        self.primaries.append(p)
+        return p
+
+    def relay(self, primary_port, extra="", status=False, before_start=None, status_extra="", **kw):
+        self.status_port = free_port() if status else None
+        st = f'[status]\nlisten = "127.0.0.1:{self.status_port}"\n{status_extra}' if status else None
+        r = Relay(primary_port=primary_port, extra="verify_recipients = true\n" + extra, status=st, **kw)
+        self.relays.append(r)
+        if before_start:
+            before_start(r)
+        self.start(r)
+        if status:
+            self.assertTrue(harness.wait_port(self.status_port), "status page did not start")
+        return r
+
+    def start(self, r):
+        mark = len(r.read_log())
+        if getattr(r, "logf", None):
+            r.logf.close()
+        r.start(wait=False)
+        started = wait_for(lambda: "daemon started" in r.read_log()[mark:] or r.proc.poll() is not None, 10)
+        self.assertTrue(started and r.proc.poll() is None, r.read_log())
+
+    def restart(self, r, replace=None):
+        r.stop()
+        if replace:
+            with open(r.config) as f:
+                cfg = f.read()
+            for a, b in replace:
+                self.assertIn(a, cfg)
+                cfg = cfg.replace(a, b)
+            with open(r.config, "w") as f:
+                f.write(cfg)
+        self.start(r)
+
+    def session(self, r):
+        c = Client(r.port, timeout=30)
+        self.clients.append(c)
+        self.assertEqual(c.banner[0], 220, c.banner)
+        self.assertEqual(c.cmd("EHLO client.test")[0], 250)
+        self.assertEqual(c.cmd("MAIL FROM:<someone@sender.test>")[0], 250)
+        return c
+
+    def rcpt(self, c, addr):
+        return c.cmd(f"RCPT TO:<{addr}>")
+
+    def metrics(self):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.status_port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                k, v = line.rsplit(" ", 1)
+                out[k] = float(v)
+        return out
+
+
+
+class VerifyTest(Base):
+    # -- while the primary is up ------------------------------------------
+
+    def test_known_accepted_unknown_refused_one_connection_never_data(self):
+        p = self.primary(["alice@example.org", "bob@example.org"])
+        r = self.relay(p.sock.getsockname()[1], status=True)
+        c = self.session(r)
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        code, text = self.rcpt(c, "nobody@example.org")
+        self.assertEqual(code, 550, text)
+        self.assertIn("5.1.1", text)
+        self.assertIn("User unknown", text)
+        self.assertEqual(self.rcpt(c, "bob@example.org")[0], 250)
+        # Cached (any case): no new probe.
+        self.assertEqual(self.rcpt(c, "Alice@Example.org")[0], 250)
+        self.assertEqual(self.rcpt(c, "nobody@example.org")[0], 550)
+        self.assertEqual(len(p.rcpts()), 3, p.commands)
+        self.assertEqual(c.cmd("QUIT")[0], 221)
+        # One connection for all probes; MAIL FROM:<>, RSET; never DATA.
+        self.assertEqual(p.connections, 1)
+        self.assertIn("MAIL FROM:<>", p.commands)
+        self.assertIn("RSET", p.commands)
+        self.assertFalse([x for x in p.commands if x.upper().startswith(("DATA", "BDAT"))], p.commands)
+        # Idle: QUIT within a few seconds.
+        self.assertTrue(wait_for(lambda: "QUIT" in p.commands, 10), p.commands)
+        m = self.metrics()
+        self.assertEqual(m['bartleby_verify_cache_entries{kind="positive"}'], 2)
+        self.assertEqual(m['bartleby_verify_cache_entries{kind="negative"}'], 1)
+        self.assertEqual(m["bartleby_verify_cache_hits_total"], 2)
+        self.assertEqual(m["bartleby_verify_cache_misses_total"], 3)
+        self.assertEqual(m["bartleby_verify_probes_total"], 3)
+        self.assertEqual(m["bartleby_verify_probes_answered_total"], 3)
+        self.assertGreater(m["bartleby_verify_last_refresh_timestamp_seconds"], time.time() - 60)
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.status_port}/", timeout=10) as resp:
+            page = resp.read().decode()
+        self.assertIn('id="verify"', page)
+        self.assertIn("2 known, 1 unknown cached", page)
+
+    def test_primary_tempfail_gives_450_and_is_not_cached(self):
+        # Postfix: a 4xx from the primary is "undeliverable for now": 450 4.1.1.
+        p = self.primary(["alice@example.org"])
+        p.mode = "tempfail"
+        r = self.relay(p.sock.getsockname()[1])
+        c = self.session(r)
+        code, text = self.rcpt(c, "alice@example.org")
+        self.assertEqual(code, 450, text)
+        self.assertIn("4.1.1", text)
+        p.mode = None
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        self.assertEqual(len(p.rcpts("alice@example.org")), 2)
+
+    def test_silent_primary_answered_within_verify_timeout(self):
+        p = self.primary(["alice@example.org"])
+        p.mode = "silent"
+        r = self.relay(p.sock.getsockname()[1], extra='verify_timeout = "2s"\nverify_unknown = "defer"')
+        c = self.session(r)
+        t = time.time()
+        code, text = self.rcpt(c, "alice@example.org")
+        took = time.time() - t
+        self.assertEqual(code, 450, text)
+        self.assertLess(took, 2 + 1.5, f"answered after {took:.1f} s")
+        self.assertGreater(took, 1.5)
+        # The primary now counts as down: the next address is answered at once.
+        t = time.time()
+        code, text = self.rcpt(c, "carol@example.org")
+        self.assertEqual(code, 450, text)
+        self.assertLess(time.time() - t, 1.0)
+        self.assertIn("timed out", r.read_log())
+
+    def test_concurrent_sessions_share_one_probe(self):
+        p = self.primary(["alice@example.org"])
+        p.delay = 1.0
+        r = self.relay(p.sock.getsockname()[1])
+        cs = [self.session(r) for _ in range(5)]
+        for c in cs:
+            c.send("RCPT TO:<alice@example.org>\r\n")
+        for c in cs:
+            self.assertEqual(c.reply()[0], 250)
+        self.assertEqual(len(p.rcpts("alice@example.org")), 1, p.commands)
+
+    def test_primary_greeting_with_our_name_counts_as_down(self):
+        # Issue 10's self-loop check applies to probes too.
+        p = self.primary(["alice@example.org"], replies={"greeting": "220 backup.example.org ESMTP"})
+        r = self.relay(p.sock.getsockname()[1], extra='verify_unknown = "defer"')
+        c = self.session(r)
+        code, text = self.rcpt(c, "alice@example.org")
+        self.assertEqual(code, 450, text)
+        self.assertEqual(p.rcpts(), [])
+        self.assertIn("greeted me with my own hostname", r.read_log())
+
+    # -- the primary goes down; restarts ----------------------------------
+
+    def test_primary_down_cache_holds_unknown_follows_verify_unknown_restart_keeps_cache(self):
+        p = self.primary(["alice@example.org"])
+        port = p.sock.getsockname()[1]
+        r = self.relay(port)
+        c = self.session(r)
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        self.assertEqual(self.rcpt(c, "nobody@example.org")[0], 550)
+        c.cmd("QUIT")
+        p.stop()
+        self.primaries.remove(p)
+        c = self.session(r)
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        code, text = self.rcpt(c, "nobody@example.org")
+        self.assertEqual(code, 550, text)
+        self.assertIn("cached", text)
+        # Never seen, primary down, verify_unknown = "accept" (the default).
+        self.assertEqual(self.rcpt(c, "newbie@example.org")[0], 250)
+        c.cmd("QUIT")
+        # Restart with verify_unknown = "defer": the cache is still there.
+        self.restart(r, [("verify_recipients = true", 'verify_recipients = true\nverify_unknown = "defer"')])
+        self.assertTrue(os.path.isfile(os.path.join(r.spool, "verify.cache")))
+        self.assertIn("verify cache", r.read_log())
+        c = self.session(r)
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        self.assertEqual(self.rcpt(c, "nobody@example.org")[0], 550)
+        code, text = self.rcpt(c, "stranger@example.org")
+        self.assertEqual(code, 450, text)
+        self.assertIn("4.1.1", text)
+
+    def test_cache_not_refreshed_within_recipients_max_age_is_flagged_stale(self):
+        # The cache is what keeps backscatter away while the primary is down;
+        # once the primary has not answered for recipients_max_age, the page
+        # and /metrics say the cache is ageing (the issue's "stale warning").
+        p = self.primary(["alice@example.org"])
+        r = self.relay(p.sock.getsockname()[1], status=True, status_extra='recipients_max_age = "2s"')
+        c = self.session(r)
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        c.cmd("QUIT")
+        m = self.metrics()
+        self.assertGreater(m["bartleby_verify_last_refresh_timestamp_seconds"], 0)
+        self.assertEqual(m["bartleby_verify_stale"], 0)
+        p.stop()
+        self.primaries.remove(p)
+        self.assertTrue(wait_for(lambda: self.metrics()["bartleby_verify_stale"] == 1, 10), "cache never flagged stale")
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.status_port}/", timeout=10) as resp:
+            page = resp.read().decode()
+        self.assertIn("has not been refreshed by the primary within", page)
+
+    def test_recipients_file_wins_when_it_has_the_address(self):
+        # The primary knows only new@; the file only listed@.
+        p = self.primary(["new@example.org"])
+        r = self.relay(p.sock.getsockname()[1], recipients=["listed@example.org"])
+        c = self.session(r)
+        self.assertEqual(self.rcpt(c, "listed@example.org")[0], 250)
+        self.assertEqual(p.rcpts(), [], "a listed address is not probed")
+        # Not in the (maybe stale) file: the primary decides.
+        self.assertEqual(self.rcpt(c, "new@example.org")[0], 250)
+        self.assertEqual(self.rcpt(c, "gone@example.org")[0], 550)
+        p.stop()
+        self.primaries.remove(p)
+        # Down, not in the file, never seen: 450 even with verify_unknown = accept.
+        code, text = self.rcpt(c, "other@example.org")
+        self.assertEqual(code, 450, text)
+        self.assertEqual(self.rcpt(c, "new@example.org")[0], 250)
+
+    def test_background_refresh_reprobes_before_expiry(self):
+        # Small TTLs: positive entries are refreshed after a quarter of
+        # verify_positive_ttl (Postfix: 7d of 31d).
+        p = self.primary(["alice@example.org"])
+        r = self.relay(p.sock.getsockname()[1], extra='verify_positive_ttl = "8s"')
+        c = self.session(r)
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        c.cmd("QUIT")
+        self.assertTrue(wait_for(lambda: len(p.rcpts("alice@example.org")) >= 2, 8), p.commands)
+        self.assertIn("refreshing <alice@example.org>", r.read_log())
+        # Past the first answer's expiry, the refreshed entry still holds
+        # while the primary is down.
+        self.assertTrue(wait_for(lambda: len(p.rcpts("alice@example.org")) >= 3, 8), p.commands)
+        p.stop()
+        self.primaries.remove(p)
+        c = self.session(r)
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+
+    def test_shutdown_during_a_probe_saves_the_cache(self):
+        # SIGTERM while a probe waits on a silent primary: the prober stops
+        # at once and writes the cache before the server exits.
+        p = self.primary(["alice@example.org"])
+        r = self.relay(p.sock.getsockname()[1], extra='verify_timeout = "30s"')
+        c = self.session(r)
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        p.mode = "silent"
+        c.send("RCPT TO:<bob@example.org>\r\n")
+        self.assertTrue(wait_for(lambda: p.rcpts("bob@example.org"), 10))
+        t = time.time()
+        r.proc.terminate()
+        self.assertEqual(r.proc.wait(timeout=30), 0)
+        took = time.time() - t
+        with open(os.path.join(r.spool, "verify.cache")) as f:
+            self.assertIn("alice@example.org", f.read())
+        # (Open sessions get up to 10 s to finish, as before.)
+        self.assertLess(took, 15, f"shutdown took {took:.1f} s")
+        r.proc = None
+
+    # -- a damaged cache file ---------------------------------------------
+
+    def test_damaged_cache_file_is_reported_and_moved_aside(self):
+        target = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness.py")
+        with open(target, "rb") as f:
+            before = f.read()
+
+        def garbage(path):
+            with open(path, "wb") as f:
+                f.write(os.urandom(5000))
+
+        def directory(path):
+            os.mkdir(path)
+            with open(os.path.join(path, "x"), "w") as f:
+                f.write("x")
+
+        def symlink(path):
+            os.symlink(target, path)
+
+        def bad_line(path):
+            with open(path, "w") as f:
+                f.write("# bartleby verify cache 1\n+ 123 ok@example.org\n? what\n")
+
+        def fifo(path):
+            os.mkfifo(path)
+
+        for name, make in [("garbage", garbage), ("directory", directory), ("symlink", symlink), ("bad line", bad_line), ("fifo", fifo)]:
+            with self.subTest(name):
+                p = self.primary(["alice@example.org"])
+
+                def before_start(r, make=make):
+                    os.makedirs(r.spool, exist_ok=True)
+                    make(os.path.join(r.spool, "verify.cache"))
+
+                r = self.relay(p.sock.getsockname()[1], before_start=before_start)
+                path = os.path.join(r.spool, "verify.cache")
+                log = r.read_log()
+                self.assertIn(f"warning: verify cache {path}:", log)
+                self.assertIn("moved to", log)
+                c = self.session(r)
+                self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+                self.assertEqual(self.rcpt(c, "nobody@example.org")[0], 550)
+                c.cmd("QUIT")
+                r.stop()
+                # Saved anew at shutdown, as a regular file; the link's
+                # target untouched.
+                self.assertTrue(os.path.isfile(path) and not os.path.islink(path))
+                with open(path) as f:
+                    self.assertIn("+ ", f.read())
+                with open(target, "rb") as f:
+                    self.assertEqual(f.read(), before)
+
+    # -- a dictionary attack ----------------------------------------------
+
+    def test_dictionary_attack_keeps_cache_and_memory_bounded(self):
+        p = self.primary(["alice@example.org"])
+        r = self.relay(p.sock.getsockname()[1], extra="verify_cache_size = 100\nerror_limit = 1000\nmax_connections = 50\nsmtpd_client_connection_count_limit = 0", status=True)
+        c = self.session(r)
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        c.cmd("QUIT")
+        # 100,000 random addresses: 10 clients at once, each 10 sessions of
+        # 1,000 pipelined RCPTs (error_limit 1000: every 550 counts as an
+        # error, as Postfix counts unknown recipients).
+        rng = random.Random(13)
+        clients, rounds, per = 10, 10, 1000
+        lock = threading.Lock()
+        refused = [0]
+        other = {}
+
+        def attack():
+            for _ in range(rounds):
+                with lock:
+                    names = [f"{rng.getrandbits(48):x}@example.org" for _ in range(per)]
+                c = Client(r.port, timeout=60)
+                c.cmd("EHLO attacker.test")
+                c.cmd("MAIL FROM:<>")
+                # Sent from a thread of its own: replies are read meanwhile.
+                w = threading.Thread(target=c.send, args=("".join(f"RCPT TO:<{n}>\r\n" for n in names),))
+                w.start()
+                n = 0
+                for _ in names:
+                    code, text = c.reply()
+                    if code == 550:
+                        n += 1
+                    elif code not in other:
+                        other[code] = text
+                w.join(60)
+                c.close()
+                with lock:
+                    refused[0] += n
+
+        t0 = time.time()
+        threads = [threading.Thread(target=attack) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        took = time.time() - t0
+        total = clients * rounds * per
+        self.assertEqual(refused[0], total, other)
+        m = self.metrics()
+        neg = m['bartleby_verify_cache_entries{kind="negative"}']
+        pos = m['bartleby_verify_cache_entries{kind="positive"}']
+        self.assertLessEqual(neg, 25)
+        self.assertEqual(pos, 1, "the known address was not evicted")
+        hwm = harness.proc_status(r.proc.pid)["VmHWM"]
+        probes = m["bartleby_verify_probes_total"]
+        sys.stderr.write(f"\n  [verify] {total} random addresses in {took:.1f} s, {probes:.0f} probes; cache {pos:.0f}+{neg:.0f}; VmHWM {hwm} kB\n")
+        self.assertGreaterEqual(probes, total)
+        self.assertLess(hwm, 4096)
+        # The positive entry still answers from the cache with the primary down.
+        p.stop()
+        self.primaries.remove(p)
+        c = self.session(r)
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        # And the file on disk stays bounded too.
+        r.stop()
+        with open(os.path.join(r.spool, "verify.cache")) as f:
+            self.assertLessEqual(len(f.read().splitlines()), 1 + 100)
+
+    def test_pipelined_replies_are_not_held_without_bound(self):
+        # Found with the dictionary attack above: a session wrote its
+        # replies only when its input buffer was empty, so a client that
+        # pipelines without reading (here 300,000 RCPTs for one address,
+        # each answered 250 and never counted as an error) made the reply
+        # buffer grow with every command: 4 MB of "250 2.1.5 Ok". Postfix
+        # flushes its output stream when its buffer (4 KiB) is full.
+        r = Relay()
+        self.relays.append(r)
+        self.start(r)
+        base = harness.proc_status(r.proc.pid)["VmHWM"]
+        c = self.session(r)
+        done = threading.Event()
+
+        def blast():
+            try:
+                # 30-byte lines after a 9-byte one: every command ends at an
+                # odd offset, never where a 2 KiB read does, so the input
+                # buffer is never empty after a command.
+                c.send("NOOP xx\r\n" + "RCPT TO:<bobbyb@example.org>\r\n" * 300_000)
+            except OSError:
+                pass
+            done.set()
+
+        threading.Thread(target=blast, daemon=True).start()
+        # Either the relay stops reading (its replies fill the socket) or it
+        # has read everything: then look at what it holds.
+        done.wait(5)
+        time.sleep(0.5)
+        hwm = harness.proc_status(r.proc.pid)["VmHWM"]
+        sys.stderr.write(f"\n  [verify] 300,000 pipelined RCPTs, no reply read: VmHWM {base} -> {hwm} kB\n")
+        self.assertLess(hwm - base, 1024)
+        c.close()
+
+    def test_config_keys_are_checked(self):
+        p = self.primary()
+        for bad in ['verify_unknown = "maybe"', 'verify_timeout = "0s"', "verify_cache_size = 5", "verify_recipients = 2"]:
+            with self.subTest(bad):
+                rr = Relay(primary_port=p.sock.getsockname()[1], extra=bad)
+                self.relays.append(rr)
+                import subprocess
+                out = subprocess.run([harness.BINARY, "check", "-c", rr.config], capture_output=True, text=True, timeout=10)
+                self.assertEqual(out.returncode, 78, out.stderr)
+                self.assertIn(bad.split(" ")[0], out.stderr)
+
+
+class PostfixPrimary(Base):
+    """A real Postfix as the primary: a private instance (tests/bench/mtas.py)
+    relaying example.org with a relay_recipient_maps that lists only
+    alice@example.org (smtpd_reject_unlisted_recipient = yes, the default):
+    its own 550 5.1.1 "User unknown in relay recipient table" must come back
+    as Bartleby's 550 5.1.1, and its 250 as 250."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.pf = None
+        if os.geteuid() != 0 or not os.path.exists("/usr/sbin/postfix"):
+            raise unittest.SkipTest("Postfix not installed, or not root")
+        import tempfile
+
+        sys.path.insert(0, os.path.join(harness.ROOT, "tests", "bench"))
+        import mtas  # noqa: E402
+
+        cls.base = tempfile.mkdtemp(prefix="bartleby-pf-", dir="/var/tmp")
+        os.chmod(cls.base, 0o755)
+        cls.port = free_port()
+        cls.pf = mtas.Postfix(cls.base, "127.0.0.1", cls.port, "127.0.0.1", free_port())
+        cls.pf.setup()
+        users = os.path.join(cls.base, "recipients")
+        with open(users, "w") as f:
+            f.write("alice@example.org OK\n")
+        with open(os.path.join(cls.pf.etc, "main.cf")) as f:
+            cf = f.read().replace("relay_recipient_maps =\n", f"relay_recipient_maps = texthash:{users}\n")
+        with open(os.path.join(cls.pf.etc, "main.cf"), "w") as f:
+            f.write(cf)
+        cls.pf.start()
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.pf:
+            cls.pf.stop()
+            import shutil
+
+            shutil.rmtree(cls.base, ignore_errors=True)
+
+    def test_real_postfix_primary(self):
+        r = self.relay(self.port)
+        c = self.session(r)
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        code, text = self.rcpt(c, "nobody@example.org")
+        self.assertEqual(code, 550, text)
+        self.assertIn("5.1.1", text)
+        self.assertIn("User unknown in relay recipient table", text)
+        c.cmd("QUIT")
+
+        def maillog():
+            try:
+                with open(self.pf.maillog, errors="replace") as f:
+                    return f.read()
+            except OSError:
+                return ""
+
+        # The probe connection ends (QUIT when idle) with no message made:
+        # Postfix's cleanup never saw one (no message-id= line).
+        def probe_disconnect():
+            return [l for l in maillog().splitlines() if "disconnect from" in l and "rcpt=" in l]
+
+        self.assertTrue(wait_for(probe_disconnect, 20), maillog()[-2000:])
+        line = probe_disconnect()[0]
+        # e.g. "ehlo=1 mail=2 rcpt=1/2 rset=2 quit=1 commands=7/8"
+        self.assertIn("mail=2 rcpt=1/2 rset=2 quit=1", line)
+        self.assertNotIn("data", line)
+        self.assertNotIn("message-id=", maillog())
+
+
+def main():
+    harness.take_binary_arg()
+    harness.report("verify", unittest.main(exit=False, verbosity=2).result)
+
+
+if __name__ == "__main__":
+    main()
