@@ -22,8 +22,11 @@ Run: python3 tests/relay/test_smtputf8.py [path/to/bartleby]
 import json
 import os
 import re
+import shutil
 import smtplib
+import subprocess
 import sys
+import tempfile
 import time
 import unittest
 import urllib.request
@@ -46,6 +49,111 @@ def wait_until(pred, timeout, what):
             return v
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+POSTFIX_MAIN_CF = """\
+# A private Postfix instance for tests/relay/test_smtputf8.py, with the
+# defaults of a fresh installation (compatibility_level = 3.6, hence
+# smtputf8_enable = yes), as in tests/bench/mtas.py.
+compatibility_level = 3.6
+config_directory = {etc}
+queue_directory = {spool}
+data_directory = {data}
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file = {maillog}
+maillog_file_prefixes = {base}
+myhostname = {name}
+mydomain = {name}
+myorigin = $myhostname
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+smtpd_banner = $myhostname ESMTP
+biff = no
+{extra}
+"""
+
+POSTFIX_MASTER_CF = """\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+virtual   unix  -       n       n       -       -       virtual
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+class Postfix:
+    """A private Postfix instance listening on 127.0.0.1:port."""
+
+    def __init__(self, name, extra):
+        self.base = tempfile.mkdtemp(prefix="bartleby-postfix-")
+        self.port = free_port()
+        self.etc, self.spool, self.data = (os.path.join(self.base, d) for d in ("etc", "spool", "data"))
+        self.maildir = os.path.join(self.base, "mail")
+        self.maillog = os.path.join(self.base, "maillog")
+        for d in (self.etc, self.spool, self.data, self.maildir):
+            os.makedirs(d)
+        os.chmod(self.base, 0o755)
+        shutil.chown(self.data, "postfix", "postfix")
+        shutil.chown(self.maildir, "nobody", "nogroup")
+        with open(os.path.join(self.etc, "main.cf"), "w") as f:
+            f.write(POSTFIX_MAIN_CF.format(base=self.base, etc=self.etc, spool=self.spool, data=self.data, maillog=self.maillog, name=name,
+                                           extra=extra.replace("{mail}", self.maildir)))
+        with open(os.path.join(self.etc, "master.cf"), "w") as f:
+            f.write(POSTFIX_MASTER_CF.format(port=self.port))
+        self.cmd("postfix", "start")
+        if not wait_port(self.port, timeout=60):
+            raise RuntimeError("postfix did not start: " + self.log())
+
+    def cmd(self, prog, *args):
+        return subprocess.run([prog, "-c", self.etc, *args], capture_output=True, text=True, timeout=120, check=True)
+
+    def log(self):
+        try:
+            with open(self.maillog, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def mailbox(self):
+        try:
+            with open(os.path.join(self.maildir, "box"), "rb") as f:
+                return f.read()
+        except OSError:
+            return b""
+
+    def stop(self):
+        subprocess.run(["postfix", "-c", self.etc, "abort"], capture_output=True, timeout=60)
+        try:
+            with open(os.path.join(self.spool, "pid", "master.pid")) as f:
+                pid = int(f.read().strip())
+            end = time.time() + 20
+            while time.time() < end and os.path.exists(f"/proc/{pid}"):
+                time.sleep(0.1)
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(self.base, ignore_errors=True)
 
 
 class Utf8Test(unittest.TestCase):
@@ -328,6 +436,67 @@ class Utf8Test(unittest.TestCase):
         mail = [c for c in p.commands if c.startswith("MAIL")]
         self.assertNotIn("SMTPUTF8", mail[0])
         wait_until(lambda: not r.queue_ids(), 10, "removal")
+
+    # -- real Postfix peers ---------------------------------------------------
+
+    def postfix(self, name, extra):
+        if not shutil.which("postfix"):
+            self.skipTest("no postfix")
+        p = Postfix(name, extra)
+        self.cleanups.append(p.stop)
+        return p
+
+    def test_real_postfix_sender_to_real_postfix_primary(self):
+        # The issue's case: a Postfix sender with default settings relays
+        # müller@example.org to the backup MX (before: "5.6.7 SMTPUTF8 is
+        # required, but was not offered", a bounce); the backup hands it to
+        # a Postfix primary that offers SMTPUTF8.
+        primary = self.postfix(
+            "primary.example.org",
+            "virtual_mailbox_domains = example.org\nvirtual_mailbox_base = {mail}\nvirtual_mailbox_maps = static:box\n"
+            "virtual_uid_maps = static:65534\nvirtual_gid_maps = static:65534\nvirtual_minimum_uid = 1\n",
+        )
+        r = self.relay(primary_port=primary.port)
+        sender = self.postfix(
+            "mx.sender.test",
+            f"relay_domains = example.org\ntransport_maps = inline:{{example.org=relay:[127.0.0.1]:{r.port}}}\n"
+            "smtpd_relay_restrictions = permit_mynetworks, reject\n",
+        )
+        with smtplib.SMTP("127.0.0.1", sender.port, timeout=30) as s:
+            s.ehlo("client.sender.test")
+            self.assertTrue(s.has_extn("smtputf8"), "the Postfix sender does not offer SMTPUTF8")
+            s.sendmail("jörg@sender.test", ["müller@example.org"], BODY, mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+        try:
+            box = wait_until(lambda: primary.mailbox(), 60, "delivery to the Postfix primary")
+        except AssertionError:
+            self.fail("not delivered; the Postfix sender says:\n" + "\n".join(l for l in sender.log().splitlines() if "status=" in l))
+        self.assertIn("Delivered-To: müller@example.org".encode(), box)
+        self.assertIn("Return-Path: <jörg@sender.test>".encode(), box)
+        self.assertIn(BODY.split(b"\r\n\r\n")[1].replace(b"\r\n", b"\n"), box)
+        self.assertIn("Subject: Grüße".encode(), box)
+        slog, plog = sender.log(), primary.log()
+        self.assertRegex(slog, r"to=<müller@example\.org>, relay=127\.0\.0\.1\[127\.0\.0\.1\]:\d+, .*status=sent")
+        self.assertRegex(plog, r"to=<müller@example\.org>, relay=virtual, .*status=sent")
+        # Bartleby received with SMTPUTF8 (UTF8ESMTP) and logged it sent.
+        self.assertIn("with UTF8ESMTP", box.decode(errors="replace"))
+        self.assertRegex(r.read_log(), r"to=<müller@example\.org>, relay=127\.0\.0\.1.*status=sent")
+
+    def test_real_postfix_primary_without_smtputf8_keeps_it_queued(self):
+        # Postfix as the primary with SMTPUTF8 switched off in EHLO
+        # (smtpd_discard_ehlo_keywords): held, ASCII mail goes on.
+        primary = self.postfix(
+            "primary.example.org",
+            "smtpd_discard_ehlo_keywords = smtputf8\nvirtual_mailbox_domains = example.org\nvirtual_mailbox_base = {mail}\n"
+            "virtual_mailbox_maps = static:box\nvirtual_uid_maps = static:65534\nvirtual_gid_maps = static:65534\nvirtual_minimum_uid = 1\n",
+        )
+        r = self.relay(primary_port=primary.port)
+        held = self.send(r, "alice@sender.test", ["müller@example.org"])
+        self.send(r, "alice@sender.test", ["bob@example.org"], body=b"Subject: plain\r\n\r\nascii\r\n", utf8=False)
+        wait_until(lambda: b"Subject: plain" in primary.mailbox(), 60, "the ASCII message")
+        wait_until(lambda: "SMTPUTF8 is required" in r.mailq(), 20, "the deferral")
+        self.assertEqual(r.queue_ids(), [held])
+        self.assertNotIn(b"ller@", primary.mailbox())
+        self.assertNotIn("ller@", primary.log())
 
 
 def main():
