@@ -240,6 +240,11 @@ class Utf8Test(unittest.TestCase):
         c.send(b"RCPT TO:<m\xfcller@example.org>\r\n")
         code, text = c.reply()
         self.assertEqual(code // 100, 5, text)
+        self.assertEqual(c.cmd("RSET")[0], 250)
+        for line in (b"MAIL FROM:<j\xf6rg@sender.test> SMTPUTF8\r\n", b"MAIL FROM:<j\xf6rg@sender.test>\r\n", b"MAIL FROM:<jorg@s\xe9nder.test> SMTPUTF8\r\n"):
+            c.send(line)
+            code, text = c.reply()
+            self.assertEqual(code // 100, 5, (line, text))
 
     def test_relay_rules_hold_for_utf8_addresses(self):
         r = self.relay()
