@@ -50,7 +50,10 @@ pub fn queue_bounce(
         client: "local".into(),
         helo: cfg.hostname.clone(),
         sender: String::new(),
-        body_8bit: false,
+        // UTF-8 addresses in its text, 8-bit headers returned: 8BITMIME.
+        body_8bit: msg.env.body_8bit || msg.env.smtputf8,
+        // Addressed to a UTF-8 sender: an SMTPUTF8 message itself.
+        smtputf8: !msg.env.sender.is_ascii(),
         recipients: vec![msg.env.sender.clone()],
     };
     let mut w = spool.begin(&env)?;
@@ -123,6 +126,8 @@ pub fn queue_bounce(
         h("Action: failed");
         let status = match reason {
             Reason::Rejected => reply.enhanced().filter(|s| s.starts_with('5')).unwrap_or("5.0.0").to_string(),
+            // Held for SMTPUTF8 until now: 5.6.7, as Postfix says at once.
+            Reason::Expired if reply.enhanced() == Some("4.6.7") => "5.6.7".to_string(),
             Reason::Expired => "4.4.7".to_string(),
         };
         h(&format!("Status: {status}"));
@@ -196,6 +201,7 @@ mod tests {
             helo: "mx.sender.test".into(),
             sender: "alice@sender.test".into(),
             body_8bit: false,
+            smtputf8: false,
             recipients: vec!["bob@example.org".into()],
         };
         let mut w = spool.begin(&env).unwrap();

@@ -262,9 +262,13 @@ impl Config {
         b.finish().map_err(|(line, message)| ConfigError { file, line, message })
     }
 
-    /// True when `domain` (any case) is one of `relay_domains`.
+    /// True when `domain` (any case, U-labels or A-labels) is one of
+    /// `relay_domains`. A name that is not a valid domain never is.
     pub fn is_relay_domain(&self, domain: &str) -> bool {
-        self.relay_domains.iter().any(|d| d.eq_ignore_ascii_case(domain))
+        match crate::punycode::to_ascii(domain) {
+            Some(a) => self.relay_domains.contains(&a),
+            None => false,
+        }
     }
 }
 
@@ -918,10 +922,12 @@ impl Builder {
                 let mut out = Vec::new();
                 for d in want_strs(v)? {
                     let d = d.trim_end_matches('.');
-                    if !valid_domain(d) {
-                        return Err(format!("relay_domains: `{d}` is not a valid domain name"));
+                    // U-labels or A-labels: kept in ASCII form (A-labels),
+                    // which is how every domain is compared.
+                    match crate::punycode::to_ascii(d).filter(|a| valid_domain(a)) {
+                        Some(a) => out.push(a),
+                        None => return Err(format!("relay_domains: `{d}` is not a valid domain name")),
                     }
-                    out.push(d.to_ascii_lowercase());
                 }
                 c.relay_domains = out;
                 Ok(())
@@ -1332,10 +1338,28 @@ allow = ["127.0.0.1/32", "192.168.1.0/24", "fe80::/10"]
         assert_eq!(c.listen.len(), 2);
         assert!(c.is_relay_domain("EXAMPLE.ORG"));
         assert!(!c.is_relay_domain("example.org.evil"));
+        assert!(!c.is_relay_domain("xn--example.org"));
         assert_eq!(c.status.allow.len(), 3);
         assert!(allowed(&c.status.allow, "192.168.1.77".parse().unwrap()));
         assert!(!allowed(&c.status.allow, "192.168.2.1".parse().unwrap()));
         assert!(allowed(&c.status.allow, "::ffff:127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn relay_domains_in_u_label_or_a_label_form() {
+        let base = MIN.replace("relay_domains = [\"example.org\"]\n", "");
+        let c = parse(&format!("{base}relay_domains = [\"Bücher.example\", \"xn--mnchen-3ya.example\"]\n")).unwrap();
+        assert_eq!(c.relay_domains, ["xn--bcher-kva.example", "xn--mnchen-3ya.example"]);
+        for d in ["bücher.example", "XN--BCHER-KVA.example", "münchen.Example", "xn--mnchen-3ya.example"] {
+            assert!(c.is_relay_domain(d), "{d}");
+        }
+        for d in ["bucher.example", "xn--bcher-.example", "xn--mnchen-3yb.example", "b\u{3cb}cher.example", "bücher.example.evil"] {
+            assert!(!c.is_relay_domain(d), "{d}");
+        }
+        for bad in ["xn--bcher-.example", "xn--zz!.example", "a\u{200b}b.example", "ab cd.example"] {
+            let e = parse(&format!("{base}relay_domains = [\"{bad}\"]\n")).unwrap_err();
+            assert!(e.message.contains("is not a valid domain name"), "{bad}: {e}");
+        }
     }
 
     #[test]

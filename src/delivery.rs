@@ -402,6 +402,8 @@ pub struct Connection {
     setup: Duration,
     pipelining: bool,
     eightbit: bool,
+    /// The primary offers SMTPUTF8 (RFC 6531).
+    smtputf8: bool,
     size_limit: Option<u64>,
     timeout: Duration,
     used: bool,
@@ -478,6 +480,7 @@ impl Connection {
             setup: Duration::ZERO,
             pipelining: false,
             eightbit: false,
+            smtputf8: false,
             size_limit: None,
             timeout: cfg.delivery_timeout,
             used: false,
@@ -527,6 +530,7 @@ impl Connection {
                 match words.next().unwrap_or("").to_ascii_uppercase().as_str() {
                     "PIPELINING" => self.pipelining = true,
                     "8BITMIME" => self.eightbit = true,
+                    "SMTPUTF8" => self.smtputf8 = true,
                     // "SIZE 0" (no limit), junk, or a number past u64: no limit.
                     "SIZE" => self.size_limit = words.next().and_then(|n| n.parse::<u64>().ok()).filter(|n| *n > 0),
                     _ => {}
@@ -650,14 +654,27 @@ impl Connection {
     }
 
     /// Sends one message to its pending recipients.
+    ///
+    /// SMTPUTF8: to a primary that does not offer it, the recipients whose
+    /// delivery would need it (see [`needs_smtputf8`]) are not sent, never
+    /// downgraded: they get a temporary "SMTPUTF8 is required" (4.6.7) and
+    /// stay queued, the others go now. All of them when the sender needs it.
     pub async fn deliver(&mut self, spool: &Spool, msg: &QueuedMessage) -> Outcome {
-        let pending: Vec<String> = msg.pending().map(|r| r.addr.clone()).collect();
+        let mut pending: Vec<String> = msg.pending().map(|r| r.addr.clone()).collect();
+        let mut held: Vec<(String, Reply)> = Vec::new();
+        if msg.env.smtputf8 && !self.smtputf8 {
+            let needs = needs_smtputf8(&msg.env.sender);
+            let (keep, hold): (Vec<String>, Vec<String>) = pending.into_iter().partition(|a| !needs && !needs_smtputf8(a));
+            pending = keep;
+            let reply = Reply::local(450, format!("4.6.7 SMTPUTF8 is required, but was not offered by host {}", self.relay));
+            held = hold.into_iter().map(|a| (a, reply.clone())).collect();
+        }
         let all = |reply: &Reply| pending.iter().map(|a| (a.clone(), reply.clone())).collect::<Vec<_>>();
         let started = std::time::Instant::now();
         let setup = std::mem::take(&mut self.setup);
-        let result = self.deliver_inner(spool, msg, &pending).await;
+        let result = if pending.is_empty() { Ok(Vec::new()) } else { self.deliver_inner(spool, msg, &pending).await };
         let xfer = started.elapsed();
-        match result {
+        let mut out = match result {
             Ok(rcpts) => Outcome { rcpts, reusable: true, setup, xfer },
             Err((reply, reusable)) => {
                 if reply.text.starts_with("Protocol error: ") {
@@ -665,6 +682,20 @@ impl Connection {
                 }
                 Outcome { rcpts: all(&reply), reusable, setup, xfer }
             }
+        };
+        out.rcpts.extend(held);
+        out
+    }
+
+    /// An address as sent to this primary: as stored when the message is
+    /// SMTPUTF8 and the primary offers it, else with its domain in ASCII
+    /// form (the same domain; a local part is never rewritten: an address
+    /// that needs more is held, see [`deliver`](Self::deliver)).
+    fn wire<'a>(&self, msg: &QueuedMessage, addr: &'a str) -> std::borrow::Cow<'a, str> {
+        if msg.env.smtputf8 && self.smtputf8 {
+            std::borrow::Cow::Borrowed(addr)
+        } else {
+            crate::punycode::address_to_ascii(addr)
         }
     }
 
@@ -683,7 +714,10 @@ impl Connection {
         {
             return Err((Reply::local(552, format!("5.3.4 message too big for {} ({} > {limit})", self.relay, msg.size)), true));
         }
-        let mut mail = format!("MAIL FROM:<{}>", msg.env.sender);
+        let mut mail = format!("MAIL FROM:<{}>", self.wire(msg, &msg.env.sender));
+        if msg.env.smtputf8 && self.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
         if self.size_limit.is_some() {
             mail.push_str(&format!(" SIZE={}", msg.size));
         }
@@ -691,7 +725,7 @@ impl Connection {
             mail.push_str(" BODY=8BITMIME");
         }
         mail.push_str("\r\n");
-        let rcpt_lines: Vec<String> = pending.iter().map(|a| format!("RCPT TO:<{a}>\r\n")).collect();
+        let rcpt_lines: Vec<String> = pending.iter().map(|a| format!("RCPT TO:<{}>\r\n", self.wire(msg, a))).collect();
         let mut results: Vec<(String, Reply)> = Vec::with_capacity(pending.len());
 
         if self.pipelining {
@@ -806,13 +840,22 @@ impl Connection {
     /// `Err`, why there is no answer (a refusal of MAIL, a lost connection,
     /// a protocol error).
     pub async fn probe(&mut self, addr: &str) -> Result<(Reply, bool), Reply> {
+        // A UTF-8 local part can be asked only with SMTPUTF8; a primary
+        // without it could not take the mail either (see `deliver`): no
+        // verdict, the sender is asked to try later. A UTF-8 domain is
+        // asked in its ASCII form, as delivery sends it.
+        let utf8 = needs_smtputf8(addr);
+        if utf8 && !self.smtputf8 {
+            return Ok((Reply::local(450, format!("4.6.7 SMTPUTF8 is required, but was not offered by host {}", self.relay)), true));
+        }
         self.used = true;
-        self.send("MAIL FROM:<>\r\n", Stage::Mail).await?;
+        let rcpt_addr = if self.smtputf8 { std::borrow::Cow::Borrowed(addr) } else { crate::punycode::address_to_ascii(addr) };
+        self.send(if self.smtputf8 && !addr.is_ascii() { "MAIL FROM:<> SMTPUTF8\r\n" } else { "MAIL FROM:<>\r\n" }, Stage::Mail).await?;
         let mail = self.reply(Stage::Mail).await?;
         if !mail.is_ok() {
             return Err(self.refused(mail, "said:", " (in reply to MAIL FROM command)"));
         }
-        self.send(&format!("RCPT TO:<{addr}>\r\n"), Stage::Rcpt).await?;
+        self.send(&format!("RCPT TO:<{rcpt_addr}>\r\n"), Stage::Rcpt).await?;
         let rcpt = self.reply(Stage::Rcpt).await?;
         // The answer is in; a failed RSET only ends the connection.
         let reusable = match self.send("RSET\r\n", Stage::Rset).await {
@@ -829,6 +872,13 @@ impl Connection {
         }
         let _ = self.wr.shutdown().await;
     }
+}
+
+/// True when delivering `addr` needs SMTPUTF8: its local part is not ASCII
+/// (a UTF-8 domain can be sent as A-labels; UTF-8 in headers is data, sent
+/// as 8BITMIME: Postfix, too, delivers such a message without SMTPUTF8).
+pub fn needs_smtputf8(addr: &str) -> bool {
+    addr.rsplit_once('@').map_or(addr, |(local, _)| local).bytes().any(|b| !b.is_ascii())
 }
 
 /// The first word of a greeting or of an EHLO/HELO reply: the server's name.

@@ -15,6 +15,7 @@ pub mod logging;
 pub mod mailq;
 pub mod netcfg;
 pub mod policy;
+pub mod punycode;
 pub mod scheduler;
 pub mod server;
 pub mod session;

@@ -111,9 +111,38 @@ fn printable(s: &str) -> bool {
     s.bytes().all(|b| (0x21..0x7f).contains(&b))
 }
 
+/// Printable ASCII or visible UTF-8 (RFC 6531 allows UTF-8 where atext is):
+/// no control (C1 included), space or invisible formatting character.
+fn printable_utf8(s: &str) -> bool {
+    s.chars().all(|c| if c.is_ascii() { (0x21..0x7f).contains(&(c as u32)) } else { crate::punycode::visible(c) })
+}
+
+/// Longest address, in bytes: a path of 256 octets with its brackets (RFC
+/// 5321 4.5.3.1.3). Counted in bytes, UTF-8 or not.
+const MAX_ADDRESS: usize = 254;
+
+/// The refusal of a non-ASCII address in a transaction without SMTPUTF8,
+/// in Postfix's words (strict_smtputf8 = yes).
+fn needs_smtputf8() -> Refusal {
+    Refusal::new(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
+}
+
+/// An address as a recipients-list key: local part lower-cased (all of
+/// [`lower`](crate::punycode::lower)'s case pairs for a non-ASCII one), domain in ASCII form
+/// (A-labels). `None` when the domain cannot be converted. `@domain`
+/// (empty local part) gives `@` and the domain.
+fn list_key(addr: &str) -> Option<String> {
+    if addr.is_ascii() {
+        return Some(addr.to_ascii_lowercase());
+    }
+    let (local, domain) = addr.rsplit_once('@')?;
+    let local = if local.is_ascii() { local.to_ascii_lowercase() } else { crate::punycode::lowercase(local) };
+    Some(format!("{local}@{}", crate::punycode::to_ascii(domain.trim_end_matches('.'))?))
+}
+
 /// Checks a reverse path (MAIL FROM). Returns the sender to store: the path
 /// as written minus any source route; empty for `<>`.
-pub fn check_sender(raw: &str) -> Result<String, Refusal> {
+pub fn check_sender(raw: &str, smtputf8: bool) -> Result<String, Refusal> {
     if raw.is_empty() {
         return Ok(String::new());
     }
@@ -125,16 +154,20 @@ pub fn check_sender(raw: &str) -> Result<String, Refusal> {
         },
         None => raw,
     };
-    if path.len() > 256 || !path.is_ascii() {
+    if !path.is_ascii() && !smtputf8 {
+        return Err(needs_smtputf8());
+    }
+    if path.len() > MAX_ADDRESS {
         return Err(Refusal::new(553, "5.1.7", "Bad sender address syntax"));
     }
     let at = match path.rfind('@') {
         Some(i) if i > 0 && i + 1 < path.len() => i,
         _ => return Err(Refusal::new(553, "5.1.7", "Sender address must be user@domain")),
     };
+    // '@' is ASCII: both sides are on character boundaries.
     let (local, domain) = (&path[..at], &path[at + 1..]);
     let quoted = local.starts_with('"') && local.ends_with('"') && local.len() >= 2;
-    if !quoted && !printable(local) {
+    if !quoted && !printable_utf8(local) || quoted && local.chars().any(|c| !c.is_ascii() && !crate::punycode::visible(c)) {
         return Err(Refusal::new(553, "5.1.7", "Bad sender address syntax"));
     }
     if local.contains(['\r', '\n', '\0']) || !valid_domain_part(domain) {
@@ -147,6 +180,9 @@ fn valid_domain_part(d: &str) -> bool {
     if d.starts_with('[') && d.ends_with(']') {
         return d.len() > 2 && printable(d);
     }
+    if !d.is_ascii() {
+        return crate::punycode::to_ascii(d).is_some();
+    }
     !d.is_empty()
         && d.len() <= 255
         && d.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'))
@@ -155,8 +191,8 @@ fn valid_domain_part(d: &str) -> bool {
 /// Checks a forward path (RCPT TO) against the relay rules. `parsed` is the
 /// address smtp-proto returned; `raw` is the path as written. Returns the
 /// recipient to store, lower-cased domain.
-pub fn check_recipient(cfg: &Config, raw: &str, parsed: &str, list: &RecipientList) -> Result<String, Refusal> {
-    let addr = check_address(cfg, raw, parsed)?;
+pub fn check_recipient(cfg: &Config, raw: &str, parsed: &str, list: &RecipientList, smtputf8: bool) -> Result<String, Refusal> {
+    let addr = check_address(cfg, raw, parsed, smtputf8)?;
     match list.listed(&addr) {
         Listed::NoList | Listed::Yes => Ok(addr),
         Listed::Unusable => Err(lookup_failed(&addr)),
@@ -199,7 +235,7 @@ pub fn unverified_defer(addr: &str, why: &str) -> Refusal {
 }
 
 /// The relay and syntax checks of [`check_recipient`], without the list.
-pub fn check_address(cfg: &Config, raw: &str, parsed: &str) -> Result<String, Refusal> {
+pub fn check_address(cfg: &Config, raw: &str, parsed: &str, smtputf8: bool) -> Result<String, Refusal> {
     let denied = || Refusal::new(550, "5.7.1", format!("<{raw}>: Relay access denied"));
     if raw.is_empty() {
         return Err(Refusal::new(501, "5.1.3", "Bad recipient address syntax"));
@@ -208,10 +244,10 @@ pub fn check_address(cfg: &Config, raw: &str, parsed: &str) -> Result<String, Re
         // Source routes and quoted local parts: classic relay tricks.
         return Err(denied());
     }
-    if !raw.is_ascii() {
-        return Err(Refusal::new(553, "5.6.7", "Non-ASCII addresses need SMTPUTF8, which is not offered"));
+    if !raw.is_ascii() && !smtputf8 {
+        return Err(needs_smtputf8());
     }
-    if !printable(raw) || raw.len() > 256 {
+    if !printable_utf8(raw) || raw.len() > MAX_ADDRESS {
         return Err(Refusal::new(501, "5.1.3", "Bad recipient address syntax"));
     }
     // <postmaster> without a domain (RFC 5321 4.5.1): the primary's postmaster.
@@ -236,10 +272,14 @@ pub fn check_address(cfg: &Config, raw: &str, parsed: &str) -> Result<String, Re
         return Err(denied());
     }
     let domain = domain.trim_end_matches('.');
+    // U-labels and A-labels alike (compared in ASCII form).
     if !cfg.is_relay_domain(domain) {
         return Err(denied());
     }
-    Ok(format!("{local}@{}", domain.to_ascii_lowercase()))
+    // Stored (and delivered) as written, lower-cased: the very domain that
+    // was checked (to_ascii lower-cases the same way).
+    let domain = if domain.is_ascii() { domain.to_ascii_lowercase() } else { crate::punycode::lowercase(domain) };
+    Ok(format!("{local}@{domain}"))
 }
 
 /// Largest recipients list read. A bigger file is not used (see
@@ -372,6 +412,7 @@ impl RecipientList {
         let mut text = String::from_utf8(buf).map_err(|_| err("not UTF-8 text".into()))?;
         text.make_ascii_lowercase();
         let mut entries = Vec::new();
+        let (mut extra, mut moved) = (String::new(), Vec::new());
         let mut pos = 0usize;
         for (n, line) in text.split_inclusive('\n').enumerate() {
             let start = pos;
@@ -382,9 +423,25 @@ impl RecipientList {
             if !addr.contains('@') || addr.contains(['"', '%', '!']) {
                 return Err(format!("recipients list {}:{}: `{addr}` is not user@domain or @domain", path.display(), n + 1));
             }
+            // UTF-8 entries are kept as lookup keys (see list_key), after
+            // the text; one that cannot be converted stays as written (and
+            // matches nothing).
+            if !addr.is_ascii()
+                && let Some(k) = list_key(addr)
+            {
+                moved.push(entries.len());
+                entries.push((extra.len() as u32, k.len() as u32));
+                extra.push_str(&k);
+                continue;
+            }
             // addr is a subslice of line: its offset in the text.
             let at = start + (addr.as_ptr() as usize - line.as_ptr() as usize);
             entries.push((at as u32, addr.len() as u32));
+        }
+        let base = text.len() as u32;
+        text.push_str(&extra);
+        for i in moved {
+            entries[i].0 += base;
         }
         if entries.is_empty() {
             return Err(err(
@@ -481,7 +538,7 @@ impl RecipientList {
         if self.path.is_none() {
             return true;
         }
-        let lower = addr.to_ascii_lowercase();
+        let lower = list_key(addr).unwrap_or_else(|| addr.to_ascii_lowercase());
         if self.find(&lower) {
             return true;
         }
@@ -1033,7 +1090,7 @@ mod tests {
     }
 
     fn rcpt(raw: &str) -> Result<String, Refusal> {
-        check_recipient(&cfg(), raw, raw, &RecipientList::default())
+        check_recipient(&cfg(), raw, raw, &RecipientList::default(), false)
     }
 
     #[test]
@@ -1065,19 +1122,73 @@ mod tests {
         assert_eq!(rcpt("").unwrap_err().code, 501);
         assert_eq!(rcpt("Postmaster").unwrap(), "postmaster@example.org");
         // What smtp-proto returns for a quoted local part differs from the raw path.
-        let e = check_recipient(&cfg(), "x@example.org", "y@example.org", &RecipientList::default()).unwrap_err();
+        let e = check_recipient(&cfg(), "x@example.org", "y@example.org", &RecipientList::default(), false).unwrap_err();
         assert_eq!(e.code, 550);
     }
 
     #[test]
     fn senders() {
-        assert_eq!(check_sender("").unwrap(), "");
-        assert_eq!(check_sender("alice@sender.test").unwrap(), "alice@sender.test");
-        assert_eq!(check_sender("@relay.test:alice@sender.test").unwrap(), "alice@sender.test");
-        assert_eq!(check_sender("\"alice smith\"@sender.test").unwrap(), "\"alice smith\"@sender.test");
-        assert!(check_sender("alice").is_err());
-        assert!(check_sender("alice@").is_err());
-        assert!(check_sender("al ice@sender.test").is_err());
+        assert_eq!(check_sender("", false).unwrap(), "");
+        assert_eq!(check_sender("alice@sender.test", false).unwrap(), "alice@sender.test");
+        assert_eq!(check_sender("@relay.test:alice@sender.test", false).unwrap(), "alice@sender.test");
+        assert_eq!(check_sender("\"alice smith\"@sender.test", false).unwrap(), "\"alice smith\"@sender.test");
+        assert!(check_sender("alice", false).is_err());
+        assert!(check_sender("alice@", false).is_err());
+        assert!(check_sender("al ice@sender.test", false).is_err());
+    }
+
+    #[test]
+    fn utf8_addresses_only_with_smtputf8() {
+        // Postfix, strict_smtputf8 = yes: 553 5.6.7.
+        for (s, r) in [("jörg@sender.test", "müller@example.org"), ("a@bücher.test", "bob@exämple.org")] {
+            let e = check_sender(s, false).unwrap_err();
+            assert_eq!((e.code, e.status), (553, "5.6.7"), "{s}");
+            let e = check_recipient(&cfg(), r, r, &RecipientList::default(), false).unwrap_err();
+            assert_eq!((e.code, e.status), (553, "5.6.7"), "{r}");
+        }
+        assert_eq!(check_sender("jörg@Bücher.test", true).unwrap(), "jörg@Bücher.test");
+        let c = Config::parse(
+            "hostname = \"backup.example.org\"\nrelay_domains = [\"example.org\", \"xn--bcher-kva.example\"]\nprimary = \"127.0.0.1:2526\"\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        let ok = |r: &str| check_recipient(&c, r, r, &RecipientList::default(), true);
+        assert_eq!(ok("Müller@example.org").unwrap(), "Müller@example.org");
+        assert_eq!(ok("müller@BÜCHER.example").unwrap(), "müller@bücher.example");
+        assert_eq!(ok("bob@XN--BCHER-KVA.example").unwrap(), "bob@xn--bcher-kva.example");
+        for bad in ["bob@bucher.example", "bob@xn--bcher-.example", "müller%evil@example.org", "müller@evil.test", "bob@mu\u{308}nchen.example"] {
+            assert_eq!(ok(bad).unwrap_err().code, 550, "{bad}");
+        }
+        for bad in ["mül\u{85}ler@example.org", "a\u{202e}b@example.org", "a\u{a0}b@example.org"] {
+            assert_eq!(ok(bad).unwrap_err().code, 501, "{bad}");
+            assert_eq!(check_sender(bad, true).unwrap_err().code, 553, "{bad}");
+        }
+        // Limits in bytes; a character across them never panics.
+        assert!(ok(&("ü".repeat(32) + "@example.org")).is_ok());
+        assert_eq!(ok(&("ü".repeat(32) + "a@example.org")).unwrap_err().code, 501);
+        for n in 0..140 {
+            for ch in ["é", "€", "\u{1F600}"] {
+                let a = ch.repeat(n) + "@sender.test";
+                assert_eq!(check_sender(&a, true).is_ok(), n > 0 && a.len() <= 254, "{} bytes", a.len());
+                let _ = ok(&(ch.repeat(n) + "@example.org"));
+                let _ = ok(&format!("a@{}.example", ch.repeat(n)));
+            }
+        }
+    }
+
+    #[test]
+    fn recipient_list_in_u_labels_or_a_labels() {
+        let p = std::env::temp_dir().join(format!("bartleby-rcpts-utf8-{}", std::process::id()));
+        std::fs::write(&p, "bob@example.org\nMüller@xn--bcher-kva.example\n@münchen.example\nstraße@Bücher.example OK\nbroken@xn--.example\n").unwrap();
+        let l = RecipientList::load(Some(&p)).unwrap();
+        assert_eq!(l.len(), 5);
+        for a in ["müller@bücher.example", "MÜLLER@XN--BCHER-KVA.example", "x@xn--mnchen-3ya.example", "x@MÜNCHEN.example", "straße@bücher.example", "bob@example.org"] {
+            assert!(l.accepts(a), "{a}");
+        }
+        for a in ["mueller@bücher.example", "strasse@bücher.example", "x@munchen.example"] {
+            assert!(!l.accepts(a), "{a}");
+        }
+        std::fs::remove_file(&p).unwrap();
     }
 
     #[test]
@@ -1107,7 +1218,7 @@ mod tests {
         assert!(l.accepts("carol@example.org"));
         assert!(l.accepts("anyone@lists.example.org"));
         assert!(!l.accepts("mallory@example.org"));
-        let e = check_recipient(&cfg(), "mallory@example.org", "mallory@example.org", &l).unwrap_err();
+        let e = check_recipient(&cfg(), "mallory@example.org", "mallory@example.org", &l, false).unwrap_err();
         assert_eq!((e.code, e.status), (550, "5.1.1"));
         std::fs::write(&p, "bob@example.org\nnot-an-address\n").unwrap();
         assert!(RecipientList::load(Some(&p)).unwrap_err().contains(":2:"));
@@ -1197,10 +1308,10 @@ mod tests {
             let r = Recipients::start(Some(&p), &last, &stats);
             let l = r.get();
             assert!(l.is_enabled() && !l.is_usable(), "{what}");
-            let e = check_recipient(&cfg(), "bob@example.org", "bob@example.org", &l).unwrap_err();
+            let e = check_recipient(&cfg(), "bob@example.org", "bob@example.org", &l, false).unwrap_err();
             assert_eq!(e.line(), "451 4.3.0 <bob@example.org>: Temporary lookup failure", "{what}");
             // Still never an open relay.
-            assert_eq!(check_recipient(&cfg(), "bob@evil.test", "bob@evil.test", &l).unwrap_err().code, 550);
+            assert_eq!(check_recipient(&cfg(), "bob@evil.test", "bob@evil.test", &l, false).unwrap_err().code, 550);
             assert!(stats.recipients_unusable.load(std::sync::atomic::Ordering::Relaxed));
             assert!(!stats.recipients_kept.lock().unwrap().is_empty(), "{what}");
             // A bad version does not end it; the first good one does.

@@ -57,6 +57,8 @@ struct Txn {
     id: QueueId,
     sender: String,
     body_8bit: bool,
+    /// SMTPUTF8 on MAIL: UTF-8 addresses allowed, flag kept in the queue.
+    smtputf8: bool,
     rcpts: Vec<String>,
 }
 
@@ -279,6 +281,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                     "ETRN".to_string(),
                     "ENHANCEDSTATUSCODES".to_string(),
                     "8BITMIME".to_string(),
+                    "SMTPUTF8".to_string(),
                 ];
                 self.out.extend_from_slice(format!("250-{}\r\n", cfg.hostname).as_bytes());
                 for (i, c) in caps.iter().enumerate() {
@@ -350,8 +353,9 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             self.reply(503, "5.5.1", "Error: nested MAIL command");
             return self.error();
         }
-        if flags & MAIL_SMTPUTF8 != 0 || flags & (MAIL_RET_FULL | MAIL_RET_HDRS) != 0 || env_id {
-            self.reply(555, "5.5.4", "Unsupported option: SMTPUTF8 and DSN are not offered");
+        let smtputf8 = flags & MAIL_SMTPUTF8 != 0;
+        if flags & (MAIL_RET_FULL | MAIL_RET_HDRS) != 0 || env_id {
+            self.reply(555, "5.5.4", "Unsupported option: DSN is not offered");
             return self.error();
         }
         let size = match policy::size_param(line) {
@@ -366,7 +370,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             return self.error();
         }
         let raw = policy::raw_path(line).unwrap_or(parsed);
-        let sender = match policy::check_sender(raw) {
+        let sender = match policy::check_sender(raw, smtputf8) {
             Ok(s) => s,
             Err(r) => return self.refuse(&r),
         };
@@ -402,7 +406,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             return self.client_limited(r, &limits);
         }
         let id = util::new_queue_id();
-        self.txn = Some(Txn { id, sender, body_8bit: flags & MAIL_BODY_8BITMIME != 0, rcpts: Vec::new() });
+        self.txn = Some(Txn { id, sender, body_8bit: flags & MAIL_BODY_8BITMIME != 0, smtputf8, rcpts: Vec::new() });
         self.reply(250, "2.1.0", "Ok");
         Ok(())
     }
@@ -471,7 +475,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             }
         };
         // A snapshot: no file is read here (the watcher thread does that).
-        let verdict = match policy::check_address(&cfg, raw, parsed) {
+        let verdict = match policy::check_address(&cfg, raw, parsed, txn.smtputf8) {
             Ok(addr) => self.listed_or_verified(addr).await,
             Err(r) => Err(r),
         };
@@ -620,6 +624,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             helo: helo.clone(),
             sender: txn.sender.clone(),
             body_8bit: txn.body_8bit,
+            smtputf8: txn.smtputf8,
             recipients: txn.rcpts.clone(),
         };
         let ticket = self.ctx.committer.ticket();
@@ -638,7 +643,12 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             self.client.split('[').next().unwrap_or("unknown"),
             self.peer.ip().to_canonical(),
             cfg.hostname,
-            if self.esmtp { "ESMTP" } else { "SMTP" },
+            // RFC 6531 3.7.3: UTF8SMTP, UTF8ESMTP (as Postfix).
+            match (txn.smtputf8, self.esmtp) {
+                (true, _) => "UTF8ESMTP",
+                (false, true) => "ESMTP",
+                (false, false) => "SMTP",
+            },
             txn.id,
             util::rfc5322_date(now)
         );

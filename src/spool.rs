@@ -75,6 +75,9 @@ pub struct Envelope {
     pub sender: String,
     /// The client said BODY=8BITMIME.
     pub body_8bit: bool,
+    /// The client said SMTPUTF8 on MAIL (RFC 6531): addresses and headers
+    /// may hold UTF-8. A `smtputf8` header line; absent (older files): false.
+    pub smtputf8: bool,
     pub recipients: Vec<String>,
 }
 
@@ -568,6 +571,9 @@ impl Spool {
         if env.body_8bit {
             put("body 8BITMIME")?;
         }
+        if env.smtputf8 {
+            put("smtputf8 yes")?;
+        }
         for r in &env.recipients {
             put(&format!("rcpt {r}"))?;
         }
@@ -846,6 +852,7 @@ fn read_header<R: BufRead>(rd: &mut R) -> io::Result<(Envelope, u64, u64)> {
             "helo" => env.helo = v.to_string(),
             "from" => env.sender = v.to_string(),
             "body" => env.body_8bit = v == "8BITMIME",
+            "smtputf8" => env.smtputf8 = v == "yes",
             "rcpt" => env.recipients.push(v.to_string()),
             "length" => size = Some(v.parse().map_err(|_| invalid("bad length".into()))?),
             _ => {} // later versions may add fields
@@ -1033,8 +1040,38 @@ mod tests {
             helo: "mx.sender.test".into(),
             sender: "alice@sender.test".into(),
             body_8bit: true,
+            smtputf8: false,
             recipients: vec!["bob@example.org".into(), "carol@example.org".into()],
         }
+    }
+
+    #[test]
+    fn smtputf8_flag_is_kept_and_old_files_read_without_it() {
+        let root = tmp("utf8");
+        let sp = Spool::create(&root).unwrap();
+        let mut e = env("AAAA000000009");
+        e.smtputf8 = true;
+        e.sender = "jörg@sender.test".into();
+        e.recipients = vec!["müller@bücher.example".into()];
+        let mut w = sp.begin(&e).unwrap();
+        w.write("Subject: Grüße\r\n\r\nü\r\n".as_bytes()).unwrap();
+        w.finish().unwrap();
+        assert_eq!(sp.read("AAAA000000009").unwrap().env, e);
+        // A queue file as the version before SMTPUTF8 wrote it.
+        let data = b"Subject: old\r\n\r\nbody\r\n";
+        let head = format!(
+            "{MAGIC}\nid AAAA00000000A\narrival 1795320958\nclient c[192.0.2.1]\nhelo c.test\nfrom alice@sender.test\nbody 8BITMIME\nrcpt bob@example.org\nlength {:0LEN_WIDTH$}\n\n",
+            data.len()
+        );
+        let mut f = head.into_bytes();
+        f.extend_from_slice(data);
+        fs::write(root.join("queue").join("AAAA00000000A"), f).unwrap();
+        let m = sp.read("AAAA00000000A").unwrap();
+        assert!(!m.env.smtputf8);
+        assert!(m.env.body_8bit);
+        assert_eq!(m.env.recipients, vec!["bob@example.org".to_string()]);
+        assert_eq!(m.size, data.len() as u64);
+        let _ = fs::remove_dir_all(&root);
     }
 
     #[test]

@@ -295,6 +295,46 @@ class VerifyTest(Base):
             page = resp.read().decode()
         self.assertIn("has not been refreshed by the primary within", page)
 
+    @staticmethod
+    def _idn_domains(r):
+        with open(r.config) as f:
+            cfg = f.read()
+        with open(r.config, "w") as f:
+            f.write(cfg.replace('relay_domains = ["example.org", "example.net"]', 'relay_domains = ["example.org", "bücher.example"]'))
+
+    def test_utf8_recipient_probed_with_smtputf8_or_not_at_all(self):
+        # A UTF-8 local part can be asked only with SMTPUTF8 on MAIL; to a
+        # primary without it there is no verdict (450, not cached, never a
+        # 550 from a garbled probe), as its delivery would be held too.
+        ehlo = "250-primary.example.org\r\n250-SMTPUTF8\r\n250 8BITMIME"
+        p = self.primary(["müller@example.org"], replies={"EHLO": ehlo})
+        r = self.relay(p.sock.getsockname()[1], before_start=self._idn_domains)
+        c = Client(r.port, timeout=30)
+        self.clients.append(c)
+        c.cmd("EHLO client.test")
+        self.assertEqual(c.cmd("MAIL FROM:<someone@sender.test> SMTPUTF8")[0], 250)
+        self.assertEqual(self.rcpt(c, "müller@example.org")[0], 250)
+        self.assertEqual(self.rcpt(c, "schmidt@example.org")[0], 550)
+        mails = [m for m in p.commands if m.upper().startswith("MAIL")]
+        self.assertIn("MAIL FROM:<> SMTPUTF8", mails)
+        self.assertTrue(p.rcpts("müller@example.org"), p.commands)
+        c.cmd("QUIT")
+        # The same without SMTPUTF8 at the primary: no probe goes out for
+        # the UTF-8 local part; an ASCII one under a U-label domain is asked
+        # in its A-label form.
+        p2 = self.primary(["info@xn--bcher-kva.example"])
+        r2 = self.relay(p2.sock.getsockname()[1], before_start=self._idn_domains)
+        c = Client(r2.port, timeout=30)
+        self.clients.append(c)
+        c.cmd("EHLO client.test")
+        self.assertEqual(c.cmd("MAIL FROM:<someone@sender.test> SMTPUTF8")[0], 250)
+        code, text = self.rcpt(c, "jürgen@example.org")
+        self.assertEqual(code, 450, text)
+        self.assertIn("SMTPUTF8", text)
+        self.assertFalse([m for m in p2.commands if "jürgen" in m or "j?rgen" in m], p2.commands)
+        self.assertEqual(self.rcpt(c, "info@bücher.example")[0], 250)
+        self.assertTrue(p2.rcpts("info@xn--bcher-kva.example"), p2.commands)
+
     def test_recipients_file_wins_when_it_has_the_address(self):
         # The primary knows only new@; the file only listed@.
         p = self.primary(["new@example.org"])

@@ -64,6 +64,7 @@ fn queue(spool: &Spool, id: &str, rcpts: &[&str]) -> QueuedMessage {
         helo: "client.test".into(),
         sender: "alice@sender.test".into(),
         body_8bit: false,
+        smtputf8: false,
         recipients: rcpts.iter().map(|s| s.to_string()).collect(),
     };
     let mut w = spool.begin(&env).expect("begin");
