@@ -501,7 +501,12 @@ impl Verifier {
             Ok(Ok(Answer::TempFail(said))) => Verdict::Defer(said),
             Ok(Ok(Answer::Unreachable(why))) => Verdict::Unknown(why),
             Ok(Err(_)) => Verdict::Unknown("address verification stopped".into()),
-            Err(_) => Verdict::Unknown(format!("no answer from the primary within verify_timeout ({}s)", self.cfg.verify_timeout.as_secs())),
+            // No answer yet, but nothing says the primary is down (a failed
+            // probe answers Unreachable): the sender tries again later, as
+            // Postfix's "Address verification in progress". Not
+            // verify_unknown: whoever keeps the prober busy would get mail
+            // for unknown users accepted.
+            Err(_) => Verdict::Defer(format!("Address verification in progress (no answer from the primary within verify_timeout, {}s)", self.cfg.verify_timeout.as_secs())),
         }
     }
 

@@ -235,6 +235,28 @@ class VerifyTest(Base):
             self.assertEqual(c.reply()[0], 250)
         self.assertEqual(len(p.rcpts("alice@example.org")), 1, p.commands)
 
+    def test_address_waiting_behind_a_busy_prober_is_deferred_not_accepted(self):
+        # The primary is up and answering, only slowly (Postfix's smtpd sleeps
+        # smtpd_error_sleep_time before each reply once a client made
+        # smtpd_soft_error_limit errors, as a probe connection does under a
+        # dictionary attack). An address still waiting for its probe when
+        # verify_timeout runs out is not "the primary is down": Postfix answers
+        # 450 4.1.1 "Address verification in progress" (verify(8)), and so must
+        # we. Accepting it (verify_unknown = "accept", the default) would let
+        # anyone who keeps the prober busy get mail for unknown users queued:
+        # the backscatter this feature exists to stop.
+        p = self.primary(["alice@example.org"])
+        p.delay = 0.8
+        r = self.relay(p.sock.getsockname()[1], extra='verify_timeout = "1s"\n')
+        a, b = self.session(r), self.session(r)
+        a.send("RCPT TO:<nobody1@example.org>\r\n")
+        self.assertTrue(wait_for(lambda: p.rcpts("nobody1@example.org"), 5), p.commands)
+        # Queued behind nobody1's probe: its own answer comes >= 1.6 s later.
+        code, text = self.rcpt(b, "nobody2@example.org")
+        self.assertEqual(code, 450, text)
+        self.assertIn("4.1.1", text)
+        self.assertEqual(a.reply()[0], 550)
+
     def test_primary_greeting_with_our_name_counts_as_down(self):
         # Issue 10's self-loop check applies to probes too.
         p = self.primary(["alice@example.org"], replies={"greeting": "220 backup.example.org ESMTP"})
