@@ -123,7 +123,8 @@ impl Cache {
 
     /// Records the primary's answer for `addr` (lower case), making room as
     /// needed: expired entries first, then the oldest negatives, then (only
-    /// for a positive, when no negative is left) the oldest positives.
+    /// for a positive, when no negative is left) the oldest positives. A
+    /// negative that would need a positive's room is not kept.
     pub fn insert(&mut self, addr: &str, ok: bool, now: u32) {
         if addr.len() > MAX_ADDR {
             return;
@@ -147,6 +148,10 @@ impl Cache {
             self.expire(now);
         }
         if self.map.len() >= self.max {
+            if self.negatives == 0 && !ok {
+                // Full of positives: a "no" is not worth a known user.
+                return;
+            }
             self.evict(self.negatives == 0, now);
         }
         self.map.insert(addr.into(), Entry { ok, checked: now, tried: 0 });
@@ -796,6 +801,25 @@ mod tests {
         assert_eq!(c.counts().1, 0);
         assert_eq!(c.get("new4999@example.org", 40000), Some(true));
         assert_eq!(c.get("user0@example.org", 40000), None);
+    }
+
+    #[test]
+    fn a_negative_never_evicts_a_positive() {
+        // A site with at least verify_cache_size users: the cache is all
+        // positives, no negative to make room with. One unknown address
+        // must not push out known users (an eighth of them were dropped):
+        // the cache is what answers for them while the primary is down.
+        let mut c = Cache::new(2000, 31 * DAY, 3 * DAY);
+        for i in 0..2000 {
+            c.insert(&format!("user{i}@example.org"), true, 1000 + i);
+        }
+        assert_eq!(c.counts(), (2000, 0));
+        for i in 0..10 {
+            c.insert(&format!("random{i}@example.org"), false, 5000 + i);
+            assert_eq!(c.counts().0, 2000, "after {} unknown addresses", i + 1);
+            assert!(c.len() <= 2000);
+        }
+        assert_eq!(c.get("user0@example.org", 6000), Some(true));
     }
 
     #[test]
