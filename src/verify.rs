@@ -126,7 +126,8 @@ impl Cache {
     /// for a positive, when no negative is left) the oldest positives. A
     /// negative that would need a positive's room is not kept.
     pub fn insert(&mut self, addr: &str, ok: bool, now: u32) {
-        if addr.len() > MAX_ADDR {
+        // Nothing the file's lines could not hold (a space, a newline).
+        if addr.len() > MAX_ADDR || addr.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return;
         }
         if let Some(e) = self.map.get_mut(addr) {
@@ -294,7 +295,7 @@ impl Cache {
             };
             let checked: u32 = parts.next().filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit())).and_then(|t| t.parse().ok()).ok_or_else(|| bad("bad time"))?;
             let addr = parts.next().ok_or_else(|| bad("no address"))?;
-            if addr.is_empty() || !addr.contains('@') || !addr.bytes().all(|b| (0x21..0x7f).contains(&b)) || addr.bytes().any(|b| b.is_ascii_uppercase()) {
+            if addr.is_empty() || !addr.contains('@') || addr.bytes().any(|b| b <= b' ' || b == 0x7f || b.is_ascii_uppercase()) {
                 return Err(bad("bad address"));
             }
             let e = Entry { ok, checked: checked.min(now), tried: 0 };
@@ -869,6 +870,30 @@ mod tests {
         assert_eq!(f.get("u989@example.org", 1_001_000), None);
         // No file: nothing, no error.
         assert_eq!(Cache::new(10, DAY, DAY).load(&dir.join("none"), 5), Ok(None));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn what_is_saved_loads_again() {
+        // Whatever insert takes, load must take back: one entry the loader
+        // refuses throws the whole cache away at the next start (moved to
+        // corrupt/), a cold cache in the next outage. With SMTPUTF8 (issue
+        // 11) a local part may be UTF-8; to_ascii_lowercase keeps it as is.
+        let dir = std::env::temp_dir().join(format!("bartleby-verify-utf8-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(CACHE_FILE);
+        let mut c = Cache::new(100, 31 * DAY, 3 * DAY);
+        c.insert("jörg@example.org", true, 1_000_000);
+        c.insert("bob@example.org", true, 1_000_000);
+        // Never a second line out of one address.
+        c.insert("x@example.org\n- 1000000 bob@example.org", true, 1_000_001);
+        c.insert("y@example.org - 1000000 z@example.org", true, 1_000_001);
+        write_atomic(&path, &c.serialize(1_000_010)).unwrap();
+        let mut d = Cache::new(100, 31 * DAY, 3 * DAY);
+        assert_eq!(d.load(&path, 1_000_010), Ok(Some(2)));
+        assert_eq!(d.get("jörg@example.org", 1_000_010), Some(true));
+        assert_eq!(d.get("bob@example.org", 1_000_010), Some(true));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
