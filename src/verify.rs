@@ -564,6 +564,9 @@ impl Verifier {
                 if *shutdown.borrow() {
                     break;
                 }
+                // Also here: under a load that never lets the queue run
+                // empty, the save below this loop would never come.
+                self.save_if_due(&mut last_save);
             }
             // Background refresh of positives, at most one a second, only
             // while the primary is up.
@@ -601,10 +604,7 @@ impl Verifier {
             {
                 let _ = tokio::time::timeout(self.cfg.verify_timeout, c.quit()).await;
             }
-            let dirty = self.lock().dirty;
-            if dirty > 0 && (last_save.elapsed() >= SAVE_INTERVAL || dirty >= 1000) && self.save(false).is_some() {
-                last_save = tokio::time::Instant::now();
-            }
+            self.save_if_due(&mut last_save);
         }
         // Shutdown: answer the waiting sessions, close, save.
         {
@@ -631,6 +631,15 @@ impl Verifier {
             && let Some(done) = self.save(true)
         {
             let _ = tokio::time::timeout(Duration::from_secs(5), done).await;
+        }
+    }
+
+    /// Saves when the cache changed and a minute has passed since the last
+    /// save, or 1,000 answers came in.
+    fn save_if_due(&self, last_save: &mut tokio::time::Instant) {
+        let dirty = self.lock().dirty;
+        if dirty > 0 && (last_save.elapsed() >= SAVE_INTERVAL || dirty >= 1000) && self.save(false).is_some() {
+            *last_save = tokio::time::Instant::now();
         }
     }
 

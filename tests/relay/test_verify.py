@@ -492,6 +492,48 @@ class VerifyTest(Base):
         with open(os.path.join(r.spool, "verify.cache")) as f:
             self.assertLessEqual(len(f.read().splitlines()), 1 + 100)
 
+    def test_cache_is_saved_during_a_sustained_attack(self):
+        # The cache is written every 1,000 answers (or every minute) so that
+        # a crash loses little. Under a load that never lets the prober's
+        # queue run empty (clients pipelining unknown addresses), the save
+        # must still happen while the load lasts, not only once it stops.
+        p = self.primary(["alice@example.org"])
+        r = self.relay(p.sock.getsockname()[1], extra="error_limit = 1000\nmax_connections = 50\nsmtpd_client_connection_count_limit = 0")
+        path = os.path.join(r.spool, "verify.cache")
+        stop = threading.Event()
+        rng = random.Random(7)
+        lock = threading.Lock()
+
+        def attack():
+            while not stop.is_set():
+                # 900 refusals a session (error_limit 1000).
+                c = Client(r.port, timeout=60)
+                c.cmd("EHLO attacker.test")
+                c.cmd("MAIL FROM:<>")
+                for _ in range(3):
+                    if stop.is_set():
+                        break
+                    with lock:
+                        names = [f"{rng.getrandbits(48):x}@example.org" for _ in range(300)]
+                    w = threading.Thread(target=c.send, args=("".join(f"RCPT TO:<{n}>\r\n" for n in names),))
+                    w.start()
+                    for _ in names:
+                        c.reply()
+                    w.join(60)
+                c.close()
+
+        threads = [threading.Thread(target=attack) for _ in range(10)]
+        for t in threads:
+            t.start()
+        try:
+            saved = wait_for(lambda: os.path.exists(path), 30)
+            answered = p.rcpts()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(120)
+        self.assertTrue(saved, f"no {path} after {len(answered)} probes answered")
+
     def test_pipelined_replies_are_not_held_without_bound(self):
         # Found with the dictionary attack above: a session wrote its
         # replies only when its input buffer was empty, so a client that
