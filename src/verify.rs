@@ -370,6 +370,19 @@ pub enum Answer {
     Unreachable(String),
 }
 
+/// True when a 5xx to the probe's RCPT says the mailbox does not exist:
+/// an enhanced code 5.1.x (but 5.1.7 and 5.1.8, the sender's: Postfix's
+/// smtpd_delay_reject answers a refused `MAIL FROM:<>` at RCPT), or 550,
+/// 551, 553 without one. Any other 5xx (5.7.x policy, such as a primary
+/// refusing the backup itself; 5.2.x mailbox full; 5.5.x protocol) says
+/// nothing about the address: not cached, the sender tries again.
+fn no_such_user(r: &crate::delivery::Reply) -> bool {
+    match r.enhanced() {
+        Some(e) => e.starts_with("5.1.") && !matches!(e, "5.1.7" | "5.1.8"),
+        None => matches!(r.code, 550 | 551 | 553),
+    }
+}
+
 /// What a session does with an address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -716,7 +729,7 @@ impl Verifier {
         let now = now32();
         let answer = match result {
             Ok(r) if r.is_ok() => Answer::Yes,
-            Ok(r) if r.is_permanent() => Answer::No(r.text),
+            Ok(r) if r.is_permanent() && no_such_user(&r) => Answer::No(r.text),
             Ok(r) => Answer::TempFail(r.text),
             Err(why) => Answer::Unreachable(why),
         };

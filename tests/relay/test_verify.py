@@ -67,6 +67,8 @@ class UserPrimary(harness.FakePrimary):
             action = f"450 4.2.0 <{addr}>: Recipient address rejected: try again later"
         elif self.mode == "silent":
             action = harness.Silent()
+        elif self.mode and self.mode[0].isdigit():
+            action = self.mode  # this reply to every RCPT
         elif addr in self.users:
             action = "250 2.1.5 Ok"
         else:
@@ -205,6 +207,43 @@ class VerifyTest(Base):
         p.mode = None
         self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
         self.assertEqual(len(p.rcpts("alice@example.org")), 2)
+
+    def test_a_5xx_about_the_probe_not_the_address_is_not_user_unknown(self):
+        # Postfix's smtpd_delay_reject = yes (the default) answers a sender
+        # restriction at RCPT: a primary that refuses MAIL FROM:<> (say
+        # check_sender_access) or refuses the backup itself (an RBL that
+        # listed it, a 5.7.1 policy) says 5xx to every RCPT, known users
+        # included. That is not "no such user": cached for
+        # verify_negative_ttl (3 days) it would refuse every user's mail
+        # with 550 long after the primary is fixed, and turn the warm
+        # positives into negatives as they are refreshed. (Postfix's own
+        # safety net is unverified_recipient_reject_code = 450.) Only a 5xx
+        # that speaks of the recipient's mailbox (5.1.x but 5.1.7/5.1.8,
+        # which are the sender's; or 550/551/553 without an enhanced code)
+        # is "no such user"; any other 5xx gets 450 4.1.1 and is not cached.
+        p = self.primary(["alice@example.org"])
+        r = self.relay(p.sock.getsockname()[1])
+        c = self.session(r)
+        for reply in [
+            "554 5.7.1 <>: Sender address rejected: Access denied",
+            "554 5.7.1 Service unavailable; Client host [127.0.0.1] blocked using zen.example",
+            "550 5.1.8 <>: Sender address rejected: Domain not found",
+            "552 5.2.2 <alice@example.org>: Recipient address rejected: Mailbox full",
+            "503 5.5.1 Error: need MAIL command",
+            "554 Relay access denied",
+        ]:
+            p.mode = reply
+            code, text = self.rcpt(c, "alice@example.org")
+            self.assertEqual(code, 450, f"{reply!r} -> {code} {text}")
+            self.assertIn("4.1.1", text)
+        p.mode = None
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        # While a real "no such user" is still one, with or without a DSN code.
+        self.assertEqual(self.rcpt(c, "nobody@example.org")[0], 550)
+        p.mode = "550 Unrouteable address"
+        self.assertEqual(self.rcpt(c, "nobody2@example.org")[0], 550)
+        p.mode = "550 5.1.10 RESOLVER.ADR.RecipientNotFound; not found"
+        self.assertEqual(self.rcpt(c, "nobody3@example.org")[0], 550)
 
     def test_silent_primary_answered_within_verify_timeout(self):
         p = self.primary(["alice@example.org"])
