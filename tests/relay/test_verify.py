@@ -245,6 +245,23 @@ class VerifyTest(Base):
         p.mode = "550 5.1.10 RESOLVER.ADR.RecipientNotFound; not found"
         self.assertEqual(self.rcpt(c, "nobody3@example.org")[0], 550)
 
+    def test_a_5xx_to_the_probes_mail_from_is_not_cached(self):
+        # A primary that refuses MAIL FROM:<> at MAIL (Postfix with
+        # smtpd_delay_reject = no and a sender restriction): no answer about
+        # the address. Postfix's verify would record the address as
+        # undeliverable; here the primary only counts as unusable for
+        # minimal_backoff and nothing is cached.
+        p = self.primary(["alice@example.org"], replies={"MAIL": "550 5.7.1 <>: Sender address rejected: Access denied"})
+        r = self.relay(p.sock.getsockname()[1], extra='verify_unknown = "defer"\n')
+        c = self.session(r)
+        code, text = self.rcpt(c, "alice@example.org")
+        self.assertEqual(code, 450, text)
+        self.assertEqual(p.rcpts(), [])
+        c.cmd("QUIT")
+        p.replies.pop("MAIL")
+        self.restart(r)
+        self.assertEqual(self.rcpt(self.session(r), "alice@example.org")[0], 250)
+
     def test_silent_primary_answered_within_verify_timeout(self):
         p = self.primary(["alice@example.org"])
         p.mode = "silent"
