@@ -973,3 +973,33 @@ mod tests {
         assert_eq!(c.due_refresh(310, 100), None);
     }
 }
+
+#[cfg(test)]
+mod property {
+    use super::*;
+    #[test]
+    fn cache_counts_and_bounds_hold_under_random_operations() {
+        let mut seed = 12345u64;
+        let mut rnd = move |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for round in 0..50 {
+            let max = 4 + rnd(40) as usize;
+            let mut c = Cache::new(max, Duration::from_secs(1 + rnd(200)), Duration::from_secs(1 + rnd(200)));
+            let mut now = 1000u32;
+            for _ in 0..5000 {
+                now += rnd(5) as u32;
+                match rnd(10) {
+                    0 => c.expire(now),
+                    1 => { let _ = c.due_refresh(now, rnd(100) as u32); }
+                    _ => c.insert(&format!("a{}@x", rnd(60)), rnd(3) == 0, now.saturating_sub(rnd(300) as u32)),
+                }
+                let neg = c.map.values().filter(|e| !e.ok).count();
+                assert_eq!(c.negatives, neg, "round {round}");
+                assert!(c.len() <= c.max, "round {round}");
+                assert!(c.negatives <= c.max_negative, "round {round} {} > {}", c.negatives, c.max_negative);
+            }
+        }
+    }
+}
