@@ -541,13 +541,21 @@ impl Verifier {
             if *shutdown.borrow() {
                 break;
             }
-            tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.changed() => break,
+            // Requests left from the last round (see below): no wait.
+            if self.lock().queue.is_empty() {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => break,
+                }
             }
-            // Requests first.
+            // Requests first, for a second at most: under a load that never
+            // lets the queue run empty, the refresh below still has its turn.
+            let round = util::now();
             loop {
+                if util::now() != round {
+                    break;
+                }
                 let next = {
                     let mut st = self.lock();
                     let n = st.queue.pop_front();

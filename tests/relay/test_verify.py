@@ -548,13 +548,18 @@ class VerifyTest(Base):
         with open(os.path.join(r.spool, "verify.cache")) as f:
             self.assertLessEqual(len(f.read().splitlines()), 1 + 100)
 
-    def test_cache_is_saved_during_a_sustained_attack(self):
+    def test_cache_is_saved_and_refreshed_during_a_sustained_attack(self):
         # The cache is written every 1,000 answers (or every minute) so that
         # a crash loses little. Under a load that never lets the prober's
         # queue run empty (clients pipelining unknown addresses), the save
         # must still happen while the load lasts, not only once it stops.
+        # Nor may it starve the background refresh of the positives (due
+        # here after 2 s: a quarter of verify_positive_ttl).
         p = self.primary(["alice@example.org"])
-        r = self.relay(p.sock.getsockname()[1], extra="error_limit = 1000\nmax_connections = 50\nsmtpd_client_connection_count_limit = 0")
+        r = self.relay(p.sock.getsockname()[1], extra='error_limit = 1000\nmax_connections = 50\nsmtpd_client_connection_count_limit = 0\nverify_positive_ttl = "8s"\n')
+        c = self.session(r)
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        c.cmd("QUIT")
         path = os.path.join(r.spool, "verify.cache")
         stop = threading.Event()
         rng = random.Random(7)
@@ -583,12 +588,14 @@ class VerifyTest(Base):
             t.start()
         try:
             saved = wait_for(lambda: os.path.exists(path), 30)
-            answered = p.rcpts()
+            answered = len(p.rcpts())
+            refreshed = wait_for(lambda: len(p.rcpts("alice@example.org")) >= 2, 10)
         finally:
             stop.set()
             for t in threads:
                 t.join(120)
-        self.assertTrue(saved, f"no {path} after {len(answered)} probes answered")
+        self.assertTrue(saved, f"no {path} after {answered} probes answered")
+        self.assertTrue(refreshed, "alice@example.org not refreshed during the load")
 
     def test_pipelined_replies_are_not_held_without_bound(self):
         # Found with the dictionary attack above: a session wrote its
