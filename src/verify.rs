@@ -123,9 +123,11 @@ impl Cache {
 
     /// Records the primary's answer for `addr` (lower case), making room as
     /// needed: expired entries first, then the oldest negatives, then (only
-    /// for a positive, when no negative is left) the oldest positives.
+    /// for a positive, when no negative is left) the oldest positives. A
+    /// negative that would need a positive's room is not kept.
     pub fn insert(&mut self, addr: &str, ok: bool, now: u32) {
-        if addr.len() > MAX_ADDR {
+        // Nothing the file's lines could not hold (a space, a newline).
+        if addr.len() > MAX_ADDR || addr.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return;
         }
         if let Some(e) = self.map.get_mut(addr) {
@@ -147,6 +149,10 @@ impl Cache {
             self.expire(now);
         }
         if self.map.len() >= self.max {
+            if self.negatives == 0 && !ok {
+                // Full of positives: a "no" is not worth a known user.
+                return;
+            }
             self.evict(self.negatives == 0, now);
         }
         self.map.insert(addr.into(), Entry { ok, checked: now, tried: 0 });
@@ -289,7 +295,7 @@ impl Cache {
             };
             let checked: u32 = parts.next().filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit())).and_then(|t| t.parse().ok()).ok_or_else(|| bad("bad time"))?;
             let addr = parts.next().ok_or_else(|| bad("no address"))?;
-            if addr.is_empty() || !addr.contains('@') || !addr.bytes().all(|b| (0x21..0x7f).contains(&b)) || addr.bytes().any(|b| b.is_ascii_uppercase()) {
+            if addr.is_empty() || !addr.contains('@') || addr.bytes().any(|b| b <= b' ' || b == 0x7f || b.is_ascii_uppercase()) {
                 return Err(bad("bad address"));
             }
             let e = Entry { ok, checked: checked.min(now), tried: 0 };
@@ -362,6 +368,19 @@ pub enum Answer {
     /// No answer: cannot connect, a refused session, a protocol error, a
     /// timeout, ourselves. The primary counts as down for a while.
     Unreachable(String),
+}
+
+/// True when a 5xx to the probe's RCPT says the mailbox does not exist:
+/// an enhanced code 5.1.x (but 5.1.7 and 5.1.8, the sender's: Postfix's
+/// smtpd_delay_reject answers a refused `MAIL FROM:<>` at RCPT), or 550,
+/// 551, 553 without one. Any other 5xx (5.7.x policy, such as a primary
+/// refusing the backup itself; 5.2.x mailbox full; 5.5.x protocol) says
+/// nothing about the address: not cached, the sender tries again.
+fn no_such_user(r: &crate::delivery::Reply) -> bool {
+    match r.enhanced() {
+        Some(e) => e.starts_with("5.1.") && !matches!(e, "5.1.7" | "5.1.8"),
+        None => matches!(r.code, 550 | 551 | 553),
+    }
 }
 
 /// What a session does with an address.
@@ -501,7 +520,12 @@ impl Verifier {
             Ok(Ok(Answer::TempFail(said))) => Verdict::Defer(said),
             Ok(Ok(Answer::Unreachable(why))) => Verdict::Unknown(why),
             Ok(Err(_)) => Verdict::Unknown("address verification stopped".into()),
-            Err(_) => Verdict::Unknown(format!("no answer from the primary within verify_timeout ({}s)", self.cfg.verify_timeout.as_secs())),
+            // No answer yet, but nothing says the primary is down (a failed
+            // probe answers Unreachable): the sender tries again later, as
+            // Postfix's "Address verification in progress". Not
+            // verify_unknown: whoever keeps the prober busy would get mail
+            // for unknown users accepted.
+            Err(_) => Verdict::Defer(format!("Address verification in progress (no answer from the primary within verify_timeout, {}s)", self.cfg.verify_timeout.as_secs())),
         }
     }
 
@@ -517,13 +541,21 @@ impl Verifier {
             if *shutdown.borrow() {
                 break;
             }
-            tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = shutdown.changed() => break,
+            // Requests left from the last round (see below): no wait.
+            if self.lock().queue.is_empty() {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => break,
+                }
             }
-            // Requests first.
+            // Requests first, for a second at most: under a load that never
+            // lets the queue run empty, the refresh below still has its turn.
+            let round = util::now();
             loop {
+                if util::now() != round {
+                    break;
+                }
                 let next = {
                     let mut st = self.lock();
                     let n = st.queue.pop_front();
@@ -553,6 +585,9 @@ impl Verifier {
                 if *shutdown.borrow() {
                     break;
                 }
+                // Also here: under a load that never lets the queue run
+                // empty, the save below this loop would never come.
+                self.save_if_due(&mut last_save);
             }
             // Background refresh of positives, at most one a second, only
             // while the primary is up.
@@ -590,10 +625,7 @@ impl Verifier {
             {
                 let _ = tokio::time::timeout(self.cfg.verify_timeout, c.quit()).await;
             }
-            let dirty = self.lock().dirty;
-            if dirty > 0 && (last_save.elapsed() >= SAVE_INTERVAL || dirty >= 1000) && self.save(false).is_some() {
-                last_save = tokio::time::Instant::now();
-            }
+            self.save_if_due(&mut last_save);
         }
         // Shutdown: answer the waiting sessions, close, save.
         {
@@ -620,6 +652,15 @@ impl Verifier {
             && let Some(done) = self.save(true)
         {
             let _ = tokio::time::timeout(Duration::from_secs(5), done).await;
+        }
+    }
+
+    /// Saves when the cache changed and a minute has passed since the last
+    /// save, or 1,000 answers came in.
+    fn save_if_due(&self, last_save: &mut tokio::time::Instant) {
+        let dirty = self.lock().dirty;
+        if dirty > 0 && (last_save.elapsed() >= SAVE_INTERVAL || dirty >= 1000) && self.save(false).is_some() {
+            *last_save = tokio::time::Instant::now();
         }
     }
 
@@ -696,7 +737,7 @@ impl Verifier {
         let now = now32();
         let answer = match result {
             Ok(r) if r.is_ok() => Answer::Yes,
-            Ok(r) if r.is_permanent() => Answer::No(r.text),
+            Ok(r) if r.is_permanent() && no_such_user(&r) => Answer::No(r.text),
             Ok(r) => Answer::TempFail(r.text),
             Err(why) => Answer::Unreachable(why),
         };
@@ -794,6 +835,25 @@ mod tests {
     }
 
     #[test]
+    fn a_negative_never_evicts_a_positive() {
+        // A site with at least verify_cache_size users: the cache is all
+        // positives, no negative to make room with. One unknown address
+        // must not push out known users (an eighth of them were dropped):
+        // the cache is what answers for them while the primary is down.
+        let mut c = Cache::new(2000, 31 * DAY, 3 * DAY);
+        for i in 0..2000 {
+            c.insert(&format!("user{i}@example.org"), true, 1000 + i);
+        }
+        assert_eq!(c.counts(), (2000, 0));
+        for i in 0..10 {
+            c.insert(&format!("random{i}@example.org"), false, 5000 + i);
+            assert_eq!(c.counts().0, 2000, "after {} unknown addresses", i + 1);
+            assert!(c.len() <= 2000);
+        }
+        assert_eq!(c.get("user0@example.org", 6000), Some(true));
+    }
+
+    #[test]
     fn expired_entries_go_before_live_ones() {
         let mut c = Cache::new(8, Duration::from_secs(100), Duration::from_secs(100));
         for i in 0..8 {
@@ -840,6 +900,30 @@ mod tests {
         assert_eq!(f.get("u989@example.org", 1_001_000), None);
         // No file: nothing, no error.
         assert_eq!(Cache::new(10, DAY, DAY).load(&dir.join("none"), 5), Ok(None));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn what_is_saved_loads_again() {
+        // Whatever insert takes, load must take back: one entry the loader
+        // refuses throws the whole cache away at the next start (moved to
+        // corrupt/), a cold cache in the next outage. With SMTPUTF8 (issue
+        // 11) a local part may be UTF-8; to_ascii_lowercase keeps it as is.
+        let dir = std::env::temp_dir().join(format!("bartleby-verify-utf8-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(CACHE_FILE);
+        let mut c = Cache::new(100, 31 * DAY, 3 * DAY);
+        c.insert("jörg@example.org", true, 1_000_000);
+        c.insert("bob@example.org", true, 1_000_000);
+        // Never a second line out of one address.
+        c.insert("x@example.org\n- 1000000 bob@example.org", true, 1_000_001);
+        c.insert("y@example.org - 1000000 z@example.org", true, 1_000_001);
+        write_atomic(&path, &c.serialize(1_000_010)).unwrap();
+        let mut d = Cache::new(100, 31 * DAY, 3 * DAY);
+        assert_eq!(d.load(&path, 1_000_010), Ok(Some(2)));
+        assert_eq!(d.get("jörg@example.org", 1_000_010), Some(true));
+        assert_eq!(d.get("bob@example.org", 1_000_010), Some(true));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -895,5 +979,35 @@ mod tests {
         assert_eq!(c.due_refresh(300, 100).as_deref(), Some("a@x"));
         c.insert("a@x", true, 300);
         assert_eq!(c.due_refresh(310, 100), None);
+    }
+}
+
+#[cfg(test)]
+mod property {
+    use super::*;
+    #[test]
+    fn cache_counts_and_bounds_hold_under_random_operations() {
+        let mut seed = 12345u64;
+        let mut rnd = move |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for round in 0..50 {
+            let max = 4 + rnd(40) as usize;
+            let mut c = Cache::new(max, Duration::from_secs(1 + rnd(200)), Duration::from_secs(1 + rnd(200)));
+            let mut now = 1000u32;
+            for _ in 0..5000 {
+                now += rnd(5) as u32;
+                match rnd(10) {
+                    0 => c.expire(now),
+                    1 => { let _ = c.due_refresh(now, rnd(100) as u32); }
+                    _ => c.insert(&format!("a{}@x", rnd(60)), rnd(3) == 0, now.saturating_sub(rnd(300) as u32)),
+                }
+                let neg = c.map.values().filter(|e| !e.ok).count();
+                assert_eq!(c.negatives, neg, "round {round}");
+                assert!(c.len() <= c.max, "round {round}");
+                assert!(c.negatives <= c.max_negative, "round {round} {} > {}", c.negatives, c.max_negative);
+            }
+        }
     }
 }

@@ -67,6 +67,8 @@ class UserPrimary(harness.FakePrimary):
             action = f"450 4.2.0 <{addr}>: Recipient address rejected: try again later"
         elif self.mode == "silent":
             action = harness.Silent()
+        elif self.mode and self.mode[0].isdigit():
+            action = self.mode  # this reply to every RCPT
         elif addr in self.users:
             action = "250 2.1.5 Ok"
         else:
@@ -206,6 +208,60 @@ class VerifyTest(Base):
         self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
         self.assertEqual(len(p.rcpts("alice@example.org")), 2)
 
+    def test_a_5xx_about_the_probe_not_the_address_is_not_user_unknown(self):
+        # Postfix's smtpd_delay_reject = yes (the default) answers a sender
+        # restriction at RCPT: a primary that refuses MAIL FROM:<> (say
+        # check_sender_access) or refuses the backup itself (an RBL that
+        # listed it, a 5.7.1 policy) says 5xx to every RCPT, known users
+        # included. That is not "no such user": cached for
+        # verify_negative_ttl (3 days) it would refuse every user's mail
+        # with 550 long after the primary is fixed, and turn the warm
+        # positives into negatives as they are refreshed. (Postfix's own
+        # safety net is unverified_recipient_reject_code = 450.) Only a 5xx
+        # that speaks of the recipient's mailbox (5.1.x but 5.1.7/5.1.8,
+        # which are the sender's; or 550/551/553 without an enhanced code)
+        # is "no such user"; any other 5xx gets 450 4.1.1 and is not cached.
+        p = self.primary(["alice@example.org"])
+        r = self.relay(p.sock.getsockname()[1])
+        c = self.session(r)
+        for reply in [
+            "554 5.7.1 <>: Sender address rejected: Access denied",
+            "554 5.7.1 Service unavailable; Client host [127.0.0.1] blocked using zen.example",
+            "550 5.1.8 <>: Sender address rejected: Domain not found",
+            "552 5.2.2 <alice@example.org>: Recipient address rejected: Mailbox full",
+            "503 5.5.1 Error: need MAIL command",
+            "554 Relay access denied",
+        ]:
+            p.mode = reply
+            code, text = self.rcpt(c, "alice@example.org")
+            self.assertEqual(code, 450, f"{reply!r} -> {code} {text}")
+            self.assertIn("4.1.1", text)
+        p.mode = None
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        # While a real "no such user" is still one, with or without a DSN code.
+        self.assertEqual(self.rcpt(c, "nobody@example.org")[0], 550)
+        p.mode = "550 Unrouteable address"
+        self.assertEqual(self.rcpt(c, "nobody2@example.org")[0], 550)
+        p.mode = "550 5.1.10 RESOLVER.ADR.RecipientNotFound; not found"
+        self.assertEqual(self.rcpt(c, "nobody3@example.org")[0], 550)
+
+    def test_a_5xx_to_the_probes_mail_from_is_not_cached(self):
+        # A primary that refuses MAIL FROM:<> at MAIL (Postfix with
+        # smtpd_delay_reject = no and a sender restriction): no answer about
+        # the address. Postfix's verify would record the address as
+        # undeliverable; here the primary only counts as unusable for
+        # minimal_backoff and nothing is cached.
+        p = self.primary(["alice@example.org"], replies={"MAIL": "550 5.7.1 <>: Sender address rejected: Access denied"})
+        r = self.relay(p.sock.getsockname()[1], extra='verify_unknown = "defer"\n')
+        c = self.session(r)
+        code, text = self.rcpt(c, "alice@example.org")
+        self.assertEqual(code, 450, text)
+        self.assertEqual(p.rcpts(), [])
+        c.cmd("QUIT")
+        p.replies.pop("MAIL")
+        self.restart(r)
+        self.assertEqual(self.rcpt(self.session(r), "alice@example.org")[0], 250)
+
     def test_silent_primary_answered_within_verify_timeout(self):
         p = self.primary(["alice@example.org"])
         p.mode = "silent"
@@ -234,6 +290,28 @@ class VerifyTest(Base):
         for c in cs:
             self.assertEqual(c.reply()[0], 250)
         self.assertEqual(len(p.rcpts("alice@example.org")), 1, p.commands)
+
+    def test_address_waiting_behind_a_busy_prober_is_deferred_not_accepted(self):
+        # The primary is up and answering, only slowly (Postfix's smtpd sleeps
+        # smtpd_error_sleep_time before each reply once a client made
+        # smtpd_soft_error_limit errors, as a probe connection does under a
+        # dictionary attack). An address still waiting for its probe when
+        # verify_timeout runs out is not "the primary is down": Postfix answers
+        # 450 4.1.1 "Address verification in progress" (verify(8)), and so must
+        # we. Accepting it (verify_unknown = "accept", the default) would let
+        # anyone who keeps the prober busy get mail for unknown users queued:
+        # the backscatter this feature exists to stop.
+        p = self.primary(["alice@example.org"])
+        p.delay = 0.8
+        r = self.relay(p.sock.getsockname()[1], extra='verify_timeout = "1s"\n')
+        a, b = self.session(r), self.session(r)
+        a.send("RCPT TO:<nobody1@example.org>\r\n")
+        self.assertTrue(wait_for(lambda: p.rcpts("nobody1@example.org"), 5), p.commands)
+        # Queued behind nobody1's probe: its own answer comes >= 1.6 s later.
+        code, text = self.rcpt(b, "nobody2@example.org")
+        self.assertEqual(code, 450, text)
+        self.assertIn("4.1.1", text)
+        self.assertEqual(a.reply()[0], 550)
 
     def test_primary_greeting_with_our_name_counts_as_down(self):
         # Issue 10's self-loop check applies to probes too.
@@ -509,6 +587,55 @@ class VerifyTest(Base):
         r.stop()
         with open(os.path.join(r.spool, "verify.cache")) as f:
             self.assertLessEqual(len(f.read().splitlines()), 1 + 100)
+
+    def test_cache_is_saved_and_refreshed_during_a_sustained_attack(self):
+        # The cache is written every 1,000 answers (or every minute) so that
+        # a crash loses little. Under a load that never lets the prober's
+        # queue run empty (clients pipelining unknown addresses), the save
+        # must still happen while the load lasts, not only once it stops.
+        # Nor may it starve the background refresh of the positives (due
+        # here after 2 s: a quarter of verify_positive_ttl).
+        p = self.primary(["alice@example.org"])
+        r = self.relay(p.sock.getsockname()[1], extra='error_limit = 1000\nmax_connections = 50\nsmtpd_client_connection_count_limit = 0\nverify_positive_ttl = "8s"\n')
+        c = self.session(r)
+        self.assertEqual(self.rcpt(c, "alice@example.org")[0], 250)
+        c.cmd("QUIT")
+        path = os.path.join(r.spool, "verify.cache")
+        stop = threading.Event()
+        rng = random.Random(7)
+        lock = threading.Lock()
+
+        def attack():
+            while not stop.is_set():
+                # 900 refusals a session (error_limit 1000).
+                c = Client(r.port, timeout=60)
+                c.cmd("EHLO attacker.test")
+                c.cmd("MAIL FROM:<>")
+                for _ in range(3):
+                    if stop.is_set():
+                        break
+                    with lock:
+                        names = [f"{rng.getrandbits(48):x}@example.org" for _ in range(300)]
+                    w = threading.Thread(target=c.send, args=("".join(f"RCPT TO:<{n}>\r\n" for n in names),))
+                    w.start()
+                    for _ in names:
+                        c.reply()
+                    w.join(60)
+                c.close()
+
+        threads = [threading.Thread(target=attack) for _ in range(10)]
+        for t in threads:
+            t.start()
+        try:
+            saved = wait_for(lambda: os.path.exists(path), 30)
+            answered = len(p.rcpts())
+            refreshed = wait_for(lambda: len(p.rcpts("alice@example.org")) >= 2, 10)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(120)
+        self.assertTrue(saved, f"no {path} after {answered} probes answered")
+        self.assertTrue(refreshed, "alice@example.org not refreshed during the load")
 
     def test_pipelined_replies_are_not_held_without_bound(self):
         # Found with the dictionary attack above: a session wrote its
