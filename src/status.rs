@@ -401,6 +401,7 @@ fn page_data<'a>(ctx: &'a Ctx, flushed: bool) -> render::PageData<'a> {
         system: render::SystemView::read(),
         primary: st.primary(),
         primary_retry_at: get(&st.primary_retry_at) as u64,
+        routes: st.routes.lock().map(|m| m.clone()).unwrap_or_default(),
         counters: [
             ("Received", get(&st.received)),
             ("Delivered", get(&st.delivered)),
