@@ -56,7 +56,7 @@ impl Route {
     /// connection (Postfix's per-nexthop queues).
     pub fn key(&self) -> String {
         let mut v: Vec<String> = self.hops.iter().map(|h| format!("{}[{}]", h.name, h.addr)).collect();
-        v.sort();
+        insertion_sort(&mut v, |a, b| a < b);
         v.join(",")
     }
 
@@ -91,18 +91,52 @@ pub fn loops_back(domain: &str) -> Reply {
     Reply::local(451, format!("4.4.6 mail for {domain} loops back to myself"))
 }
 
+/// A stable sort for the few entries of an MX set: std's sorts cost KBs of
+/// binary for each type.
+pub fn insertion_sort<T>(v: &mut [T], less: impl Fn(&T, &T) -> bool) {
+    for i in 1..v.len() {
+        let mut j = i;
+        while j > 0 && less(&v[j], &v[j - 1]) {
+            v.swap(j, j - 1);
+            j -= 1;
+        }
+    }
+}
+
 /// The domain of an address (after the last `@`, lower case).
 pub fn domain_of(addr: &str) -> String {
     addr.rsplit_once('@').map_or("", |(_, d)| d).trim_end_matches('.').to_ascii_lowercase()
 }
 
-/// The addresses of `host`: A, then AAAA. `Err` only for a temporary
+/// The addresses /etc/hosts gives `host` (`localhost` is 127.0.0.1 and ::1
+/// without it), as the system's resolver would have found them.
+fn hosts_file(host: &str) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    if let Ok((text, _)) = crate::util::read_small_file(std::path::Path::new("/etc/hosts"), 64 * 1024) {
+        for line in String::from_utf8_lossy(&text).lines() {
+            let mut w = line.split('#').next().unwrap_or("").split_whitespace();
+            let Some(ip) = w.next().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+            if w.any(|n| n.trim_end_matches('.').eq_ignore_ascii_case(host)) && out.len() < 8 {
+                out.push(ip);
+            }
+        }
+    }
+    if out.is_empty() && (host.eq_ignore_ascii_case("localhost") || host.eq_ignore_ascii_case("localhost.localdomain")) {
+        out = vec![IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)];
+    }
+    out
+}
+
+/// The addresses of `host`: /etc/hosts, else A, then AAAA. `Err` only for a temporary
 /// failure when nothing was found.
 async fn addresses(cfg: &Config, host: &str) -> Result<Vec<IpAddr>, Reply> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![ip]);
     }
-    let mut out = Vec::new();
+    let mut out = hosts_file(host);
+    if !out.is_empty() {
+        return Ok(out);
+    }
     let mut failed = None;
     for qtype in [TYPE_A, TYPE_AAAA] {
         match dns::lookup(&cfg.network.dns, host, qtype).await {
@@ -168,7 +202,7 @@ async fn mx_route(cfg: &Config, domain: &str) -> Result<Route, Reply> {
         note = Some(format!("{domain} has no MX record: its own address is used; Bartleby is not an MX of it"));
         mxs.push((0, domain.to_string()));
     }
-    mxs.sort_by_key(|(p, _)| *p);
+    insertion_sort(&mut mxs, |a, b| a.0 < b.0);
     // A null MX (RFC 7505: "MX 0 .") says the domain takes no mail.
     mxs.retain(|(_, h)| !h.is_empty());
     if mxs.is_empty() {
@@ -252,9 +286,13 @@ pub async fn learn_primary_addrs(cfg: std::sync::Arc<Config>) {
                 Err(e) => log::info!(target: crate::logging::MASTER, "etrn_allow: cannot resolve the primary{}{d}: {}", if d.is_empty() { "" } else { " of " }, e.text),
             }
         }
-        addrs.sort();
-        addrs.dedup();
-        addrs.truncate(256);
+        let mut seen: Vec<IpAddr> = Vec::new();
+        for a in addrs {
+            if !seen.contains(&a) && seen.len() < 256 {
+                seen.push(a);
+            }
+        }
+        let addrs = seen;
         if let Ok(mut a) = PRIMARY_ADDRS.lock() {
             *a = addrs;
         }
@@ -275,6 +313,9 @@ mod tests {
         assert_eq!(a.describe(), "a[127.0.0.2]:25, b[127.0.0.3]:25");
         assert_eq!(domain_of("Bob@Example.ORG"), "example.org");
         assert_eq!(domain_of("postmaster"), "");
+        let mut v = vec![(20, "a"), (10, "b"), (10, "c"), (5, "d"), (10, "e")];
+        insertion_sort(&mut v, |a, b| a.0 < b.0);
+        assert_eq!(v, [(5, "d"), (10, "b"), (10, "c"), (10, "e"), (20, "a")]);
         assert_eq!(loops_back("example.org").text, "451 4.4.6 mail for example.org loops back to myself");
     }
 }

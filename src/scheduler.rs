@@ -610,7 +610,9 @@ impl Scheduler {
         let (groups, routes) = self.plan(due).await;
         let routes = routes.map(Arc::new);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut queues: Vec<(String, Arc<Mutex<VecDeque<QueueId>>>)> = Vec::new();
+        let mut queues: Vec<(String, WorkList)> = Vec::new();
+        // Known at once to `suspend`, which empties the work lists.
+        self.current = Some((Vec::new(), full));
         for (key, label, route, ids) in groups {
             if self.suspended() {
                 break;
@@ -641,11 +643,13 @@ impl Scheduler {
             }
             let queue = Arc::new(Mutex::new(ids));
             queues.push((key.clone(), queue.clone()));
+            if let Some((qs, _)) = &mut self.current {
+                qs.push(queue.clone());
+            }
             let dest = Arc::new(Dest { key, label, hops: route.hops, routes: routes.clone() });
             tokio::spawn(group(self.cfg.clone(), self.spool.clone(), dest, queue, tx.clone(), shutdown.clone(), self.single_only.clone()));
         }
         drop(tx);
-        self.current = Some((queues.iter().map(|(_, q)| q.clone()).collect(), full));
         loop {
             // The probe's verdicts count during the run too: a spool found
             // unable to record stops it, or restricts it to single messages.
@@ -725,9 +729,13 @@ impl Scheduler {
         }
         let mut routes: Routes = Vec::new();
         let mut groups: Vec<(String, String, Result<Route, Reply>, VecDeque<QueueId>)> = Vec::new();
-        for id in due {
+        for (n, id) in due.into_iter().enumerate() {
             if self.suspended() {
                 break;
+            }
+            if n % 16 == 15 {
+                // Reading many queue files: let the SMTP sessions run.
+                tokio::task::yield_now().await;
             }
             let msg = match self.spool.read(&id) {
                 Ok(m) => m,

@@ -119,8 +119,8 @@ impl Stats {
         if m.len() >= MAX_ROUTES {
             m.remove(0);
         }
-        m.push((domain.to_string(), text, warn));
-        m.sort();
+        let at = m.iter().position(|(d, _, _)| d.as_str() > domain).unwrap_or(m.len());
+        m.insert(at, (domain.to_string(), text, warn));
     }
 
     pub fn new() -> Stats {
