@@ -1193,6 +1193,13 @@ impl Builder {
     }
 }
 
+impl Config {
+    /// `primary` for messages: the list in order, or what "mx" means.
+    pub fn primary_display(&self) -> String {
+        if self.primary_list.is_empty() { "the MX hosts of each domain (primary = \"mx\")".into() } else { self.primary_list.join(", ") }
+    }
+}
+
 /// Says why `primary` is Bartleby itself, if one of its hosts is: its host
 /// is our `hostname` or one of `my_names`, or it is an address and port we
 /// listen on (see [`listens_on`]). Mail sent there would come back and loop
@@ -1612,6 +1619,36 @@ allow = ["127.0.0.1/32", "192.168.1.0/24", "fe80::/10"]
         }
         let c = parse(&format!("{MIN}recipients = \"\"\nlog_file = \"\"\n")).unwrap();
         assert_eq!((c.recipients, c.log_file), (None, None));
+    }
+
+    #[test]
+    fn primary_forms_and_mx_keys() {
+        let cfg = |rest: &str| Config::parse(&format!("hostname = \"backup.example.org\"\nrelay_domains = [\"example.org\"]\n{rest}\n"), Path::new("t.toml"));
+        // The old form: one host:port.
+        let c = cfg("primary = \"mail.example.org:25\"").unwrap();
+        assert_eq!((c.primary.as_str(), c.primary_list.len(), c.smtp_tcp_port), ("mail.example.org:25", 1, 25));
+        // A list, tried in order.
+        let c = cfg("primary = [\"a.example.org:25\", \"192.0.2.7:2525\"]").unwrap();
+        assert_eq!(c.primary_list, ["a.example.org:25", "192.0.2.7:2525"]);
+        assert_eq!(c.primary, "a.example.org:25");
+        // By MX.
+        let c = cfg("primary = \"MX\"\nmy_names = [\"MX2.example.org.\"]\nsmtp_tcp_port = 2525\n[network]\ndns = [\"127.0.0.1:5353\", \"192.0.2.53\", \"[::1]:53\"]").unwrap();
+        assert_eq!((c.primary.as_str(), c.primary_list.len()), ("mx", 0));
+        assert_eq!(c.my_names, ["mx2.example.org"]);
+        assert_eq!(c.smtp_tcp_port, 2525);
+        assert_eq!(c.network.dns.len(), 3);
+        for bad in [
+            "primary = []",
+            "primary = [\"a.example.org:x\"]",
+            "primary = \"mx\"\nsmtp_tcp_port = 0",
+            "primary = \"mx\"\nmy_names = [\"a b\"]",
+            "primary = \"mx\"\n[network]\ndns = [\"127.0.0.1:0\"]",
+            "primary = \"mx\"\n[network]\ndns = [\"dns.example.org\"]",
+            // A list with ourselves in it.
+            "primary = [\"a.example.org:25\", \"backup.example.org:25\"]",
+        ] {
+            assert!(cfg(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -119,7 +119,7 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
         "daemon started -- version {}, listening on {}, primary {}",
         env!("CARGO_PKG_VERSION"),
         cfg.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" "),
-        cfg.primary
+        cfg.primary_display()
     );
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;

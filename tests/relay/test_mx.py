@@ -216,7 +216,7 @@ class MxTest(unittest.TestCase):
             return False
         return any(t is self for t, _ in res.failures + res.errors)
 
-    def relay(self, primary='"mx"', status=False):
+    def relay(self, primary='"mx"', status=False, extra=()):
         self.status_port = free_port() if status else None
         st = f'[status]\nlisten = "127.0.0.1:{self.status_port}"' if status else None
         r = Relay(status=None)
@@ -224,7 +224,7 @@ class MxTest(unittest.TestCase):
         with open(r.config) as f:
             lines = [ln for ln in f.read().splitlines() if not ln.startswith(("primary =", "relay_domains ="))]
         lines += [f"primary = {primary.replace('PORT', str(r.port))}", f"relay_domains = [{doms}]", f"smtp_tcp_port = {r.port}", 'my_names = ["mx-alias.example.org"]',
-                  'connect_timeout = "3s"']
+                  'connect_timeout = "3s"', *extra]
         if st:
             lines.append(st)
         lines += ["[network]", f'dns = ["127.0.0.1:{self.dns.port}"]']
@@ -369,6 +369,27 @@ class MxTest(unittest.TestCase):
         self.assertTrue(r.wait_empty(15), r.mailq())
         self.assertEqual(sorted(self.rcpts_at(p1)), ["RCPT TO:<bob@one.example>", "RCPT TO:<dave@one.example>"])
         self.assertEqual(self.rcpts_at(p2), ["RCPT TO:<carol@three.example>"])
+
+    def test_grouped_by_destination(self):
+        """Postfix's per-destination queues: the due messages of two domains
+        with the same MX hosts share one connection (delivery_connections =
+        1), a third domain's go over a connection of their own."""
+        z = self.base_zone()
+        z["one.example"] = {"MX": [(10, "p1.example"), (20, "backup.example.org")]}
+        z["absent.example"] = {"MX": [(10, "p1.example")]}
+        z["three.example"] = {"MX": [(10, "p2.example")]}
+        r = self.relay(extra=["delivery_connections = 1"])
+        ids = [submit(r, [rc]) for rc in ["a@one.example", "b@absent.example", "c@one.example", "d@three.example", "e@absent.example"]]
+        # The first of each destination is tried and deferred; the others
+        # wait for the dead-host cache's retry time without a try.
+        for qid in (ids[0], ids[3]):
+            self.assertTrue(self.deferred_with(r, qid, "connect to p"), self.queued_error(r, qid))
+        self.assertEqual(sorted(r.queue_ids()), sorted(ids))
+        p1, p2 = self.primary(P1, r), self.primary(P2, r)
+        r.flush()
+        self.assertTrue(r.wait_empty(15), r.mailq())
+        self.assertEqual((len(p1.acked), len(p2.acked)), (4, 1))
+        self.assertEqual((p1.connections, p2.connections), (1, 1))
 
     def test_one_destination_down_other_delivered(self):
         """one.example's only primary is down, three.example's is up: the
