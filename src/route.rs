@@ -275,15 +275,21 @@ pub fn is_primary_addr(ip: IpAddr) -> bool {
 
 /// Learns the primaries' addresses for the default `etrn_allow`: at start,
 /// then every `queue_run_interval` (at least a minute; the DNS cache keeps
-/// this cheap), so a primary whose address moves keeps its ETRN.
+/// this cheap; a minute after a failure), so a primary whose address moves
+/// keeps its ETRN. Replaces the list only with what was found: a domain
+/// that failed keeps no stale address.
 pub async fn learn_primary_addrs(cfg: std::sync::Arc<Config>) {
     loop {
         let domains: Vec<&str> = if cfg.primary_list.is_empty() { cfg.relay_domains.iter().map(String::as_str).collect() } else { vec![""] };
         let mut addrs: Vec<IpAddr> = Vec::new();
+        let mut failed = false;
         for d in domains {
             match hosts_for(&cfg, d).await {
                 Ok(r) => addrs.extend(r.hops.iter().map(|h| h.addr.ip().to_canonical())),
-                Err(e) => log::info!(target: crate::logging::MASTER, "etrn_allow: cannot resolve the primary{}{d}: {}", if d.is_empty() { "" } else { " of " }, e.text),
+                Err(e) => {
+                    failed = true;
+                    log::info!(target: crate::logging::MASTER, "etrn_allow: cannot resolve the primary{}{d}: {}", if d.is_empty() { "" } else { " of " }, e.text)
+                }
             }
         }
         let mut seen: Vec<IpAddr> = Vec::new();
@@ -296,7 +302,9 @@ pub async fn learn_primary_addrs(cfg: std::sync::Arc<Config>) {
         if let Ok(mut a) = PRIMARY_ADDRS.lock() {
             *a = addrs;
         }
-        tokio::time::sleep(cfg.queue_run_interval.max(std::time::Duration::from_secs(60))).await;
+        // A failure (the DNS not up yet at boot) is tried again in a minute.
+        let wait = if failed { std::time::Duration::from_secs(60) } else { cfg.queue_run_interval.max(std::time::Duration::from_secs(60)) };
+        tokio::time::sleep(wait).await;
     }
 }
 

@@ -406,6 +406,26 @@ class MxTest(unittest.TestCase):
         self.assertTrue(wait_for(lambda: len(p2.acked) == 1, 15), r.mailq())
         self.assertEqual(r.queue_ids(), [q1])
 
+    def test_etrn_default_is_the_mx_hosts(self):
+        """Without etrn_allow, the MX hosts more preferred than Bartleby may
+        send ETRN (their addresses, learnt in the background); another
+        loopback address may not (Postfix: smtpd_etrn_restrictions)."""
+        z = self.base_zone()
+        z["one.example"] = {"MX": [(10, "p1.example"), (20, "backup.example.org")]}
+        r = self.relay()
+
+        def etrn_from(src):
+            c = harness.Client(r.port, source=src)
+            try:
+                c.cmd("EHLO primary.test")
+                return c.cmd("ETRN one.example")[0]
+            finally:
+                c.close()
+        # 251: allowed, nothing waiting (Postfix's words for an empty queue).
+        self.assertTrue(wait_for(lambda: etrn_from(P1) == 251, 15), r.read_log()[-2000:])
+        self.assertEqual(etrn_from(P2), 459)
+        self.assertEqual(etrn_from("127.0.0.9"), 459)
+
     # -- DNS failures --------------------------------------------------------
 
     def dns_failure_then_back(self, mode, expect):
