@@ -762,7 +762,9 @@ pub fn json_message(o: &mut String, m: &QueuedMessage, now: u64, retry_at: u64) 
 
 /// Streams `/api/queue` to `w`, one message at a time: the queue may hold
 /// thousands of messages, and the JSON is never held in memory whole.
-pub fn write_queue_json<W: Write>(w: &mut W, spool: &Spool, now: u64, retry_at: u64) -> io::Result<()> {
+/// `routes`: with `primary = "mx"`, where each domain routes now (domain,
+/// hosts or why none, a warning), listed as `"routes"`.
+pub fn write_queue_json<W: Write>(w: &mut W, spool: &Spool, now: u64, retry_at: u64, routes: &[(String, String, bool)]) -> io::Result<()> {
     let ids = spool.ids()?;
     let mut buf = String::with_capacity(1024);
     let (mut count, mut bytes) = (0u64, 0u64);
@@ -803,6 +805,17 @@ pub fn write_queue_json<W: Write>(w: &mut W, spool: &Spool, now: u64, retry_at: 
         buf.push_str(",\"error\":");
         json(&mut buf, why);
         buf.push('}');
+    }
+    buf.push_str("],\"routes\":[");
+    for (i, (domain, route, warning)) in routes.iter().enumerate() {
+        if i > 0 {
+            buf.push(',');
+        }
+        buf.push_str("{\"domain\":");
+        json(&mut buf, domain);
+        buf.push_str(",\"route\":");
+        json(&mut buf, route);
+        let _ = write!(buf, ",\"warning\":{warning}}}");
     }
     w.write_all(buf.as_bytes())?;
     writeln!(w, "],\"unreadable_count\":{unreadable_n},\"count\":{count},\"bytes\":{bytes}}}")

@@ -315,6 +315,11 @@ class MxTest(unittest.TestCase):
         page = self.page()
         self.assertIn('id="route-warning"', page)
         self.assertIn("loops back to myself", page)
+        import json
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.status_port}/api/queue", timeout=10) as resp:
+            routes = {x["domain"]: x for x in json.load(resp)["routes"]}
+        self.assertTrue(routes["one.example"]["warning"])
+        self.assertIn("loops back to myself", routes["one.example"]["route"])
 
     def test_self_by_my_names_and_by_address_with_equal_preference(self):
         """Bartleby found by `my_names` and by address (an MX host resolving
@@ -355,7 +360,10 @@ class MxTest(unittest.TestCase):
         submit(r, ["bob@nomx.example"])
         self.assertTrue(r.wait_empty(15), r.mailq())
         self.assertEqual(len(p1.acked), 1)
-        self.assertIn("has no MX record", self.page())
+        page = self.page()
+        self.assertIn("has no MX record", page)
+        self.assertIn("Route for nomx.example", page)
+        self.assertIn(f"nomx.example[{P1}]:{r.port}", page)
 
     def test_recipients_in_two_destinations(self):
         """One message for one.example (p1) and three.example (p2): each
