@@ -157,8 +157,17 @@ pub struct Config {
     pub listen: Vec<SocketAddr>,
     pub spool: PathBuf,
     pub relay_domains: Vec<String>,
-    /// `host:port` of the primary MX (name or address).
+    /// `host:port` of the primary MX (name or address): the first of
+    /// `primary_list`, or `"mx"` when mail is routed by MX records.
     pub primary: String,
+    /// Every `host:port` of `primary`, tried in order (empty with `"mx"`).
+    pub primary_list: Vec<String>,
+    /// Further names of this host in MX records besides `hostname`
+    /// (lower case, no trailing dot): RFC 5321 5.1 drops them and every
+    /// host not more preferred.
+    pub my_names: Vec<String>,
+    /// The port of MX hosts (Postfix's smtp_tcp_port), 25.
+    pub smtp_tcp_port: u16,
     pub recipients: Option<PathBuf>,
     pub max_message_size: u64,
     pub max_connections: usize,
@@ -850,6 +859,9 @@ impl Builder {
             spool: PathBuf::from("/var/spool/bartleby"),
             relay_domains: Vec::new(),
             primary: String::new(),
+            primary_list: Vec::new(),
+            my_names: Vec::new(),
+            smtp_tcp_port: 25,
             recipients: None,
             max_message_size: 10_240_000,
             max_connections: 20,
@@ -933,9 +945,23 @@ impl Builder {
                 Ok(())
             }
             ("", "primary") => {
-                let p = want_str(v)?;
-                split_host_port(p)?;
-                c.primary = p.to_string();
+                let list = want_strs(v)?;
+                if list.len() == 1 && list[0].eq_ignore_ascii_case("mx") {
+                    c.primary = "mx".into();
+                    c.primary_list.clear();
+                    return Ok(());
+                }
+                if list.is_empty() {
+                    return Err("must name at least one host:port, or be \"mx\"".into());
+                }
+                if list.len() > 8 {
+                    return Err(format!("at most 8 hosts, found {}", list.len()));
+                }
+                for p in &list {
+                    split_host_port(p)?;
+                }
+                c.primary = list[0].to_string();
+                c.primary_list = list.iter().map(|p| p.to_string()).collect();
                 Ok(())
             }
             ("", "recipients") => want_opt_path(v).map(|p| c.recipients = p),
@@ -1029,7 +1055,7 @@ impl Builder {
             ("network", "dns") => {
                 let mut out = Vec::new();
                 for s in want_strs(v)? {
-                    s.parse::<IpAddr>().map_err(|_| format!("`{s}` is not an IP address"))?;
+                    crate::dns::parse_server(s).ok_or_else(|| format!("`{s}` is not an IP address (with an optional :port)"))?;
                     out.push(s.to_string());
                 }
                 c.network.dns = out;
@@ -1136,6 +1162,19 @@ impl Builder {
                 o => Err(format!("`{}` must be \"accept\" or \"defer\"", clip(o))),
             },
             ("", "verify_cache_size") => want_range(v, 100, 50_000, "").and_then(to_usize).map(|n| c.verify_cache_size = n),
+            ("", "my_names") => {
+                let mut out = Vec::new();
+                for n in want_strs(v)? {
+                    let n = n.trim_end_matches('.');
+                    if !valid_domain(n) {
+                        return Err(format!("my_names: `{n}` is not a valid host name"));
+                    }
+                    out.push(n.to_ascii_lowercase());
+                }
+                c.my_names = out;
+                Ok(())
+            }
+            ("", "smtp_tcp_port") => want_range(v, 1, 65535, "").map(|n| c.smtp_tcp_port = n as u16),
             ("", "status") | ("", "network") => Err(format!("`{}` is a table: write it as [{}]", it.key, it.key)),
             ("", k) => Err(format!("unknown key `{k}`")),
             ("status", _) | ("network", _) => Err(format!("unknown key `{full}`")),
@@ -1216,51 +1255,69 @@ impl Builder {
     }
 }
 
-/// Says why `primary` is Bartleby itself, if it is: its host is our
-/// `hostname`, or it is an address and port we listen on (a wildcard listen
-/// address takes every loopback and local address of its family; `[::]`
-/// takes IPv4 too, as a dual-stack socket does). Mail sent there would come
-/// back and loop until its Received headers run out.
-fn self_loop(c: &Config) -> Option<String> {
-    let (host, port) = split_host_port(&c.primary).ok()?;
-    let host = host.trim_end_matches('.');
-    if host.eq_ignore_ascii_case(&c.hostname) {
-        return Some(format!(
-            "`primary` \"{}\" is Bartleby itself (the `hostname`): mail would loop back here; name the primary mail server",
-            c.primary
-        ));
+impl Config {
+    /// `primary` for messages: the list in order, or what "mx" means.
+    pub fn primary_display(&self) -> String {
+        if self.primary_list.is_empty() { "the MX hosts of each domain (primary = \"mx\")".into() } else { self.primary_list.join(", ") }
     }
+}
+
+/// Says why `primary` is Bartleby itself, if one of its hosts is: its host
+/// is our `hostname` or one of `my_names`, or it is an address and port we
+/// listen on (see [`listens_on`]). Mail sent there would come back and loop
+/// until its Received headers run out.
+fn self_loop(c: &Config) -> Option<String> {
+    for p in &c.primary_list {
+        let Ok((host, port)) = split_host_port(p) else { continue };
+        let host = host.trim_end_matches('.');
+        if host.eq_ignore_ascii_case(&c.hostname) || c.my_names.iter().any(|n| host.eq_ignore_ascii_case(n)) {
+            return Some(format!(
+                "`primary` \"{p}\" is Bartleby itself (the `hostname`): mail would loop back here; name the primary mail server"
+            ));
+        }
+        let ips: Vec<IpAddr> = if host.eq_ignore_ascii_case("localhost") || host.eq_ignore_ascii_case("localhost.localdomain") {
+            vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]
+        } else {
+            match host.parse::<IpAddr>() {
+                Ok(ip) => vec![ip],
+                Err(_) => continue,
+            }
+        };
+        for ip in ips {
+            if let Some(l) = listens_on(c, ip, port) {
+                return Some(format!(
+                    "`primary` \"{p}\" is Bartleby itself (`listen` has {l}): mail would loop back here; name the primary mail server"
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// The `listen` address that takes connections to `ip`:`port`, if one
+/// does: the same address, or a wildcard one of its family (every loopback
+/// and local address; `[::]` takes IPv4 too, as a dual-stack socket does).
+/// 0.0.0.0 and :: as `ip` reach this machine.
+pub fn listens_on(c: &Config, ip: IpAddr, port: u16) -> Option<SocketAddr> {
     let unmap = |ip: IpAddr| match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     };
-    let ips: Vec<IpAddr> = if host.eq_ignore_ascii_case("localhost") || host.eq_ignore_ascii_case("localhost.localdomain") {
-        vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]
-    } else {
-        match host.parse::<IpAddr>().map(unmap) {
-            // connecting to 0.0.0.0 or :: reaches this machine
-            Ok(IpAddr::V4(a)) if a.is_unspecified() => vec![Ipv4Addr::LOCALHOST.into()],
-            Ok(IpAddr::V6(a)) if a.is_unspecified() => vec![Ipv6Addr::LOCALHOST.into()],
-            Ok(ip) => vec![ip],
-            Err(_) => return None,
-        }
+    let ip = match unmap(ip) {
+        IpAddr::V4(a) if a.is_unspecified() => Ipv4Addr::LOCALHOST.into(),
+        IpAddr::V6(a) if a.is_unspecified() => Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
     };
     let mut local: Option<Vec<IpAddr>> = None;
     for l in c.listen.iter().filter(|l| l.port() == port) {
         let lip = unmap(l.ip());
-        let hit = ips.iter().any(|&ip| {
-            if lip.is_unspecified() {
-                (lip.is_ipv6() || ip.is_ipv4())
-                    && (ip.is_loopback() || local.get_or_insert_with(local_addrs).contains(&ip))
-            } else {
-                lip == ip
-            }
-        });
+        let hit = if lip.is_unspecified() {
+            (lip.is_ipv6() || ip.is_ipv4()) && (ip.is_loopback() || local.get_or_insert_with(local_addrs).contains(&ip))
+        } else {
+            lip == ip
+        };
         if hit {
-            return Some(format!(
-                "`primary` \"{}\" is Bartleby itself (`listen` has {l}): mail would loop back here; name the primary mail server",
-                c.primary
-            ));
+            return Some(*l);
         }
     }
     None
@@ -1642,6 +1699,36 @@ allow = ["127.0.0.1/32", "192.168.1.0/24", "fe80::/10"]
         }
         let c = parse(&format!("{MIN}recipients = \"\"\nlog_file = \"\"\n")).unwrap();
         assert_eq!((c.recipients, c.log_file), (None, None));
+    }
+
+    #[test]
+    fn primary_forms_and_mx_keys() {
+        let cfg = |rest: &str| Config::parse(&format!("hostname = \"backup.example.org\"\nrelay_domains = [\"example.org\"]\n{rest}\n"), Path::new("t.toml"));
+        // The old form: one host:port.
+        let c = cfg("primary = \"mail.example.org:25\"").unwrap();
+        assert_eq!((c.primary.as_str(), c.primary_list.len(), c.smtp_tcp_port), ("mail.example.org:25", 1, 25));
+        // A list, tried in order.
+        let c = cfg("primary = [\"a.example.org:25\", \"192.0.2.7:2525\"]").unwrap();
+        assert_eq!(c.primary_list, ["a.example.org:25", "192.0.2.7:2525"]);
+        assert_eq!(c.primary, "a.example.org:25");
+        // By MX.
+        let c = cfg("primary = \"MX\"\nmy_names = [\"MX2.example.org.\"]\nsmtp_tcp_port = 2525\n[network]\ndns = [\"127.0.0.1:5353\", \"192.0.2.53\", \"[::1]:53\"]").unwrap();
+        assert_eq!((c.primary.as_str(), c.primary_list.len()), ("mx", 0));
+        assert_eq!(c.my_names, ["mx2.example.org"]);
+        assert_eq!(c.smtp_tcp_port, 2525);
+        assert_eq!(c.network.dns.len(), 3);
+        for bad in [
+            "primary = []",
+            "primary = [\"a.example.org:x\"]",
+            "primary = \"mx\"\nsmtp_tcp_port = 0",
+            "primary = \"mx\"\nmy_names = [\"a b\"]",
+            "primary = \"mx\"\n[network]\ndns = [\"127.0.0.1:0\"]",
+            "primary = \"mx\"\n[network]\ndns = [\"dns.example.org\"]",
+            // A list with ourselves in it.
+            "primary = [\"a.example.org:25\", \"backup.example.org:25\"]",
+        ] {
+            assert!(cfg(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -47,7 +47,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWrite
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::config::{Config, split_host_port};
+use crate::config::Config;
 use crate::logging::SMTP;
 use crate::spool::{QueuedMessage, Spool};
 
@@ -419,23 +419,28 @@ pub struct ConnectError {
 }
 
 impl Connection {
-    /// Resolves the primary, connects, reads the greeting and says EHLO
-    /// (HELO when EHLO is refused).
+    /// Resolves the primary (the hosts of `primary`, in order; see
+    /// [`route::hosts_for`](crate::route::hosts_for)), connects, reads the
+    /// greeting and says EHLO (HELO when EHLO is refused). Not for
+    /// `primary = "mx"`: there [`open_to`](Self::open_to) a recipient
+    /// domain's route.
     pub async fn open(cfg: &Config) -> Result<Connection, ConnectError> {
+        match crate::route::hosts_for(cfg, "").await {
+            Ok(route) => Connection::open_to(cfg, &route.hops, "").await,
+            Err(reply) => Err(ConnectError { reply }),
+        }
+    }
+
+    /// Connects to the first of `hops` that answers and greets it.
+    /// `nexthop` names the destination in a loop error (the domain; the
+    /// host when empty).
+    pub async fn open_to(cfg: &Config, hops: &[crate::route::Hop], nexthop: &str) -> Result<Connection, ConnectError> {
         let started = std::time::Instant::now();
         let fail = |text: String| ConnectError { reply: Reply::local(421, format!("4.4.1 {text}")) };
-        let (host, port) = split_host_port(&cfg.primary).map_err(fail)?;
-        let addrs: Vec<SocketAddr> = match host.parse::<std::net::IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => match timeout(cfg.connect_timeout, tokio::net::lookup_host((host.as_str(), port))).await {
-                Ok(Ok(a)) => a.collect(),
-                Ok(Err(e)) => return Err(fail(format!("Host or domain name not found: {host}: {e}"))),
-                Err(_) => return Err(fail(format!("Host or domain name lookup timed out: {host}"))),
-            },
-        };
-        let mut last = fail(format!("no address for {host}"));
-        for addr in addrs {
-            let relay = format!("{host}[{}]:{port}", addr.ip());
+        let mut last = fail(format!("no address for {}", if nexthop.is_empty() { cfg.primary.as_str() } else { nexthop }));
+        for hop in hops {
+            let addr: SocketAddr = hop.addr;
+            let relay = format!("{}[{}]:{}", hop.name, addr.ip(), addr.port());
             let stream = match timeout(cfg.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
@@ -450,12 +455,14 @@ impl Connection {
             let _ = stream.set_nodelay(true);
             let fd = stream.as_raw_fd();
             let (r, w) = stream.into_split();
-            match Connection::handshake(Box::new(r), Box::new(w), Some(fd), relay, cfg).await {
-                Ok(mut c) => {
+            let mut c = Connection::new(Box::new(r), Box::new(w), Some(fd), relay, cfg);
+            let host = if nexthop.is_empty() { hop.name.as_str() } else { nexthop };
+            match c.greet(&cfg.hostname, host).await {
+                Ok(()) => {
                     c.setup = started.elapsed();
                     return Ok(c);
                 }
-                Err(e) => last = e,
+                Err(reply) => last = ConnectError { reply },
             }
         }
         Err(last)
@@ -472,7 +479,22 @@ impl Connection {
         relay: String,
         cfg: &Config,
     ) -> Result<Connection, ConnectError> {
-        let mut c = Connection {
+        let host = relay.split('[').next().unwrap_or_default().to_string();
+        let mut c = Connection::new(rd, wr, fd, relay, cfg);
+        match c.greet(&cfg.hostname, &host).await {
+            Ok(()) => Ok(c),
+            Err(reply) => Err(ConnectError { reply }),
+        }
+    }
+
+    fn new(
+        rd: Box<dyn AsyncRead + Send + Unpin>,
+        wr: Box<dyn AsyncWrite + Send + Unpin>,
+        fd: Option<RawFd>,
+        relay: String,
+        cfg: &Config,
+    ) -> Connection {
+        Connection {
             rd: BufReader::with_capacity(2048, rd),
             wr: BufWriter::with_capacity(8192, wr),
             fd,
@@ -485,11 +507,6 @@ impl Connection {
             timeout: cfg.delivery_timeout,
             used: false,
             last: Stage::Greeting,
-        };
-        let host = split_host_port(&cfg.primary).map(|(h, _)| h).unwrap_or_else(|_| cfg.primary.clone());
-        match c.greet(&cfg.hostname, &host).await {
-            Ok(()) => Ok(c),
-            Err(reply) => Err(ConnectError { reply }),
         }
     }
 
@@ -660,7 +677,14 @@ impl Connection {
     /// downgraded: they get a temporary "SMTPUTF8 is required" (4.6.7) and
     /// stay queued, the others go now. All of them when the sender needs it.
     pub async fn deliver(&mut self, spool: &Spool, msg: &QueuedMessage) -> Outcome {
-        let mut pending: Vec<String> = msg.pending().map(|r| r.addr.clone()).collect();
+        let pending: Vec<String> = msg.pending().map(|r| r.addr.clone()).collect();
+        self.deliver_to(spool, msg, pending).await
+    }
+
+    /// Sends one message to some of its pending recipients (those of one
+    /// destination, with MX routing).
+    pub async fn deliver_to(&mut self, spool: &Spool, msg: &QueuedMessage, pending: Vec<String>) -> Outcome {
+        let mut pending = pending;
         let mut held: Vec<(String, Reply)> = Vec::new();
         if msg.env.smtputf8 && !self.smtputf8 {
             let needs = needs_smtputf8(&msg.env.sender);

@@ -103,7 +103,7 @@ fn main() -> ExitCode {
                     args.config.display(),
                     c.hostname,
                     c.relay_domains.join(", "),
-                    c.primary
+                    c.primary_display()
                 );
                 ExitCode::SUCCESS
             }

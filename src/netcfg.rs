@@ -276,8 +276,11 @@ pub fn write_resolv_conf(servers: &[String]) {
     }
     let mut s = String::new();
     for d in servers {
+        // resolv.conf has no port: an `ip:port` entry is written as its ip
+        // (Bartleby's own resolver reads `[network] dns` with the port).
+        let ip = crate::dns::parse_server(d).map_or_else(|| d.trim().to_string(), |a| a.ip().to_string());
         s.push_str("nameserver ");
-        s.push_str(d.trim());
+        s.push_str(&ip);
         s.push('\n');
     }
     let _ = std::fs::create_dir_all("/etc");

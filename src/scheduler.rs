@@ -10,6 +10,13 @@
 //! * A message still undelivered after `max_queue_lifetime` is bounced.
 //!
 //! All due messages of a run travel over one connection to the primary.
+//! With `primary = "mx"`, due messages are grouped by destination (the
+//! addresses their recipient domain's MX records give, see
+//! [`route`](crate::route)), as Postfix's per-nexthop queues: each group
+//! has its own connections and its own dead-host cache; a message with
+//! recipients in several destinations goes in the group of its first one,
+//! and its worker delivers to the others over connections of their own, so
+//! that one attempt records every recipient's outcome.
 //! The in-memory index holds only a few numbers per message; envelopes are
 //! read from the spool when a message is tried.
 //!
@@ -62,6 +69,7 @@ use tokio::sync::watch;
 use crate::bounces::{self, Reason};
 use crate::config::Config;
 use crate::delivery::{Connection, Outcome, Reply};
+use crate::route::{self, Hop, Route};
 use crate::logging::{self, QMGR};
 use crate::spool::{Committer, DeliveryState, QueuedMessage, RcptStatus, Spool};
 use crate::stats::Stats;
@@ -83,23 +91,123 @@ enum Attempt {
     /// Not tried: more than one recipient left while the spool can record
     /// only removals (see [`Recording::RemovalsOnly`]).
     Held(QueueId),
+    /// A destination answered (its key).
+    Reached(String),
+    /// A destination could not be reached: its messages wait.
+    Unreached(String, Reply),
+}
+
+/// The messages of one destination still to deliver in a queue run.
+type WorkList = Arc<Mutex<VecDeque<QueueId>>>;
+
+/// The routes of a queue run with MX routing, by recipient domain: the
+/// destination's key and route, or why there is none.
+/// (A vector searched in order: a handful of domains, smaller code than a map.)
+type Routes = Vec<(String, Result<(String, Route), Reply>)>;
+
+fn route_of<'a>(routes: &'a Routes, domain: &str) -> Option<&'a Result<(String, Route), Reply>> {
+    routes.iter().find(|(d, _)| d == domain).map(|(_, r)| r)
+}
+
+/// What a group's workers deliver to.
+struct Dest {
+    key: String,
+    /// The domain, for "mail for X loops back to myself" ("" with a fixed
+    /// primary: the host's name).
+    label: String,
+    hops: Vec<Hop>,
+    /// With MX routing: every domain's route, for recipients of other
+    /// destinations in the same message.
+    routes: Option<Arc<Routes>>,
+}
+
+/// Opens a destination's first connection, then starts its workers (up to
+/// `delivery_connections`), or reports it unreachable.
+#[allow(clippy::too_many_arguments)]
+async fn group(
+    cfg: Arc<Config>,
+    spool: Spool,
+    dest: Arc<Dest>,
+    queue: Arc<Mutex<VecDeque<QueueId>>>,
+    tx: tokio::sync::mpsc::UnboundedSender<Attempt>,
+    shutdown: watch::Receiver<bool>,
+    single_only: Arc<AtomicBool>,
+) {
+    let first = match Connection::open_to(&cfg, &dest.hops, &dest.label).await {
+        Ok(c) => {
+            let _ = tx.send(Attempt::Reached(dest.key.clone()));
+            c
+        }
+        Err(e) => {
+            let _ = tx.send(Attempt::Unreached(dest.key.clone(), e.reply));
+            return;
+        }
+    };
+    let n = queue.lock().map_or(1, |q| q.len());
+    let workers = cfg.delivery_connections.clamp(1, n.max(1));
+    let mut first = Some(first);
+    for _ in 0..workers {
+        tokio::spawn(worker(cfg.clone(), spool.clone(), queue.clone(), tx.clone(), first.take(), dest.clone(), shutdown.clone(), single_only.clone()));
+    }
+}
+
+/// Delivers `msg` with MX routing: its recipients of `dest` over `conn`,
+/// those of other destinations over a connection each (closed after), and
+/// those without a route get its reason. One outcome for every recipient.
+async fn deliver_routed(cfg: &Config, conn: &mut Connection, spool: &Spool, msg: &QueuedMessage, dest: &Dest, routes: &Routes) -> Outcome {
+    let mut mine = Vec::new();
+    let mut others: Vec<(String, String, Vec<String>)> = Vec::new();
+    let mut failed = Vec::new();
+    for r in msg.pending() {
+        let d = route::domain_of(&r.addr);
+        match route_of(routes, &d) {
+            Some(Ok((key, _))) if *key == dest.key => mine.push(r.addr.clone()),
+            Some(Ok((key, _))) => match others.iter_mut().find(|(k, _, _)| k == key) {
+                Some((_, _, list)) => list.push(r.addr.clone()),
+                None => others.push((key.clone(), d, vec![r.addr.clone()])),
+            },
+            Some(Err(reply)) => failed.push((r.addr.clone(), reply.clone())),
+            None => failed.push((r.addr.clone(), Reply::local(451, format!("4.4.3 no route looked up for {d} in this queue run")))),
+        }
+    }
+    let none = Duration::ZERO;
+    let mut out = if mine.is_empty() { Outcome { rcpts: Vec::new(), reusable: true, setup: none, xfer: none } } else { conn.deliver_to(spool, msg, mine).await };
+    for (_, domain, list) in others {
+        let Some(Ok((_, rt))) = route_of(routes, &domain) else { continue };
+        match Connection::open_to(cfg, &rt.hops, &domain).await {
+            Ok(mut c) => {
+                let o = c.deliver_to(spool, msg, list).await;
+                if o.reusable {
+                    c.quit().await;
+                }
+                out.rcpts.extend(o.rcpts);
+                out.setup += o.setup;
+                out.xfer += o.xfer;
+            }
+            Err(e) => out.rcpts.extend(list.into_iter().map(|a| (a, e.reply.clone()))),
+        }
+    }
+    out.rcpts.extend(failed);
+    out
 }
 
 /// One connection's worth of deliveries: takes due messages from the shared
 /// list until it is empty. Opens its own connection unless handed one; a
 /// worker that cannot connect leaves the messages to the others.
+#[allow(clippy::too_many_arguments)]
 async fn worker(
     cfg: Arc<Config>,
     spool: Spool,
     queue: Arc<Mutex<VecDeque<QueueId>>>,
     tx: tokio::sync::mpsc::UnboundedSender<Attempt>,
     conn: Option<Connection>,
+    dest: Arc<Dest>,
     shutdown: watch::Receiver<bool>,
     single_only: Arc<AtomicBool>,
 ) {
     let mut conn = match conn {
         Some(c) => c,
-        None => match Connection::open(&cfg).await {
+        None => match Connection::open_to(&cfg, &dest.hops, &dest.label).await {
             Ok(c) => c,
             Err(e) => {
                 log::info!(target: QMGR, "extra connection to the primary refused: {}", e.reply.text);
@@ -123,7 +231,10 @@ async fn worker(
             let _ = tx.send(Attempt::Held(id));
             continue;
         }
-        let outcome = conn.deliver(&spool, &msg).await;
+        let outcome = match &dest.routes {
+            Some(routes) => deliver_routed(&cfg, &mut conn, &spool, &msg, &dest, routes).await,
+            None => conn.deliver(&spool, &msg).await,
+        };
         let relay = conn.relay.clone();
         let reusable = outcome.reusable;
         let (recorded, wait_recorded) = tokio::sync::oneshot::channel();
@@ -142,7 +253,7 @@ async fn worker(
             if *shutdown.borrow() || queue.lock().map_or(true, |q| q.is_empty()) {
                 return;
             }
-            match Connection::open(&cfg).await {
+            match Connection::open_to(&cfg, &dest.hops, &dest.label).await {
                 Ok(c) => conn = c,
                 Err(e) => {
                     log::info!(target: QMGR, "lost the primary mid-run: {}", e.reply.text);
@@ -288,10 +399,9 @@ pub struct Scheduler {
     committer: Committer,
     rx: UnboundedReceiver<(QueueId, u64)>,
     entries: BTreeMap<QueueId, Entry>,
-    /// The primary is taken as down until then (unix seconds).
-    dead_until: u64,
-    /// Why the primary could not be reached on the last try.
-    down_reply: Option<Reply>,
+    /// The dead-host cache, by destination key ("" for a fixed primary):
+    /// taken as down until then (unix seconds), and why.
+    dead: Vec<(String, u64, Reply)>,
     last_full_run: u64,
     /// What the spool can record now.
     recording: Recording,
@@ -302,7 +412,7 @@ pub struct Scheduler {
     unrecorded: BTreeMap<QueueId, Unrecorded>,
     /// The work list of the queue run in progress and whether it is a full
     /// run, so that a failure to record can stop it.
-    current: Option<(Arc<Mutex<VecDeque<QueueId>>>, bool)>,
+    current: Option<(Vec<WorkList>, bool)>,
     /// Messages with more than one recipient left, held back while the
     /// spool records only removals (empty otherwise).
     held: BTreeSet<QueueId>,
@@ -336,8 +446,7 @@ impl Scheduler {
             committer,
             rx,
             entries: BTreeMap::new(),
-            dead_until: 0,
-            down_reply: None,
+            dead: Vec::new(),
             last_full_run: util::now(),
             recording: Recording::Ok,
             unrecorded: BTreeMap::new(),
@@ -387,12 +496,17 @@ impl Scheduler {
         self.stats.queue_messages.store(self.entries.len() as u32, Relaxed);
         let kib: u64 = self.entries.values().map(|e| e.size).sum::<u64>() / 1024;
         self.stats.queue_kib.store(kib.min(u32::MAX as u64) as u32, Relaxed);
-        self.stats.primary_retry_at.store(self.dead_until.min(u32::MAX as u64) as u32, Relaxed);
+        let now = util::now();
+        let retry = self.dead.iter().map(|(_, t, _)| *t).filter(|t| *t > now).max().unwrap_or(0);
+        self.stats.primary_retry_at.store(retry.min(u32::MAX as u64) as u32, Relaxed);
     }
 
     fn add(&mut self, id: QueueId, size: u64) {
         let now = util::now();
-        let next = if now < self.dead_until { self.dead_until } else { now };
+        // With MX routing the destination is known once the message is
+        // read: a queue run puts it off if its destination is down.
+        let dead_until = self.dead.iter().find(|(k, _, _)| k.is_empty()).map_or(0, |(_, t, _)| *t);
+        let next = if now < dead_until { dead_until } else { now };
         self.entries.insert(id, Entry { next, size });
     }
 
@@ -481,7 +595,7 @@ impl Scheduler {
         let now = util::now();
         if full {
             self.last_full_run = now;
-            self.dead_until = 0;
+            self.dead.clear();
             self.publish();
         }
         let due: VecDeque<QueueId> = self
@@ -493,39 +607,47 @@ impl Scheduler {
         if due.is_empty() {
             return;
         }
-        let first = match Connection::open(&self.cfg).await {
-            Ok(c) => {
-                self.stats.primary_result(true, "");
-                self.down_reply = None;
-                c
-            }
-            Err(e) => {
-                self.primary_down(&e.reply);
-                for id in due {
-                    if self.suspended() {
-                        break;
-                    }
-                    self.defer_unreached(&id, &e.reply).await;
-                }
-                self.publish();
-                return;
-            }
-        };
-        let workers = self.cfg.delivery_connections.clamp(1, due.len());
-        let queue = Arc::new(Mutex::new(due));
-        self.current = Some((queue.clone(), full));
+        let (groups, routes) = self.plan(due).await;
+        let routes = routes.map(Arc::new);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut first = Some(first);
-        for _ in 0..workers {
-            tokio::spawn(worker(
-                self.cfg.clone(),
-                self.spool.clone(),
-                queue.clone(),
-                tx.clone(),
-                first.take(),
-                shutdown.clone(),
-                self.single_only.clone(),
-            ));
+        let mut queues: Vec<(String, WorkList)> = Vec::new();
+        // Known at once to `suspend`, which empties the work lists.
+        self.current = Some((Vec::new(), full));
+        for (key, label, route, ids) in groups {
+            if self.suspended() {
+                break;
+            }
+            let route = match route {
+                Ok(r) => r,
+                Err(reply) => {
+                    // A fixed primary whose name does not resolve.
+                    self.primary_down(&key, &label, &reply);
+                    for id in ids {
+                        if self.suspended() {
+                            break;
+                        }
+                        self.defer_unreached(&id, &reply).await;
+                    }
+                    continue;
+                }
+            };
+            if !full && let Some((_, until, _)) = self.dead.iter().find(|(k, t, _)| *k == key && *t > now) {
+                // The dead-host cache: not tried before then.
+                let until = *until;
+                for id in ids {
+                    if let Some(e) = self.entries.get_mut(&id) {
+                        e.next = e.next.max(until);
+                    }
+                }
+                continue;
+            }
+            let queue = Arc::new(Mutex::new(ids));
+            queues.push((key.clone(), queue.clone()));
+            if let Some((qs, _)) = &mut self.current {
+                qs.push(queue.clone());
+            }
+            let dest = Arc::new(Dest { key, label, hops: route.hops, routes: routes.clone() });
+            tokio::spawn(group(self.cfg.clone(), self.spool.clone(), dest, queue, tx.clone(), shutdown.clone(), self.single_only.clone()));
         }
         drop(tx);
         loop {
@@ -558,13 +680,32 @@ impl Scheduler {
                         );
                     }
                 }
+                Attempt::Reached(key) => {
+                    self.stats.primary_result(true, "");
+                    self.dead.retain(|(k, _, _)| *k != key);
+                }
+                Attempt::Unreached(key, reply) => {
+                    self.primary_down(&key, "", &reply);
+                    let Some((_, q)) = queues.iter().find(|(k, _)| *k == key) else { continue };
+                    let ids: Vec<QueueId> = q.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
+                    for id in ids {
+                        if self.suspended() {
+                            break;
+                        }
+                        self.defer_unreached(&id, &reply).await;
+                    }
+                    self.publish();
+                }
             }
         }
         self.current = None;
         // Messages no worker could take (every connection failed): they wait.
-        let left: Vec<QueueId> = queue.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
-        if !left.is_empty() && !*shutdown.borrow() && !self.suspended() {
-            let reply = self.down_reply.clone().unwrap_or_else(|| Reply::local(421, "4.4.2 lost connection with the primary"));
+        for (key, queue) in queues {
+            let left: Vec<QueueId> = queue.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
+            if left.is_empty() || *shutdown.borrow() || self.suspended() {
+                continue;
+            }
+            let reply = self.dead.iter().find(|(k, _, _)| *k == key).map(|(_, _, r)| r.clone()).unwrap_or_else(|| Reply::local(421, "4.4.2 lost connection with the primary"));
             for id in left {
                 if self.suspended() {
                     break;
@@ -573,6 +714,84 @@ impl Scheduler {
             }
         }
         self.publish();
+    }
+
+    /// Splits the due messages by destination: with a fixed primary, one
+    /// group (key ""); with MX routing, by the route of their recipients'
+    /// domains (looked up once per run; the DNS answers are cached for
+    /// their TTL). A message whose every domain has no route is deferred
+    /// here with the reason. Groups: (key, label, route, messages).
+    #[allow(clippy::type_complexity)]
+    async fn plan(&mut self, due: VecDeque<QueueId>) -> (Vec<(String, String, Result<Route, Reply>, VecDeque<QueueId>)>, Option<Routes>) {
+        if !self.cfg.primary_list.is_empty() {
+            let route = route::hosts_for(&self.cfg, "").await;
+            return (vec![(String::new(), String::new(), route, due)], None);
+        }
+        let mut routes: Routes = Vec::new();
+        let mut groups: Vec<(String, String, Result<Route, Reply>, VecDeque<QueueId>)> = Vec::new();
+        for (n, id) in due.into_iter().enumerate() {
+            if self.suspended() {
+                break;
+            }
+            if n % 16 == 15 {
+                // Reading many queue files: let the SMTP sessions run.
+                tokio::task::yield_now().await;
+            }
+            let msg = match self.spool.read(&id) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.entries.remove(&id);
+                    continue;
+                }
+                Err(e) => {
+                    self.unreadable(id, &e);
+                    continue;
+                }
+            };
+            let mut first: Option<(String, String)> = None;
+            for r in msg.pending() {
+                let d = route::domain_of(&r.addr);
+                if route_of(&routes, &d).is_none() {
+                    let res = route::hosts_for(&self.cfg, &d).await;
+                    self.stats.set_route(&d, &res);
+                    routes.push((d.clone(), res.map(|rt| (rt.key(), rt))));
+                }
+                if first.is_none()
+                    && let Some(Ok((key, _))) = route_of(&routes, &d)
+                {
+                    first = Some((key.clone(), d));
+                }
+            }
+            match first {
+                Some((key, d)) => match groups.iter_mut().find(|(k, _, _, _)| *k == key) {
+                    Some((_, _, _, ids)) => ids.push_back(id),
+                    None => {
+                        let rt = route_of(&routes, &d).and_then(|r| r.as_ref().ok()).map(|(_, rt)| rt.clone());
+                        if let Some(rt) = rt {
+                            groups.push((key, d, Ok(rt), VecDeque::from([id])));
+                        }
+                    }
+                },
+                None => {
+                    // No destination for any recipient: each deferred with
+                    // its domain's reason (a DNS failure, a loop to myself).
+                    let rcpts = msg
+                        .pending()
+                        .map(|r| {
+                            let d = route::domain_of(&r.addr);
+                            let reply = match route_of(&routes, &d) {
+                                Some(Err(reply)) => reply.clone(),
+                                _ => Reply::local(451, format!("4.4.3 no route for {d}")),
+                            };
+                            (r.addr.clone(), reply)
+                        })
+                        .collect();
+                    let none = Duration::ZERO;
+                    self.apply(&msg, Outcome { rcpts, reusable: false, setup: none, xfer: none }, "none").await;
+                }
+            }
+        }
+        (groups, Some(routes))
     }
 
     /// Records a failed attempt for a message the primary could not be reached for.
@@ -609,13 +828,15 @@ impl Scheduler {
     /// either: at most `delivery_connections - 1` more), and none starts
     /// until the probe passes in `queue/` again. MAIL gets 452 meanwhile.
     fn suspend(&mut self, why: String) {
-        if let Some((q, full)) = &self.current
-            && let Ok(mut q) = q.lock()
-        {
-            // A full run cut short is owed; the due messages of another
-            // run stay due.
-            self.owed_run |= *full && !q.is_empty();
-            q.clear();
+        if let Some((qs, full)) = &self.current {
+            for q in qs {
+                if let Ok(mut q) = q.lock() {
+                    // A full run cut short is owed; the due messages of
+                    // another run stay due.
+                    self.owed_run |= *full && !q.is_empty();
+                    q.clear();
+                }
+            }
         }
         self.single_only.store(true, Ordering::SeqCst);
         self.stats.spool_removals_only.store(false, Ordering::Relaxed);
@@ -741,11 +962,16 @@ impl Scheduler {
         self.stats.spool_unrecorded.store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
-    fn primary_down(&mut self, reply: &Reply) {
+    /// A destination could not be reached: new mail for it waits
+    /// `minimal_backoff` (the dead-host cache).
+    fn primary_down(&mut self, key: &str, _label: &str, reply: &Reply) {
         log::warn!(target: QMGR, "warning: primary unreachable: {}", reply.text);
         self.stats.primary_result(false, &reply.text);
-        self.dead_until = util::now().saturating_add(self.cfg.minimal_backoff.as_secs());
-        self.down_reply = Some(reply.clone());
+        let until = util::now().saturating_add(self.cfg.minimal_backoff.as_secs());
+        // Bounded: one entry per destination of the due messages; a full
+        // run forgets them all.
+        self.dead.retain(|(k, _, _)| k != key);
+        self.dead.push((key.to_string(), until, reply.clone()));
     }
 
     /// Records the outcome of one attempt: sent recipients are done, 5xx

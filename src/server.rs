@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Semaphore, watch};
 
-use crate::config::{Cidr, Config, split_host_port};
+use crate::config::{Cidr, Config};
 use crate::logging::MASTER;
 use crate::clients::Limits;
 use crate::policy::Recipients;
@@ -48,24 +48,15 @@ pub fn lock_spool(spool: &Spool) -> Result<SpoolLock, String> {
     Ok(SpoolLock { _file: f })
 }
 
-/// The hosts allowed to send ETRN: configured, or the primary's addresses.
+/// The hosts allowed to send ETRN: configured, or loopback and the
+/// primary's addresses (see [`crate::route::learn_primary_addrs`], which
+/// learns them in the background: a DNS server that does not answer never
+/// delays the start).
 fn etrn_allow(cfg: &Config) -> Vec<Cidr> {
     if !cfg.etrn_allow.is_empty() {
         return cfg.etrn_allow.clone();
     }
-    let mut v = vec![Cidr::parse("127.0.0.1/32").unwrap(), Cidr::parse("::1/128").unwrap()];
-    if let Ok((host, port)) = split_host_port(&cfg.primary) {
-        use std::net::ToSocketAddrs;
-        match (host.as_str(), port).to_socket_addrs() {
-            Ok(addrs) => {
-                for a in addrs {
-                    v.push(Cidr { addr: a.ip(), prefix: if a.is_ipv4() { 32 } else { 128 } });
-                }
-            }
-            Err(e) => log::warn!(target: MASTER, "warning: cannot resolve primary {host} for etrn_allow: {e}"),
-        }
-    }
-    v
+    vec![Cidr::parse("127.0.0.1/32").unwrap(), Cidr::parse("::1/128").unwrap()]
 }
 
 /// Runs the relay until SIGTERM/SIGINT. Returns an error for problems at
@@ -109,6 +100,9 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
     });
     // The list is reread on its own thread, never on the SMTP runtime.
     ctx.recipients.watch(stats.clone()).map_err(|e| format!("recipients list watcher: {e}"))?;
+    if cfg.etrn_allow.is_empty() {
+        tokio::spawn(crate::route::learn_primary_addrs(cfg.clone()));
+    }
     let scheduler = Scheduler::new(cfg.clone(), spool.clone(), stats.clone(), committer, rx);
     let sched_task = tokio::spawn(scheduler.run(shutdown_rx.clone()));
     let verify_task = ctx.verifier.clone().map(|v| tokio::spawn(v.run(shutdown_rx.clone())));
@@ -127,7 +121,7 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
         "daemon started -- version {}, listening on {}, primary {}",
         env!("CARGO_PKG_VERSION"),
         cfg.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" "),
-        cfg.primary
+        cfg.primary_display()
     );
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;

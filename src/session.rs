@@ -567,7 +567,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             self.reply(500, "5.5.4", "Syntax: ETRN domain");
             return;
         }
-        if !crate::config::allowed(&self.ctx.etrn_allow, self.peer.ip()) {
+        if !crate::config::allowed(&self.ctx.etrn_allow, self.peer.ip()) && !crate::route::is_primary_addr(self.peer.ip()) {
             log::info!(target: SMTPD, "reject: ETRN from {}: 459 4.7.1 client not allowed", self.client);
             self.reply(459, "4.7.1", &format!("<{name}>: Client access denied"));
             return;

@@ -12,6 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 /// Bytes of the primary's last error kept for the page.
 pub const LAST_ERROR_MAX: usize = 300;
 
+/// Most domains whose route the page shows.
+pub const MAX_ROUTES: usize = 32;
+
 /// What the relay knows about the primary, from its own delivery attempts.
 #[derive(Debug, Clone, Default)]
 pub struct PrimaryState {
@@ -42,6 +45,11 @@ pub struct Stats {
     /// statfs(2), kept current by [`Stats::check_spool`].
     pub persistent_spool: AtomicBool,
     pub primary: Mutex<PrimaryState>,
+    /// With `primary = "mx"`: where each recipient domain routes now, as
+    /// the last queue run found it (the hosts in order, or why none), and
+    /// whether that is a warning (a loop to myself, no MX, a DNS failure).
+    /// At most [`MAX_ROUTES`] domains.
+    pub routes: Mutex<Vec<(String, String, bool)>>,
     /// The dead-host cache (unix seconds, 0: none): new mail is not tried
     /// before then, the primary having been found down. Kept by the scheduler.
     pub primary_retry_at: AtomicU32,
@@ -105,6 +113,28 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Notes the route a queue run found for `domain` (see `routes`);
+    /// a new warning is logged once.
+    pub fn set_route(&self, domain: &str, res: &Result<crate::route::Route, crate::delivery::Reply>) {
+        let (text, warn) = match res {
+            Ok(r) => (r.describe(), r.note.is_some()),
+            Err(e) => (e.text.clone(), true),
+        };
+        let Ok(mut m) = self.routes.lock() else { return };
+        if m.iter().any(|(d, t, _)| d == domain && *t == text) {
+            return;
+        }
+        if warn {
+            log::warn!(target: crate::logging::QMGR, "warning: mail for {domain}: {text}");
+        }
+        m.retain(|(d, _, _)| d != domain);
+        if m.len() >= MAX_ROUTES {
+            m.remove(0);
+        }
+        let at = m.iter().position(|(d, _, _)| d.as_str() > domain).unwrap_or(m.len());
+        m.insert(at, (domain.to_string(), text, warn));
+    }
+
     pub fn new() -> Stats {
         let s = Stats::default();
         s.started.store(crate::util::now() as u32, Ordering::Relaxed);

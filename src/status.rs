@@ -401,6 +401,7 @@ fn page_data<'a>(ctx: &'a Ctx, flushed: bool) -> render::PageData<'a> {
         system: render::SystemView::read(),
         primary: st.primary(),
         primary_retry_at: get(&st.primary_retry_at) as u64,
+        routes: st.routes.lock().map(|m| m.clone()).unwrap_or_default(),
         counters: [
             ("Received", get(&st.received)),
             ("Delivered", get(&st.delivered)),
@@ -460,10 +461,11 @@ fn api_queue(rq: Request, ctx: &Ctx) {
         }
     };
     let head = *rq.method() == Method::Head;
+    let routes = ctx.stats.routes.lock().map(|m| m.clone()).unwrap_or_default();
     let mut w = BufWriter::with_capacity(2048, rq.into_writer());
     let r = w
         .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n\r\n")
-        .and_then(|_| if head { Ok(()) } else { render::write_queue_json(&mut w, &spool, now(), Stats::get(&ctx.stats.primary_retry_at) as u64) })
+        .and_then(|_| if head { Ok(()) } else { render::write_queue_json(&mut w, &spool, now(), Stats::get(&ctx.stats.primary_retry_at) as u64, &routes) })
         .and_then(|_| w.flush());
     if let Err(e) = r {
         log::debug!(target: STATUS, "status page: /api/queue: {e}");

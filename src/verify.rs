@@ -531,7 +531,9 @@ impl Verifier {
 
     /// The prober: one task, one connection to the primary at a time.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut conn: Option<Connection> = None;
+        // The connection, with the route it goes to (`primary = "mx"`:
+        // each recipient domain's MX hosts; else the primary, key "").
+        let mut conn: Option<(String, Connection)> = None;
         let mut idle_since = tokio::time::Instant::now();
         let mut last_save = tokio::time::Instant::now();
         let mut last_refresh_probe = 0u64;
@@ -621,7 +623,7 @@ impl Verifier {
                 }
             }
             if conn.is_some() && idle_since.elapsed() >= IDLE_QUIT
-                && let Some(c) = conn.take()
+                && let Some((_, c)) = conn.take()
             {
                 let _ = tokio::time::timeout(self.cfg.verify_timeout, c.quit()).await;
             }
@@ -637,7 +639,7 @@ impl Verifier {
                 }
             }
         }
-        if let Some(c) = conn.take() {
+        if let Some((_, c)) = conn.take() {
             let _ = tokio::time::timeout(Duration::from_secs(2), c.quit()).await;
         }
         // A periodic save still running finishes first (both would use the
@@ -698,19 +700,29 @@ impl Verifier {
 
     /// Asks the primary about `addr` and records the answer. Bounded by
     /// `verify_timeout` for the connection and once more for the probe.
-    async fn probe(&self, conn: &mut Option<Connection>, addr: &str) -> Answer {
+    async fn probe(&self, conn: &mut Option<(String, Connection)>, addr: &str) -> Answer {
         let limit = self.cfg.verify_timeout;
         let mut fresh = false;
+        // With `primary = "mx"` the address is asked where its mail would go:
+        // the MX hosts of its domain, as delivery routes it.
+        let domain = if self.cfg.primary_list.is_empty() { crate::route::domain_of(addr) } else { String::new() };
         let result = loop {
+            if conn.as_ref().is_some_and(|(key, _)| *key != domain) {
+                *conn = None;
+            }
             if conn.is_none() {
                 fresh = true;
-                match tokio::time::timeout(limit, Connection::open(&self.probe_cfg)).await {
-                    Ok(Ok(c)) => *conn = Some(c),
+                let open = async {
+                    let route = crate::route::hosts_for(&self.probe_cfg, &domain).await.map_err(|reply| crate::delivery::ConnectError { reply })?;
+                    Connection::open_to(&self.probe_cfg, &route.hops, &domain).await
+                };
+                match tokio::time::timeout(limit, open).await {
+                    Ok(Ok(c)) => *conn = Some((domain.clone(), c)),
                     Ok(Err(e)) => break Err(e.reply.text),
                     Err(_) => break Err(format!("connect to {}: timed out after verify_timeout", self.cfg.primary)),
                 }
             }
-            let Some(c) = conn.as_mut() else { continue };
+            let Some((_, c)) = conn.as_mut() else { continue };
             Stats::inc(&self.stats.verify_probes);
             match tokio::time::timeout(limit, c.probe(addr)).await {
                 Ok(Ok((reply, reusable))) => {

@@ -239,6 +239,9 @@ pub struct PageData<'a> {
     pub primary: PrimaryState,
     /// The scheduler's dead-host cache (unix seconds, 0: none).
     pub primary_retry_at: u64,
+    /// With `primary = "mx"`: each recipient domain's route (domain, the
+    /// hosts or why none, a warning).
+    pub routes: Vec<(String, String, bool)>,
     pub counters: [(&'static str, u32); 7],
     pub persistent_spool: bool,
     pub spool_note: String,
@@ -435,6 +438,17 @@ pub fn page(d: &PageData) -> String {
             d.recipients_entries
         );
     }
+    for (dom, text, _) in d.routes.iter().filter(|r| r.2) {
+        o.push_str("<p class=\"warn\" id=\"route-warning\">Warning: mail for ");
+        html(&mut o, dom);
+        o.push_str(": ");
+        html_cut(&mut o, text, 300);
+        o.push_str(if text.contains("loops back to myself") {
+            ". Bartleby is its best MX (or as good as the best): it keeps the mail until the MX records name a more preferred host.</p>\n"
+        } else {
+            ".</p>\n"
+        });
+    }
     if let Some(l) = &d.client_limited {
         o.push_str("<p class=\"warn\" id=\"client-limit\">Client ");
         html(&mut o, &l.client);
@@ -500,6 +514,13 @@ pub fn page(d: &PageData) -> String {
         None => o.push_str("<span class=\"dim\">–</span>"),
     }
     o.push_str("</td></tr>");
+    for (dom, text, warn) in &d.routes {
+        o.push_str("<tr><th>Route for ");
+        html(&mut o, dom);
+        let _ = write!(o, "</th><td class=\"mono{}\" id=\"route\">", if *warn { " bad" } else { "" });
+        html_cut(&mut o, text, 300);
+        o.push_str("</td></tr>");
+    }
     if d.primary_retry_at > d.now {
         let _ = write!(
             o,
@@ -784,7 +805,9 @@ pub fn json_message(o: &mut String, m: &QueuedMessage, now: u64, retry_at: u64) 
 
 /// Streams `/api/queue` to `w`, one message at a time: the queue may hold
 /// thousands of messages, and the JSON is never held in memory whole.
-pub fn write_queue_json<W: Write>(w: &mut W, spool: &Spool, now: u64, retry_at: u64) -> io::Result<()> {
+/// `routes`: with `primary = "mx"`, where each domain routes now (domain,
+/// hosts or why none, a warning), listed as `"routes"`.
+pub fn write_queue_json<W: Write>(w: &mut W, spool: &Spool, now: u64, retry_at: u64, routes: &[(String, String, bool)]) -> io::Result<()> {
     let ids = spool.ids()?;
     let mut buf = String::with_capacity(1024);
     let (mut count, mut bytes) = (0u64, 0u64);
@@ -825,6 +848,17 @@ pub fn write_queue_json<W: Write>(w: &mut W, spool: &Spool, now: u64, retry_at: 
         buf.push_str(",\"error\":");
         json(&mut buf, why);
         buf.push('}');
+    }
+    buf.push_str("],\"routes\":[");
+    for (i, (domain, route, warning)) in routes.iter().enumerate() {
+        if i > 0 {
+            buf.push(',');
+        }
+        buf.push_str("{\"domain\":");
+        json(&mut buf, domain);
+        buf.push_str(",\"route\":");
+        json(&mut buf, route);
+        let _ = write!(buf, ",\"warning\":{warning}}}");
     }
     w.write_all(buf.as_bytes())?;
     writeln!(w, "],\"unreadable_count\":{unreadable_n},\"count\":{count},\"bytes\":{bytes}}}")

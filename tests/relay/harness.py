@@ -262,7 +262,7 @@ class FakePrimary:
     EHLO_PLAIN = "250 primary.example.org"
     EHLO_PIPELINING = "250-primary.example.org\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10240000"
 
-    def __init__(self, port, replies, pipelining=False):
+    def __init__(self, port, replies, pipelining=False, host="127.0.0.1"):
         # A callable picks (replies, pipelining) afresh for each connection,
         # given the connection's number (1, 2, ...).
         self.choose = replies if callable(replies) else None
@@ -274,7 +274,7 @@ class FakePrimary:
         self.connections = 0
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
+        self.sock.bind((host, port))
         self.sock.listen(8)
         self.sock.settimeout(0.2)
         self.stopping = False
