@@ -202,6 +202,13 @@ pub struct Config {
     /// MAIL commands one client may send per `anvil_rate_time_unit`; 0 = no limit.
     pub smtpd_client_message_rate_limit: u32,
     pub anvil_rate_time_unit: Duration,
+    /// Send a delay warning (one per message) after this long in the
+    /// queue, to recipients without NOTIFY; 0 = only for NOTIFY=DELAY
+    /// (Postfix's delay_warning_time, off by default).
+    pub delay_warning_time: Duration,
+    /// Largest original returned whole in a bounce (RET=FULL); a larger
+    /// one is returned as its headers (Postfix's bounce_size_limit).
+    pub bounce_size_limit: u64,
 }
 
 impl Config {
@@ -868,6 +875,8 @@ impl Builder {
             smtpd_client_queue_share: 25,
             smtpd_client_message_rate_limit: 0,
             anvil_rate_time_unit: Duration::from_secs(60),
+            delay_warning_time: Duration::ZERO,
+            bounce_size_limit: 50_000,
         };
         Builder { c, seen: Vec::new() }
     }
@@ -1074,6 +1083,8 @@ impl Builder {
             }
             ("status", "push_allow") => want_cidrs(v).map(|a| c.status.push_allow = a),
             ("status", "push_token_file") => want_opt_path(v).map(|p| c.status.push_token_file = p),
+            ("", "delay_warning_time") => want_duration_max(v, 100 * 86400, "100d").map(|d| c.delay_warning_time = d),
+            ("", "bounce_size_limit") => want_range(v, 0, MAX_MESSAGE_SIZE, " (1G)").map(|n| c.bounce_size_limit = n),
             ("", "status") | ("", "network") => Err(format!("`{}` is a table: write it as [{}]", it.key, it.key)),
             ("", k) => Err(format!("unknown key `{k}`")),
             ("status", _) | ("network", _) => Err(format!("unknown key `{full}`")),

@@ -385,6 +385,9 @@ pub struct Outcome {
     /// Time spent sending this message (RSET to the reply to its end of
     /// data): the `d`.
     pub xfer: Duration,
+    /// The primary offered DSN: it was given the DSN parameters and reports
+    /// success itself (no "relayed" notice from here).
+    pub dsn: bool,
 }
 
 type Reader = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
@@ -402,6 +405,7 @@ pub struct Connection {
     setup: Duration,
     pipelining: bool,
     eightbit: bool,
+    dsn: bool,
     size_limit: Option<u64>,
     timeout: Duration,
     used: bool,
@@ -478,6 +482,7 @@ impl Connection {
             setup: Duration::ZERO,
             pipelining: false,
             eightbit: false,
+            dsn: false,
             size_limit: None,
             timeout: cfg.delivery_timeout,
             used: false,
@@ -527,6 +532,7 @@ impl Connection {
                 match words.next().unwrap_or("").to_ascii_uppercase().as_str() {
                     "PIPELINING" => self.pipelining = true,
                     "8BITMIME" => self.eightbit = true,
+                    "DSN" => self.dsn = true,
                     // "SIZE 0" (no limit), junk, or a number past u64: no limit.
                     "SIZE" => self.size_limit = words.next().and_then(|n| n.parse::<u64>().ok()).filter(|n| *n > 0),
                     _ => {}
@@ -658,12 +664,12 @@ impl Connection {
         let result = self.deliver_inner(spool, msg, &pending).await;
         let xfer = started.elapsed();
         match result {
-            Ok(rcpts) => Outcome { rcpts, reusable: true, setup, xfer },
+            Ok(rcpts) => Outcome { rcpts, reusable: true, setup, xfer, dsn: self.dsn },
             Err((reply, reusable)) => {
                 if reply.text.starts_with("Protocol error: ") {
                     log::warn!(target: SMTP, "warning: {}: {}; connection dropped", msg.env.id, reply.text);
                 }
-                Outcome { rcpts: all(&reply), reusable, setup, xfer }
+                Outcome { rcpts: all(&reply), reusable, setup, xfer, dsn: self.dsn }
             }
         }
     }
@@ -690,8 +696,25 @@ impl Connection {
         if msg.env.body_8bit && self.eightbit {
             mail.push_str(" BODY=8BITMIME");
         }
+        // DSN parameters go on unchanged, to a primary that offers DSN.
+        if self.dsn {
+            if !msg.env.ret.is_empty() {
+                mail.push_str(&format!(" RET={}", msg.env.ret));
+            }
+            if !msg.env.envid.is_empty() {
+                mail.push_str(&format!(" ENVID={}", msg.env.envid));
+            }
+        }
         mail.push_str("\r\n");
-        let rcpt_lines: Vec<String> = pending.iter().map(|a| format!("RCPT TO:<{a}>\r\n")).collect();
+        let rcpt_lines: Vec<String> = pending
+            .iter()
+            .map(|a| {
+                let d = if self.dsn { msg.env.dsn_of(a) } else { Default::default() };
+                let notify = if d.notify.is_empty() { String::new() } else { format!(" NOTIFY={}", d.notify) };
+                let orcpt = if d.orcpt.is_empty() { String::new() } else { format!(" ORCPT={}", d.orcpt) };
+                format!("RCPT TO:<{a}>{notify}{orcpt}\r\n")
+            })
+            .collect();
         let mut results: Vec<(String, Reply)> = Vec::with_capacity(pending.len());
 
         if self.pipelining {

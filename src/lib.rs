@@ -10,6 +10,7 @@ pub mod clients;
 pub mod config;
 pub mod data;
 pub mod delivery;
+pub mod dsn;
 pub mod init;
 pub mod logging;
 pub mod mailq;

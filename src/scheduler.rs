@@ -160,6 +160,10 @@ struct Entry {
     size: u64,
 }
 
+/// When a NOTIFY=DELAY recipient is warned if `delay_warning_time` is 0
+/// (Postfix's usual setting of it: 4h).
+const DEFAULT_DELAY_WARNING: u64 = 4 * 3600;
+
 /// How often a spool that could not be written is probed.
 const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 /// At least this long between two probes, however many writes fail.
@@ -581,7 +585,7 @@ impl Scheduler {
             Ok(msg) => {
                 let rcpts = msg.pending().map(|r| (r.addr.clone(), reply.clone())).collect();
                 let none = std::time::Duration::ZERO;
-                self.apply(&msg, Outcome { rcpts, reusable: false, setup: none, xfer: none }, "none").await;
+                self.apply(&msg, Outcome { rcpts, reusable: false, setup: none, xfer: none, dsn: false }, "none").await;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.entries.remove(id);
@@ -748,6 +752,56 @@ impl Scheduler {
         self.down_reply = Some(reply.clone());
     }
 
+    /// Queues and commits a notification to the sender of `msg` for the
+    /// recipients of `list` whose NOTIFY asks for `reason` (a bounce, a
+    /// delay warning, a "relayed" notice), logged as Postfix's bounce
+    /// daemon does. True when it is durable or none is due (the sender is
+    /// `<>`, or no recipient wants one: NOTIFY=NEVER, a list without it).
+    async fn notify(&mut self, msg: &QueuedMessage, list: &[(String, Reply)], reason: Reason, now: u64) -> bool {
+        let id = &msg.env.id;
+        let wanted: Vec<(String, Reply)> = list.iter().filter(|(r, _)| msg.env.dsn_of(r).wants(reason.notify())).cloned().collect();
+        if wanted.is_empty() {
+            if reason.notify() == crate::dsn::FAILURE {
+                // Postfix's bounce daemon skips them silently; one line
+                // here says why no notification follows.
+                let who: Vec<String> = list.iter().map(|(r, _)| format!("<{r}>")).collect();
+                log::info!(target: crate::logging::BOUNCE, "{id}: no sender non-delivery notification: NOTIFY without FAILURE for {}", who.join(", "));
+            }
+            return true;
+        }
+        let ticket = self.committer.ticket();
+        let bounce = bounces::queue_bounce(&self.cfg, &self.spool, &{ let mut m = msg.clone(); m.state.last_attempt = now; m }, &wanted, reason);
+        let what = reason.log_name();
+        match bounce {
+            Ok(Some(bid)) => match self.committer.commit(ticket).await {
+                Ok(()) => {
+                    log::info!(target: crate::logging::BOUNCE, "{id}: sender {what} notification: {bid}");
+                    let size = self.spool.read(&bid).map(|m| m.size).unwrap_or(0);
+                    // As Postfix's qmgr for the bounce it queued: the
+                    // size of what is then delivered.
+                    log::info!(target: QMGR, "{bid}: from=<>, size={size}, nrcpt=1 (queue active)");
+                    self.add(bid, size);
+                    true
+                }
+                Err(e) => {
+                    log::error!(target: crate::logging::BOUNCE, "error: {id}: cannot make {what} notification durable: {e}");
+                    let _ = self.spool.remove(&bid);
+                    false
+                }
+            },
+            Ok(None) => {
+                if reason.notify() == crate::dsn::FAILURE {
+                    log::info!(target: crate::logging::BOUNCE, "{id}: bounce of a bounce (null sender): discarded");
+                }
+                true
+            }
+            Err(e) => {
+                log::error!(target: crate::logging::BOUNCE, "error: {id}: cannot write {what} notification: {e}");
+                false
+            }
+        }
+    }
+
     /// Records the outcome of one attempt: sent recipients are done, 5xx
     /// ones bounce, 4xx ones wait; an expired message bounces whatever is left.
     async fn apply(&mut self, msg: &QueuedMessage, outcome: Outcome, relay: &str) {
@@ -794,6 +848,7 @@ impl Scheduler {
         let mut rejected: Vec<(String, Reply)> = Vec::new();
         let mut deferred: Vec<(String, Reply)> = Vec::new();
         let mut newly_done = false;
+        let mut relayed: Vec<(String, Reply)> = Vec::new();
         for (rcpt, reply) in outcome.rcpts {
             let status = if reply.is_ok() {
                 "sent"
@@ -810,6 +865,9 @@ impl Scheduler {
                 reply.text
             );
             if reply.is_ok() {
+                if msg.env.dsn_of(&rcpt).mask() & crate::dsn::SUCCESS != 0 {
+                    relayed.push((rcpt.clone(), reply.clone()));
+                }
                 state.done.push((rcpt, RcptStatus::Sent, reply.text));
                 newly_done = true;
             } else if reply.is_permanent() {
@@ -833,36 +891,10 @@ impl Scheduler {
             if list.is_empty() {
                 continue;
             }
-            let ticket = self.committer.ticket();
-            let bounce = bounces::queue_bounce(&self.cfg, &self.spool, &{ let mut m = msg.clone(); m.state.last_attempt = now; m }, list, reason);
-            let ok = match bounce {
-                Ok(Some(bid)) => match self.committer.commit(ticket).await {
-                    Ok(()) => {
-                        log::info!(target: crate::logging::BOUNCE, "{id}: sender non-delivery notification: {bid}");
-                        Stats::inc(&self.stats.bounced);
-                        let size = self.spool.read(&bid).map(|m| m.size).unwrap_or(0);
-                        // As Postfix's qmgr for the bounce it queued: the
-                        // size of what is then delivered.
-                        log::info!(target: QMGR, "{bid}: from=<>, size={size}, nrcpt=1 (queue active)");
-                        self.add(bid, size);
-                        true
-                    }
-                    Err(e) => {
-                        log::error!(target: crate::logging::BOUNCE, "error: {id}: cannot make bounce durable: {e}");
-                        let _ = self.spool.remove(&bid);
-                        false
-                    }
-                },
-                Ok(None) => {
-                    log::info!(target: crate::logging::BOUNCE, "{id}: bounce of a bounce (null sender): discarded");
-                    Stats::inc(&self.stats.bounced);
-                    true
-                }
-                Err(e) => {
-                    log::error!(target: crate::logging::BOUNCE, "error: {id}: cannot write bounce: {e}");
-                    false
-                }
-            };
+            let ok = self.notify(msg, list, reason, now).await;
+            if ok {
+                Stats::inc(&self.stats.bounced);
+            }
             for (rcpt, reply) in list {
                 if ok {
                     state.done.push((rcpt.clone(), RcptStatus::Bounced, reply.text.clone()));
@@ -870,6 +902,39 @@ impl Scheduler {
                 } else {
                     deferred.push((rcpt.clone(), reply.clone()));
                 }
+            }
+        }
+        // NOTIFY=SUCCESS to a primary that does not offer DSN: Postfix's
+        // "relayed" notice. The delivery stands even if it cannot be sent.
+        if !outcome.dsn && !relayed.is_empty() {
+            self.notify(msg, &relayed, Reason::Relayed, now).await;
+        }
+        // One delay warning per message, recorded in its state (durably:
+        // a restart does not send it again).
+        let mut warned_now = false;
+        if !state.warned && !deferred.is_empty() {
+            let age = now.saturating_sub(msg.env.arrival);
+            let dwt = self.cfg.delay_warning_time.as_secs();
+            let due: Vec<(String, Reply)> = deferred
+                .iter()
+                .filter(|(r, _)| {
+                    let m = msg.env.dsn_of(r).mask();
+                    // Without NOTIFY: after delay_warning_time if set. With
+                    // DELAY: after it, or DEFAULT_DELAY_WARNING when unset.
+                    let after = if m == 0 && dwt > 0 {
+                        dwt
+                    } else if m & crate::dsn::DELAY != 0 {
+                        if dwt > 0 { dwt } else { DEFAULT_DELAY_WARNING }
+                    } else {
+                        return false;
+                    };
+                    age >= after
+                })
+                .cloned()
+                .collect();
+            if !due.is_empty() && self.notify(msg, &due, Reason::Delayed, now).await {
+                state.warned = true;
+                warned_now = true;
             }
         }
         let pending_left = msg.env.recipients.iter().any(|r| !state.done.iter().any(|(d, _, _)| d == r));
@@ -905,7 +970,7 @@ impl Scheduler {
             state.last_error = r.text.clone();
         }
         state.errors = deferred.iter().map(|(a, r)| (a.clone(), r.text.clone())).collect();
-        if !newly_done && self.recording != Recording::Ok {
+        if !newly_done && !warned_now && self.recording != Recording::Ok {
             // Only a retry time, and the spool cannot write states now (a
             // full disk): kept in memory, not tried (it would fail, once per
             // message and run). Lost in a restart, it only means an earlier try.
@@ -914,7 +979,7 @@ impl Scheduler {
             }
             return;
         }
-        if let Err(e) = self.spool.write_state(id, &state, newly_done) {
+        if let Err(e) = self.spool.write_state(id, &state, newly_done || warned_now) {
             if newly_done {
                 log::error!(
                     target: QMGR,

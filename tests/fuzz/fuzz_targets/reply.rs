@@ -65,6 +65,7 @@ fn queue(spool: &Spool, id: &str, rcpts: &[&str]) -> QueuedMessage {
         sender: "alice@sender.test".into(),
         body_8bit: false,
         recipients: rcpts.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
     };
     let mut w = spool.begin(&env).expect("begin");
     w.write(BODY).expect("write");
