@@ -4,11 +4,13 @@
 //! original sender and delivered the same way as all other mail (to the
 //! primary, which routes it on). It is a `multipart/report` with a
 //! human-readable part, a `message/delivery-status` part and the original
-//! headers (`text/rfc822-headers`): the body is not returned, which keeps
-//! bounces small and backscatter harmless.
+//! headers (`text/rfc822-headers`): the body is returned only when the
+//! sender asked for it (DSN `RET=FULL`) and it fits `bounce_size_limit`,
+//! which keeps bounces small and backscatter harmless. The same writer
+//! makes delay warnings and "relayed" success notices (DSN, RFC 3461).
 //!
 //! Never bounce a bounce (RFC 5321 6.1): mail from `<>` that fails is logged
-//! and dropped.
+//! and dropped; nor any other notice to `<>`.
 
 use std::io::{self, BufRead, Read};
 
@@ -181,7 +183,8 @@ pub fn queue_bounce(
     // Per-message fields (RFC 3464 2.2), in Postfix's order.
     h(&format!("Reporting-MTA: dns; {}", cfg.hostname));
     if !msg.env.envid.is_empty() {
-        h(&format!("Original-Envelope-Id: {}", msg.env.envid));
+        // Decoded, as Postfix writes it (the xtext was checked printable).
+        h(&format!("Original-Envelope-Id: {}", dsn::printable(&dsn::xtext_decode(&msg.env.envid).unwrap_or_default())));
     }
     h(&format!("X-Bartleby-Queue-ID: {}", msg.env.id));
     h(&format!("X-Bartleby-Sender: rfc822; {}", msg.env.sender));
@@ -217,6 +220,9 @@ pub fn queue_bounce(
     if full {
         h(&format!("Content-Description: {undelivered}Message"));
         h("Content-Type: message/rfc822");
+        if env.body_8bit {
+            h("Content-Transfer-Encoding: 8bit");
+        }
     } else {
         h(&format!("Content-Description: {undelivered}Message Headers"));
         h("Content-Type: text/rfc822-headers");
@@ -282,7 +288,13 @@ mod tests {
 
     /// The text of the bounce written for `reason`.
     fn bounce_text(reason: Reason) -> String {
-        let root = std::env::temp_dir().join(format!("bartleby-bounce-{reason:?}-{}", std::process::id()));
+        bounce_text_with(reason, |_| {})
+    }
+
+    fn bounce_text_with(reason: Reason, tweak: impl Fn(&mut Envelope)) -> String {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let root = std::env::temp_dir().join(format!("bartleby-bounce-{reason:?}-{n}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let spool = Spool::create(&root).unwrap();
         let cfg = Config::parse(
@@ -300,6 +312,8 @@ mod tests {
             recipients: vec!["bob@example.org".into()],
             ..Default::default()
         };
+        let mut env = env;
+        tweak(&mut env);
         let mut w = spool.begin(&env).unwrap();
         w.write(b"Subject: hi\r\nX-Test: 1\r\n\r\nSECRET BODY LINE\r\n").unwrap();
         w.finish().unwrap();
@@ -328,5 +342,29 @@ mod tests {
             assert!(t.contains("X-Test: 1\r\n"), "{t}");
             assert!(!t.contains("SECRET BODY LINE"), "{reason:?}: the body was returned");
         }
+    }
+
+    /// RET=FULL returns the body (small message, default limit); ORCPT and
+    /// ENVID appear decoded; delay and relayed notices say what they are
+    /// and return headers only.
+    #[test]
+    fn dsn_fields_and_kinds() {
+        let dsn = |e: &mut Envelope| {
+            e.ret = "FULL".into();
+            e.envid = "id+2B1".into();
+            e.dsn = vec![dsn::RcptDsn { notify: "SUCCESS,FAILURE,DELAY".into(), orcpt: "rfc822;b+2Bbob@example.org".into() }];
+        };
+        let t = bounce_text_with(Reason::Rejected, dsn);
+        assert!(t.contains("Content-Type: message/rfc822\r\n\r\n"), "{t}");
+        assert!(t.contains("SECRET BODY LINE"), "{t}");
+        assert!(t.contains("Original-Envelope-Id: id+1\r\n"), "{t}");
+        assert!(t.contains("Original-Recipient: rfc822; b+bob@example.org\r\n"), "{t}");
+        let t = bounce_text_with(Reason::Delayed, dsn);
+        assert!(t.contains("Action: delayed\r\nStatus: 4.0.0\r\n"), "{t}");
+        assert!(t.contains("Will-Retry-Until: "), "{t}");
+        assert!(!t.contains("SECRET BODY LINE"), "{t}");
+        let t = bounce_text_with(Reason::Relayed, dsn);
+        assert!(t.contains("Action: relayed\r\nStatus: 2.0.0\r\n"), "{t}");
+        assert!(!t.contains("SECRET BODY LINE"), "{t}");
     }
 }

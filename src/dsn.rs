@@ -153,9 +153,16 @@ fn words(line: &[u8]) -> impl Iterator<Item = (String, &[u8])> {
 /// they are checked here instead. `None` when there are none.
 pub fn without_params(line: &[u8]) -> Option<Vec<u8>> {
     let p = params(line);
+    // Only MAIL's on MAIL and RCPT's on RCPT: NOTIFY on MAIL stays for
+    // smtp-proto to refuse (555), as Postfix does.
+    let keys: &[&str] = match line.get(..4) {
+        Some(v) if v.eq_ignore_ascii_case(b"MAIL") => &["RET", "ENVID"],
+        Some(v) if v.eq_ignore_ascii_case(b"RCPT") => &["NOTIFY", "ORCPT"],
+        _ => return None,
+    };
     let is_dsn = |w: &[u8]| {
         let k = w.split(|&c| c == b'=').next().unwrap_or(w);
-        w.contains(&b'=') && ["RET", "ENVID", "NOTIFY", "ORCPT"].iter().any(|d| k.eq_ignore_ascii_case(d.as_bytes()))
+        w.contains(&b'=') && keys.iter().any(|d| k.eq_ignore_ascii_case(d.as_bytes()))
     };
     if !p.split(|&c| c == b' ').any(is_dsn) {
         return None;
@@ -286,6 +293,8 @@ mod tests {
         );
         assert_eq!(without_params(b"RCPT TO:<b@c> NOTIFY=NEVER\r\n").unwrap(), b"RCPT TO:<b@c>\r\n");
         assert!(without_params(b"RCPT TO:<b@c>\r\n").is_none());
+        assert!(without_params(b"RCPT TO:<b@c> RET=FULL\r\n").is_none());
+        assert!(without_params(b"MAIL FROM:<b@c> NOTIFY=NEVER\r\n").is_none());
         assert!(RcptDsn::default().wants(FAILURE) && !RcptDsn::default().wants(SUCCESS));
     }
 }

@@ -349,7 +349,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             return self.error();
         }
         if flags & MAIL_SMTPUTF8 != 0 {
-            self.reply(555, "5.5.4", "Unsupported option: SMTPUTF8 and DSN are not offered");
+            self.reply(555, "5.5.4", "Unsupported option: SMTPUTF8 is not offered");
             return self.error();
         }
         // DSN (RFC 3461): RET and ENVID, checked and worded as Postfix.

@@ -129,6 +129,10 @@ class DsnTest(unittest.TestCase):
             code, got = c.cmd(line)
             self.assertEqual(code, 501, f"{line}: {got}")
             self.assertIn("5.5.4 " + text, got, line)
+        # A RCPT parameter on MAIL (and the reverse) is not a parameter of
+        # that command: 555, as Postfix's "Unsupported option".
+        self.assertEqual(c.cmd("MAIL FROM:<alice@sender.test> NOTIFY=NEVER")[0], 555)
+        self.assertEqual(c.cmd("MAIL FROM:<alice@sender.test> ORCPT=rfc822;a@b")[0], 555)
         # 100 characters is the most RFC 3461 allows: taken.
         code, got = c.cmd("MAIL FROM:<alice@sender.test> ENVID=" + "x" * 100)
         self.assertEqual(code, 250, got)
@@ -147,6 +151,8 @@ class DsnTest(unittest.TestCase):
             code, got = c.cmd(line)
             self.assertEqual(code, 501, f"{line}: {got}")
             self.assertIn("5.5.4 Error: " + text, got, line)
+        self.assertEqual(c.cmd("RCPT TO:<bob@example.org> RET=FULL")[0], 555)
+        self.assertEqual(c.cmd("RCPT TO:<bob@example.org> ENVID=x")[0], 555)
         # And the good forms still work in the same transaction.
         code, got = c.cmd("RCPT TO:<bob@example.org> NOTIFY=success,Delay ORCPT=utf-8;bob+40example.org")
         self.assertEqual(code, 250, got)
@@ -216,7 +222,8 @@ class DsnTest(unittest.TestCase):
         self.assertTrue(mails[1].startswith("MAIL FROM:<>"), mails)
         self.assertIn("RCPT TO:<alice@sender.test>", fake.commands)
         self.assertIn("Subject: Successful Mail Delivery Report", notice)
-        self.assertIn("Original-Envelope-Id: env+2B1", notice)
+        # Decoded from its xtext, as Postfix writes it.
+        self.assertIn("Original-Envelope-Id: env+1\r\n", notice)
         self.assertIn("Final-Recipient: rfc822; bob@example.org", notice)
         self.assertIn("Original-Recipient: rfc822; bob@example.org", notice)
         self.assertIn("Action: relayed", notice)
