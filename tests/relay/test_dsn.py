@@ -196,6 +196,37 @@ class DsnTest(unittest.TestCase):
         self.assertNotIn("notification", r.read_log())
         self.assertIn(qid + ": removed", r.read_log())
 
+    def test_real_postfix_peer_smtp_sink(self):
+        # Postfix's smtp-sink as the primary: it offers DSN and writes the
+        # MAIL and RCPT parameters it got into X-Mail-Args / X-Rcpt-Args.
+        # With -N it does not offer DSN: no parameters, and a "relayed"
+        # notice for NOTIFY=SUCCESS.
+        for offer in (True, False):
+            r = self.relay(start=False)
+            sink = harness.Sink(r.primary_port, () if offer else ("-N",))
+            try:
+                r.start()
+                self.send(
+                    r,
+                    "MAIL FROM:<alice@sender.test> RET=HDRS ENVID=sink+2B1",
+                    ["RCPT TO:<bob@example.org> NOTIFY=SUCCESS ORCPT=rfc822;bob+40example.org"],
+                )
+                self.assertTrue(sink.wait_count(1 if offer else 2), r.read_log())
+                self.assertTrue(wait(lambda: not r.queue_ids()), r.read_log())
+                msgs = [m.decode(errors="replace") for m in sink.messages()]
+                orig = next(m for m in msgs if "SECRET BODY LINE" in m)
+                if offer:
+                    self.assertEqual(len(msgs), 1)
+                    self.assertRegex(orig, r"X-Mail-Args: <alice@sender\.test>.* RET=HDRS ENVID=sink\+2B1\r?\n")
+                    self.assertRegex(orig, r"X-Rcpt-Args: <bob@example\.org> NOTIFY=SUCCESS ORCPT=rfc822;bob\+40example\.org\r?\n")
+                else:
+                    self.assertNotRegex(orig, r"RET=|ENVID=|NOTIFY=|ORCPT=")
+                    notice = next(m for m in msgs if "Action: relayed" in m)
+                    self.assertIn("X-Mail-Args: <>", notice)
+                    self.assertIn("Original-Envelope-Id: sink+1", notice)
+            finally:
+                sink.stop()
+
     def test_no_parameters_to_a_primary_without_dsn(self):
         r = self.relay(start=False)
         fake = self.fake(r.primary_port, FakePrimary, {"EHLO": EHLO_NO_DSN}, pipelining=True)
