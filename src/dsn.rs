@@ -297,4 +297,29 @@ mod tests {
         assert!(without_params(b"MAIL FROM:<b@c> NOTIFY=NEVER\r\n").is_none());
         assert!(RcptDsn::default().wants(FAILURE) && !RcptDsn::default().wants(SUCCESS));
     }
+
+    /// Random lines built from the bytes that matter never panic, and a
+    /// stripped line is never longer than the original.
+    #[test]
+    fn random_lines_never_panic() {
+        const ALPHABET: &[u8] = b"MAILRCPTFROM:TO<>\" =+;,NOTIFYNEVERSUCCESSORCPTENVIDRETFULLHDRS\r\n\xc3\xa9AZaz09";
+        let mut x: u32 = 12345;
+        for _ in 0..20_000 {
+            let mut line = Vec::new();
+            let n = (x % 60) as usize;
+            for _ in 0..n {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                line.push(ALPHABET[(x >> 16) as usize % ALPHABET.len()]);
+            }
+            for prefix in [&b"MAIL FROM:"[..], b"RCPT TO:", b""] {
+                let mut l = prefix.to_vec();
+                l.extend_from_slice(&line);
+                let _ = mail_params(&l);
+                let _ = rcpt_params(&l);
+                if let Some(s) = without_params(&l) {
+                    assert!(s.len() <= l.len());
+                }
+            }
+        }
+    }
 }
