@@ -164,6 +164,21 @@ struct Entry {
 /// (Postfix's usual setting of it: 4h).
 const DEFAULT_DELAY_WARNING: u64 = 4 * 3600;
 
+/// Whether a recipient with NOTIFY bits `mask` (0: no NOTIFY) of a message
+/// `age` seconds old is due a delay warning, `dwt` being
+/// delay_warning_time: without NOTIFY after it if set; with DELAY after it,
+/// or [`DEFAULT_DELAY_WARNING`] when unset; never otherwise.
+fn delay_warning_due(mask: u8, age: u64, dwt: u64) -> bool {
+    let after = if mask == 0 && dwt > 0 {
+        dwt
+    } else if mask & crate::dsn::DELAY != 0 {
+        if dwt > 0 { dwt } else { DEFAULT_DELAY_WARNING }
+    } else {
+        return false;
+    };
+    age >= after
+}
+
 /// How often a spool that could not be written is probed.
 const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 /// At least this long between two probes, however many writes fail.
@@ -917,19 +932,7 @@ impl Scheduler {
             let dwt = self.cfg.delay_warning_time.as_secs();
             let due: Vec<(String, Reply)> = deferred
                 .iter()
-                .filter(|(r, _)| {
-                    let m = msg.env.dsn_of(r).mask();
-                    // Without NOTIFY: after delay_warning_time if set. With
-                    // DELAY: after it, or DEFAULT_DELAY_WARNING when unset.
-                    let after = if m == 0 && dwt > 0 {
-                        dwt
-                    } else if m & crate::dsn::DELAY != 0 {
-                        if dwt > 0 { dwt } else { DEFAULT_DELAY_WARNING }
-                    } else {
-                        return false;
-                    };
-                    age >= after
-                })
+                .filter(|(r, _)| delay_warning_due(msg.env.dsn_of(r).mask(), age, dwt))
                 .cloned()
                 .collect();
             if !due.is_empty() && self.notify(msg, &due, Reason::Delayed, now).await {
@@ -1027,6 +1030,23 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delay_warnings_follow_notify() {
+        use crate::dsn::{DELAY, FAILURE, NEVER, SUCCESS};
+        // delay_warning_time off (Postfix's default): only NOTIFY=DELAY, after 4h.
+        assert!(!delay_warning_due(0, 100 * 86400, 0));
+        assert!(!delay_warning_due(DELAY, 4 * 3600 - 1, 0));
+        assert!(delay_warning_due(DELAY | FAILURE, 4 * 3600, 0));
+        // Set: no NOTIFY and NOTIFY with DELAY after it.
+        assert!(delay_warning_due(0, 60, 60) && !delay_warning_due(0, 59, 60));
+        assert!(delay_warning_due(DELAY, 60, 60));
+        // Never without DELAY in the list.
+        for m in [NEVER, SUCCESS, FAILURE, SUCCESS | FAILURE] {
+            assert!(!delay_warning_due(m, 100 * 86400, 60));
+            assert!(!delay_warning_due(m, 100 * 86400, 0));
+        }
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {
