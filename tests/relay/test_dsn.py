@@ -428,6 +428,28 @@ class DsnTest(unittest.TestCase):
         self.assertIn("It will be retried until ", w)
         self.assertNotIn("SECRET BODY LINE", w)
 
+    # --- logs ---------------------------------------------------------
+
+    def test_pflogsumm_counts_notices_as_postfix_mail(self):
+        # Notices are logged as Postfix's bounce daemon logs them: pflogsumm
+        # counts the two messages received, the two deliveries (the message
+        # and the relayed notice), one bounce without a notification.
+        from test_pflogsumm import grand_totals, pflogsumm
+        r = self.relay(start=False)
+        fake = self.fake(r.primary_port, ByAddress, {"nobody@example.org": "550 5.1.1 no such user"})
+        r.start()
+        q1 = self.send(r, "MAIL FROM:<alice@sender.test>", ["RCPT TO:<bob@example.org> NOTIFY=SUCCESS"])
+        self.assertTrue(wait(lambda: len(reports(fake)) >= 1 and not r.queue_ids()), r.read_log())
+        q2 = self.send(r, "MAIL FROM:<carol@sender.test>", ["RCPT TO:<nobody@example.org> NOTIFY=NEVER"])
+        self.assertTrue(wait(lambda: q2 + ": removed" in r.read_log()), r.read_log())
+        r.stop()
+        got = grand_totals(pflogsumm(r.log))
+        self.assertEqual(got["received"][0], 2, got)
+        self.assertEqual(got["delivered"][0], 2, got)
+        self.assertEqual(got["bounced"][0], 1, got)
+        self.assertEqual(got["deferred"][0], 0, got)
+        self.assertIn(q1 + ": sender delivery status notification: ", r.read_log())
+
     # --- upgrades -------------------------------------------------------
 
     def test_old_queue_file_is_delivered(self):
