@@ -302,7 +302,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                 self.error()?;
             }
             Request::Mail { from } => self.mail(body, &from.address, from.flags).await?,
-            Request::Rcpt { to } => self.rcpt(body, &to.address)?,
+            Request::Rcpt { to } => self.rcpt(body, &to.address, to.flags)?,
             Request::Data => return self.data(rd).await.map(|()| false),
             Request::Rset => {
                 self.txn = None;
@@ -455,12 +455,18 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         self.error()
     }
 
-    fn rcpt(&mut self, line: &[u8], parsed: &str) -> Result<(), Close> {
+    fn rcpt(&mut self, line: &[u8], parsed: &str, flags: u64) -> Result<(), Close> {
         let cfg = self.ctx.cfg.clone();
         let Some(txn) = &self.txn else {
             self.reply(503, "5.5.1", "Error: need MAIL command");
             return self.error();
         };
+        // NOTIFY and ORCPT were taken out of what smtp-proto parsed: any
+        // flag left is an extension not offered (RRVS, CONNEG).
+        if flags != 0 {
+            self.reply(555, "5.5.4", "Unsupported option");
+            return self.error();
+        }
         // DSN (RFC 3461): NOTIFY and ORCPT, checked and worded as Postfix.
         let dsn = match crate::dsn::rcpt_params(line) {
             Ok(d) => d,

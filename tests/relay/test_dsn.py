@@ -114,7 +114,7 @@ class DsnTest(unittest.TestCase):
     def test_malformed_parameters_get_501(self):
         # Postfix's smtpd answers each of these with 501 5.5.4 and its text
         # (smtpd.c mail_cmd/rcpt_cmd); a repeated parameter likewise.
-        r = self.relay()
+        r = self.relay(extra="error_limit = 100")
         c = Client(r.port)
         c.cmd("EHLO client.sender.test")
         mail_bad = [
@@ -152,6 +152,9 @@ class DsnTest(unittest.TestCase):
             self.assertEqual(code, 501, f"{line}: {got}")
             self.assertIn("5.5.4 Error: " + text, got, line)
         self.assertEqual(c.cmd("RCPT TO:<bob@example.org> RET=FULL")[0], 555)
+        # Other RCPT extensions are still not offered (as before DSN).
+        self.assertEqual(c.cmd("RCPT TO:<bob@example.org> CONNEG")[0], 555)
+        self.assertEqual(c.cmd("RCPT TO:<bob@example.org> NOTIFY=NEVER RRVS=2030-01-01T00:00:00Z")[0], 555)
         self.assertEqual(c.cmd("RCPT TO:<bob@example.org> ENVID=x")[0], 555)
         # And the good forms still work in the same transaction.
         code, got = c.cmd("RCPT TO:<bob@example.org> NOTIFY=success,Delay ORCPT=utf-8;bob+40example.org")
