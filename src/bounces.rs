@@ -4,46 +4,86 @@
 //! original sender and delivered the same way as all other mail (to the
 //! primary, which routes it on). It is a `multipart/report` with a
 //! human-readable part, a `message/delivery-status` part and the original
-//! headers (`text/rfc822-headers`): the body is not returned, which keeps
-//! bounces small and backscatter harmless.
+//! headers (`text/rfc822-headers`): the body is returned only when the
+//! sender asked for it (DSN `RET=FULL`) and it fits `bounce_size_limit`,
+//! which keeps bounces small and backscatter harmless. The same writer
+//! makes delay warnings and "relayed" success notices (DSN, RFC 3461).
 //!
 //! Never bounce a bounce (RFC 5321 6.1): mail from `<>` that fails is logged
-//! and dropped.
+//! and dropped; nor any other notice to `<>`.
 
 use std::io::{self, BufRead, Read};
 
 use crate::config::Config;
+use crate::dsn;
 use crate::delivery::Reply;
 use crate::spool::{Envelope, QueuedMessage, Spool};
 use crate::util;
 
 /// How much of the original header section a bounce carries at most.
 const MAX_RETURNED_HEADERS: u64 = 64 * 1024;
+/// Room kept for a bounce's own text when the original is returned whole:
+/// the bounce stays within `max_message_size`.
+const BOUNCE_OVERHEAD: u64 = 16 * 1024;
 
-/// Why recipients failed.
+/// What the notification reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     /// The primary refused them with a 5xx.
     Rejected,
     /// They were still undelivered at max_queue_lifetime.
     Expired,
+    /// Still undelivered after the delay warning time (a warning only).
+    Delayed,
+    /// Delivered to a primary that does not offer DSN, and the sender asked
+    /// for NOTIFY=SUCCESS: "relayed".
+    Relayed,
 }
 
-/// Writes a bounce for `failed` recipients of `msg` into the spool (not yet
-/// durable: the caller commits). Returns the new queue ID, or `None` when the
-/// original sender is `<>` (no bounce for a bounce).
+impl Reason {
+    /// The NOTIFY condition that asks for it.
+    pub fn notify(self) -> u8 {
+        match self {
+            Reason::Rejected | Reason::Expired => dsn::FAILURE,
+            Reason::Delayed => dsn::DELAY,
+            Reason::Relayed => dsn::SUCCESS,
+        }
+    }
+
+    /// What Postfix logs for it: "ID: sender ... notification: NEWID".
+    pub fn log_name(self) -> &'static str {
+        match self {
+            Reason::Rejected | Reason::Expired => "non-delivery",
+            Reason::Delayed => "delay",
+            Reason::Relayed => "delivery status",
+        }
+    }
+}
+
+/// Writes a notification for the recipients in `list` of `msg` into the
+/// spool (not yet durable: the caller commits). Returns the new queue ID,
+/// or `None` when the original sender is `<>` (no bounce for a bounce).
+/// The caller has kept only the recipients whose NOTIFY asks for it.
 pub fn queue_bounce(
     cfg: &Config,
     spool: &Spool,
     msg: &QueuedMessage,
-    failed: &[(String, Reply)],
+    list: &[(String, Reply)],
     reason: Reason,
 ) -> io::Result<Option<util::QueueId>> {
-    if msg.env.sender.is_empty() || failed.is_empty() {
+    if msg.env.sender.is_empty() || list.is_empty() {
         return Ok(None);
     }
     let now = util::now();
     let id = util::new_queue_id();
+    let failure = matches!(reason, Reason::Rejected | Reason::Expired);
+    // RET=FULL returns the whole message, for failures only (Postfix
+    // returns headers with delay and success notices), and only within
+    // bounce_size_limit and what max_message_size leaves for the bounce.
+    let full = failure
+        && msg.env.ret == "FULL"
+        && msg.size <= cfg.bounce_size_limit
+        && msg.size.saturating_add(BOUNCE_OVERHEAD) <= cfg.max_message_size;
     let env = Envelope {
         id: id.clone(),
         arrival: now,
@@ -55,10 +95,12 @@ pub fn queue_bounce(
         // Addressed to a UTF-8 sender: an SMTPUTF8 message itself.
         smtputf8: !msg.env.sender.is_ascii(),
         recipients: vec![msg.env.sender.clone()],
+        ..Default::default()
     };
     let mut w = spool.begin(&env)?;
     let boundary = format!("{id}.{now}/{}", cfg.hostname);
     let (primary_host, _) = crate::config::split_host_port(&cfg.primary).unwrap_or_default();
+    let lifetime = cfg.max_queue_lifetime.as_secs();
     let mut text = String::with_capacity(2048);
     let mut h = |s: &str| {
         text.push_str(s);
@@ -71,12 +113,14 @@ pub fn queue_bounce(
     h(match reason {
         Reason::Rejected => "Subject: Undelivered Mail Returned to Sender",
         Reason::Expired => "Subject: Undelivered Mail Returned to Sender (delivery time expired)",
+        Reason::Delayed => "Subject: Delayed Mail (still being retried)",
+        Reason::Relayed => "Subject: Successful Mail Delivery Report",
     });
     h(&format!("Message-ID: <{id}.bounce@{}>", cfg.hostname));
     h("Auto-Submitted: auto-replied");
     h("MIME-Version: 1.0");
     h(&format!("Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\""));
-    h("Content-Transfer-Encoding: 7bit");
+    h(if env.body_8bit { "Content-Transfer-Encoding: 8bit" } else { "Content-Transfer-Encoding: 7bit" });
     h("");
     h("This is a MIME-encapsulated message.");
     h("");
@@ -93,75 +137,144 @@ pub fn queue_bounce(
             h("primary mail server refused them.");
         }
         Reason::Expired => {
-            let days = cfg.max_queue_lifetime.as_secs() as f64 / 86400.0;
+            let days = lifetime as f64 / 86400.0;
             h("I'm sorry to have to inform you that your message could not");
             h(&format!("be delivered to one or more recipients within {days:.1} days: the"));
             h("destination's primary mail server could not be reached.");
         }
+        Reason::Delayed => {
+            let hours = now.saturating_sub(msg.env.arrival) as f64 / 3600.0;
+            h("####################################################################");
+            h("# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #");
+            h("####################################################################");
+            h("");
+            h(&format!("Your message could not be delivered for {hours:.1} hour(s)."));
+            h(&format!("It will be retried until {}.", util::rfc5322_date(msg.env.arrival.saturating_add(lifetime))));
+        }
+        Reason::Relayed => {
+            h("Your message was successfully delivered to the destination(s)");
+            h("listed below. If the message was delivered to mailbox you will");
+            h("receive no further notifications. Otherwise you may still receive");
+            h("notifications of mail delivery errors from other systems.");
+        }
     }
     h("");
-    // Only the headers are returned (text/rfc822-headers below); Postfix's
-    // template would say "It's attached below." here even then.
-    h("The headers of your message are attached below; its text is");
-    h("not returned.");
+    if full {
+        h("Your message is attached below.");
+    } else if failure && msg.env.ret == "FULL" {
+        h(&format!("Your message is too large to return ({} bytes); its headers", msg.size));
+        h("are attached below.");
+    } else {
+        // Postfix's template would say "It's attached below." even then.
+        h("The headers of your message are attached below; its text is");
+        h("not returned.");
+    }
     h("");
     h("For further assistance, please send mail to postmaster.");
     h("");
-    for (rcpt, reply) in failed {
-        h(&format!("<{rcpt}>: {}", ascii(&reply.text)));
+    for (rcpt, reply) in list {
+        match reason {
+            Reason::Relayed => h(&format!("<{rcpt}>: delivered to a host that does not support DSN: {}", ascii(&reply.text))),
+            _ => h(&format!("<{rcpt}>: {}", ascii(&reply.text))),
+        }
     }
     h("");
     h(&format!("--{boundary}"));
     h("Content-Description: Delivery report");
     h("Content-Type: message/delivery-status");
     h("");
+    // Per-message fields (RFC 3464 2.2), in Postfix's order.
     h(&format!("Reporting-MTA: dns; {}", cfg.hostname));
+    if !msg.env.envid.is_empty() {
+        // Decoded, as Postfix writes it (the xtext was checked printable).
+        h(&format!("Original-Envelope-Id: {}", dsn::printable(&dsn::xtext_decode(&msg.env.envid).unwrap_or_default())));
+    }
     h(&format!("X-Bartleby-Queue-ID: {}", msg.env.id));
     h(&format!("X-Bartleby-Sender: rfc822; {}", msg.env.sender));
     h(&format!("Arrival-Date: {}", util::rfc5322_date(msg.env.arrival)));
-    for (rcpt, reply) in failed {
+    // Per-recipient fields (RFC 3464 2.3), one block each.
+    for (rcpt, reply) in list {
         h("");
         h(&format!("Final-Recipient: rfc822; {rcpt}"));
-        h(&format!("Original-Recipient: rfc822; {rcpt}"));
-        h("Action: failed");
-        let status = match reason {
-            Reason::Rejected => reply.enhanced().filter(|s| s.starts_with('5')).unwrap_or("5.0.0").to_string(),
+        let orig = msg.env.dsn_of(rcpt).original().unwrap_or_else(|| format!("rfc822; {rcpt}"));
+        h(&format!("Original-Recipient: {orig}"));
+        let (action, status) = match reason {
+            Reason::Rejected => ("failed", reply.enhanced().filter(|s| s.starts_with('5')).unwrap_or("5.0.0").to_string()),
             // Held for SMTPUTF8 until now: 5.6.7, as Postfix says at once.
-            Reason::Expired if reply.enhanced() == Some("4.6.7") => "5.6.7".to_string(),
-            Reason::Expired => "4.4.7".to_string(),
+            Reason::Expired if reply.enhanced() == Some("4.6.7") => ("failed", "5.6.7".to_string()),
+            Reason::Expired => ("failed", "4.4.7".to_string()),
+            Reason::Delayed => ("delayed", reply.enhanced().filter(|s| s.starts_with('4')).unwrap_or("4.0.0").to_string()),
+            Reason::Relayed => ("relayed", "2.0.0".to_string()),
         };
+        h(&format!("Action: {action}"));
         h(&format!("Status: {status}"));
-        if reason == Reason::Rejected || reply.code >= 400 && !reply.text.contains("connect to") {
-            h(&format!("Remote-MTA: dns; {primary_host}"));
+        if matches!(reason, Reason::Rejected | Reason::Relayed) || reply.code >= 400 && !reply.text.contains("connect to") {
+            // The host that answered ("host NAME[ADDR] said: ..."), else the
+            // configured primary; none with MX routing and no host named.
+            let named = reply.text.strip_prefix("host ").and_then(|t| t.split('[').next()).filter(|n| !n.is_empty() && !n.contains(' '));
+            let fixed = (!cfg.primary_list.is_empty() && !primary_host.is_empty()).then_some(primary_host.as_str());
+            if let Some(mta) = named.or(fixed) {
+                h(&format!("Remote-MTA: dns; {}", ascii(mta)));
+            }
         }
         h(&format!("Diagnostic-Code: smtp; {}", ascii(&reply.text)));
         if msg.state.last_attempt > 0 {
             h(&format!("Last-Attempt-Date: {}", util::rfc5322_date(msg.state.last_attempt)));
         }
+        if reason == Reason::Delayed {
+            h(&format!("Will-Retry-Until: {}", util::rfc5322_date(msg.env.arrival.saturating_add(lifetime))));
+        }
     }
     h("");
     h(&format!("--{boundary}"));
-    h("Content-Description: Undelivered Message Headers");
-    h("Content-Type: text/rfc822-headers");
+    let undelivered = if matches!(reason, Reason::Relayed) { "" } else { "Undelivered " };
+    if full {
+        h(&format!("Content-Description: {undelivered}Message"));
+        h("Content-Type: message/rfc822");
+        if env.body_8bit {
+            h("Content-Transfer-Encoding: 8bit");
+        }
+    } else {
+        h(&format!("Content-Description: {undelivered}Message Headers"));
+        h("Content-Type: text/rfc822-headers");
+    }
     h("");
     if let Err(e) = w.write(text.as_bytes()) {
         w.abort();
         return Err(e);
     }
-    // The original header section, streamed from the spool.
+    // The original, streamed from the spool in small pieces (never whole
+    // in memory): all of it with RET=FULL, else its header section.
     let res = (|| -> io::Result<()> {
-        let (rd, size) = spool.open_data(&msg.env.id)?;
-        let mut rd = rd.take(size.min(MAX_RETURNED_HEADERS));
-        let mut line = Vec::with_capacity(256);
-        loop {
-            line.clear();
-            let n = rd.read_until(b'\n', &mut line)?;
-            if n == 0 || line == b"\r\n" {
-                break;
+        let (mut rd, size) = spool.open_data(&msg.env.id)?;
+        let mut last = b'\n';
+        if full {
+            let mut buf = [0u8; 4096];
+            let mut left = size;
+            while left > 0 {
+                let want = left.min(buf.len() as u64) as usize;
+                let n = rd.read(&mut buf[..want])?;
+                if n == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "queue file shorter than its header says"));
+                }
+                w.write(&buf[..n])?;
+                last = buf[n - 1];
+                left -= n as u64;
             }
-            w.write(&line)?;
+        } else {
+            let mut rd = rd.take(size.min(MAX_RETURNED_HEADERS));
+            let mut line = Vec::with_capacity(256);
+            loop {
+                line.clear();
+                let n = rd.read_until(b'\n', &mut line)?;
+                if n == 0 || line == b"\r\n" {
+                    break;
+                }
+                w.write(&line)?;
+                last = line[n - 1];
+            }
         }
-        if line.last() != Some(&b'\n') && !line.is_empty() {
+        if last != b'\n' {
             w.write(b"\r\n")?;
         }
         w.write(format!("\r\n--{boundary}--\r\n").as_bytes())
@@ -186,7 +299,13 @@ mod tests {
 
     /// The text of the bounce written for `reason`.
     fn bounce_text(reason: Reason) -> String {
-        let root = std::env::temp_dir().join(format!("bartleby-bounce-{reason:?}-{}", std::process::id()));
+        bounce_text_with(reason, |_| {})
+    }
+
+    fn bounce_text_with(reason: Reason, tweak: impl Fn(&mut Envelope)) -> String {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let root = std::env::temp_dir().join(format!("bartleby-bounce-{reason:?}-{n}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let spool = Spool::create(&root).unwrap();
         let cfg = Config::parse(
@@ -203,7 +322,10 @@ mod tests {
             body_8bit: false,
             smtputf8: false,
             recipients: vec!["bob@example.org".into()],
+            ..Default::default()
         };
+        let mut env = env;
+        tweak(&mut env);
         let mut w = spool.begin(&env).unwrap();
         w.write(b"Subject: hi\r\nX-Test: 1\r\n\r\nSECRET BODY LINE\r\n").unwrap();
         w.finish().unwrap();
@@ -232,5 +354,29 @@ mod tests {
             assert!(t.contains("X-Test: 1\r\n"), "{t}");
             assert!(!t.contains("SECRET BODY LINE"), "{reason:?}: the body was returned");
         }
+    }
+
+    /// RET=FULL returns the body (small message, default limit); ORCPT and
+    /// ENVID appear decoded; delay and relayed notices say what they are
+    /// and return headers only.
+    #[test]
+    fn dsn_fields_and_kinds() {
+        let dsn = |e: &mut Envelope| {
+            e.ret = "FULL".into();
+            e.envid = "id+2B1".into();
+            e.dsn = vec![dsn::RcptDsn { notify: "SUCCESS,FAILURE,DELAY".into(), orcpt: "rfc822;b+2Bbob@example.org".into() }];
+        };
+        let t = bounce_text_with(Reason::Rejected, dsn);
+        assert!(t.contains("Content-Type: message/rfc822\r\n\r\n"), "{t}");
+        assert!(t.contains("SECRET BODY LINE"), "{t}");
+        assert!(t.contains("Original-Envelope-Id: id+1\r\n"), "{t}");
+        assert!(t.contains("Original-Recipient: rfc822; b+bob@example.org\r\n"), "{t}");
+        let t = bounce_text_with(Reason::Delayed, dsn);
+        assert!(t.contains("Action: delayed\r\nStatus: 4.0.0\r\n"), "{t}");
+        assert!(t.contains("Will-Retry-Until: "), "{t}");
+        assert!(!t.contains("SECRET BODY LINE"), "{t}");
+        let t = bounce_text_with(Reason::Relayed, dsn);
+        assert!(t.contains("Action: relayed\r\nStatus: 2.0.0\r\n"), "{t}");
+        assert!(!t.contains("SECRET BODY LINE"), "{t}");
     }
 }

@@ -221,6 +221,13 @@ pub struct Config {
     pub verify_unknown: VerifyUnknown,
     /// Entries in the verification cache (a quarter at most negative).
     pub verify_cache_size: usize,
+    /// Send a delay warning (one per message) after this long in the
+    /// queue, to recipients without NOTIFY; 0 = only for NOTIFY=DELAY
+    /// (Postfix's delay_warning_time, off by default).
+    pub delay_warning_time: Duration,
+    /// Largest original returned whole in a bounce (RET=FULL); a larger
+    /// one is returned as its headers (Postfix's bounce_size_limit).
+    pub bounce_size_limit: u64,
 }
 
 /// `verify_unknown`: queue the mail, or answer 450 4.1.1.
@@ -907,6 +914,8 @@ impl Builder {
             verify_negative_ttl: Duration::from_secs(3 * 86400),
             verify_unknown: VerifyUnknown::Accept,
             verify_cache_size: 2000,
+            delay_warning_time: Duration::ZERO,
+            bounce_size_limit: 50_000,
         };
         Builder { c, seen: Vec::new() }
     }
@@ -1175,6 +1184,8 @@ impl Builder {
                 Ok(())
             }
             ("", "smtp_tcp_port") => want_range(v, 1, 65535, "").map(|n| c.smtp_tcp_port = n as u16),
+            ("", "delay_warning_time") => want_duration_max(v, 100 * 86400, "100d").map(|d| c.delay_warning_time = d),
+            ("", "bounce_size_limit") => want_range(v, 0, MAX_MESSAGE_SIZE, " (1G)").map(|n| c.bounce_size_limit = n),
             ("", "status") | ("", "network") => Err(format!("`{}` is a table: write it as [{}]", it.key, it.key)),
             ("", k) => Err(format!("unknown key `{k}`")),
             ("status", _) | ("network", _) => Err(format!("unknown key `{full}`")),

@@ -385,6 +385,9 @@ pub struct Outcome {
     /// Time spent sending this message (RSET to the reply to its end of
     /// data): the `d`.
     pub xfer: Duration,
+    /// The primary offered DSN: it was given the DSN parameters and reports
+    /// success itself (no "relayed" notice from here).
+    pub dsn: bool,
 }
 
 type Reader = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
@@ -404,6 +407,7 @@ pub struct Connection {
     eightbit: bool,
     /// The primary offers SMTPUTF8 (RFC 6531).
     smtputf8: bool,
+    dsn: bool,
     size_limit: Option<u64>,
     timeout: Duration,
     used: bool,
@@ -503,6 +507,7 @@ impl Connection {
             pipelining: false,
             eightbit: false,
             smtputf8: false,
+            dsn: false,
             size_limit: None,
             timeout: cfg.delivery_timeout,
             used: false,
@@ -548,6 +553,7 @@ impl Connection {
                     "PIPELINING" => self.pipelining = true,
                     "8BITMIME" => self.eightbit = true,
                     "SMTPUTF8" => self.smtputf8 = true,
+                    "DSN" => self.dsn = true,
                     // "SIZE 0" (no limit), junk, or a number past u64: no limit.
                     "SIZE" => self.size_limit = words.next().and_then(|n| n.parse::<u64>().ok()).filter(|n| *n > 0),
                     _ => {}
@@ -699,12 +705,12 @@ impl Connection {
         let result = if pending.is_empty() { Ok(Vec::new()) } else { self.deliver_inner(spool, msg, &pending).await };
         let xfer = started.elapsed();
         let mut out = match result {
-            Ok(rcpts) => Outcome { rcpts, reusable: true, setup, xfer },
+            Ok(rcpts) => Outcome { rcpts, reusable: true, setup, xfer, dsn: self.dsn },
             Err((reply, reusable)) => {
                 if reply.text.starts_with("Protocol error: ") {
                     log::warn!(target: SMTP, "warning: {}: {}; connection dropped", msg.env.id, reply.text);
                 }
-                Outcome { rcpts: all(&reply), reusable, setup, xfer }
+                Outcome { rcpts: all(&reply), reusable, setup, xfer, dsn: self.dsn }
             }
         };
         out.rcpts.extend(held);
@@ -748,8 +754,25 @@ impl Connection {
         if msg.env.body_8bit && self.eightbit {
             mail.push_str(" BODY=8BITMIME");
         }
+        // DSN parameters go on unchanged, to a primary that offers DSN.
+        if self.dsn {
+            if !msg.env.ret.is_empty() {
+                mail.push_str(&format!(" RET={}", msg.env.ret));
+            }
+            if !msg.env.envid.is_empty() {
+                mail.push_str(&format!(" ENVID={}", msg.env.envid));
+            }
+        }
         mail.push_str("\r\n");
-        let rcpt_lines: Vec<String> = pending.iter().map(|a| format!("RCPT TO:<{}>\r\n", self.wire(msg, a))).collect();
+        let rcpt_lines: Vec<String> = pending
+            .iter()
+            .map(|a| {
+                let d = if self.dsn { msg.env.dsn_of(a) } else { Default::default() };
+                let notify = if d.notify.is_empty() { String::new() } else { format!(" NOTIFY={}", d.notify) };
+                let orcpt = if d.orcpt.is_empty() { String::new() } else { format!(" ORCPT={}", d.orcpt) };
+                format!("RCPT TO:<{}>{notify}{orcpt}\r\n", self.wire(msg, a))
+            })
+            .collect();
         let mut results: Vec<(String, Reply)> = Vec::with_capacity(pending.len());
 
         if self.pipelining {

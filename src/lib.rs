@@ -11,6 +11,7 @@ pub mod config;
 pub mod data;
 pub mod delivery;
 pub mod dns;
+pub mod dsn;
 pub mod init;
 pub mod logging;
 pub mod mailq;

@@ -171,7 +171,7 @@ async fn deliver_routed(cfg: &Config, conn: &mut Connection, spool: &Spool, msg:
         }
     }
     let none = Duration::ZERO;
-    let mut out = if mine.is_empty() { Outcome { rcpts: Vec::new(), reusable: true, setup: none, xfer: none } } else { conn.deliver_to(spool, msg, mine).await };
+    let mut out = if mine.is_empty() { Outcome { rcpts: Vec::new(), reusable: true, setup: none, xfer: none, dsn: true } } else { conn.deliver_to(spool, msg, mine).await };
     for (_, domain, list) in others {
         let Some(Ok((_, rt))) = route_of(routes, &domain) else { continue };
         match Connection::open_to(cfg, &rt.hops, &domain).await {
@@ -183,6 +183,10 @@ async fn deliver_routed(cfg: &Config, conn: &mut Connection, spool: &Spool, msg:
                 out.rcpts.extend(o.rcpts);
                 out.setup += o.setup;
                 out.xfer += o.xfer;
+                // One host without DSN: "relayed" notices for the message's
+                // NOTIFY=SUCCESS recipients (at worst one more than asked,
+                // never one missing).
+                out.dsn &= o.dsn;
             }
             Err(e) => out.rcpts.extend(list.into_iter().map(|a| (a, e.reply.clone()))),
         }
@@ -269,6 +273,25 @@ async fn worker(
 struct Entry {
     next: u64,
     size: u64,
+}
+
+/// When a NOTIFY=DELAY recipient is warned if `delay_warning_time` is 0
+/// (Postfix's usual setting of it: 4h).
+const DEFAULT_DELAY_WARNING: u64 = 4 * 3600;
+
+/// Whether a recipient with NOTIFY bits `mask` (0: no NOTIFY) of a message
+/// `age` seconds old is due a delay warning, `dwt` being
+/// delay_warning_time: without NOTIFY after it if set; with DELAY after it,
+/// or [`DEFAULT_DELAY_WARNING`] when unset; never otherwise.
+fn delay_warning_due(mask: u8, age: u64, dwt: u64) -> bool {
+    let after = if mask == 0 && dwt > 0 {
+        dwt
+    } else if mask & crate::dsn::DELAY != 0 {
+        if dwt > 0 { dwt } else { DEFAULT_DELAY_WARNING }
+    } else {
+        return false;
+    };
+    age >= after
 }
 
 /// How often a spool that could not be written is probed.
@@ -787,7 +810,7 @@ impl Scheduler {
                         })
                         .collect();
                     let none = Duration::ZERO;
-                    self.apply(&msg, Outcome { rcpts, reusable: false, setup: none, xfer: none }, "none").await;
+                    self.apply(&msg, Outcome { rcpts, reusable: false, setup: none, xfer: none, dsn: true }, "none").await;
                 }
             }
         }
@@ -800,7 +823,7 @@ impl Scheduler {
             Ok(msg) => {
                 let rcpts = msg.pending().map(|r| (r.addr.clone(), reply.clone())).collect();
                 let none = std::time::Duration::ZERO;
-                self.apply(&msg, Outcome { rcpts, reusable: false, setup: none, xfer: none }, "none").await;
+                self.apply(&msg, Outcome { rcpts, reusable: false, setup: none, xfer: none, dsn: false }, "none").await;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.entries.remove(id);
@@ -974,6 +997,56 @@ impl Scheduler {
         self.dead.push((key.to_string(), until, reply.clone()));
     }
 
+    /// Queues and commits a notification to the sender of `msg` for the
+    /// recipients of `list` whose NOTIFY asks for `reason` (a bounce, a
+    /// delay warning, a "relayed" notice), logged as Postfix's bounce
+    /// daemon does. True when it is durable or none is due (the sender is
+    /// `<>`, or no recipient wants one: NOTIFY=NEVER, a list without it).
+    async fn notify(&mut self, msg: &QueuedMessage, list: &[(String, Reply)], reason: Reason, now: u64) -> bool {
+        let id = &msg.env.id;
+        let wanted: Vec<(String, Reply)> = list.iter().filter(|(r, _)| msg.env.dsn_of(r).wants(reason.notify())).cloned().collect();
+        if wanted.is_empty() {
+            if reason.notify() == crate::dsn::FAILURE {
+                // Postfix's bounce daemon skips them silently; one line
+                // here says why no notification follows.
+                let who: Vec<String> = list.iter().map(|(r, _)| format!("<{r}>")).collect();
+                log::info!(target: crate::logging::BOUNCE, "{id}: no sender non-delivery notification: NOTIFY without FAILURE for {}", who.join(", "));
+            }
+            return true;
+        }
+        let ticket = self.committer.ticket();
+        let bounce = bounces::queue_bounce(&self.cfg, &self.spool, &{ let mut m = msg.clone(); m.state.last_attempt = now; m }, &wanted, reason);
+        let what = reason.log_name();
+        match bounce {
+            Ok(Some(bid)) => match self.committer.commit(ticket).await {
+                Ok(()) => {
+                    log::info!(target: crate::logging::BOUNCE, "{id}: sender {what} notification: {bid}");
+                    let size = self.spool.read(&bid).map(|m| m.size).unwrap_or(0);
+                    // As Postfix's qmgr for the bounce it queued: the
+                    // size of what is then delivered.
+                    log::info!(target: QMGR, "{bid}: from=<>, size={size}, nrcpt=1 (queue active)");
+                    self.add(bid, size);
+                    true
+                }
+                Err(e) => {
+                    log::error!(target: crate::logging::BOUNCE, "error: {id}: cannot make {what} notification durable: {e}");
+                    let _ = self.spool.remove(&bid);
+                    false
+                }
+            },
+            Ok(None) => {
+                if reason.notify() == crate::dsn::FAILURE {
+                    log::info!(target: crate::logging::BOUNCE, "{id}: bounce of a bounce (null sender): discarded");
+                }
+                true
+            }
+            Err(e) => {
+                log::error!(target: crate::logging::BOUNCE, "error: {id}: cannot write {what} notification: {e}");
+                false
+            }
+        }
+    }
+
     /// Records the outcome of one attempt: sent recipients are done, 5xx
     /// ones bounce, 4xx ones wait; an expired message bounces whatever is left.
     async fn apply(&mut self, msg: &QueuedMessage, outcome: Outcome, relay: &str) {
@@ -1020,6 +1093,7 @@ impl Scheduler {
         let mut rejected: Vec<(String, Reply)> = Vec::new();
         let mut deferred: Vec<(String, Reply)> = Vec::new();
         let mut newly_done = false;
+        let mut relayed: Vec<(String, Reply)> = Vec::new();
         for (rcpt, reply) in outcome.rcpts {
             let status = if reply.is_ok() {
                 "sent"
@@ -1036,6 +1110,9 @@ impl Scheduler {
                 reply.text
             );
             if reply.is_ok() {
+                if msg.env.dsn_of(&rcpt).mask() & crate::dsn::SUCCESS != 0 {
+                    relayed.push((rcpt.clone(), reply.clone()));
+                }
                 state.done.push((rcpt, RcptStatus::Sent, reply.text));
                 newly_done = true;
             } else if reply.is_permanent() {
@@ -1059,36 +1136,10 @@ impl Scheduler {
             if list.is_empty() {
                 continue;
             }
-            let ticket = self.committer.ticket();
-            let bounce = bounces::queue_bounce(&self.cfg, &self.spool, &{ let mut m = msg.clone(); m.state.last_attempt = now; m }, list, reason);
-            let ok = match bounce {
-                Ok(Some(bid)) => match self.committer.commit(ticket).await {
-                    Ok(()) => {
-                        log::info!(target: crate::logging::BOUNCE, "{id}: sender non-delivery notification: {bid}");
-                        Stats::inc(&self.stats.bounced);
-                        let size = self.spool.read(&bid).map(|m| m.size).unwrap_or(0);
-                        // As Postfix's qmgr for the bounce it queued: the
-                        // size of what is then delivered.
-                        log::info!(target: QMGR, "{bid}: from=<>, size={size}, nrcpt=1 (queue active)");
-                        self.add(bid, size);
-                        true
-                    }
-                    Err(e) => {
-                        log::error!(target: crate::logging::BOUNCE, "error: {id}: cannot make bounce durable: {e}");
-                        let _ = self.spool.remove(&bid);
-                        false
-                    }
-                },
-                Ok(None) => {
-                    log::info!(target: crate::logging::BOUNCE, "{id}: bounce of a bounce (null sender): discarded");
-                    Stats::inc(&self.stats.bounced);
-                    true
-                }
-                Err(e) => {
-                    log::error!(target: crate::logging::BOUNCE, "error: {id}: cannot write bounce: {e}");
-                    false
-                }
-            };
+            let ok = self.notify(msg, list, reason, now).await;
+            if ok {
+                Stats::inc(&self.stats.bounced);
+            }
             for (rcpt, reply) in list {
                 if ok {
                     state.done.push((rcpt.clone(), RcptStatus::Bounced, reply.text.clone()));
@@ -1096,6 +1147,27 @@ impl Scheduler {
                 } else {
                     deferred.push((rcpt.clone(), reply.clone()));
                 }
+            }
+        }
+        // NOTIFY=SUCCESS to a primary that does not offer DSN: Postfix's
+        // "relayed" notice. The delivery stands even if it cannot be sent.
+        if !outcome.dsn && !relayed.is_empty() {
+            self.notify(msg, &relayed, Reason::Relayed, now).await;
+        }
+        // One delay warning per message, recorded in its state (durably:
+        // a restart does not send it again).
+        let mut warned_now = false;
+        if !state.warned && !deferred.is_empty() {
+            let age = now.saturating_sub(msg.env.arrival);
+            let dwt = self.cfg.delay_warning_time.as_secs();
+            let due: Vec<(String, Reply)> = deferred
+                .iter()
+                .filter(|(r, _)| delay_warning_due(msg.env.dsn_of(r).mask(), age, dwt))
+                .cloned()
+                .collect();
+            if !due.is_empty() && self.notify(msg, &due, Reason::Delayed, now).await {
+                state.warned = true;
+                warned_now = true;
             }
         }
         let pending_left = msg.env.recipients.iter().any(|r| !state.done.iter().any(|(d, _, _)| d == r));
@@ -1131,7 +1203,7 @@ impl Scheduler {
             state.last_error = r.text.clone();
         }
         state.errors = deferred.iter().map(|(a, r)| (a.clone(), r.text.clone())).collect();
-        if !newly_done && self.recording != Recording::Ok {
+        if !newly_done && !warned_now && self.recording != Recording::Ok {
             // Only a retry time, and the spool cannot write states now (a
             // full disk): kept in memory, not tried (it would fail, once per
             // message and run). Lost in a restart, it only means an earlier try.
@@ -1140,7 +1212,7 @@ impl Scheduler {
             }
             return;
         }
-        if let Err(e) = self.spool.write_state(id, &state, newly_done) {
+        if let Err(e) = self.spool.write_state(id, &state, newly_done || warned_now) {
             if newly_done {
                 log::error!(
                     target: QMGR,
@@ -1188,6 +1260,23 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delay_warnings_follow_notify() {
+        use crate::dsn::{DELAY, FAILURE, NEVER, SUCCESS};
+        // delay_warning_time off (Postfix's default): only NOTIFY=DELAY, after 4h.
+        assert!(!delay_warning_due(0, 100 * 86400, 0));
+        assert!(!delay_warning_due(DELAY, 4 * 3600 - 1, 0));
+        assert!(delay_warning_due(DELAY | FAILURE, 4 * 3600, 0));
+        // Set: no NOTIFY and NOTIFY with DELAY after it.
+        assert!(delay_warning_due(0, 60, 60) && !delay_warning_due(0, 59, 60));
+        assert!(delay_warning_due(DELAY, 60, 60));
+        // Never without DELAY in the list.
+        for m in [NEVER, SUCCESS, FAILURE, SUCCESS | FAILURE] {
+            assert!(!delay_warning_due(m, 100 * 86400, 60));
+            assert!(!delay_warning_due(m, 100 * 86400, 0));
+        }
+    }
 
     #[test]
     fn backoff_doubles_and_caps() {

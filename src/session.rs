@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use smtp_proto::{Error as ProtoError, MAIL_BODY_8BITMIME, MAIL_RET_FULL, MAIL_RET_HDRS, MAIL_SMTPUTF8, Request};
+use smtp_proto::{Error as ProtoError, MAIL_BODY_8BITMIME, MAIL_SMTPUTF8, Request};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::timeout;
@@ -60,6 +60,9 @@ struct Txn {
     /// SMTPUTF8 on MAIL: UTF-8 addresses allowed, flag kept in the queue.
     smtputf8: bool,
     rcpts: Vec<String>,
+    /// DSN: RET and ENVID of MAIL, NOTIFY and ORCPT of each of `rcpts`.
+    dsn: crate::dsn::MailDsn,
+    rcpt_dsn: Vec<crate::dsn::RcptDsn>,
 }
 
 enum LineRead {
@@ -249,7 +252,9 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                 return Ok(false);
             }
         };
-        let parsed = Request::parse(&mut line.iter());
+        // DSN parameters are checked by mail() and rcpt() on `body`.
+        let stripped = crate::dsn::without_params(line);
+        let parsed = Request::parse(&mut stripped.as_deref().unwrap_or(line).iter());
         let req = match parsed {
             Ok(r) => r,
             Err(e) => {
@@ -282,6 +287,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                     "ENHANCEDSTATUSCODES".to_string(),
                     "8BITMIME".to_string(),
                     "SMTPUTF8".to_string(),
+                    "DSN".to_string(),
                 ];
                 self.out.extend_from_slice(format!("250-{}\r\n", cfg.hostname).as_bytes());
                 for (i, c) in caps.iter().enumerate() {
@@ -306,8 +312,8 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                 self.reply(500, "5.5.2", "Error: command not recognized");
                 self.error()?;
             }
-            Request::Mail { from } => self.mail(body, &from.address, from.flags, from.env_id.is_some()).await?,
-            Request::Rcpt { to } => self.rcpt(body, &to.address, to.flags, to.orcpt.is_some()).await?,
+            Request::Mail { from } => self.mail(body, &from.address, from.flags).await?,
+            Request::Rcpt { to } => self.rcpt(body, &to.address, to.flags).await?,
             Request::Data => return self.data(rd).await.map(|()| false),
             Request::Rset => {
                 self.txn = None;
@@ -343,7 +349,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         Ok(false)
     }
 
-    async fn mail(&mut self, line: &[u8], parsed: &str, flags: u64, env_id: bool) -> Result<(), Close> {
+    async fn mail(&mut self, line: &[u8], parsed: &str, flags: u64) -> Result<(), Close> {
         let cfg = self.ctx.cfg.clone();
         if self.helo.is_none() {
             self.reply(503, "5.5.1", "Error: send HELO/EHLO first");
@@ -354,10 +360,14 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             return self.error();
         }
         let smtputf8 = flags & MAIL_SMTPUTF8 != 0;
-        if flags & (MAIL_RET_FULL | MAIL_RET_HDRS) != 0 || env_id {
-            self.reply(555, "5.5.4", "Unsupported option: DSN is not offered");
-            return self.error();
-        }
+        // DSN (RFC 3461): RET and ENVID, checked and worded as Postfix.
+        let dsn = match crate::dsn::mail_params(line) {
+            Ok(d) => d,
+            Err(text) => {
+                self.reply(501, "5.5.4", text);
+                return self.error();
+            }
+        };
         let size = match policy::size_param(line) {
             Ok(s) => s.unwrap_or(0),
             Err(()) => {
@@ -406,7 +416,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             return self.client_limited(r, &limits);
         }
         let id = util::new_queue_id();
-        self.txn = Some(Txn { id, sender, body_8bit: flags & MAIL_BODY_8BITMIME != 0, smtputf8, rcpts: Vec::new() });
+        self.txn = Some(Txn { id, sender, body_8bit: flags & MAIL_BODY_8BITMIME != 0, smtputf8, rcpts: Vec::new(), dsn, rcpt_dsn: Vec::new() });
         self.reply(250, "2.1.0", "Ok");
         Ok(())
     }
@@ -453,16 +463,26 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         self.error()
     }
 
-    async fn rcpt(&mut self, line: &[u8], parsed: &str, flags: u64, orcpt: bool) -> Result<(), Close> {
+    async fn rcpt(&mut self, line: &[u8], parsed: &str, flags: u64) -> Result<(), Close> {
         let cfg = self.ctx.cfg.clone();
         let Some(txn) = &self.txn else {
             self.reply(503, "5.5.1", "Error: need MAIL command");
             return self.error();
         };
-        if flags != 0 || orcpt {
-            self.reply(555, "5.5.4", "Unsupported option: DSN is not offered");
+        // NOTIFY and ORCPT were taken out of what smtp-proto parsed: any
+        // flag left is an extension not offered (RRVS, CONNEG).
+        if flags != 0 {
+            self.reply(555, "5.5.4", "Unsupported option");
             return self.error();
         }
+        // DSN (RFC 3461): NOTIFY and ORCPT, checked and worded as Postfix.
+        let dsn = match crate::dsn::rcpt_params(line) {
+            Ok(d) => d,
+            Err(text) => {
+                self.reply(501, "5.5.4", text);
+                return self.error();
+            }
+        };
         if txn.rcpts.len() >= cfg.max_recipients {
             self.reply(452, "4.5.3", "Error: too many recipients");
             return Ok(());
@@ -490,6 +510,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                             log::info!(target: SMTPD, "{}: client={}", t.id, self.client);
                         }
                         t.rcpts.push(addr);
+                        t.rcpt_dsn.push(dsn);
                     }
                 self.reply(250, "2.1.5", "Ok");
                 Ok(())
@@ -626,6 +647,10 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             body_8bit: txn.body_8bit,
             smtputf8: txn.smtputf8,
             recipients: txn.rcpts.clone(),
+            ret: txn.dsn.ret.clone(),
+            envid: txn.dsn.envid.clone(),
+            // Kept only when some recipient has parameters.
+            dsn: if txn.rcpt_dsn.iter().all(|d| d.is_empty()) { Vec::new() } else { txn.rcpt_dsn.clone() },
         };
         let ticket = self.ctx.committer.ticket();
         let mut w = match self.ctx.spool.begin(&env) {

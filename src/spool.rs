@@ -79,6 +79,19 @@ pub struct Envelope {
     /// may hold UTF-8. A `smtputf8` header line; absent (older files): false.
     pub smtputf8: bool,
     pub recipients: Vec<String>,
+    /// DSN (RFC 3461): RET (`FULL`, `HDRS`) and ENVID (xtext as received);
+    /// empty when not given.
+    pub ret: String,
+    pub envid: String,
+    /// NOTIFY and ORCPT of `recipients[i]`; may be shorter (absent = none).
+    pub dsn: Vec<crate::dsn::RcptDsn>,
+}
+
+impl Envelope {
+    /// The DSN parameters of a recipient (empty when none were given).
+    pub fn dsn_of(&self, rcpt: &str) -> crate::dsn::RcptDsn {
+        self.recipients.iter().position(|r| r == rcpt).and_then(|i| self.dsn.get(i)).cloned().unwrap_or_default()
+    }
 }
 
 /// Where one recipient stands.
@@ -110,6 +123,8 @@ pub struct DeliveryState {
     pub done: Vec<(String, RcptStatus, String)>,
     /// Per-recipient last errors of pending recipients.
     pub errors: Vec<(String, String)>,
+    /// A delay warning was sent (at most one per message).
+    pub warned: bool,
 }
 
 /// A queued message: envelope, size and delivery state, without the body.
@@ -234,6 +249,7 @@ fn parse_state(buf: &[u8]) -> Result<DeliveryState, &'static str> {
             "next" => s.next_attempt = v.parse().map_err(|_| "bad next line")?,
             "last" => s.last_attempt = v.parse().map_err(|_| "bad last line")?,
             "error" => s.last_error = v.to_string(),
+            "warned" => s.warned = v == "1",
             "sent" | "bounced" | "rcpt-error" => {
                 let (addr, reply) = v.split_once(' ').unwrap_or((v, ""));
                 if addr.is_empty() {
@@ -574,8 +590,24 @@ impl Spool {
         if env.smtputf8 {
             put("smtputf8 yes")?;
         }
-        for r in &env.recipients {
+        if !env.ret.is_empty() {
+            put(&format!("dsn-ret {}", env.ret))?;
+        }
+        if !env.envid.is_empty() {
+            put(&format!("dsn-envid {}", env.envid))?;
+        }
+        for (i, r) in env.recipients.iter().enumerate() {
             put(&format!("rcpt {r}"))?;
+            // DSN parameters of the recipient just named (older versions
+            // skip these lines).
+            if let Some(d) = env.dsn.get(i) {
+                if !d.notify.is_empty() {
+                    put(&format!("rcpt-notify {}", d.notify))?;
+                }
+                if !d.orcpt.is_empty() {
+                    put(&format!("rcpt-orcpt {}", d.orcpt))?;
+                }
+            }
         }
         let len_offset = (header.len() + "length ".len()) as u64;
         header.push_str(&format!("length {:0width$}\n\n", 0, width = LEN_WIDTH));
@@ -689,6 +721,9 @@ impl Spool {
             s.last_attempt,
             clean(&s.last_error)
         );
+        if s.warned {
+            text.push_str("warned 1\n");
+        }
         for (a, st, reply) in &s.done {
             let k = if *st == RcptStatus::Sent { "sent" } else { "bounced" };
             text.push_str(&format!("{k} {a} {}\n", clean(reply)));
@@ -854,6 +889,18 @@ fn read_header<R: BufRead>(rd: &mut R) -> io::Result<(Envelope, u64, u64)> {
             "body" => env.body_8bit = v == "8BITMIME",
             "smtputf8" => env.smtputf8 = v == "yes",
             "rcpt" => env.recipients.push(v.to_string()),
+            "dsn-ret" => env.ret = v.to_string(),
+            "dsn-envid" => env.envid = v.to_string(),
+            "rcpt-notify" | "rcpt-orcpt" if !env.recipients.is_empty() => {
+                env.dsn.resize(env.recipients.len(), Default::default());
+                if let Some(d) = env.dsn.last_mut() {
+                    if k == "rcpt-notify" {
+                        d.notify = v.to_string();
+                    } else {
+                        d.orcpt = v.to_string();
+                    }
+                }
+            }
             "length" => size = Some(v.parse().map_err(|_| invalid("bad length".into()))?),
             _ => {} // later versions may add fields
         }
@@ -1042,7 +1089,45 @@ mod tests {
             body_8bit: true,
             smtputf8: false,
             recipients: vec!["bob@example.org".into(), "carol@example.org".into()],
+            ..Default::default()
         }
+    }
+
+    /// A queue file and state written by the version before DSN (no
+    /// dsn-*/rcpt-* lines, no `warned`) still read: no DSN parameters.
+    #[test]
+    fn reads_a_queue_file_from_before_dsn() {
+        let root = tmp("old");
+        let sp = Spool::create(&root).unwrap();
+        let body = b"Subject: old\r\n\r\nbody\r\n";
+        let mut f = format!(
+            "BARTLEBY-QUEUE 1\nid AAAA000000009\narrival 1795320958\nclient mx.sender.test[192.0.2.1]\nhelo mx.sender.test\nfrom alice@sender.test\nbody 8BITMIME\nrcpt bob@example.org\nrcpt carol@example.org\nlength {:020}\n\n",
+            body.len()
+        )
+        .into_bytes();
+        f.extend_from_slice(body);
+        fs::write(root.join("queue/AAAA000000009"), f).unwrap();
+        fs::write(root.join("state/AAAA000000009"), "attempts 1\nnext 0\nlast 5\nerror 421 x\nsent bob@example.org 250 ok\n").unwrap();
+        let m = sp.read("AAAA000000009").unwrap();
+        assert_eq!(m.env, env("AAAA000000009"));
+        assert!(m.env.ret.is_empty() && m.env.envid.is_empty() && m.env.dsn.is_empty());
+        assert!(m.env.dsn_of("carol@example.org").is_empty());
+        assert!(!m.state.warned);
+        assert_eq!(m.pending().count(), 1);
+        // And the new fields round-trip.
+        let mut e = env("AAAA00000000A");
+        e.ret = "FULL".into();
+        e.envid = "QQ+2B1".into();
+        e.dsn = vec![Default::default(), crate::dsn::RcptDsn { notify: "SUCCESS,DELAY".into(), orcpt: "rfc822;c+40x".into() }];
+        sp.begin(&e).unwrap().finish().unwrap();
+        let back = sp.read("AAAA00000000A").unwrap().env;
+        assert_eq!(back.dsn_of("carol@example.org").notify, "SUCCESS,DELAY");
+        assert!(back.dsn_of("bob@example.org").is_empty());
+        assert_eq!((back.ret.as_str(), back.envid.as_str()), ("FULL", "QQ+2B1"));
+        let st = DeliveryState { attempts: 1, warned: true, ..Default::default() };
+        sp.write_state("AAAA00000000A", &st, false).unwrap();
+        assert!(sp.read_state("AAAA00000000A").unwrap().warned);
+        let _ = fs::remove_dir_all(&root);
     }
 
     #[test]
@@ -1099,6 +1184,7 @@ mod tests {
             last_error: "421 4.3.2 busy".into(),
             done: vec![("bob@example.org".into(), RcptStatus::Sent, "250 ok".into())],
             errors: vec![("carol@example.org".into(), "450 4.2.1 mailbox busy".into())],
+            warned: false,
         };
         sp.write_state("AAAA000000001", &st, true).unwrap();
         let m = sp.read("AAAA000000001").unwrap();

@@ -367,7 +367,9 @@ class FakePrimary:
                 said = self._reply(conn, f, verb, "354 go ahead")
                 if not any(l.startswith("354") for l in said.split("\n")):
                     continue
-                data = b""
+                # A bytearray: appending to bytes is quadratic (a message
+                # of several MB would take minutes).
+                data = bytearray()
                 complete = False
                 while True:
                     l = f.readline()
@@ -377,6 +379,7 @@ class FakePrimary:
                         complete = True
                         break
                     data += l
+                data = bytes(data)
                 self.messages.append(data)
                 if not complete:
                     return

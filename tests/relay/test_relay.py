@@ -130,7 +130,7 @@ class Protocol(RelayTest):
         code, text = c.cmd("EHLO client.sender.test")
         self.assertEqual(code, 250)
         kws = {l[4:].split()[0] for l in text.splitlines()[1:]}
-        self.assertEqual(kws, {"PIPELINING", "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES", "ETRN", "SMTPUTF8"})
+        self.assertEqual(kws, {"PIPELINING", "SIZE", "8BITMIME", "ENHANCEDSTATUSCODES", "ETRN", "SMTPUTF8", "DSN"})
         self.assertIn("SIZE 10240000", text)
         self.assertEqual(c.cmd("HELO client.sender.test")[0], 250)
         self.assertEqual(c.cmd("STARTTLS")[0], 502)
@@ -152,7 +152,9 @@ class Protocol(RelayTest):
         # Offered now (test_smtputf8.py).
         self.assertEqual(c.cmd("MAIL FROM:<a@sender.test> SMTPUTF8")[0], 250)
         self.assertEqual(c.cmd("RSET")[0], 250)
-        self.assertEqual(c.cmd("MAIL FROM:<a@sender.test> RET=FULL")[0], 555)
+        # DSN is offered (test_dsn.py): RET is taken, a bad one refused.
+        self.assertEqual(c.cmd("MAIL FROM:<a@sender.test> RET=BOGUS")[0], 501)
+        self.assertEqual(c.cmd("MAIL FROM:<a@sender.test> RET=FULL")[0], 250)
 
     def test_swaks_and_null_sender(self):
         r = self.relay()

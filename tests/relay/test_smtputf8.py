@@ -366,6 +366,26 @@ class Utf8Test(unittest.TestCase):
         self.assertIn(f"{qid}: to=<müller@example.org>", log)
         self.assertIn("status=sent", log)
 
+    def test_smtputf8_with_dsn_parameters_both_passed_on(self):
+        # SMTPUTF8 and DSN on the same MAIL and RCPT: neither parser eats
+        # the other's words; a primary offering both gets both, unchanged.
+        p = self.primary("250-primary.example.org\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 DSN")
+        r = self.relay(primary_port=p.sock.getsockname()[1])
+        with smtplib.SMTP("127.0.0.1", r.port, timeout=10) as s:
+            s.ehlo("client.sender.test")
+            s.mail("jörg@sender.test", ["SMTPUTF8", "BODY=8BITMIME", "RET=HDRS", "ENVID=QQ+2B1"])
+            code, text = s.rcpt("müller@example.org", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;m+FCller@example.org"])
+            self.assertEqual(code, 250, text)
+            code, text = s.data(BODY)
+            self.assertEqual(code, 250, text)
+        wait_until(lambda: p.acked, 20, "delivery")
+        mail = [c for c in p.commands if c.startswith("MAIL")]
+        self.assertEqual(len(mail), 1, p.commands)
+        for word in (" SMTPUTF8", " RET=HDRS", " ENVID=QQ+2B1"):
+            self.assertIn(word, mail[0])
+        rcpts = [c for c in p.commands if c.startswith("RCPT")]
+        self.assertEqual(rcpts, ["RCPT TO:<müller@example.org> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;m+FCller@example.org"])
+
     def test_held_for_a_primary_without_smtputf8_others_delivered(self):
         p = self.primary(EHLO_NO_UTF8)
         port = p.sock.getsockname()[1]

@@ -66,6 +66,7 @@ fn queue(spool: &Spool, id: &str, rcpts: &[&str]) -> QueuedMessage {
         body_8bit: false,
         smtputf8: false,
         recipients: rcpts.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
     };
     let mut w = spool.begin(&env).expect("begin");
     w.write(BODY).expect("write");
