@@ -91,6 +91,7 @@ static H: LazyLock<Harness> = LazyLock::new(|| {
             recipients: Recipients::new(list),
             queued: tx.clone(),
             etrn_allow: vec![bartleby::config::Cidr::parse("127.0.0.1/32").unwrap()],
+            verifier: None,
         })
     };
     let lax = ctx(lax_cfg);
