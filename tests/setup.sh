@@ -26,4 +26,6 @@ command -v postfix >/dev/null && { postfix status >/dev/null 2>&1 && postfix sto
 
 command -v cargo >/dev/null || { echo "setup: cargo (rustup) is required" >&2; exit 1; }
 rustup component list --installed 2>/dev/null | grep -q '^rust-src' || rustup component add rust-src
+# Exim as a test peer: unpacked into a private root (exim4 conflicts with postfix), cached.
+"$(dirname "$0")/relay/exim_root.sh" >/dev/null
 echo "setup: ok"
