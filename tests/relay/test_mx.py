@@ -414,6 +414,27 @@ class MxTest(unittest.TestCase):
         self.assertTrue(wait_for(lambda: len(p2.acked) == 1, 15), r.mailq())
         self.assertEqual(r.queue_ids(), [q1])
 
+    def test_one_message_first_destination_down_other_still_delivered(self):
+        """One message for bob@one.example (p1 down) then carol@three.example
+        (p2 up): carol is sent in the first run and recorded, bob waits.
+        Before, the message went to one.example's group only; p1 unreachable
+        deferred every recipient, carol too, run after run, until
+        max_queue_lifetime bounced her though p2 was up all along. Postfix's
+        qmgr keeps a queue per destination: a dead one holds up no other."""
+        z = self.base_zone()
+        z["one.example"] = {"MX": [(10, "p1.example")]}
+        z["three.example"] = {"MX": [(10, "p2.example")]}
+        r = self.relay()
+        p2 = self.primary(P2, r)
+        q = submit(r, ["bob@one.example", "carol@three.example"])
+        self.assertTrue(wait_for(lambda: len(p2.acked) == 1, 15), (r.mailq(), self.queued_error(r, q)))
+        self.assertEqual(self.rcpts_at(p2), ["RCPT TO:<carol@three.example>"])
+        self.assertTrue(wait_for(lambda: "sent carol@three.example" in self.queued_error(r, q), 10), self.queued_error(r, q))
+        st = self.queued_error(r, q)
+        self.assertIn("connect to p1.example[127.0.0.2]", st)
+        self.assertNotIn("sent bob@", st)
+        self.assertEqual(r.queue_ids(), [q])
+
     def test_etrn_default_is_the_mx_hosts(self):
         """Without etrn_allow, the MX hosts more preferred than Bartleby may
         send ETRN (their addresses, learnt in the background); another
