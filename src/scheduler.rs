@@ -150,7 +150,7 @@ async fn group(
                 let mut wait = VecDeque::new();
                 for id in ids {
                     let msg = match spool.read(&id) {
-                        Ok(m) if !*shutdown.borrow() && !(single_only.load(Ordering::SeqCst) && m.pending().nth(1).is_some()) => m,
+                        Ok(m) if !(*shutdown.borrow() || single_only.load(Ordering::SeqCst) && m.pending().nth(1).is_some()) => m,
                         _ => {
                             wait.push_back(id);
                             continue;
