@@ -331,6 +331,12 @@ fn delay_warning_due(mask: u8, age: u64, dwt: u64) -> bool {
     age >= after
 }
 
+/// With MX routing, DNS time a queue run spends before it stops looking up
+/// domains other than `relay_domains` (bounce and notice recipients);
+/// their messages wait [`LATER`] seconds without a try.
+const FOREIGN_LOOKUPS: Duration = Duration::from_secs(10);
+const LATER: u64 = 60;
+
 /// How often a spool that could not be written is probed.
 const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 /// At least this long between two probes, however many writes fail.
@@ -789,6 +795,7 @@ impl Scheduler {
         }
         let mut routes: Routes = Vec::new();
         let mut groups: Vec<(String, String, Result<Route, Reply>, VecDeque<QueueId>)> = Vec::new();
+        let started = tokio::time::Instant::now();
         for (n, id) in due.into_iter().enumerate() {
             if self.suspended() {
                 break;
@@ -809,9 +816,14 @@ impl Scheduler {
                 }
             };
             let mut first: Option<(String, String)> = None;
+            let mut later = false;
             for r in msg.pending() {
                 let d = route::domain_of(&r.addr);
                 if route_of(&routes, &d).is_none() {
+                    if started.elapsed() >= FOREIGN_LOOKUPS && !self.cfg.is_relay_domain(&d) {
+                        later = true;
+                        break;
+                    }
                     let res = route::hosts_for(&self.cfg, &d).await;
                     self.stats.set_route(&d, &res);
                     routes.push((d.clone(), res.map(|rt| (rt.key(), rt))));
@@ -821,6 +833,16 @@ impl Scheduler {
                 {
                     first = Some((key.clone(), d));
                 }
+            }
+            if later {
+                // Bounces and notices to other domains whose DNS is slow
+                // must not hold up the relay domains' mail run after run
+                // (groups start only once every route is known, and failed
+                // lookups are not cached): not tried in this run.
+                if let Some(e) = self.entries.get_mut(&id) {
+                    e.next = e.next.max(util::now().saturating_add(LATER));
+                }
+                continue;
             }
             match first {
                 Some((key, d)) => match groups.iter_mut().find(|(k, _, _, _)| *k == key) {
