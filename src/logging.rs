@@ -286,6 +286,10 @@ fn log_socket(to: SocketAddr) -> io::Result<UdpSocket> {
     let any: SocketAddr = if to.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
     let s = UdpSocket::bind(any)?;
     s.set_nonblocking(true)?;
+    if to.is_ipv4() {
+        // A broadcast log_host (192.168.1.255): refused with EACCES without it.
+        s.set_broadcast(true)?;
+    }
     Ok(s)
 }
 
@@ -421,6 +425,20 @@ mod tests {
         let file = dir.join("ok.log");
         assert!(open_log_file(&file).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `log_host = "192.168.1.255"` (the LAN's broadcast address, a common
+    /// way to reach a syslog server whose address is not known): Linux
+    /// refuses every datagram to a broadcast address with EACCES unless
+    /// SO_BROADCAST is set, so every line was dropped (only the dropped
+    /// counter said so). Checked in a network namespace with a veth on
+    /// 10.9.9.1/24: sendto 10.9.9.255 gives EACCES without the option, is
+    /// sent with it.
+    #[test]
+    fn log_socket_may_send_to_a_broadcast_address() {
+        let s = log_socket("10.9.9.255:514".parse().unwrap()).unwrap();
+        assert!(s.broadcast().unwrap());
+        assert!(log_socket("[::1]:514".parse().unwrap()).is_ok());
     }
 
     #[test]

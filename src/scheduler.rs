@@ -139,6 +139,37 @@ async fn group(
             c
         }
         Err(e) => {
+            if let Some(routes) = &dest.routes {
+                // With MX routing, a message in this group may have
+                // recipients of other destinations: this one down must not
+                // hold them up (Postfix's qmgr keeps a queue per
+                // destination). Those messages are tried now, this
+                // destination's recipients deferred with its reply; the
+                // rest wait as before.
+                let ids: Vec<QueueId> = queue.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
+                let mut wait = VecDeque::new();
+                for id in ids {
+                    let msg = match spool.read(&id) {
+                        Ok(m) if !(*shutdown.borrow() || single_only.load(Ordering::SeqCst) && m.pending().nth(1).is_some()) => m,
+                        _ => {
+                            wait.push_back(id);
+                            continue;
+                        }
+                    };
+                    let elsewhere = msg.pending().any(|r| matches!(route_of(routes, &route::domain_of(&r.addr)), Some(Ok((k, _))) if *k != dest.key));
+                    if !elsewhere {
+                        wait.push_back(id);
+                        continue;
+                    }
+                    let outcome = deliver_routed(&cfg, Err(&e.reply), &spool, &msg, &dest, routes).await;
+                    let (recorded, wait_recorded) = tokio::sync::oneshot::channel();
+                    let _ = tx.send(Attempt::Done(Box::new(msg), outcome, "none".into(), recorded));
+                    let _ = wait_recorded.await;
+                }
+                if let Ok(mut q) = queue.lock() {
+                    q.extend(wait);
+                }
+            }
             let _ = tx.send(Attempt::Unreached(dest.key.clone(), e.reply));
             return;
         }
@@ -154,7 +185,9 @@ async fn group(
 /// Delivers `msg` with MX routing: its recipients of `dest` over `conn`,
 /// those of other destinations over a connection each (closed after), and
 /// those without a route get its reason. One outcome for every recipient.
-async fn deliver_routed(cfg: &Config, conn: &mut Connection, spool: &Spool, msg: &QueuedMessage, dest: &Dest, routes: &Routes) -> Outcome {
+/// `conn` is `Err` when `dest` could not be reached: its recipients get
+/// that reply, the others are still tried.
+async fn deliver_routed(cfg: &Config, conn: Result<&mut Connection, &Reply>, spool: &Spool, msg: &QueuedMessage, dest: &Dest, routes: &Routes) -> Outcome {
     let mut mine = Vec::new();
     let mut others: Vec<(String, String, Vec<String>)> = Vec::new();
     let mut failed = Vec::new();
@@ -171,7 +204,11 @@ async fn deliver_routed(cfg: &Config, conn: &mut Connection, spool: &Spool, msg:
         }
     }
     let none = Duration::ZERO;
-    let mut out = if mine.is_empty() { Outcome { rcpts: Vec::new(), reusable: true, setup: none, xfer: none, dsn: true } } else { conn.deliver_to(spool, msg, mine).await };
+    let mut out = match conn {
+        _ if mine.is_empty() => Outcome { rcpts: Vec::new(), reusable: true, setup: none, xfer: none, dsn: true },
+        Ok(conn) => conn.deliver_to(spool, msg, mine).await,
+        Err(reply) => Outcome { rcpts: mine.into_iter().map(|a| (a, reply.clone())).collect(), reusable: false, setup: none, xfer: none, dsn: true },
+    };
     for (_, domain, list) in others {
         let Some(Ok((_, rt))) = route_of(routes, &domain) else { continue };
         match Connection::open_to(cfg, &rt.hops, &domain).await {
@@ -236,7 +273,7 @@ async fn worker(
             continue;
         }
         let outcome = match &dest.routes {
-            Some(routes) => deliver_routed(&cfg, &mut conn, &spool, &msg, &dest, routes).await,
+            Some(routes) => deliver_routed(&cfg, Ok(&mut conn), &spool, &msg, &dest, routes).await,
             None => conn.deliver(&spool, &msg).await,
         };
         let relay = conn.relay.clone();
@@ -293,6 +330,12 @@ fn delay_warning_due(mask: u8, age: u64, dwt: u64) -> bool {
     };
     age >= after
 }
+
+/// With MX routing, DNS time a queue run spends before it stops looking up
+/// domains other than `relay_domains` (bounce and notice recipients);
+/// their messages wait [`LATER`] seconds without a try.
+const FOREIGN_LOOKUPS: Duration = Duration::from_secs(10);
+const LATER: u64 = 60;
 
 /// How often a spool that could not be written is probed.
 const PROBE_INTERVAL: Duration = Duration::from_secs(10);
@@ -752,6 +795,7 @@ impl Scheduler {
         }
         let mut routes: Routes = Vec::new();
         let mut groups: Vec<(String, String, Result<Route, Reply>, VecDeque<QueueId>)> = Vec::new();
+        let started = tokio::time::Instant::now();
         for (n, id) in due.into_iter().enumerate() {
             if self.suspended() {
                 break;
@@ -772,9 +816,14 @@ impl Scheduler {
                 }
             };
             let mut first: Option<(String, String)> = None;
+            let mut later = false;
             for r in msg.pending() {
                 let d = route::domain_of(&r.addr);
                 if route_of(&routes, &d).is_none() {
+                    if started.elapsed() >= FOREIGN_LOOKUPS && !self.cfg.is_relay_domain(&d) {
+                        later = true;
+                        break;
+                    }
                     let res = route::hosts_for(&self.cfg, &d).await;
                     self.stats.set_route(&d, &res);
                     routes.push((d.clone(), res.map(|rt| (rt.key(), rt))));
@@ -784,6 +833,16 @@ impl Scheduler {
                 {
                     first = Some((key.clone(), d));
                 }
+            }
+            if later {
+                // Bounces and notices to other domains whose DNS is slow
+                // must not hold up the relay domains' mail run after run
+                // (groups start only once every route is known, and failed
+                // lookups are not cached): not tried in this run.
+                if let Some(e) = self.entries.get_mut(&id) {
+                    e.next = e.next.max(util::now().saturating_add(LATER));
+                }
+                continue;
             }
             match first {
                 Some((key, d)) => match groups.iter_mut().find(|(k, _, _, _)| *k == key) {

@@ -414,6 +414,55 @@ class MxTest(unittest.TestCase):
         self.assertTrue(wait_for(lambda: len(p2.acked) == 1, 15), r.mailq())
         self.assertEqual(r.queue_ids(), [q1])
 
+    def test_one_message_first_destination_down_other_still_delivered(self):
+        """One message for bob@one.example (p1 down) then carol@three.example
+        (p2 up): carol is sent in the first run and recorded, bob waits.
+        Before, the message went to one.example's group only; p1 unreachable
+        deferred every recipient, carol too, run after run, until
+        max_queue_lifetime bounced her though p2 was up all along. Postfix's
+        qmgr keeps a queue per destination: a dead one holds up no other."""
+        z = self.base_zone()
+        z["one.example"] = {"MX": [(10, "p1.example")]}
+        z["three.example"] = {"MX": [(10, "p2.example")]}
+        r = self.relay()
+        p2 = self.primary(P2, r)
+        q = submit(r, ["bob@one.example", "carol@three.example"])
+        self.assertTrue(wait_for(lambda: len(p2.acked) == 1, 15), (r.mailq(), self.queued_error(r, q)))
+        self.assertEqual(self.rcpts_at(p2), ["RCPT TO:<carol@three.example>"])
+        self.assertTrue(wait_for(lambda: "sent carol@three.example" in self.queued_error(r, q), 10), self.queued_error(r, q))
+        st = self.queued_error(r, q)
+        self.assertIn("connect to p1.example[127.0.0.2]", st)
+        self.assertNotIn("sent bob@", st)
+        self.assertEqual(r.queue_ids(), [q])
+
+    def test_dead_dns_of_bounce_domains_does_not_hold_up_relay_domains(self):
+        """Ten queued bounces to sender domains whose DNS never answers (4 s
+        a lookup here: 2 tries of 2 s) and a new message for one.example.
+        Before, each queue run looked every domain up, one after the other,
+        before any delivery began, and failed lookups are not cached: mail
+        for the relay domains waited 40 s a run (a thousand such bounces: over
+        an hour, every run). Now lookups for domains other than relay_domains
+        stop after 10 s of a run; those messages wait a minute."""
+        z = self.base_zone()
+        z["one.example"] = {"MX": [(10, "p1.example")]}
+        for i in range(10):
+            z[f"dead{i}.test"] = {"mode": "silent"}
+        r = self.relay()
+        r.stop()
+        data = b"Subject: bounce\r\n\r\nreturned\r\n"
+        for i in range(10):
+            qid = f"DEAD{i:09d}"
+            head = (f"BARTLEBY-QUEUE 1\nid {qid}\narrival {int(time.time())}\nclient local\nhelo backup.example.org\nfrom \n"
+                    f"rcpt someone@dead{i}.test\nlength {len(data):020}\n\n")
+            with open(os.path.join(r.spool, "queue", qid), "wb") as f:
+                f.write(head.encode() + data)
+        p1 = self.primary(P1, r)
+        r.start()
+        self.assertTrue(wait_for(lambda: sum(1 for n, _ in self.dns.questions if n.startswith("dead")) >= 1, 10))
+        submit(r, ["bob@one.example"])
+        self.assertTrue(wait_for(lambda: len(p1.acked) == 1, 25), r.mailq())
+        self.assertEqual(len(r.queue_ids()), 10)
+
     def test_etrn_default_is_the_mx_hosts(self):
         """Without etrn_allow, the MX hosts more preferred than Bartleby may
         send ETRN (their addresses, learnt in the background); another
