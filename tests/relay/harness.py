@@ -57,6 +57,26 @@ def free_port():
         raise RuntimeError("no free port")
 
 
+def wait_for(cond, timeout=10.0, step=0.05):
+    """Polls cond() until it is truthy or `timeout` seconds pass; returns
+    its last value (so a test can assert on it)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    return cond()
+
+
+def wait_until(pred, timeout, what):
+    """wait_for, failing the test with "timed out waiting for WHAT"."""
+    v = wait_for(pred, timeout)
+    if not v:
+        raise AssertionError(f"timed out waiting for {what}")
+    return v
+
+
 def wait_port(port, host="127.0.0.1", timeout=10.0):
     end = time.time() + timeout
     while time.time() < end:

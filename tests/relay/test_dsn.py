@@ -43,13 +43,7 @@ def reports(fake):
 
 
 def wait(cond, timeout=20.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
+    return harness.wait_for(cond, timeout)
 
 class DsnTest(unittest.TestCase):
     def setUp(self):

@@ -176,15 +176,7 @@ class Exim:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def wait_until(pred, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
+wait_until = harness.wait_until
 
 class EximSender(unittest.TestCase):
     def setUp(self):

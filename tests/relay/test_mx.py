@@ -36,14 +36,7 @@ P1, P2 = "127.0.0.2", "127.0.0.3"
 MSG = b"From: alice@sender.test\r\nSubject: mx\r\n\r\nhello\r\n"
 
 
-def wait_for(cond, timeout):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
+wait_for = harness.wait_for
 
 # ---- a DNS server ---------------------------------------------------------
 

@@ -114,14 +114,7 @@ class AddressPrimary:
         self.sock.close()
 
 
-def wait_until(pred, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
+wait_until = harness.wait_until
 
 def pflogsumm(path):
     out = subprocess.run(["pflogsumm", "--syslog-name=bartleby", path], capture_output=True, text=True, timeout=60)

@@ -36,15 +36,7 @@ USERS = [f"user{i}@example.org" for i in range(10)]
 ALLOWED = "127.0.0.2"
 
 
-def wait_for(cond, timeout=10.0, step=0.05):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(step)
-    return cond()
-
+wait_for = harness.wait_for
 
 class Resp:
     def __init__(self, raw):

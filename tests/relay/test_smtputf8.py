@@ -41,15 +41,7 @@ EHLO_NO_UTF8 = FakePrimary.EHLO_PIPELINING
 BODY = "From: Jörg <jörg@sender.test>\r\nTo: Müller <müller@example.org>\r\nSubject: Grüße\r\n\r\nHallo Müller, schöne Grüße.\r\n".encode()
 
 
-def wait_until(pred, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
+wait_until = harness.wait_until
 
 POSTFIX_MAIN_CF = """\
 # A private Postfix instance for tests/relay/test_smtputf8.py, with the

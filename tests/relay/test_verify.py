@@ -29,14 +29,7 @@ import harness  # noqa: E402
 from harness import Client, Relay, free_port  # noqa: E402
 
 
-def wait_for(cond, timeout):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
-
+wait_for = harness.wait_for
 
 class UserPrimary(harness.FakePrimary):
     """A fake primary that knows `users`: 250 for them, 550 5.1.1 for the
