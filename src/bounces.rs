@@ -339,6 +339,45 @@ mod tests {
         text
     }
 
+    /// RET=FULL of a queue file cut short on disk (its header says more
+    /// bytes than are there): no bounce is queued, an error says why, and
+    /// the original stays (the caller keeps the recipients deferred).
+    #[test]
+    fn ret_full_of_a_truncated_queue_file_queues_nothing() {
+        let root = std::env::temp_dir().join(format!("bartleby-bounce-trunc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let spool = Spool::create(&root).unwrap();
+        let cfg = Config::parse(
+            "hostname = \"backup.example.org\"\nrelay_domains = [\"example.org\"]\nprimary = \"mail.example.org:25\"\n",
+            std::path::Path::new("t"),
+        )
+        .unwrap();
+        let env = Envelope {
+            id: util::QueueId::try_from("AAAA000000002").unwrap(),
+            arrival: 1_795_320_958,
+            sender: "alice@sender.test".into(),
+            recipients: vec!["bob@example.org".into()],
+            ret: "FULL".into(),
+            ..Default::default()
+        };
+        let mut w = spool.begin(&env).unwrap();
+        w.write(&[b'x'; 10_000]).unwrap();
+        w.finish().unwrap();
+        let msg = spool.read("AAAA000000002").unwrap();
+        let path = root.join("queue/AAAA000000002");
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 5000).unwrap();
+        let failed = [("bob@example.org".to_string(), Reply::local(550, "5.1.1 no such user"))];
+        let err = queue_bounce(&cfg, &spool, &msg, &failed, Reason::Rejected).unwrap_err();
+        // The spool's own length check refuses it before a byte is copied.
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("file holds 5000"), "{err}");
+        let ids: Vec<String> = spool.ids().unwrap().iter().map(|i| i.to_string()).collect();
+        assert_eq!(ids, vec!["AAAA000000002".to_string()], "a half bounce was left in the queue");
+        assert_eq!(std::fs::read_dir(root.join("incoming")).unwrap().count(), 0, "a partial bounce was left in incoming/");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
     /// Only the headers are returned (text/rfc822-headers), so the notice
     /// must not say the message is attached. Postfix's default template says
     /// "It's attached below." even when it returns headers only (RET=HDRS
