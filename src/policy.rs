@@ -474,28 +474,16 @@ impl RecipientList {
     /// the directory. Returns false when nothing had to be written.
     fn save(&self, last: &Path) -> std::io::Result<bool> {
         use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         if same_lines(last, self.addresses()) {
             return Ok(false);
         }
-        let tmp = last.with_extension("last.tmp");
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&tmp)?;
-        let mut w = std::io::BufWriter::with_capacity(4096, f);
-        for a in self.addresses() {
-            w.write_all(a.as_bytes())?;
-            w.write_all(b"\n")?;
-        }
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&tmp, last)?;
-        if let Some(dir) = last.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
+        crate::spool::replace_file(last, &last.with_extension("last.tmp"), |w| {
+            for a in self.addresses() {
+                w.write_all(a.as_bytes())?;
+                w.write_all(b"\n")?;
+            }
+            Ok(())
+        })?;
         Ok(true)
     }
 
@@ -1017,7 +1005,7 @@ impl Recipients {
         std::fs::File::open(tmp).and_then(|f| f.sync_all()).map_err(|e| io("sync", tmp, e))?;
         std::fs::rename(tmp, &dest).map_err(|e| io("rename to", &dest, e))?;
         if let Some(dir) = dest.parent() {
-            std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| io("sync", dir, e))?;
+            crate::spool::fsync_dir(dir).map_err(|e| io("sync", dir, e))?;
         }
         let now = std::fs::metadata(&dest).and_then(|m| m.modified()).unwrap_or_else(|_| std::time::SystemTime::now());
         new.path = Some(dest);
@@ -1059,7 +1047,7 @@ fn remove_pushed(p: &Path) {
         Ok(()) => {
             log::info!(target: crate::logging::MASTER, "recipients list: the file is newer than the pushed list; removed {}", p.display());
             if let Some(dir) = p.parent() {
-                let _ = std::fs::File::open(dir).and_then(|f| f.sync_all());
+                let _ = crate::spool::fsync_dir(dir);
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -275,6 +275,22 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Replaces `path` durably: `fill` writes the new content into `tmp` (in
+/// the same directory; never through a symlink, mode 0600), which is
+/// fsynced and renamed over `path`, then the directory is fsynced. A crash
+/// leaves the old file or the new one, never a mix. Blocking.
+pub fn replace_file(path: &Path, tmp: &Path, fill: impl FnOnce(&mut io::BufWriter<File>) -> io::Result<()>) -> io::Result<()> {
+    let f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(tmp)?;
+    let mut w = io::BufWriter::with_capacity(4096, f);
+    fill(&mut w)?;
+    w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    fs::rename(tmp, path)?;
+    match path.parent() {
+        Some(dir) => fsync_dir(dir),
+        None => Ok(()),
+    }
+}
+
 impl Spool {
     /// The spool at `root`, creating its directories (server side). A
     /// subdirectory that is not one (a file, a dangling symlink, a symlink

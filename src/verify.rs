@@ -247,20 +247,13 @@ impl Cache {
     /// that is not one (a bad line, not a regular file) is an error naming
     /// what is wrong; `Ok(None)` when there is no file.
     pub fn load(&mut self, path: &Path, now: u32) -> Result<Option<usize>, String> {
-        let f = match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags_nofollow()
-            .open(path)
-        {
+        // The spool's own opener: no symlink followed, no FIFO waited on,
+        // only a regular file.
+        let f = match crate::spool::open_regular(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err("a symbolic link, not a cache file".into()),
             Err(e) => return Err(e.to_string()),
         };
-        let meta = f.metadata().map_err(|e| e.to_string())?;
-        if !meta.is_file() {
-            return Err(format!("not a regular file ({})", util::file_kind(meta.file_type())));
-        }
         self.read_from(std::io::BufReader::with_capacity(4096, f), now).map(Some)
     }
 
@@ -323,37 +316,10 @@ impl Cache {
     }
 }
 
-trait NoFollow {
-    fn custom_flags_nofollow(&mut self) -> &mut Self;
-}
-
-impl NoFollow for std::fs::OpenOptions {
-    fn custom_flags_nofollow(&mut self) -> &mut Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        self.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-    }
-}
-
-/// Writes `data` to `path` atomically: a temporary file, fsync, rename,
-/// fsync of the directory. Blocking: call it off the runtime.
+/// Writes `data` to `path` atomically (see [`crate::spool::replace_file`]).
+/// Blocking: call it off the runtime.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("cache.tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::spool::replace_file(path, &path.with_extension("cache.tmp"), |w| w.write_all(data))
 }
 
 /// What the primary said to one probe.
