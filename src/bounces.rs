@@ -25,6 +25,9 @@ const MAX_RETURNED_HEADERS: u64 = 64 * 1024;
 /// Room kept for a bounce's own text when the original is returned whole:
 /// the bounce stays within `max_message_size`.
 const BOUNCE_OVERHEAD: u64 = 16 * 1024;
+/// And for each recipient reported: its line in the notice and its
+/// delivery-status block (two addresses, an ORCPT, the diagnostic twice).
+const RCPT_OVERHEAD: u64 = 3 * 1024;
 
 /// What the notification reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +86,7 @@ pub fn queue_bounce(
     let full = failure
         && msg.env.ret == "FULL"
         && msg.size <= cfg.bounce_size_limit
-        && msg.size.saturating_add(BOUNCE_OVERHEAD) <= cfg.max_message_size;
+        && msg.size.saturating_add(BOUNCE_OVERHEAD).saturating_add(RCPT_OVERHEAD.saturating_mul(list.len() as u64)) <= cfg.max_message_size;
     let env = Envelope {
         id: id.clone(),
         arrival: now,
@@ -375,6 +378,47 @@ mod tests {
         let ids: Vec<String> = spool.ids().unwrap().iter().map(|i| i.to_string()).collect();
         assert_eq!(ids, vec!["AAAA000000002".to_string()], "a half bounce was left in the queue");
         assert_eq!(std::fs::read_dir(root.join("incoming")).unwrap().count(), 0, "a partial bounce was left in incoming/");
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// RET=FULL leaves room for each reported recipient: with many of them
+    /// the original goes back as headers only, so the bounce never passes
+    /// max_message_size (a fixed 16 KiB was short by ~2 KB per recipient).
+    #[test]
+    fn ret_full_leaves_room_for_every_reported_recipient() {
+        let root = std::env::temp_dir().join(format!("bartleby-bounce-many-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let spool = Spool::create(&root).unwrap();
+        let cfg = Config::parse(
+            "hostname = \"backup.example.org\"\nrelay_domains = [\"example.org\"]\nprimary = \"mail.example.org:25\"\nmax_message_size = \"100K\"\nbounce_size_limit = \"1M\"\n",
+            std::path::Path::new("t"),
+        )
+        .unwrap();
+        let rcpts: Vec<String> = (0..20).map(|i| format!("user{i:02}@example.org")).collect();
+        let env = Envelope {
+            id: util::QueueId::try_from("AAAA000000003").unwrap(),
+            arrival: 1_795_320_958,
+            sender: "alice@sender.test".into(),
+            recipients: rcpts.clone(),
+            ret: "FULL".into(),
+            ..Default::default()
+        };
+        let mut w = spool.begin(&env).unwrap();
+        w.write(b"Subject: big\r\n\r\n").unwrap();
+        w.write(&[b'x'; 78 * 1024]).unwrap();
+        w.write(b"\r\n").unwrap();
+        w.finish().unwrap();
+        let msg = spool.read("AAAA000000003").unwrap();
+        let long = format!("5.1.1 {}", "no such user ".repeat(60));
+        for (n, whole) in [(1usize, true), (20, false)] {
+            let failed: Vec<(String, Reply)> = rcpts[..n].iter().map(|a| (a.clone(), Reply::local(550, long.clone()))).collect();
+            let id = queue_bounce(&cfg, &spool, &msg, &failed, Reason::Rejected).unwrap().unwrap();
+            let (_, size) = spool.open_data(&id).unwrap();
+            let mut text = String::new();
+            spool.open_data(&id).unwrap().0.read_to_string(&mut text).unwrap();
+            assert_eq!(text.contains("Content-Type: message/rfc822"), whole, "{n} recipients");
+            assert!(size <= cfg.max_message_size, "{n} recipients: bounce of {size} bytes");
+        }
         let _ = std::fs::remove_dir_all(&root);
     }
 

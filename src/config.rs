@@ -281,6 +281,11 @@ impl Config {
     /// True when `domain` (any case, U-labels or A-labels) is one of
     /// `relay_domains`. A name that is not a valid domain never is.
     pub fn is_relay_domain(&self, domain: &str) -> bool {
+        // `relay_domains` holds checked lower-case A-labels: an ASCII domain
+        // compares as it is, with no allocation (this runs for every RCPT).
+        if domain.is_ascii() {
+            return self.relay_domains.iter().any(|d| d.eq_ignore_ascii_case(domain));
+        }
         match crate::punycode::to_ascii(domain) {
             Some(a) => self.relay_domains.contains(&a),
             None => false,
@@ -815,12 +820,27 @@ fn want_path(v: &Value) -> Result<PathBuf, String> {
 /// it would need a DNS lookup before every start, and the appliance logs
 /// before its network is up.
 fn parse_log_host(s: &str) -> Result<SocketAddr, String> {
-    let bad = || format!("`{}` is not an IP address with an optional port (like \"192.168.1.5:514\")", clip(s));
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return if a.port() == 0 { Err(bad()) } else { Ok(a) };
+    parse_ip_port(s, 514).ok_or_else(|| format!("`{}` is not an IP address with an optional port (like \"192.168.1.5:514\")", clip(s)))
+}
+
+/// `ip`, `[ip6]`, `ip:port` or `[ip6]:port` (`[network] dns`, `log_host`),
+/// with `port` when none is given; never port 0, never a name. By hand:
+/// std's SocketAddr parser costs KBs of binary.
+pub fn parse_ip_port(s: &str, port: u16) -> Option<SocketAddr> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Some(SocketAddr::new(ip, port));
     }
-    let ip = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(s);
-    ip.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 514)).map_err(|_| bad())
+    if let Some(ip) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return Some(SocketAddr::new(ip.parse().ok()?, port));
+    }
+    let (host, p) = s.rsplit_once(':')?;
+    let host = match host.strip_prefix('[') {
+        Some(h) => h.strip_suffix(']')?,
+        None if host.contains(':') => return None,
+        None => host,
+    };
+    let p: u16 = p.parse().ok().filter(|p| *p != 0)?;
+    Some(SocketAddr::new(host.parse().ok()?, p))
 }
 
 fn want_opt_path(v: &Value) -> Result<Option<PathBuf>, String> {

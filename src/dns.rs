@@ -226,21 +226,10 @@ pub fn parse(b: &[u8], id: u16, name: &str, qtype: u16) -> Result<Response, &'st
     Ok(Response { rcode, truncated, ttl: if records.is_empty() { 0 } else { ttl }, records })
 }
 
-/// `ip` or `ip:port` or `[ip6]:port` (a `[network] dns` entry); port 53 by default.
+/// A `[network] dns` entry: see [`crate::config::parse_ip_port`]; port 53
+/// by default.
 pub fn parse_server(s: &str) -> Option<SocketAddr> {
-    let s = s.trim();
-    if let Ok(ip) = s.parse::<IpAddr>() {
-        return Some(SocketAddr::new(ip, 53));
-    }
-    // By hand: std's SocketAddr parser costs KBs of binary.
-    let (host, port) = s.rsplit_once(':')?;
-    let host = match host.strip_prefix('[') {
-        Some(h) => h.strip_suffix(']')?,
-        None if host.contains(':') => return None,
-        None => host,
-    };
-    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
-    Some(SocketAddr::new(host.parse().ok()?, port))
+    crate::config::parse_ip_port(s.trim(), 53)
 }
 
 /// The servers to ask: the configured ones, else resolv.conf's.

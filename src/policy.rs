@@ -193,10 +193,9 @@ fn valid_domain_part(d: &str) -> bool {
 /// recipient to store, lower-cased domain.
 pub fn check_recipient(cfg: &Config, raw: &str, parsed: &str, list: &RecipientList, smtputf8: bool) -> Result<String, Refusal> {
     let addr = check_address(cfg, raw, parsed, smtputf8)?;
-    match list.listed(&addr) {
-        Listed::NoList | Listed::Yes => Ok(addr),
-        Listed::Unusable => Err(lookup_failed(&addr)),
-        Listed::No => Err(unknown_in_list(&addr)),
+    match list.listed(&addr).refusal(&addr) {
+        Some(r) => Err(r),
+        None => Ok(addr),
     }
 }
 
@@ -209,6 +208,18 @@ pub enum Listed {
     No,
     /// A list is configured but none can be used.
     Unusable,
+}
+
+impl Listed {
+    /// What the list alone answers: nothing when it accepts (or there is
+    /// none), else its refusal.
+    pub fn refusal(self, addr: &str) -> Option<Refusal> {
+        match self {
+            Listed::NoList | Listed::Yes => None,
+            Listed::No => Some(unknown_in_list(addr)),
+            Listed::Unusable => Some(lookup_failed(addr)),
+        }
+    }
 }
 
 /// A list is configured but none can be used (see Recipients::start):

@@ -545,10 +545,9 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         use policy::Listed;
         let listed = self.ctx.recipients.get().listed(&addr);
         let Some(v) = &self.ctx.verifier else {
-            return match listed {
-                Listed::Yes | Listed::NoList => Ok(addr),
-                Listed::No => Err(policy::unknown_in_list(&addr)),
-                Listed::Unusable => Err(policy::lookup_failed(&addr)),
+            return match listed.refusal(&addr) {
+                Some(r) => Err(r),
+                None => Ok(addr),
             };
         };
         if listed == Listed::Yes {

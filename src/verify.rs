@@ -139,11 +139,11 @@ impl Cache {
                 }
             }
             *e = Entry { ok, checked: now, tried: 0 };
-            self.enforce_negative_cap(now);
+            self.enforce_negative_cap();
             return;
         }
         if !ok && self.negatives >= self.max_negative {
-            self.evict(false, now);
+            self.evict(false);
         }
         if self.map.len() >= self.max {
             self.expire(now);
@@ -153,7 +153,7 @@ impl Cache {
                 // Full of positives: a "no" is not worth a known user.
                 return;
             }
-            self.evict(self.negatives == 0, now);
+            self.evict(self.negatives == 0);
         }
         self.map.insert(addr.into(), Entry { ok, checked: now, tried: 0 });
         if !ok {
@@ -161,9 +161,9 @@ impl Cache {
         }
     }
 
-    fn enforce_negative_cap(&mut self, now: u32) {
+    fn enforce_negative_cap(&mut self) {
         if self.negatives > self.max_negative {
-            self.evict(false, now);
+            self.evict(false);
         }
     }
 
@@ -184,7 +184,7 @@ impl Cache {
     /// Drops the oldest eighth (at least one) of the negative entries, or of
     /// the positive ones with `positive`. A batch, so that a flood of new
     /// addresses costs one scan per eighth of the cap, not one per address.
-    fn evict(&mut self, positive: bool, now: u32) {
+    fn evict(&mut self, positive: bool) {
         let mut times: Vec<u32> = self.map.values().filter(|e| e.ok == positive).map(|e| e.checked).collect();
         if times.is_empty() {
             return;
@@ -210,7 +210,6 @@ impl Cache {
             !go
         });
         self.negatives -= removed_neg;
-        let _ = now;
     }
 
     /// The positive entry most in need of a refresh: answered at least
