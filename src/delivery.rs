@@ -423,18 +423,6 @@ pub struct ConnectError {
 }
 
 impl Connection {
-    /// Resolves the primary (the hosts of `primary`, in order; see
-    /// [`route::hosts_for`](crate::route::hosts_for)), connects, reads the
-    /// greeting and says EHLO (HELO when EHLO is refused). Not for
-    /// `primary = "mx"`: there [`open_to`](Self::open_to) a recipient
-    /// domain's route.
-    pub async fn open(cfg: &Config) -> Result<Connection, ConnectError> {
-        match crate::route::hosts_for(cfg, "").await {
-            Ok(route) => Connection::open_to(cfg, &route.hops, "").await,
-            Err(reply) => Err(ConnectError { reply }),
-        }
-    }
-
     /// Connects to the first of `hops` that answers and greets it.
     /// `nexthop` names the destination in a loop error (the domain; the
     /// host when empty).
@@ -764,10 +752,11 @@ impl Connection {
             }
         }
         mail.push_str("\r\n");
+        let none = crate::dsn::RcptDsn::default();
         let rcpt_lines: Vec<String> = pending
             .iter()
             .map(|a| {
-                let d = if self.dsn { msg.env.dsn_of(a) } else { Default::default() };
+                let d = if self.dsn { msg.env.dsn_of(a) } else { &none };
                 let notify = if d.notify.is_empty() { String::new() } else { format!(" NOTIFY={}", d.notify) };
                 let orcpt = if d.orcpt.is_empty() { String::new() } else { format!(" ORCPT={}", d.orcpt) };
                 format!("RCPT TO:<{}>{notify}{orcpt}\r\n", self.wire(msg, a))

@@ -296,13 +296,6 @@ fn cache_put(name: &str, qtype: u16, answer: Answer, ttl: u32) {
     c.push((name.to_string(), qtype, Cached { expires: now + Duration::from_secs(ttl), answer }));
 }
 
-/// Forgets every cached answer (tests).
-pub fn cache_clear() {
-    if let Ok(mut c) = CACHE.lock() {
-        c.clear();
-    }
-}
-
 pub fn type_name(qtype: u16) -> &'static str {
     match qtype {
         TYPE_A => "A",

@@ -196,27 +196,28 @@ struct Logger {
 }
 
 impl Logger {
-    /// The line without its line end: `STAMP HOST TAG[PID]: TEXT`.
-    fn format(&self, r: &Record<'_>, text: &str, now: std::time::Duration) -> String {
+    /// Appends the line without its line end, `STAMP HOST TAG[PID]: TEXT`,
+    /// with the stamp of `format`.
+    fn write_line(&self, out: &mut String, format: Format, r: &Record<'_>, text: &str, now: std::time::Duration) {
         let tag = if r.target().starts_with("bartleby") { r.target() } else { "bartleby" };
-        let mut line = String::with_capacity(48 + tag.len() + text.len());
-        match self.format {
-            Format::Syslog => bsd_stamp(&mut line, now.as_secs()),
-            Format::Iso => iso_stamp(&mut line, now.as_secs(), now.subsec_millis()),
+        match format {
+            Format::Syslog => bsd_stamp(out, now.as_secs()),
+            Format::Iso => iso_stamp(out, now.as_secs(), now.subsec_millis()),
         }
-        let _ = write!(line, " {} {tag}[{}]: {text}", self.host, self.pid);
-        line
+        let _ = write!(out, " {} {tag}[{}]: {text}", self.host, self.pid);
     }
 
-    /// One RFC 3164 datagram, sent without waiting: dropped and counted if
-    /// the socket cannot take it now.
-    fn send(&self, r: &Record<'_>, text: &str, now: std::time::Duration) {
+    /// One RFC 3164 datagram, `<PRI>` and the syslog-style line (the log's
+    /// own `line` when that is its format), sent without waiting: dropped
+    /// and counted if the socket cannot take it now.
+    fn send(&self, r: &Record<'_>, line: &str, text: &str, now: std::time::Duration) {
         let Some((sock, to)) = &self.udp else { return };
-        let tag = if r.target().starts_with("bartleby") { r.target() } else { "bartleby" };
         let mut d = String::with_capacity(64 + text.len());
         let _ = write!(d, "<{}>", FACILITY_MAIL * 8 + severity(r.level()));
-        bsd_stamp(&mut d, now.as_secs());
-        let _ = write!(d, " {} {tag}[{}]: {text}", self.host, self.pid);
+        match self.format {
+            Format::Syslog => d.push_str(line),
+            Format::Iso => self.write_line(&mut d, Format::Syslog, r, text, now),
+        }
         let mut end = d.len().min(MAX_DATAGRAM);
         while !d.is_char_boundary(end) {
             end -= 1;
@@ -242,11 +243,12 @@ impl Log for Logger {
         };
         let clean = printable(&text);
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let line = self.format(r, &clean, now);
+        let mut line = String::with_capacity(64 + clean.len());
+        self.write_line(&mut line, self.format, r, &clean, now);
         if r.level() <= Level::Info {
             ring_push(&line);
         }
-        self.send(r, &clean, now);
+        self.send(r, &line, &clean, now);
         self.writers.log(&Record::builder().metadata(r.metadata().clone()).args(format_args!("{line}")).build());
     }
 

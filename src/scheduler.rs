@@ -687,7 +687,7 @@ impl Scheduler {
                 Ok(r) => r,
                 Err(reply) => {
                     // A fixed primary whose name does not resolve.
-                    self.primary_down(&key, &label, &reply);
+                    self.primary_down(&key, &reply);
                     for id in ids {
                         if self.suspended() {
                             break;
@@ -751,7 +751,7 @@ impl Scheduler {
                     self.dead.retain(|(k, _, _)| *k != key);
                 }
                 Attempt::Unreached(key, reply) => {
-                    self.primary_down(&key, "", &reply);
+                    self.primary_down(&key, &reply);
                     let Some((_, q)) = queues.iter().find(|(k, _)| *k == key) else { continue };
                     let ids: Vec<QueueId> = q.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
                     for id in ids {
@@ -1046,7 +1046,7 @@ impl Scheduler {
 
     /// A destination could not be reached: new mail for it waits
     /// `minimal_backoff` (the dead-host cache).
-    fn primary_down(&mut self, key: &str, _label: &str, reply: &Reply) {
+    fn primary_down(&mut self, key: &str, reply: &Reply) {
         log::warn!(target: QMGR, "warning: primary unreachable: {}", reply.text);
         self.stats.primary_result(false, &reply.text);
         let until = util::now().saturating_add(self.cfg.minimal_backoff.as_secs());

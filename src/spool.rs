@@ -89,8 +89,13 @@ pub struct Envelope {
 
 impl Envelope {
     /// The DSN parameters of a recipient (empty when none were given).
-    pub fn dsn_of(&self, rcpt: &str) -> crate::dsn::RcptDsn {
-        self.recipients.iter().position(|r| r == rcpt).and_then(|i| self.dsn.get(i)).cloned().unwrap_or_default()
+    /// No copy, and no search when no recipient gave any (the usual case).
+    pub fn dsn_of(&self, rcpt: &str) -> &crate::dsn::RcptDsn {
+        static NONE: crate::dsn::RcptDsn = crate::dsn::RcptDsn { notify: String::new(), orcpt: String::new() };
+        if self.dsn.is_empty() {
+            return &NONE;
+        }
+        self.recipients.iter().position(|r| r == rcpt).and_then(|i| self.dsn.get(i)).unwrap_or(&NONE)
     }
 }
 
