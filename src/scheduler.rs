@@ -119,6 +119,10 @@ struct Dest {
     /// With MX routing: every domain's route, for recipients of other
     /// destinations in the same message.
     routes: Option<Arc<Routes>>,
+    /// Other destinations found unreachable during this run (key, reply):
+    /// their recipients in later messages get the reply at once instead of
+    /// another wait of connect_timeout per message.
+    unreachable: Mutex<Vec<(String, Reply)>>,
 }
 
 /// Opens a destination's first connection, then starts its workers (up to
@@ -209,8 +213,13 @@ async fn deliver_routed(cfg: &Config, conn: Result<&mut Connection, &Reply>, spo
         Ok(conn) => conn.deliver_to(spool, msg, mine).await,
         Err(reply) => Outcome { rcpts: mine.into_iter().map(|a| (a, reply.clone())).collect(), reusable: false, setup: none, xfer: none, dsn: true },
     };
-    for (_, domain, list) in others {
+    for (key, domain, list) in others {
         let Some(Ok((_, rt))) = route_of(routes, &domain) else { continue };
+        let known_down = dest.unreachable.lock().ok().and_then(|u| u.iter().find(|(k, _)| *k == key).map(|(_, r)| r.clone()));
+        if let Some(reply) = known_down {
+            out.rcpts.extend(list.into_iter().map(|a| (a, reply.clone())));
+            continue;
+        }
         match Connection::open_to(cfg, &rt.hops, &domain).await {
             Ok(mut c) => {
                 let o = c.deliver_to(spool, msg, list).await;
@@ -225,7 +234,12 @@ async fn deliver_routed(cfg: &Config, conn: Result<&mut Connection, &Reply>, spo
                 // never one missing).
                 out.dsn &= o.dsn;
             }
-            Err(e) => out.rcpts.extend(list.into_iter().map(|a| (a, e.reply.clone()))),
+            Err(e) => {
+                if let Ok(mut u) = dest.unreachable.lock() {
+                    u.push((key, e.reply.clone()));
+                }
+                out.rcpts.extend(list.into_iter().map(|a| (a, e.reply.clone())));
+            }
         }
     }
     out.rcpts.extend(failed);
@@ -712,7 +726,7 @@ impl Scheduler {
             if let Some((qs, _)) = &mut self.current {
                 qs.push(queue.clone());
             }
-            let dest = Arc::new(Dest { key, label, hops: route.hops, routes: routes.clone() });
+            let dest = Arc::new(Dest { key, label, hops: route.hops, routes: routes.clone(), unreachable: Mutex::new(Vec::new()) });
             tokio::spawn(group(self.cfg.clone(), self.spool.clone(), dest, queue, tx.clone(), shutdown.clone(), self.single_only.clone()));
         }
         drop(tx);

@@ -392,6 +392,25 @@ class MxTest(unittest.TestCase):
         self.assertEqual((len(p1.acked), len(p2.acked)), (4, 1))
         self.assertEqual((p1.connections, p2.connections), (1, 1))
 
+    def test_other_destination_down_is_tried_once_per_run(self):
+        """Messages for one.example (p1, up) that also name three.example
+        (p2, greeting 421): p2 is asked once in the run, not once per
+        message; its recipients are deferred with its reply, p1 gets all."""
+        z = self.base_zone()
+        z["one.example"] = {"MX": [(10, "p1.example")]}
+        z["three.example"] = {"MX": [(10, "p2.example")]}
+        r = self.relay(extra=["delivery_connections = 1"])
+        ids = [submit(r, [f"u{i}@one.example", f"v{i}@three.example"]) for i in range(4)]
+        self.assertTrue(self.deferred_with(r, ids[0], "connect to p"), self.queued_error(r, ids[0]))
+        p1 = self.primary(P1, r)
+        p2 = FakePrimary(r.port, {"greeting": "421 4.3.2 p2 busy"}, host=P2)
+        self.primaries.append(p2)
+        r.flush()
+        self.assertTrue(wait_for(lambda: len(p1.acked) == 4, 15), (len(p1.acked), r.mailq()))
+        for qid in ids:
+            self.assertTrue(self.deferred_with(r, qid, "p2 busy"), self.queued_error(r, qid))
+        self.assertEqual(p2.connections, 1)
+
     def test_one_destination_down_other_delivered(self):
         """one.example's only primary is down, three.example's is up: the
         recipient of three.example is sent, one.example's waits (the dead
