@@ -25,5 +25,6 @@ pub mod session;
 pub mod spool;
 pub mod stats;
 pub mod status;
+pub mod tls;
 pub mod util;
 pub mod verify;
