@@ -130,6 +130,7 @@ class TlsPrimary:
             self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self.ctx.load_cert_chain(cert, key)
         self.commands = []  # (in_tls, line)
+        self.handshakes = []  # seconds each TLS handshake took, seen from here
         self.messages = []
         self.lock = threading.Lock()
         self.srv = socket.socket()
@@ -174,7 +175,9 @@ class TlsPrimary:
                         conn.sendall(b"this is not TLS\r\n" * 4)
                         time.sleep(0.5)
                         return
+                    t0 = time.monotonic()
                     conn = self.ctx.wrap_socket(conn, server_side=True)
+                    self.handshakes.append(time.monotonic() - t0)
                     f = conn.makefile("rb")
                     tls = True
                 elif verb == "DATA":
