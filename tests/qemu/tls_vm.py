@@ -8,6 +8,7 @@ and [tls] primary = "verify" on the FAT partition, then
     (verified against its CA), which times the outbound handshake.
 Prints PASS/FAIL lines, the figures, and "N passed, M failed".
 Usage: tls_vm.py DISK_IMAGE OUT_DIR [MODE...]   (MODE: tcg, icount5; default both)
+       TLS_VM_RSA=1 ...: the VM's certificate with an RSA-2048 key instead
 """
 import os
 import shutil
@@ -159,7 +160,10 @@ def main():
     T.CERTS = certs
     try:
         san = "DNS:mx2.example.org"
-        T.openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "vm.key", cwd=certs)
+        if os.environ.get("TLS_VM_RSA"):  # what an RSA-2048 key costs (not run by run_all.sh)
+            T.openssl("genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "vm.key", cwd=certs)
+        else:
+            T.openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "vm.key", cwd=certs)
         T.openssl("req", "-new", "-key", "vm.key", "-subj", "/CN=mx2.example.org", "-out", "vm.csr", cwd=certs)
         open(os.path.join(certs, "vm.ext"), "w").write(f"basicConstraints=CA:FALSE\nsubjectAltName={san}\n")
         T.openssl("x509", "-req", "-in", "vm.csr", "-CA", "inter.pem", "-CAkey", "inter.key", "-CAcreateserial", "-days", "20",
