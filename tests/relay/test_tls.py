@@ -342,6 +342,21 @@ class Inbound(Base):
         self.assertEqual(c.cmd("RCPT TO:<u@example.org>")[0], 503)
         self.assertIn("plaintext pipelined after STARTTLS discarded", r.read_log())
 
+    def test_garbage_instead_of_a_handshake(self):
+        # Not TLS after the 220: the handshake fails, the session ends,
+        # the relay goes on (Postfix logs "SSL_accept error from ...").
+        r = self.relay()
+        for junk in (b"EHLO again in clear\r\n", b"\x16\x03\x01\xff\xff" + b"\0" * 64, b"\x16\x03\x03\x00\x05\x01\x00\x00\x01\x00"):
+            c = TlsClient(r.port)
+            self.cleanups.append(c.close)
+            c.cmd("EHLO client.test")
+            self.assertEqual(c.cmd("STARTTLS")[0], 220)
+            c.send(junk)
+            self.assertTrue(c.closed(timeout=10), junk)
+        wait_until(lambda: r.read_log().count("SSL_accept error from unknown[127.0.0.1]") == 3, 5, "three handshake errors logged")
+        self.send_one(r)
+        self.assertIsNone(r.proc.poll())
+
     def test_handshake_timeout_and_slot(self):
         # A client that says STARTTLS and never shakes hands holds its slot
         # (smtpd_client_connection_count_limit = 1 refuses a second one)
