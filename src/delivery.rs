@@ -461,6 +461,8 @@ impl Connection {
     /// Connects to the first of `hops` that answers and greets it.
     /// `nexthop` names the destination in a loop error (the domain; the
     /// host when empty).
+    // Without TLS, `plain` (the same host again without STARTTLS) is never read.
+    #[cfg_attr(not(feature = "tls"), allow(unused_assignments, unused_variables))]
     pub async fn open_to(cfg: &Config, hops: &[crate::route::Hop], nexthop: &str) -> Result<Connection, ConnectError> {
         let started = std::time::Instant::now();
         let fail = |text: String| ConnectError { reply: Reply::local(421, format!("4.4.1 {text}")) };
