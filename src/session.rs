@@ -182,7 +182,7 @@ where
             return;
         }
     };
-    let what = crate::tls::describe(tls.get_ref().1);
+    let what = crate::tls::describe_conn(&tls.conn);
     log::info!(target: SMTPD, "Anonymous TLS connection established from {}: {what}", s.client);
     let (trd, twr) = tokio::io::split(tls);
     let mut trd = BufReader::with_capacity(READ_BUF, trd);

@@ -228,8 +228,7 @@ mod imp {
     use crate::logging::MASTER;
     use crate::stats::Stats;
 
-    pub use tokio_rustls::client::TlsStream as ClientStream;
-    pub use tokio_rustls::server::TlsStream as ServerStream;
+    pub use crate::tls_io::TlsIo;
 
     /// How often the watcher looks at the certificate and key files.
     const WATCH_INTERVAL: Duration = Duration::from_secs(2);
@@ -402,8 +401,17 @@ mod imp {
     }
 
     /// Runs the server side of the handshake on `stream`.
-    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(config: Arc<ServerConfig>, stream: S) -> std::io::Result<ServerStream<S>> {
-        tokio_rustls::TlsAcceptor::from(config).accept(stream).await
+    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(config: Arc<ServerConfig>, stream: S) -> std::io::Result<TlsIo<S>> {
+        let conn = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
+        crate::tls_io::handshake(rustls::Connection::Server(conn), stream).await
+    }
+
+    /// [`describe`] of either side.
+    pub fn describe_conn(c: &rustls::Connection) -> String {
+        match c {
+            rustls::Connection::Client(c) => describe(c),
+            rustls::Connection::Server(c) => describe(c),
+        }
     }
 
     /// How far the primary's certificate was checked, in Postfix's words.
@@ -511,13 +519,13 @@ mod imp {
             &self,
             host: &str,
             stream: S,
-        ) -> std::io::Result<(ClientStream<S>, Trust, String)> {
+        ) -> std::io::Result<(TlsIo<S>, Trust, String)> {
             let name = ServerName::try_from(host.trim_end_matches('.').to_string())
                 .unwrap_or_else(|_| ServerName::try_from("invalid.invalid".to_string()).expect("a valid name"));
-            let tls = tokio_rustls::TlsConnector::from(self.config.clone()).connect(name.clone(), stream).await?;
-            let conn = tls.get_ref().1;
-            let trust = self.judge(conn.peer_certificates().unwrap_or(&[]), &name);
-            let what = describe(conn);
+            let conn = rustls::ClientConnection::new(self.config.clone(), name.clone()).map_err(std::io::Error::other)?;
+            let tls = crate::tls_io::handshake(rustls::Connection::Client(conn), stream).await?;
+            let trust = self.judge(tls.conn.peer_certificates().unwrap_or(&[]), &name);
+            let what = describe_conn(&tls.conn);
             Ok((tls, trust, what))
         }
 
