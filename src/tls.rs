@@ -583,7 +583,7 @@ mod imp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -607,7 +607,7 @@ mod tests {
     /// `openssl x509 -req ... -days 3650` with subjectAltName
     /// DNS:mx.example.org, DNS:localhost, IP:127.0.0.1.
     #[cfg(feature = "tls")]
-    const CERT: &str = "-----BEGIN CERTIFICATE-----
+    pub const CERT: &str = "-----BEGIN CERTIFICATE-----
 MIIBuDCCAV6gAwIBAgIURkz9Q4QDJCpLOUBTJYbk+oIiKGAwCgYIKoZIzj0EAwIw
 EjEQMA4GA1UEAwwHVGVzdCBDQTAeFw0yNjEyMDMxNTI0NTZaFw0zNjExMzAxNTI0
 NTZaMCsxFzAVBgNVBAMMDm14LmV4YW1wbGUub3JnMRAwDgYDVQQKDAdFeGFtcGxl

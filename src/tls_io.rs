@@ -192,3 +192,78 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsIo<S> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+    /// The key of `crate::tls::tests::CERT` (a test key, nothing else).
+    const KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQge9KCh2Hzlo0C6nKJ
+eXJBM3PQQwqQHedoVeLPfVKqO4GhRANCAAT6VJ+54OSdUxRuC27vM5zDdG4AGaMK
+lqow0IPJzR8V0k4o6wGHRnGbhZsn7DXSohRfFIw7uf18d0wgwr7oh2Pu
+-----END PRIVATE KEY-----";
+
+    #[test]
+    fn both_sides_talk_through_tls_io() {
+        let dir = std::env::temp_dir().join(format!("bartleby-tls-io-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, crate::tls::tests::CERT).unwrap();
+        std::fs::write(&key, KEY).unwrap();
+        let pair = crate::tls::load_pair(&cert, &key).unwrap();
+        let cfg = crate::config::Config::parse(
+            "hostname = \"b.example.org\"\nrelay_domains = [\"example.org\"]\nprimary = \"192.0.2.1:25\"\n[tls]\nprimary = \"encrypt\"\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let client = crate::tls::Client::new(&cfg).unwrap().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (a, b) = tokio::io::duplex(4096);
+            let server = async {
+                let s = crate::tls::accept(Arc::clone(&pair.config), a).await.unwrap();
+                let (rd, mut wr) = tokio::io::split(s);
+                let mut rd = BufReader::new(rd);
+                let mut line = String::new();
+                rd.read_line(&mut line).await.unwrap();
+                assert_eq!(line, "EHLO client\r\n");
+                // 100 KB: several records, more than the pipe holds.
+                let big = vec![b'x'; 100_000];
+                wr.write_all(&big).await.unwrap();
+                wr.flush().await.unwrap();
+                // The client's close_notify: end of stream.
+                let mut rest = Vec::new();
+                rd.read_to_end(&mut rest).await.unwrap();
+                assert_eq!(rest, b"bye");
+                wr.shutdown().await.unwrap();
+            };
+            let client = async {
+                let (mut c, trust, what) = client.connect("mx.example.org", b).await.unwrap();
+                // Not vouched for by any ca_file: "Untrusted", as Postfix says.
+                assert_eq!(trust, crate::tls::Trust::Untrusted);
+                assert!(what.starts_with("TLSv1.3 with cipher TLS_"), "{what}");
+                c.write_all(b"EHLO client\r\n").await.unwrap();
+                c.flush().await.unwrap();
+                let mut got = vec![0u8; 100_000];
+                c.read_exact(&mut got).await.unwrap();
+                assert!(got.iter().all(|&b| b == b'x'));
+                c.write_all(b"bye").await.unwrap();
+                c.shutdown().await.unwrap();
+                let mut end = Vec::new();
+                c.read_to_end(&mut end).await.unwrap();
+                assert!(end.is_empty());
+            };
+            tokio::join!(server, client);
+        });
+        // A peer that closes mid-handshake: an error, not a hang.
+        rt.block_on(async {
+            let (a, b) = tokio::io::duplex(4096);
+            drop(b);
+            assert!(crate::tls::accept(Arc::clone(&pair.config), a).await.is_err());
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
