@@ -8,7 +8,7 @@ BIN=${2:-bartleby}
 SYSROOT=$(readlink -f "$OUT/sysroot486")
 [ -f "$SYSROOT/lib/libc.a" ] || die "no i486 musl sysroot; run image/build-musl.sh"
 TARGET_JSON=$IMAGE_DIR/i486-unknown-linux-musl.json
-srcfiles() { (cd "$CRATE" && find Cargo.toml Cargo.lock src build.rs "$@" -type f 2>/dev/null | LC_ALL=C sort); }
+srcfiles() { (cd "$CRATE" && find Cargo.toml Cargo.lock .cargo src build.rs "$@" -type f 2>/dev/null | LC_ALL=C sort); }
 H=$( { for f in $(srcfiles); do echo "== $f"; cat "$CRATE/$f"; done
        cat "$TOP/src/init.rs" "$TOP/src/netcfg.rs" "$TOP/src/config.rs" 2>/dev/null   # #[path]-included by image/pid1-probe
        cat "$TARGET_JSON" "$IMAGE_DIR/i486-bartleby-musl-cc" "$0"; echo "$SYSROOT $BIN $CRATE"; rustc -vV; } | sha256sum | cut -c1-16)

@@ -149,6 +149,57 @@ pub struct NetworkConfig {
     pub dns: Vec<String>,
 }
 
+/// `[tls] primary`: TLS towards the primary, as Postfix's
+/// smtp_tls_security_level (none, may, encrypt, verify).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsLevel {
+    /// Never STARTTLS.
+    None,
+    /// STARTTLS when offered; in clear otherwise.
+    May,
+    /// STARTTLS or defer: never in clear; any certificate.
+    Encrypt,
+    /// STARTTLS with a certificate that `ca_file` vouches for (and the host
+    /// name), or whose SHA-256 is `primary_fingerprint`; else defer.
+    Verify,
+}
+
+/// The `[tls]` table (absent: no TLS either way, as before).
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// A `[tls]` table was written (a build without TLS refuses it).
+    pub present: bool,
+    /// PEM chain offered with STARTTLS (Postfix's smtpd_tls_cert_file).
+    pub certificate: Option<PathBuf>,
+    /// PEM private key (smtpd_tls_key_file).
+    pub key: Option<PathBuf>,
+    /// smtp_tls_security_level towards the primary; "may" with a `[tls]`
+    /// table, "none" without.
+    pub primary: TlsLevel,
+    /// Trust anchors for the primary's certificate (smtp_tls_CAfile).
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 of the primary's leaf certificate (smtp_tls_fingerprint_cert_match
+    /// with smtp_tls_fingerprint_digest = sha256).
+    pub primary_fingerprint: Option<[u8; 32]>,
+}
+
+/// Parses `sha256:AB:CD:...` (or plain hex, with or without colons).
+pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
+    let t = s.trim();
+    let hex = t.strip_prefix("sha256:").or_else(|| t.strip_prefix("SHA256:")).unwrap_or(t);
+    let digits: Vec<u8> = hex.bytes().filter(|&b| b != b':').collect();
+    let bad = || format!("`{}` is not a SHA-256 fingerprint (64 hex digits, like \"sha256:3A:7F:...\")", clip(s));
+    if digits.len() != 64 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in digits.chunks(2).enumerate() {
+        let h = std::str::from_utf8(pair).map_err(|_| bad())?;
+        out[i] = u8::from_str_radix(h, 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -228,6 +279,8 @@ pub struct Config {
     /// Largest original returned whole in a bounce (RET=FULL); a larger
     /// one is returned as its headers (Postfix's bounce_size_limit).
     pub bounce_size_limit: u64,
+    /// STARTTLS in and out (see [`crate::tls`]).
+    pub tls: TlsConfig,
 }
 
 /// `verify_unknown`: queue the mail, or answer 450 4.1.1.
@@ -322,8 +375,11 @@ pub struct Item {
     pub line: usize,
 }
 
+/// A `[tls]` table in a build without the `tls` feature.
+const NO_TLS: &str = "[tls]: this build of Bartleby has no TLS (built without the `tls` feature, as the floppy image may be): \
+                      remove the [tls] table, or run the disk or CD image";
 /// The tables a configuration may have.
-const TABLES: [&str; 2] = ["status", "network"];
+const TABLES: [&str; 3] = ["status", "network", "tls"];
 
 /// Largest configuration file read: far more than any real configuration
 /// (the example is 1.5 KiB), small enough to read whole on a 16 MB machine.
@@ -374,7 +430,10 @@ pub fn parse_toml_with(text: &str, mut each: impl FnMut(Item) -> Result<(), (usi
                 return Err((lineno, format!("`[{}]` is not a valid table name", clip(name))));
             }
             if !TABLES.contains(&name) {
-                return Err((lineno, format!("unknown table `[{name}]` (known: [status], [network])")));
+                return Err((lineno, format!("unknown table `[{name}]` (known: [status], [network], [tls])")));
+            }
+            if name == "tls" && !cfg!(feature = "tls") {
+                return Err((lineno, NO_TLS.into()));
             }
             if seen_tables.iter().any(|t| t == name) {
                 return Err((lineno, format!("table `[{name}]` appears twice")));
@@ -936,6 +995,7 @@ impl Builder {
             verify_cache_size: 2000,
             delay_warning_time: Duration::ZERO,
             bounce_size_limit: 50_000,
+            tls: TlsConfig { present: false, certificate: None, key: None, primary: TlsLevel::None, ca_file: None, primary_fingerprint: None },
         };
         Builder { c, seen: Vec::new() }
     }
@@ -1206,9 +1266,27 @@ impl Builder {
             ("", "smtp_tcp_port") => want_range(v, 1, 65535, "").map(|n| c.smtp_tcp_port = n as u16),
             ("", "delay_warning_time") => want_duration_max(v, 100 * 86400, "100d").map(|d| c.delay_warning_time = d),
             ("", "bounce_size_limit") => want_range(v, 0, MAX_MESSAGE_SIZE, " (1G)").map(|n| c.bounce_size_limit = n),
-            ("", "status") | ("", "network") => Err(format!("`{}` is a table: write it as [{}]", it.key, it.key)),
+            ("tls", "certificate") => want_opt_path(v).map(|p| c.tls.certificate = p),
+            ("tls", "key") => want_opt_path(v).map(|p| c.tls.key = p),
+            ("tls", "ca_file") => want_opt_path(v).map(|p| c.tls.ca_file = p),
+            ("tls", "primary") => {
+                c.tls.primary = match want_str(v)? {
+                    "none" => TlsLevel::None,
+                    "may" => TlsLevel::May,
+                    "encrypt" => TlsLevel::Encrypt,
+                    "verify" => TlsLevel::Verify,
+                    o => return Err(format!("`{}` must be \"none\", \"may\", \"encrypt\" or \"verify\"", clip(o))),
+                };
+                Ok(())
+            }
+            ("tls", "primary_fingerprint") => {
+                let s = want_str(v)?;
+                c.tls.primary_fingerprint = if s.is_empty() { None } else { Some(parse_fingerprint(s)?) };
+                Ok(())
+            }
+            ("", "status") | ("", "network") | ("", "tls") => Err(format!("`{}` is a table: write it as [{}]", it.key, it.key)),
             ("", k) => Err(format!("unknown key `{k}`")),
-            ("status", _) | ("network", _) => Err(format!("unknown key `{full}`")),
+            ("status", _) | ("network", _) | ("tls", _) => Err(format!("unknown key `{full}`")),
             (t, _) => Err(format!("unknown table `[{t}]`")),
         })();
         let key_tick = format!("`{}`", it.key);
@@ -1229,6 +1307,8 @@ impl Builder {
 
     fn finish(mut self) -> Result<Config, (usize, String)> {
         let client_limit_set = self.line_of("smtpd_client_connection_count_limit") != 0;
+        let tls_first = self.seen.iter().find(|(k, _)| k.starts_with("tls.")).map(|(_, l)| *l);
+        let tls_lines = [self.line_of("tls.certificate"), self.line_of("tls.key"), self.line_of("tls.primary")];
         let c = &mut self.c;
         if c.hostname.is_empty() {
             return Err((0, "`hostname` is required (the EHLO name, like \"backup.example.org\")".into()));
@@ -1273,6 +1353,28 @@ impl Builder {
                 self.line_of("status.push_allow"),
                 "`status.push_allow` needs `status.push_token_file`: a file holding the token the primary sends (Authorization: Bearer)".into(),
             ));
+        }
+        if let Some(first) = tls_first {
+            let t = &mut c.tls;
+            t.present = true;
+            if !cfg!(feature = "tls") {
+                return Err((first, NO_TLS.into()));
+            }
+            // "may" unless written.
+            if tls_lines[2] == 0 {
+                t.primary = TlsLevel::May;
+            }
+            if t.certificate.is_some() != t.key.is_some() {
+                let (has, lacks, line) =
+                    if t.certificate.is_some() { ("certificate", "key", tls_lines[0]) } else { ("key", "certificate", tls_lines[1]) };
+                return Err((line, format!("`tls.{has}` needs `tls.{lacks}`")));
+            }
+            if t.primary == TlsLevel::Verify && t.ca_file.is_none() && t.primary_fingerprint.is_none() {
+                return Err((
+                    tls_lines[2],
+                    "`tls.primary = \"verify\"` needs `tls.ca_file` (the CA that signed the primary's certificate) or `tls.primary_fingerprint`".into(),
+                ));
+            }
         }
         if let Some(e) = self_loop(c) {
             return Err((self.line_of("primary"), e));
@@ -1571,6 +1673,57 @@ allow = ["127.0.0.1/32", "192.168.1.0/24", "fe80::/10"]
 
     fn err(extra: &str) -> ConfigError {
         parse(&format!("{MIN}{extra}")).unwrap_err()
+    }
+
+    #[test]
+    fn tls_table() {
+        // No [tls]: no TLS either way, as before the table existed.
+        let c = parse(MIN).unwrap();
+        assert!(!c.tls.present);
+        assert_eq!(c.tls.primary, TlsLevel::None);
+        if !cfg!(feature = "tls") {
+            // A build without TLS refuses the table, even empty, and says why.
+            for t in ["[tls]\n", "[tls]\nprimary = \"may\"\n"] {
+                let e = err(t);
+                assert!(e.message.contains("this build of Bartleby has no TLS"), "{e}");
+                assert_eq!(e.line, 4, "{e}");
+            }
+            return;
+        }
+        let c = parse(&format!("{MIN}[tls]\ncertificate = \"/boot/tls/fullchain.pem\"\nkey = \"/boot/tls/privkey.pem\"\n")).unwrap();
+        assert!(c.tls.present);
+        // "may" by default once there is a [tls] table.
+        assert_eq!(c.tls.primary, TlsLevel::May);
+        assert_eq!(c.tls.certificate.as_deref(), Some(Path::new("/boot/tls/fullchain.pem")));
+        let c = parse(&format!("{MIN}[tls]\nprimary = \"none\"\n")).unwrap();
+        assert_eq!(c.tls.primary, TlsLevel::None);
+        let c = parse(&format!("{MIN}[tls]\nprimary = \"verify\"\nprimary_fingerprint = \"sha256:{}\"\n", ["AB"; 32].join(":"))).unwrap();
+        assert_eq!(c.tls.primary_fingerprint, Some([0xab; 32]));
+        let e = err("[tls]\ncertificate = \"/a.pem\"\n");
+        assert!(e.message.contains("`tls.certificate` needs `tls.key`") && e.line == 5, "{e}");
+        let e = err("[tls]\nkey = \"/a.key\"\n");
+        assert!(e.message.contains("`tls.key` needs `tls.certificate`") && e.line == 5, "{e}");
+        let e = err("[tls]\nprimary = \"verify\"\n");
+        assert!(e.message.contains("needs `tls.ca_file`") && e.line == 5, "{e}");
+        let e = err("[tls]\nprimary = \"secure\"\n");
+        assert!(e.message.contains("tls.primary: `secure` must be"), "{e}");
+        let e = err("[tls]\nprimary_fingerprint = \"sha256:AB:CD\"\n");
+        assert!(e.message.contains("not a SHA-256 fingerprint"), "{e}");
+        let e = err("[tls]\ncert = \"/a\"\n");
+        assert!(e.message.contains("unknown key `tls.cert`"), "{e}");
+        let e = err("[tls]\ncertificate = \"relative.pem\"\nkey = \"/k\"\n");
+        assert_eq!(e.line, 5, "{e}");
+    }
+
+    #[test]
+    fn fingerprints() {
+        let hex: String = (0..32).map(|i| format!("{i:02x}")).collect();
+        let want: Vec<u8> = (0..32).collect();
+        assert_eq!(parse_fingerprint(&hex).unwrap().to_vec(), want);
+        assert_eq!(parse_fingerprint(&format!("SHA256:{}", hex.to_uppercase())).unwrap().to_vec(), want);
+        assert!(parse_fingerprint(&hex[..62]).is_err());
+        assert!(parse_fingerprint(&format!("{}zz", &hex[..62])).is_err());
+        assert!(parse_fingerprint(&format!("{hex}00")).is_err());
     }
 
     #[test]

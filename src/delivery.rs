@@ -327,6 +327,7 @@ pub enum Stage {
     Dot,
     Rset,
     Quit,
+    StartTls,
 }
 
 impl Stage {
@@ -342,6 +343,7 @@ impl Stage {
             Stage::Dot => "sending end of data -- message may be sent more than once",
             Stage::Rset => "sending RSET",
             Stage::Quit => "sending QUIT",
+            Stage::StartTls => "sending STARTTLS",
         }
     }
 
@@ -356,13 +358,14 @@ impl Stage {
             Stage::Dot => "in reply to end of DATA command",
             Stage::Rset => "in reply to RSET command",
             Stage::Quit => "in reply to QUIT command",
+            Stage::StartTls => "in reply to STARTTLS command",
         }
     }
 
     /// The codes that mean "go on" here (RFC 5321 4.3.2).
     fn success(self, code: u16) -> bool {
         match self {
-            Stage::Greeting => code == 220,
+            Stage::Greeting | Stage::StartTls => code == 220,
             Stage::Ehlo | Stage::Helo => code == 250,
             Stage::Data => code == 354,
             Stage::Mail | Stage::Rcpt | Stage::Dot | Stage::Rset | Stage::Quit => (200..300).contains(&code),
@@ -390,8 +393,36 @@ pub struct Outcome {
     pub dsn: bool,
 }
 
-type Reader = BufReader<Box<dyn AsyncRead + Send + Unpin>>;
-type Writer = BufWriter<Box<dyn AsyncWrite + Send + Unpin>>;
+/// A connection's byte stream: a socket, TLS over it, or a pipe (tests).
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+type BoxStream = Box<dyn Stream>;
+type Reader = BufReader<tokio::io::ReadHalf<BoxStream>>;
+type Writer = BufWriter<tokio::io::WriteHalf<BoxStream>>;
+
+/// Two one-way pipes as one stream ([`Connection::handshake`]).
+struct Duplex {
+    rd: Box<dyn AsyncRead + Send + Unpin>,
+    wr: Box<dyn AsyncWrite + Send + Unpin>,
+}
+
+impl AsyncRead for Duplex {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.rd).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Duplex {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.wr).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.wr).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.wr).poll_shutdown(cx)
+    }
+}
 
 /// An open, greeted connection to the primary.
 pub struct Connection {
@@ -414,6 +445,10 @@ pub struct Connection {
     /// The stage of the last reply read: what any further input would be
     /// "more than its reply" to.
     last: Stage,
+    /// The primary offers STARTTLS (RFC 3207).
+    starttls: bool,
+    /// The TLS session, as Postfix logs it; None: in clear.
+    pub tls: Option<String>,
 }
 
 /// A failure to reach or talk to the primary at all.
@@ -426,38 +461,130 @@ impl Connection {
     /// Connects to the first of `hops` that answers and greets it.
     /// `nexthop` names the destination in a loop error (the domain; the
     /// host when empty).
+    // Without TLS, `plain` (the same host again without STARTTLS) is never read.
+    #[cfg_attr(not(feature = "tls"), allow(unused_assignments, unused_variables))]
     pub async fn open_to(cfg: &Config, hops: &[crate::route::Hop], nexthop: &str) -> Result<Connection, ConnectError> {
         let started = std::time::Instant::now();
         let fail = |text: String| ConnectError { reply: Reply::local(421, format!("4.4.1 {text}")) };
         let mut last = fail(format!("no address for {}", if nexthop.is_empty() { cfg.primary.as_str() } else { nexthop }));
-        for hop in hops {
+        // `plain`: the same hop again without STARTTLS (see `secure`).
+        let (mut i, mut plain) = (0, false);
+        while let Some(hop) = hops.get(i) {
             let addr: SocketAddr = hop.addr;
             let relay = format!("{}[{}]:{}", hop.name, addr.ip(), addr.port());
             let stream = match timeout(cfg.connect_timeout, TcpStream::connect(addr)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     last = fail(format!("connect to {relay}: {e}"));
+                    (i, plain) = (i + 1, false);
                     continue;
                 }
                 Err(_) => {
                     last = fail(format!("connect to {relay}: Connection timed out"));
+                    (i, plain) = (i + 1, false);
                     continue;
                 }
             };
             let _ = stream.set_nodelay(true);
             let fd = stream.as_raw_fd();
-            let (r, w) = stream.into_split();
-            let mut c = Connection::new(Box::new(r), Box::new(w), Some(fd), relay, cfg);
+            let mut c = Connection::new(Box::new(stream), Some(fd), relay, cfg);
             let host = if nexthop.is_empty() { hop.name.as_str() } else { nexthop };
             match c.greet(&cfg.hostname, host).await {
+                #[cfg(feature = "tls")]
+                Ok(()) if !plain => match c.secure(cfg, &hop.name, host).await {
+                    Ok(mut c) => {
+                        c.setup = started.elapsed();
+                        return Ok(c);
+                    }
+                    Err((reply, again_in_clear)) => {
+                        last = ConnectError { reply };
+                        if again_in_clear {
+                            // As Postfix under "may" (RETRY_AS_PLAINTEXT):
+                            // the same host again at once, in clear.
+                            plain = true;
+                            continue;
+                        }
+                    }
+                },
                 Ok(()) => {
                     c.setup = started.elapsed();
                     return Ok(c);
                 }
                 Err(reply) => last = ConnectError { reply },
             }
+            plain = false;
+            i += 1;
         }
         Err(last)
+    }
+
+    /// STARTTLS after the EHLO, as `[tls] primary` says (Postfix's
+    /// smtp_tls_security_level): then EHLO again inside TLS. Err carries
+    /// the defer reason, and whether to try the host again in clear (a
+    /// failed handshake under "may", as Postfix does). Never sends mail in
+    /// clear under "encrypt" or "verify".
+    #[cfg(feature = "tls")]
+    async fn secure(mut self, cfg: &Config, host: &str, nexthop: &str) -> Result<Connection, (Reply, bool)> {
+        use crate::config::TlsLevel;
+        use crate::tls::{Client, Trust};
+        let fail = |status: &str, text: String| (Reply::local(421, format!("{status} {text}")), false);
+        let level = cfg.tls.primary;
+        let client = match Client::get(cfg) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Ok(self),
+            Err(e) if level == TlsLevel::May => {
+                log::warn!(target: SMTP, "warning: TLS to {} not tried: {e}", self.relay);
+                return Ok(self);
+            }
+            Err(e) => return Err(fail("4.7.5", format!("TLS is required, but our TLS engine is unavailable: {e}"))),
+        };
+        if !self.starttls {
+            if level == TlsLevel::May {
+                return Ok(self);
+            }
+            return Err(fail("4.7.4", format!("TLS is required, but was not offered by host {}", self.relay)));
+        }
+        self.send("STARTTLS\r\n", Stage::StartTls).await.map_err(|r| (r, false))?;
+        let r = self.reply(Stage::StartTls).await.map_err(|r| (r, false))?;
+        if r.code != 220 {
+            if level == TlsLevel::May {
+                // Postfix: "Else try to continue in plain-text mode".
+                return Ok(self);
+            }
+            return Err(fail("4.7.5", format!("TLS is required, but host {} refused to start TLS: {}", self.relay, r.text)));
+        }
+        // Anything the primary sent after its 220 is dropped with the
+        // buffer, never read as a reply inside TLS (Postfix purges it too).
+        let relay = self.relay.clone();
+        let stream = self.rd.into_inner().unsplit(self.wr.into_inner());
+        let (tls, trust, what) = match timeout(self.timeout, client.connect(host, stream)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                log::info!(target: SMTP, "SSL_connect error to {relay}: {e}");
+                let r = Reply::local(421, format!("4.7.5 Cannot start TLS: handshake failure with host {relay}: {e}"));
+                return Err((r, level == TlsLevel::May));
+            }
+            Err(_) => {
+                log::info!(target: SMTP, "SSL_connect error to {relay}: timeout");
+                let r = Reply::local(421, format!("4.7.5 Cannot start TLS: handshake with host {relay} timed out"));
+                return Err((r, level == TlsLevel::May));
+            }
+        };
+        log::info!(target: SMTP, "{} TLS connection established to {relay}: {what}", trust.word());
+        // The socket now carries TLS records (a session ticket may come at
+        // any time): unsolicited input is looked for above TLS only.
+        let mut c = Connection::new(Box::new(tls), None, relay, cfg);
+        c.tls = Some(what);
+        if level == TlsLevel::Verify && trust != Trust::Verified {
+            // A usable session: polite QUIT, then defer (Postfix does so).
+            let why = if trust == Trust::Trusted { "Server certificate not verified" } else { "Server certificate not trusted" };
+            log::info!(target: SMTP, "{}: {why}", c.relay);
+            let relay = c.relay.clone();
+            c.quit().await;
+            return Err(fail("4.7.5", format!("{why} (host {relay}, [tls] primary = \"verify\")")));
+        }
+        c.ehlo(&cfg.hostname, nexthop).await.map_err(|r| (r, false))?;
+        Ok(c)
     }
 
     /// Greets the primary over an open byte stream: the part of
@@ -472,20 +599,15 @@ impl Connection {
         cfg: &Config,
     ) -> Result<Connection, ConnectError> {
         let host = relay.split('[').next().unwrap_or_default().to_string();
-        let mut c = Connection::new(rd, wr, fd, relay, cfg);
+        let mut c = Connection::new(Box::new(Duplex { rd, wr }), fd, relay, cfg);
         match c.greet(&cfg.hostname, &host).await {
             Ok(()) => Ok(c),
             Err(reply) => Err(ConnectError { reply }),
         }
     }
 
-    fn new(
-        rd: Box<dyn AsyncRead + Send + Unpin>,
-        wr: Box<dyn AsyncWrite + Send + Unpin>,
-        fd: Option<RawFd>,
-        relay: String,
-        cfg: &Config,
-    ) -> Connection {
+    fn new(stream: BoxStream, fd: Option<RawFd>, relay: String, cfg: &Config) -> Connection {
+        let (rd, wr) = tokio::io::split(stream);
         Connection {
             rd: BufReader::with_capacity(2048, rd),
             wr: BufWriter::with_capacity(8192, wr),
@@ -500,6 +622,8 @@ impl Connection {
             timeout: cfg.delivery_timeout,
             used: false,
             last: Stage::Greeting,
+            starttls: false,
+            tls: None,
         }
     }
 
@@ -514,6 +638,13 @@ impl Connection {
             log::warn!(target: SMTP, "warning: host {} greeted me with my own hostname {hostname}", self.relay);
             return Err(loops_back(nexthop));
         }
+        self.ehlo(hostname, nexthop).await
+    }
+
+    /// EHLO (HELO if refused), and what the reply offers; again after
+    /// STARTTLS, where every capability is learnt anew.
+    async fn ehlo(&mut self, hostname: &str, nexthop: &str) -> Result<(), Reply> {
+        (self.pipelining, self.eightbit, self.smtputf8, self.dsn, self.size_limit, self.starttls) = (false, false, false, false, None, false);
         self.send(&format!("EHLO {hostname}\r\n"), Stage::Ehlo).await?;
         let ehlo = self.read(Stage::Ehlo).await?;
         self.judge(Stage::Ehlo, ehlo.reply.clone())?;
@@ -542,6 +673,7 @@ impl Connection {
                     "8BITMIME" => self.eightbit = true,
                     "SMTPUTF8" => self.smtputf8 = true,
                     "DSN" => self.dsn = true,
+                    "STARTTLS" => self.starttls = true,
                     // "SIZE 0" (no limit), junk, or a number past u64: no limit.
                     "SIZE" => self.size_limit = words.next().and_then(|n| n.parse::<u64>().ok()).filter(|n| *n > 0),
                     _ => {}

@@ -25,5 +25,8 @@ pub mod session;
 pub mod spool;
 pub mod stats;
 pub mod status;
+pub mod tls;
+#[cfg(feature = "tls")]
+pub mod tls_io;
 pub mod util;
 pub mod verify;

@@ -90,6 +90,14 @@ fn main() -> ExitCode {
                         return ExitCode::from(78);
                     }
                 }
+                #[cfg(feature = "tls")]
+                match bartleby::tls::check(&c) {
+                    Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+                    Err(e) => {
+                        eprintln!("bartleby: {e}");
+                        return ExitCode::from(78);
+                    }
+                }
                 match bartleby::status::check_push(&c) {
                     Ok(true) => println!("recipients list push: enabled (PUT /recipients)"),
                     Ok(false) => {}

@@ -97,7 +97,13 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
         queued: tx,
         etrn_allow: etrn_allow(&cfg),
         verifier: cfg.verify_recipients.then(|| crate::verify::Verifier::start(cfg.clone(), stats.clone(), &spool)),
+        #[cfg(feature = "tls")]
+        tls: crate::tls::Server::start(&cfg, stats.clone()),
     });
+    #[cfg(feature = "tls")]
+    if let Err(e) = crate::tls::Client::get(&cfg) {
+        log::error!(target: MASTER, "error: TLS to the primary: {e}; deliveries that need TLS are deferred");
+    }
     // The list is reread on its own thread, never on the SMTP runtime.
     ctx.recipients.watch(stats.clone()).map_err(|e| format!("recipients list watcher: {e}"))?;
     if cfg.etrn_allow.is_empty() {

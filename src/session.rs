@@ -51,6 +51,9 @@ pub struct Ctx {
     pub etrn_allow: Vec<Cidr>,
     /// Recipient verification against the primary (`verify_recipients`).
     pub verifier: Option<Arc<crate::verify::Verifier>>,
+    /// STARTTLS: the certificate in force (None: not configured).
+    #[cfg(feature = "tls")]
+    pub tls: Option<Arc<crate::tls::Server>>,
 }
 
 struct Txn {
@@ -77,6 +80,9 @@ enum Close {
     After,
     /// The peer went away or the socket failed.
     Gone,
+    /// STARTTLS was answered 220: the TLS handshake comes next.
+    #[cfg(feature = "tls")]
+    StartTls,
 }
 
 struct Session<'a, W> {
@@ -88,6 +94,8 @@ struct Session<'a, W> {
     txn: Option<Txn>,
     errors: u32,
     junk: u32,
+    /// The TLS session, as Postfix records it ("TLSv1.3 with cipher ...").
+    tls: Option<String>,
     out: Vec<u8>,
     wr: W,
 }
@@ -110,59 +118,93 @@ where
         txn: None,
         errors: 0,
         junk: 0,
+        tls: None,
         out: Vec::with_capacity(512),
         wr,
     };
     let cfg = &ctx.cfg;
     s.reply(220, "", &format!("{} ESMTP Bartleby", cfg.hostname));
     let mut line = Vec::with_capacity(256);
-    let result: Result<(), Close> = async {
-        s.flush().await?;
-        loop {
-            let r = match timeout(cfg.command_timeout, read_line(&mut rd, &mut line, cfg.max_line_length)).await {
-                Err(_) => {
-                    s.reply(421, "4.4.2", &format!("{} Error: timeout exceeded", cfg.hostname));
-                    return Err(Close::After);
-                }
-                Ok(Err(_)) => return Err(Close::Gone),
-                Ok(Ok(r)) => r,
-            };
-            match r {
-                // Replies to pipelined commands may still be waiting: send
-                // them (best effort), so a queued message's 250 is not lost.
-                LineRead::Eof => return Err(Close::After),
-                LineRead::TooLong => {
-                    s.reply(500, "5.5.2", "Error: line too long");
-                    s.error()?;
-                }
-                LineRead::Line => {
-                    if s.command(&line, &mut rd).await? {
-                        return Ok(());
-                    }
-                }
-            }
-            // Pipelined commands: replies go out in one write, but at most
-            // OUT_MAX bytes are held (a client pipelining thousands of
-            // RCPTs, each refused with a long verification reply, would
-            // otherwise make the buffer grow with every command).
-            if rd.buffer().is_empty() || s.out.len() >= OUT_MAX {
-                s.flush().await?;
-            }
-        }
+    let result = s.serve(&mut rd, &mut line).await;
+    #[cfg(feature = "tls")]
+    if let Err(Close::StartTls) = result {
+        return starttls(s, rd, line).await;
     }
-    .await;
-    if let Err(Close::After) = result {
-        let _ = s.flush().await;
-    }
-    // With no recipient accepted there is no queue file to speak of (Postfix
-    // has no queue ID before the first accepted RCPT either).
-    if let Some(t) = s.txn.take().filter(|t| !t.rcpts.is_empty()) {
-        log::info!(target: SMTPD, "{}: lost connection or aborted before DATA completed", t.id);
-    }
-    let _ = s.wr.shutdown().await;
-    log::info!(target: SMTPD, "disconnect from {}", s.client);
+    s.finish(result).await;
 }
 
+/// After "220 Ready to start TLS": the handshake (within
+/// `command_timeout`, in the session's connection slot, so it counts
+/// toward the per-client limits), then the session starts over inside TLS
+/// with every guarantee of the loop (it is the same code).
+///
+/// Plaintext the client pipelined after STARTTLS is in `rd`'s buffer and
+/// is thrown away with it, never read as a command inside TLS (the
+/// CVE-2011-0411 class): Postfix purges it the same way
+/// (vstream_fpurge after its 220).
+#[cfg(feature = "tls")]
+async fn starttls<S>(mut s: Session<'_, tokio::io::WriteHalf<S>>, rd: BufReader<tokio::io::ReadHalf<S>>, mut line: Vec<u8>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let ctx = s.ctx;
+    let cfg = &ctx.cfg;
+    if s.flush().await.is_err() {
+        log::info!(target: SMTPD, "lost connection after STARTTLS from {}", s.client);
+        log::info!(target: SMTPD, "disconnect from {}", s.client);
+        return;
+    }
+    if !rd.buffer().is_empty() {
+        log::warn!(
+            target: SMTPD,
+            "warning: {}: {} bytes of plaintext pipelined after STARTTLS discarded (command injection attempt?)",
+            s.client,
+            rd.buffer().len()
+        );
+    }
+    let Some(config) = ctx.tls.as_ref().and_then(|t| t.config()) else {
+        log::info!(target: SMTPD, "disconnect from {}", s.client);
+        return;
+    };
+    let stream = rd.into_inner().unsplit(s.wr);
+    let tls = match timeout(cfg.command_timeout, crate::tls::accept(config, stream)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            log::info!(target: SMTPD, "SSL_accept error from {}: {e}", s.client);
+            log::info!(target: SMTPD, "lost connection after STARTTLS from {}", s.client);
+            log::info!(target: SMTPD, "disconnect from {}", s.client);
+            return;
+        }
+        Err(_) => {
+            log::info!(target: SMTPD, "SSL_accept error from {}: timeout", s.client);
+            log::info!(target: SMTPD, "timeout after STARTTLS from {}", s.client);
+            log::info!(target: SMTPD, "disconnect from {}", s.client);
+            return;
+        }
+    };
+    let what = crate::tls::describe_conn(&tls.conn);
+    log::info!(target: SMTPD, "Anonymous TLS connection established from {}: {what}", s.client);
+    let (trd, twr) = tokio::io::split(tls);
+    let mut trd = BufReader::with_capacity(READ_BUF, trd);
+    // RFC 3207 4.2: the client must start over with EHLO; nothing said
+    // before the handshake counts (Postfix: helo_reset, mail_reset).
+    let mut t = Session {
+        ctx,
+        peer: s.peer,
+        client: std::mem::take(&mut s.client),
+        helo: None,
+        esmtp: false,
+        txn: None,
+        errors: s.errors,
+        junk: s.junk,
+        tls: Some(what),
+        out: std::mem::take(&mut s.out),
+        wr: twr,
+    };
+    t.out.clear();
+    let result = t.serve(&mut trd, &mut line).await;
+    t.finish(result).await;
+}
 /// Reads one line (through LF) into `buf`, at most `max` bytes. A longer
 /// line is consumed and reported as `TooLong`, never stored.
 async fn read_line<R: AsyncRead + Unpin>(rd: &mut BufReader<R>, buf: &mut Vec<u8>, max: usize) -> std::io::Result<LineRead> {
@@ -193,6 +235,90 @@ async fn read_line<R: AsyncRead + Unpin>(rd: &mut BufReader<R>, buf: &mut Vec<u8
 }
 
 impl<W: AsyncWrite + Unpin> Session<'_, W> {
+    /// The command loop, from the greeting (or the handshake) on.
+    async fn serve<R: AsyncRead + Unpin>(&mut self, rd: &mut BufReader<R>, line: &mut Vec<u8>) -> Result<(), Close> {
+        let cfg = self.ctx.cfg.clone();
+        self.flush().await?;
+        loop {
+            let r = match timeout(cfg.command_timeout, read_line(rd, line, cfg.max_line_length)).await {
+                Err(_) => {
+                    self.reply(421, "4.4.2", &format!("{} Error: timeout exceeded", cfg.hostname));
+                    return Err(Close::After);
+                }
+                Ok(Err(_)) => return Err(Close::Gone),
+                Ok(Ok(r)) => r,
+            };
+            match r {
+                // Replies to pipelined commands may still be waiting: send
+                // them (best effort), so a queued message's 250 is not lost.
+                LineRead::Eof => return Err(Close::After),
+                LineRead::TooLong => {
+                    self.reply(500, "5.5.2", "Error: line too long");
+                    self.error()?;
+                }
+                LineRead::Line => {
+                    if self.command(line, rd).await? {
+                        return Ok(());
+                    }
+                }
+            }
+            // Pipelined commands: replies go out in one write, but at most
+            // OUT_MAX bytes are held (a client pipelining thousands of
+            // RCPTs, each refused with a long verification reply, would
+            // otherwise make the buffer grow with every command).
+            if rd.buffer().is_empty() || self.out.len() >= OUT_MAX {
+                self.flush().await?;
+            }
+        }
+    }
+
+    /// The end of a session, however it ended.
+    async fn finish(mut self, result: Result<(), Close>) {
+        if let Err(Close::After) = result {
+            let _ = self.flush().await;
+        }
+        // With no recipient accepted there is no queue file to speak of (Postfix
+        // has no queue ID before the first accepted RCPT either).
+        if let Some(t) = self.txn.take().filter(|t| !t.rcpts.is_empty()) {
+            log::info!(target: SMTPD, "{}: lost connection or aborted before DATA completed", t.id);
+        }
+        let _ = self.wr.shutdown().await;
+        log::info!(target: SMTPD, "disconnect from {}", self.client);
+    }
+
+    /// STARTTLS (RFC 3207), answered as Postfix's smtpd does.
+    fn starttls(&mut self, arg_given: bool) -> Result<(), Close> {
+        if arg_given {
+            self.reply(501, "5.5.4", "Syntax: STARTTLS");
+            return self.error();
+        }
+        if self.tls.is_some() {
+            self.reply(554, "5.5.1", "Error: TLS already active");
+            return self.error();
+        }
+        if !self.offers_starttls() {
+            self.reply(502, "5.5.1", "Error: command not implemented");
+            return self.error();
+        }
+        #[cfg(feature = "tls")]
+        {
+            self.reply(220, "2.0.0", "Ready to start TLS");
+            Err(Close::StartTls)
+        }
+        #[cfg(not(feature = "tls"))]
+        Ok(())
+    }
+
+    /// STARTTLS is offered: a usable certificate, and not in TLS yet.
+    fn offers_starttls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        {
+            self.tls.is_none() && self.ctx.tls.as_ref().is_some_and(|t| t.config().is_some())
+        }
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
     fn reply(&mut self, code: u16, status: &str, text: &str) {
         use std::io::Write;
         if status.is_empty() {
@@ -280,7 +406,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                 self.txn = None;
                 self.helo = Some(clean_helo(&host));
                 self.esmtp = true;
-                let caps = [
+                let mut caps = vec![
                     "PIPELINING".to_string(),
                     format!("SIZE {}", cfg.max_message_size),
                     "ETRN".to_string(),
@@ -289,6 +415,9 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                     "SMTPUTF8".to_string(),
                     "DSN".to_string(),
                 ];
+                if self.offers_starttls() {
+                    caps.insert(3, "STARTTLS".to_string());
+                }
                 self.out.extend_from_slice(format!("250-{}\r\n", cfg.hostname).as_bytes());
                 for (i, c) in caps.iter().enumerate() {
                     let sep = if i + 1 == caps.len() { ' ' } else { '-' };
@@ -341,7 +470,8 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                 self.etrn(&name);
                 self.junk()?;
             }
-            Request::StartTls | Request::Auth { .. } | Request::Bdat { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
+            Request::StartTls => self.starttls(body.len() > "STARTTLS".len())?,
+            Request::Auth { .. } | Request::Bdat { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
                 self.reply(502, "5.5.1", "Error: command not implemented");
                 self.error()?;
             }
@@ -662,8 +792,11 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             }
         };
         let for_clause = if txn.rcpts.len() == 1 { format!("\r\n\tfor <{}>", txn.rcpts[0]) } else { String::new() };
+        // As Postfix (smtpd_tls_received_header): the TLS session in a
+        // comment, and the protocol with an S (RFC 3848: ESMTPS).
+        let using = self.tls.as_ref().map(|t| format!("\r\n\t(using {t})")).unwrap_or_default();
         let received = format!(
-            "Received: from {helo} ({} [{}])\r\n\tby {} (Bartleby) with {} id {}{for_clause};\r\n\t{}\r\n",
+            "Received: from {helo} ({} [{}]){using}\r\n\tby {} (Bartleby) with {}{} id {}{for_clause};\r\n\t{}\r\n",
             self.client.split('[').next().unwrap_or("unknown"),
             self.peer.ip().to_canonical(),
             cfg.hostname,
@@ -673,6 +806,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                 (false, true) => "ESMTP",
                 (false, false) => "SMTP",
             },
+            if self.tls.is_some() { "S" } else { "" },
             txn.id,
             util::rfc5322_date(now)
         );

@@ -71,6 +71,8 @@ pub struct Stats {
     /// (the last reload was refused and the previous list kept); empty when
     /// the file and the list agree.
     pub recipients_kept: Mutex<String>,
+    /// STARTTLS: the certificate in force and the last reload's warning.
+    pub tls: Mutex<crate::tls::TlsState>,
     /// Where the recipients list in force came from: a
     /// [`crate::policy::Source`] as a number (0: no list).
     pub recipients_source: AtomicU32,

@@ -429,6 +429,8 @@ fn page_data<'a>(ctx: &'a Ctx, flushed: bool) -> render::PageData<'a> {
         client_limits: crate::clients::Limits::of(cfg),
         client_limited: st.clients.limited(now()),
         verify: cfg.verify_recipients.then(|| verify_view(cfg, st, now())),
+        tls: st.tls.lock().map(|t| t.clone()).unwrap_or_default(),
+        tls_built: cfg!(feature = "tls"),
     }
 }
 
@@ -504,6 +506,19 @@ fn metrics(ctx: &Ctx) -> String {
         metric(&mut o, name, "counter", help, Stats::get(c));
     }
     metric(&mut o, "bartleby_connections", "gauge", "SMTP sessions open now.", Stats::get(&st.connections));
+    let tls = st.tls.lock().map(|t| t.clone()).unwrap_or_default();
+    if let Some(i) = &tls.info {
+        metric(&mut o, "bartleby_tls_certificate_expiry_seconds", "gauge", "notAfter of the STARTTLS certificate in force (unix time).", i.not_after);
+    }
+    if tls.configured {
+        metric(
+            &mut o,
+            "bartleby_tls_certificate_reload_failed",
+            "gauge",
+            "1 if the certificate and key files on disk were refused (the pair in force is older, or none).",
+            u8::from(!tls.warning.is_empty()),
+        );
+    }
     o.push_str("# HELP bartleby_client_limit_refusals_total Refusals by a per-client limit since start.\n# TYPE bartleby_client_limit_refusals_total counter\n");
     for (label, c) in [
         ("connections", &st.client_refusals_connections),

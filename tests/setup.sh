@@ -6,7 +6,8 @@ set -euo pipefail
 
 PKGS=(swaks postfix chromium qemu-system-x86 qemu-user linux-source-6.1 syslinux syslinux-common
       extlinux isolinux mtools e2fsprogs dosfstools xorriso fdisk cpio xz-utils bc flex bison
-      libelf-dev libssl-dev gcc-multilib binutils python3 make dpkg-dev w3m lynx pflogsumm)
+      libelf-dev libssl-dev gcc-multilib binutils python3 make dpkg-dev w3m lynx pflogsumm
+      libnet-ssleay-perl libio-socket-ssl-perl)
 
 missing=()
 for p in "${PKGS[@]}"; do

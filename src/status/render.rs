@@ -268,6 +268,10 @@ pub struct PageData<'a> {
     pub client_limited: Option<crate::clients::Limited>,
     /// Recipient verification, when `verify_recipients` is on.
     pub verify: Option<VerifyView>,
+    /// STARTTLS: the certificate in force, the last reload's warning.
+    pub tls: crate::tls::TlsState,
+    /// This binary was built with TLS (the floppy's may not be).
+    pub tls_built: bool,
 }
 
 /// Recipient verification's figures (see [`crate::verify`]).
@@ -449,6 +453,19 @@ pub fn page(d: &PageData) -> String {
             ".</p>\n"
         });
     }
+    if !d.tls.warning.is_empty() {
+        o.push_str("<p class=\"warn\" id=\"tls-warning\">Warning: TLS: ");
+        html_cut(&mut o, &d.tls.warning, 400);
+        o.push_str(".</p>\n");
+    }
+    if let Some(i) = &d.tls.info {
+        let left = i.not_after.saturating_sub(d.now);
+        if left < crate::tls::EXPIRY_WARNING_DAYS * 86_400 {
+            let (cls, what) = if left == 0 { ("alert", "has expired".to_string()) } else { ("warn", format!("expires in {}", human_duration(left))) };
+            let _ = write!(o, "<p class=\"{cls}\" id=\"tls-expiry\">Warning: the TLS certificate {what} ({}): ", iso_date(i.not_after));
+            o.push_str("senders whose domain enforces MTA-STS skip this host without a valid certificate. Put a renewed one in place of the files; it is taken without a restart.</p>\n");
+        }
+    }
     if let Some(l) = &d.client_limited {
         o.push_str("<p class=\"warn\" id=\"client-limit\">Client ");
         html(&mut o, &l.client);
@@ -535,6 +552,27 @@ pub fn page(d: &PageData) -> String {
     o.push_str("</section><section>");
     // The machine.
     o.push_str("<h2>System</h2>\n<table class=\"kv\" id=\"system\">");
+    o.push_str("<tr><th>TLS (STARTTLS)</th><td id=\"tls\">");
+    match (&d.tls.info, d.tls.configured, d.tls_built) {
+        (Some(i), _, _) => {
+            o.push_str("<span class=\"mono\">");
+            html(&mut o, &i.subject);
+            o.push_str("</span><br>names: <span class=\"mono\">");
+            html(&mut o, &i.names.join(" "));
+            let left = i.not_after.saturating_sub(d.now);
+            let _ = write!(
+                o,
+                "</span><br>expires {} <span class=\"{}\">({} days)</span>",
+                iso_date(i.not_after),
+                if left < crate::tls::EXPIRY_WARNING_DAYS * 86_400 { "bad" } else { "dim" },
+                left / 86_400
+            );
+        }
+        (None, true, _) => o.push_str("<span class=\"bad\">configured, but no usable certificate: not offered</span>"),
+        (None, false, true) => o.push_str("<span class=\"dim\">not configured ([tls] certificate)</span>"),
+        (None, false, false) => o.push_str("<span class=\"dim\">not in this build (the floppy image may leave TLS out)</span>"),
+    }
+    o.push_str("</td></tr>");
     o.push_str("<tr><th>Spool directory</th><td class=\"mono\">");
     html(&mut o, d.spool_path);
     o.push_str("</td></tr><tr><th>Spool file system</th><td>");

@@ -280,6 +280,20 @@ if ! ${SKIP_MEDIA:-false}; then
   kill_vm
 fi
 
+# ------------------------------------------------------------------ 4. TLS in the 486 VM (issue 12)
+# STARTTLS inbound (timed) and outbound under "verify", plain TCG and -icount shift=5,align=on
+# (a 486DX2-66's speed in wall time); its own script, so this hunk stays small.
+if [ -f "$IMAGES/bartleby.img" ]; then
+  while IFS= read -r l; do
+    case "$l" in
+      PASS:*) pass=$((pass+1)); echo "$l";;
+      FAIL:*) fail=$((fail+1)); echo "$l";;
+      *" passed, "*" failed") ;;
+      *) echo "$l";;
+    esac
+  done < <(python3 "$HERE/tls_vm.py" "$IMAGES/bartleby.img" "$T" 2>&1)
+fi
+
 echo "logs: $T"
 [ -n "${DISK_BOOT_SECS:-}" ] && echo "disk boot to SMTP banner: ${DISK_BOOT_SECS}s"
 [ "$skipped" -gt 0 ] && echo "($skipped skipped)"

@@ -92,6 +92,7 @@ static H: LazyLock<Harness> = LazyLock::new(|| {
             queued: tx.clone(),
             etrn_allow: vec![bartleby::config::Cidr::parse("127.0.0.1/32").unwrap()],
             verifier: None,
+            tls: None,
         })
     };
     let lax = ctx(lax_cfg);
