@@ -77,8 +77,8 @@ const MAX_HEADER_LINE: usize = 1024;
 const MAX_STATE: u64 = 4 << 20;
 /// The spool's subdirectories.
 const SUBDIRS: [&str; 5] = ["incoming", "queue", "state", "corrupt", "free"];
-/// Most files kept in `free/` for reuse; beyond it a delivered message's
-/// file is unlinked.
+/// Most files kept in `free/` for reuse (and at most 1/20 of the file
+/// system's inodes); beyond it a delivered message's file is unlinked.
 const POOL_MAX_FILES: usize = 4096;
 /// Most bytes held by the files in `free/`: 32 MiB, and at most 1/20 of
 /// the spool's file system (so that the pool never makes MAIL get 452).
@@ -210,6 +210,8 @@ struct Pool {
     next: AtomicU32,
     /// Most bytes the pool may hold (0: no recycling, e.g. for `mailq`).
     max_bytes: u64,
+    /// Most files (inodes) it may hold.
+    max_files: usize,
     /// A background refill is under way (see [`Spool::refill`]).
     refilling: std::sync::atomic::AtomicBool,
 }
@@ -231,7 +233,7 @@ impl Pool {
     /// Whether a file of `len` bytes may join the pool now.
     fn room_for(&self, len: u64) -> bool {
         let l = self.lock();
-        len <= RECYCLE_MAX_FILE && l.len() < POOL_MAX_FILES && l.iter().map(|x| x.1).sum::<u64>() + len <= self.max_bytes
+        len <= RECYCLE_MAX_FILE && l.len() < self.max_files && l.iter().map(|x| x.1).sum::<u64>() + len <= self.max_bytes
     }
 
     fn new_name(&self) -> u32 {
@@ -425,8 +427,14 @@ impl Spool {
     pub fn create(root: &Path) -> io::Result<Spool> {
         fs::create_dir_all(root).map_err(|e| at(root, e))?;
         let dev = fs::metadata(root).map_err(|e| at(root, e))?.dev();
-        let max_bytes = disk_space(root).map_or(0, |d| (d.total / 20).min(POOL_MAX_BYTES));
-        let sp = Spool { root: root.to_path_buf(), pool: std::sync::Arc::new(Pool { max_bytes, ..Default::default() }) };
+        // A twentieth of the space and of the inodes at most, so that the
+        // pool never makes the free-space or free-inode check refuse mail.
+        let (max_bytes, max_files) = disk_space(root).map_or((0, 0), |d| {
+            let files = if d.files == 0 { POOL_MAX_FILES } else { usize::try_from(d.files / 20).unwrap_or(POOL_MAX_FILES).min(POOL_MAX_FILES) };
+            ((d.total / 20).min(POOL_MAX_BYTES), files)
+        });
+        let pool = Pool { max_bytes, max_files, ..Default::default() };
+        let sp = Spool { root: root.to_path_buf(), pool: std::sync::Arc::new(pool) };
         for d in SUBDIRS {
             sp.ensure_dir(d, dev)?;
         }
@@ -898,11 +906,18 @@ impl Spool {
                 }
             }
         }
-        let n = self.pool.new_name();
-        let p = dir.join(free_name(n));
-        // create_new (O_EXCL) never follows a symlink nor opens what exists.
-        let f = OpenOptions::new().write(true).create_new(true).open(&p).map_err(|e| at(&p, e))?;
-        Ok((n, f, 0))
+        // create_new (O_EXCL) never follows a symlink nor opens what exists
+        // (a name taken already: after 2^32 names they wrap).
+        let mut tries = 0;
+        loop {
+            let n = self.pool.new_name();
+            let p = dir.join(free_name(n));
+            match OpenOptions::new().write(true).create_new(true).open(&p) {
+                Ok(f) => return Ok((n, f, 0)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
+                Err(e) => return Err(at(&p, e)),
+            }
+        }
     }
 
     /// Creates [`POOL_BATCH`] empty files in `free/` for the pool, on a
@@ -1084,7 +1099,8 @@ impl Spool {
         let recycled = match len {
             Some(len) if self.pool.room_for(len) => {
                 let n = self.pool.new_name();
-                match fs::rename(&q, self.root.join("free").join(free_name(n))) {
+                // Never over a file of the pool (names wrap after 2^32).
+                match rename_noreplace(&q, &self.root.join("free").join(free_name(n))) {
                     Ok(()) => {
                         self.pool.give(n, len);
                         true
@@ -1965,6 +1981,28 @@ mod tests {
         sp.remove("AAAA0000000D1").unwrap();
         assert!(free_files(&root).is_empty());
         assert!(sp.ids().unwrap().len() == 1);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// Hostile: names of free/ that wrap (or were taken by hand) are
+    /// never written over, neither by a removal nor by a new file.
+    #[test]
+    fn free_names_never_overwrite() {
+        let root = tmp("wrap");
+        let sp = Spool::create(&root).unwrap();
+        put(&sp, "AAAA0000000E0", b"x\r\n");
+        fs::write(root.join("free/f1"), "in the pool").unwrap();
+        fs::write(root.join("free/f2"), "also").unwrap();
+        sp.pool.next.store(1, Ordering::Relaxed);
+        sp.remove("AAAA0000000E0").unwrap();
+        assert_eq!(fs::read_to_string(root.join("free/f1")).unwrap(), "in the pool");
+        assert!(sp.ids().unwrap().is_empty());
+        sp.pool.next.store(1, Ordering::Relaxed);
+        sp.pool.lock().clear();
+        put(&sp, "AAAA0000000E1", b"y\r\n");
+        assert_eq!(fs::read_to_string(root.join("free/f1")).unwrap(), "in the pool");
+        assert_eq!(fs::read_to_string(root.join("free/f2")).unwrap(), "also");
+        assert_eq!(sp.read("AAAA0000000E1").unwrap().size, 3);
         fs::remove_dir_all(root).unwrap();
     }
 
