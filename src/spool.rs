@@ -249,7 +249,7 @@ fn free_name(n: u32) -> String {
 /// The number of a pool file's name, if it is one.
 fn parse_free_name(s: &str) -> Option<u32> {
     let d = s.strip_prefix('f')?;
-    if d.is_empty() || d.len() > 9 || !d.bytes().all(|c| c.is_ascii_digit()) || (d.len() > 1 && d.starts_with('0')) {
+    if d.is_empty() || d.len() > 10 || !d.bytes().all(|c| c.is_ascii_digit()) || (d.len() > 1 && d.starts_with('0')) {
         return None;
     }
     d.parse().ok()
@@ -2004,6 +2004,15 @@ mod tests {
         assert_eq!(fs::read_to_string(root.join("free/f2")).unwrap(), "also");
         assert_eq!(sp.read("AAAA0000000E1").unwrap().size, 3);
         fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn free_names() {
+        assert_eq!(parse_free_name(&free_name(0)), Some(0));
+        assert_eq!(parse_free_name(&free_name(u32::MAX)), Some(u32::MAX));
+        for bad in ["f", "f01", "f4294967296", "F1", "f1.tmp", "f-1", "g1", "f12345678901"] {
+            assert_eq!(parse_free_name(bad), None, "{bad}");
+        }
     }
 
     #[test]
