@@ -21,8 +21,8 @@
 //! A queue file is written once and never changed: the envelope (sender,
 //! recipients, client) first, then the message as it streams in, then the
 //! length of the message and an Adler-32 checksum of the envelope and the
-//! message are written into fixed-width fields of the header (`length`,
-//! `check`). The session renames `free/fN` to `queue/ID` (never over an
+//! message's first 64 KiB (see [`CHECK_SPAN`]) are written into fixed-width
+//! fields of the header (`length`, `check`). The session renames `free/fN` to `queue/ID` (never over an
 //! existing entry) and then waits for the committer (see [`Committer`]) to
 //! make the file *and* the rename durable before it says "250". At start, a
 //! queue file whose length does not match its header, or whose content does
@@ -89,6 +89,12 @@ const POOL_LOW: usize = 8;
 const POOL_BATCH: usize = 32;
 /// A delivered message's file larger than this is unlinked, not kept.
 const RECYCLE_MAX_FILE: u64 = 64 << 10;
+/// The `check` of a queue file covers its header and this much of its
+/// message: what a reused file can hold of an older message (at most
+/// [`RECYCLE_MAX_FILE`]). Beyond it blocks are new, and a file system that
+/// orders data before metadata (ext4) never shows them before their data;
+/// so start-up reads at most this much of each message, not all of it.
+const CHECK_SPAN: u64 = RECYCLE_MAX_FILE;
 /// Name of the file [`Spool::probe`] creates (never a queue ID).
 const PROBE: &str = "write-test.tmp";
 /// The directories [`Spool::probe`] writes in: what sessions (`free/`,
@@ -779,7 +785,8 @@ impl Spool {
     /// checksum, that its envelope and data match it: a file reused for a
     /// message that was never acknowledged may, after a power loss, hold
     /// the new header over the old message's data (overwrites in place are
-    /// not ordered with the rename into `queue/`). Reads the whole file.
+    /// not ordered with the rename into `queue/`). Reads the header and at
+    /// most [`CHECK_SPAN`] bytes of the message.
     fn check(&self, id: &str) -> io::Result<()> {
         let (rd, _, size, header_len, check) = self.open_queue_file(id, 1024)?;
         let Some((want, length_at)) = check else { return Ok(()) };
@@ -787,7 +794,7 @@ impl Spool {
         let f = rd.into_inner();
         let mut sum = Adler::new();
         let mut buf = vec![0u8; 4096];
-        for (mut pos, end) in [(0, length_at), (header_len, header_len + size)] {
+        for (mut pos, end) in [(0, length_at), (header_len, header_len + size.min(CHECK_SPAN))] {
             while pos < end {
                 let n = ((end - pos).min(buf.len() as u64)) as usize;
                 f.read_exact_at(&mut buf[..n], pos).map_err(|e| at(&path, e))?;
@@ -1312,7 +1319,10 @@ impl SpoolWriter {
     /// Appends message data.
     pub fn write(&mut self, data: &[u8]) -> io::Result<()> {
         self.w.write_all(data)?;
-        self.sum.update(data);
+        if self.size < CHECK_SPAN {
+            let n = (CHECK_SPAN - self.size).min(data.len() as u64) as usize;
+            self.sum.update(&data[..n]);
+        }
         self.size += data.len() as u64;
         Ok(())
     }
@@ -2013,6 +2023,32 @@ mod tests {
         for bad in ["f", "f01", "f4294967296", "F1", "f1.tmp", "f-1", "g1", "f12345678901"] {
             assert_eq!(parse_free_name(bad), None, "{bad}");
         }
+    }
+
+    /// The check covers the first CHECK_SPAN bytes of a message: a byte
+    /// changed there is caught, one beyond is the length's and the file
+    /// system's business (start-up reads no more of a big message).
+    #[test]
+    fn check_spans_the_reusable_part() {
+        let root = tmp("span");
+        let sp = Spool::create(&root).unwrap();
+        let big = vec![b'q'; (CHECK_SPAN + 1000) as usize];
+        put(&sp, "AAAA0000000F0", &big);
+        put(&sp, "AAAA0000000F1", &big);
+        let p0 = root.join("queue/AAAA0000000F0");
+        let mut d = fs::read(&p0).unwrap();
+        let n = d.len();
+        d[n - (big.len() - 10)] = b'Q';
+        fs::write(&p0, &d).unwrap();
+        let p1 = root.join("queue/AAAA0000000F1");
+        let mut d = fs::read(&p1).unwrap();
+        let n = d.len();
+        d[n - 10] = b'Q';
+        fs::write(&p1, &d).unwrap();
+        let r = Spool::create(&root).unwrap().recover().unwrap();
+        assert_eq!(r.corrupt, vec!["AAAA0000000F0".to_string()]);
+        assert_eq!(r.queued, 1);
+        fs::remove_dir_all(root).unwrap();
     }
 
     #[test]
