@@ -901,8 +901,12 @@ impl Spool {
                     crate::util::file_kind(m.file_type()),
                     m.nlink()
                 ),
-                // ELOOP: a symlink; ENXIO: a FIFO or socket; EISDIR; gone.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENXIO) | Some(libc::EISDIR) | Some(libc::ENOENT)) => {
+                // ELOOP: a symlink; ENXIO: a FIFO or socket; EISDIR; the
+                // file gone (not its directory: see below).
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENXIO) | Some(libc::EISDIR))
+                        || (e.kind() == io::ErrorKind::NotFound && fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir())) =>
+                {
                     log::warn!(target: MASTER, "warning: {}: reusable file unusable: {e}; not used", p.display())
                 }
                 // The directory or the disk (ENOTDIR, EACCES, EIO): the
@@ -1944,6 +1948,16 @@ mod tests {
             put(&sp, id, b"x\r\n");
             sp.remove(id).unwrap();
         }
+        // free/ itself gone: an error naming it, the pool kept (once for
+        // all: not one warning per pooled file).
+        assert_eq!(free_files(&root).len(), 1);
+        fs::rename(root.join("free"), root.join("free.away")).unwrap();
+        let e = sp.begin(&env("AAAA0000000B9")).map(|_| ()).unwrap_err();
+        assert!(e.to_string().contains("free"), "{e}");
+        fs::rename(root.join("free.away"), root.join("free")).unwrap();
+        put(&sp, "AAAA0000000B8", b"x\r\n");
+        sp.remove("AAAA0000000B8").unwrap();
+        assert_eq!(free_files(&root).len(), 1, "the pooled file was forgotten");
         // put reuses the one file: make four distinct pool files.
         let mut ws: Vec<SpoolWriter> = (0..4).map(|i| sp.begin(&env(&format!("AAAA0000000B{i}"))).unwrap()).collect();
         ws.drain(..).for_each(|w| w.abort());
