@@ -49,7 +49,7 @@
 //!   restart, it only means an earlier try); no delivery stops for it, the
 //!   probe it asks for decides;
 //! * a probe (create, write, sync, remove a file; sync the directory, in
-//!   `incoming/`, `queue/` and `state/`) runs on a blocking thread with a
+//!   `free/`, `queue/` and `state/`) runs on a blocking thread with a
 //!   timeout, driven beside the scheduler's loop (never behind it), so
 //!   neither a queue run nor a hanging disk delays it or stalls the SMTP
 //!   sessions: at once after a write failure (at
@@ -1007,7 +1007,7 @@ impl Scheduler {
         };
         // A result from before the latest failure cannot lift anything.
         let fresh = failures == self.stats.spool_failures.load(Ordering::SeqCst);
-        let [_incoming, queue, state] = dirs;
+        let [_free, queue, state] = dirs;
         match verdict(self.suspended(), queue, state, fresh) {
             Some(Recording::Ok) => self.resume(),
             Some(Recording::RemovalsOnly(why)) => self.removals_only(why),

@@ -203,6 +203,32 @@ def process_tree(root):
     return out
 
 
+def proc_cpu(pid):
+    """(own, reaped children) CPU seconds, user + system, of a process from
+    /proc/PID/stat (utime + stime count every thread of the process;
+    cutime + cstime the children it has waited for). (0, 0) if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            st = f.read()
+    except OSError:
+        return 0.0, 0.0
+    rest = st[st.rindex(")") + 2:].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(rest[11]) + int(rest[12])) / tick, (int(rest[13]) + int(rest[14])) / tick
+
+
+def tree_cpu(root):
+    """CPU seconds used so far by a process tree: every live process's own
+    time plus what the root reaped from children that exited (Postfix's
+    master reaps its smtpd, cleanup, smtp ... processes). None if no root."""
+    if root is None:
+        return None
+    total = proc_cpu(root)[1]
+    for p in process_tree(root):
+        total += proc_cpu(p)[0]
+    return total
+
+
 def proc_name(pid):
     try:
         with open(f"/proc/{pid}/comm") as f:

@@ -510,7 +510,9 @@ def dirs_missing(x):
 
 
 def incoming_unwritable(x):
-    os.chmod(x.p("incoming"), 0o555)
+    # New messages are written in free/ (incoming/ until the spool reused
+    # files): the directory they are written in is the one made unwritable.
+    os.chmod(x.p("free"), 0o555)
 
     def after(x):
         # New mail cannot be stored: refused with a 4xx, never a 250.

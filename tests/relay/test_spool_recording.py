@@ -322,7 +322,9 @@ class Recording(unittest.TestCase):
         self.fake = FakePrimary(r.primary_port, {"end": Silent()})
         r.flush()
         self.wait_until(lambda: len(self.fake.messages) >= 1, 15, "the queue run did not start")
-        incoming = os.path.join(r.spool, "incoming")
+        # The directory new messages are written in (incoming/ until the
+        # spool reused files, free/ since).
+        incoming = os.path.join(r.spool, "free")
         os.rename(incoming, incoming + ".away")
         with open(incoming, "w") as f:
             f.write("not a directory\n")
@@ -352,7 +354,9 @@ class Recording(unittest.TestCase):
         # Defect: the probe (create, fsync, fsync the directories) ran on the
         # runtime thread: on a disk whose fsync hangs, SMTP froze with it.
         r = self.start()
-        incoming = os.path.join(r.spool, "incoming")
+        # The directory new messages are written in (incoming/ until the
+        # spool reused files, free/ since).
+        incoming = os.path.join(r.spool, "free")
         os.rename(incoming, incoming + ".away")
         with open(incoming, "w") as f:
             f.write("not a directory\n")
