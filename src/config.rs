@@ -147,6 +147,9 @@ pub struct NetworkConfig {
     pub address: String,
     pub gateway: Option<String>,
     pub dns: Vec<String>,
+    /// With DHCP: the address (`address/prefix`) used while no DHCP server
+    /// answers; `None`: an IPv4 link-local address.
+    pub fallback: Option<String>,
 }
 
 /// The whole configuration.
@@ -923,7 +926,7 @@ impl Builder {
                 push_allow: Vec::new(),
                 push_token_file: None,
             },
-            network: NetworkConfig { interface: None, address: "dhcp".into(), gateway: None, dns: Vec::new() },
+            network: NetworkConfig { interface: None, address: "dhcp".into(), gateway: None, dns: Vec::new(), fallback: None },
             smtpd_client_connection_count_limit: 0, // see finish()
             smtpd_client_queue_share: 25,
             smtpd_client_message_rate_limit: 0,
@@ -1206,6 +1209,15 @@ impl Builder {
             ("", "smtp_tcp_port") => want_range(v, 1, 65535, "").map(|n| c.smtp_tcp_port = n as u16),
             ("", "delay_warning_time") => want_duration_max(v, 100 * 86400, "100d").map(|d| c.delay_warning_time = d),
             ("", "bounce_size_limit") => want_range(v, 0, MAX_MESSAGE_SIZE, " (1G)").map(|n| c.bounce_size_limit = n),
+            ("network", "fallback") => {
+                // used only with address = "dhcp", while no DHCP server answers
+                let s = want_str(v)?;
+                let (a, p) = s.split_once('/').ok_or_else(|| format!("`{s}` must be address/prefix like \"192.168.1.20/24\""))?;
+                a.parse::<Ipv4Addr>().map_err(|_| format!("`{a}` is not an IPv4 address"))?;
+                p.parse::<u8>().ok().filter(|n| *n <= 32).ok_or_else(|| format!("`{p}` is not a prefix length"))?;
+                c.network.fallback = Some(s.to_string());
+                Ok(())
+            }
             ("", "status") | ("", "network") => Err(format!("`{}` is a table: write it as [{}]", it.key, it.key)),
             ("", k) => Err(format!("unknown key `{k}`")),
             ("status", _) | ("network", _) => Err(format!("unknown key `{full}`")),
@@ -1813,9 +1825,13 @@ allow = ["127.0.0.1/32", "192.168.1.0/24", "fe80::/10"]
             "interface = \"\"",
             "interface = \"eth0/1\"",
             "interface = \"abcdefghijklmnop\"",
+            "fallback = \"192.168.1.20\"",
+            "fallback = \"dhcp\"",
         ] {
             assert!(net(bad).is_err(), "{bad}");
         }
+        let c = net("address = \"dhcp\"\nfallback = \"10.0.2.15/24\"").unwrap();
+        assert_eq!(crate::netcfg::parse_cidr(c.network.fallback.as_deref().unwrap()).unwrap(), ("10.0.2.15".parse().unwrap(), 24));
         assert_eq!(net("interface = \"enp0s3\"").unwrap().network.interface.as_deref(), Some("enp0s3"));
     }
 

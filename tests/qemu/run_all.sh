@@ -53,13 +53,18 @@ start_vm() {
   local name=$1; shift
   LOG=$T/$name.log; MON=$T/$name.mon
   : > "$LOG"
-  qemu-system-i386 -M "${MACHINE:-pc}" -cpu 486 -m 16 -display none -no-user-config -no-reboot \
-    -serial "file:$LOG" -monitor "unix:$MON,server,nowait" \
-    -nic "user,model=${NIC:-ne2k_pci},hostfwd=tcp:127.0.0.1:$SMTP_PORT-:25,hostfwd=tcp:127.0.0.1:$HTTP_PORT-:80" \
+  local net=(-nic "user,model=${NIC:-ne2k_pci},hostfwd=tcp:127.0.0.1:$SMTP_PORT-:25,hostfwd=tcp:127.0.0.1:$HTTP_PORT-:80")
+  [ -n "${NETDEV:-}" ] && net=(-netdev "$NETDEV" -device "${NIC:-ne2k_pci},netdev=n0")
+  # shellcheck disable=SC2086
+  qemu-system-i386 -M "${MACHINE:-pc}" -cpu 486 -m "${MEM:-16}" -display none -no-user-config -no-reboot \
+    -serial "file:$LOG" -monitor "unix:$MON,server,nowait" "${net[@]}" ${QEMU_EXTRA:-} \
     "$@" >"$T/$name.qemu.err" 2>&1 &
   QPID=$!
-  T0=$(date +%s)
+  T0=$(date +%s.%N)
 }
+# the guest's own clock: seconds after the kernel started when init began / the relay listened
+guest_init_secs()   { grep -a -m1 'bartleby-init: started, [0-9.]*s after the kernel started' "$LOG" | sed 's/.*started, \([0-9.]*\)s after.*/\1/'; }
+guest_listen_secs() { grep -a -m1 'daemon started -- .*, [0-9.]*s after the kernel started' "$LOG" | sed 's/.*, \([0-9.]*\)s after the kernel.*/\1/'; }
 # power cut: no sync, no shutdown
 kill_vm() { [ -n "$QPID" ] && { kill -9 "$QPID" 2>/dev/null; wait "$QPID" 2>/dev/null; }; QPID=""; }
 monitor() { python3 - "$MON" "$1" <<'PY'
@@ -72,8 +77,8 @@ PY
 wait_banner() {
   local what=$1 out
   if out=$($MT banner "$SMTP_PORT" "$BOOT_TIMEOUT"); then
-    BOOT_SECS=$(( $(date +%s) - T0 ))
-    ok "$what: SMTP banner on 127.0.0.1:$SMTP_PORT after ${BOOT_SECS}s: $out"
+    BOOT_SECS=$(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
+    ok "$what: SMTP banner on 127.0.0.1:$SMTP_PORT ${BOOT_SECS}s after qemu started (guest clock: /init at $(guest_init_secs)s, relay listening at $(guest_listen_secs)s): ${out% \[after*}"
     return 0
   fi
   bad "$what: no SMTP banner within ${BOOT_TIMEOUT}s ($out); console tail:"
@@ -244,6 +249,44 @@ PY
       && ok "bad config: init and relay run with the built-in copy, disk spool mounted" \
       || bad "bad config: no fallback to the built-in copy"
   fi
+  kill_vm
+fi
+
+# ------------------------------------------------------------------ 2c. no DHCP server (issue 14, part 4)
+# A link with no DHCP server at all (-netdev socket to tests/qemu/nodhcp_peer.py,
+# which answers ARP, never DHCP, and opens TCP to port 25 by hand). Before: init
+# configured the network before starting the relay and waited 20 s for a lease
+# (the relay listened 20.5 s after /init, with no address at all). Now the relay
+# listens at once and the interface takes [network] fallback while DHCP keeps asking.
+if ! ${SKIP_NODHCP:-false}; then
+  DISK_N=$T/disk-nodhcp.img
+  cp --sparse=always "$IMAGES/bartleby.img" "$DISK_N"
+  sed -e "s/^primary = .*/primary = \"10.0.2.2:$SINK_PORT\"/" -e 's|^address = .*|address = "dhcp"\nfallback = "10.0.2.15/24"|' \
+    "$TOP/buildroot-overlay/etc/bartleby.toml" > "$T/nodhcp.toml"
+  MTOOLS_SKIP_CHECK=1 mcopy -o -i "$DISK_N@@1M" "$T/nodhcp.toml" ::/bartleby.toml || bad "could not put nodhcp.toml on the disk copy"
+  PEER_PORT=$(free_port 0); QSOCK_PORT=$(free_port 0)
+  python3 "$HERE/nodhcp_peer.py" "$PEER_PORT" "$QSOCK_PORT" 10.0.2.15 "$BOOT_TIMEOUT" 35 > "$T/nodhcp-peer.out" 2>&1 &
+  PEERPID=$!
+  NETDEV="socket,id=n0,udp=127.0.0.1:$PEER_PORT,localaddr=127.0.0.1:$QSOCK_PORT" start_vm nodhcp -drive "file=$DISK_N,format=raw,if=ide,index=0" -boot c
+  wait "$PEERPID"; prc=$?
+  b=$(grep '^banner' "$T/nodhcp-peer.out"); d=$(grep '^discover' "$T/nodhcp-peer.out")
+  gi=$(guest_init_secs); gl=$(guest_listen_secs)
+  if [ -n "$gi" ] && [ -n "$gl" ] && awk -v a="$gi" -v b="$gl" 'BEGIN{exit !(b-a < 3)}'; then
+    ok "no DHCP server: relay listening ${gl}s after the kernel started, $(awk -v a="$gi" -v b="$gl" 'BEGIN{printf "%.2f", b-a}')s after /init (guest clock; limit 3s)"
+  else
+    bad "no DHCP server: relay not listening within 3s of /init (guest clock: /init ${gi:-?}s, listening ${gl:-?}s)"
+  fi
+  bsecs=$(echo "$b" | awk '{print $2}')
+  if [ "$bsecs" != none ] && awk -v t="$bsecs" 'BEGIN{exit !(t < 20)}'; then
+    ok "no DHCP server: banner from 10.0.2.15 (fallback) ${bsecs}s after the link came up: ${b#banner * }"
+  else
+    bad "no DHCP server: no banner from the fallback address within 20s ($b)"
+  fi
+  console_has "network: eth0 10.0.2.15/24 (configured fallback) until a DHCP lease comes" \
+    && console_has "no DHCP lease within 10s; keeping 10.0.2.15/24 (configured fallback); asking DHCP again every 30s" \
+    && ok "no DHCP server: console says fallback 10.0.2.15/24 and that DHCP is asked again" \
+    || bad "no DHCP server: console does not say so ($(grep -a -m2 'network:' "$LOG" | tr '\n' ' '))"
+  [ $prc = 0 ] && ok "no DHCP server: DHCP asked again by itself ($d)" || bad "no DHCP server: no DHCP retry seen ($d)"
   kill_vm
 fi
 
