@@ -136,14 +136,14 @@ pub fn boot() -> BootInfo {
         say!("after start: {}", meminfo());
         let mut short = false;
         loop {
-            if let Some(avail) = mem_available_kb() {
-                if (avail < MEM_SHORT_KB) != short {
-                    short = !short;
-                    if short {
-                        say!("WARNING: memory short: {avail} kB available (below {MEM_SHORT_KB} kB); the relay may be killed or refuse mail. {}", meminfo());
-                    } else {
-                        say!("memory: {avail} kB available again");
-                    }
+            if let Some(avail) = mem_available_kb()
+                && (avail < MEM_SHORT_KB) != short
+            {
+                short = !short;
+                if short {
+                    say!("WARNING: memory short: {avail} kB available (below {MEM_SHORT_KB} kB); the relay may be killed or refuse mail. {}", meminfo());
+                } else {
+                    say!("memory: {avail} kB available again");
                 }
             }
             std::thread::sleep(Duration::from_secs(10));

@@ -429,6 +429,7 @@ fn page_data<'a>(ctx: &'a Ctx, flushed: bool) -> render::PageData<'a> {
         client_limits: crate::clients::Limits::of(cfg),
         client_limited: st.clients.limited(now()),
         verify: cfg.verify_recipients.then(|| verify_view(cfg, st, now())),
+        alerts: st.alerts.lock().map(|a| a.clone()).unwrap_or_default(),
     }
 }
 
@@ -483,6 +484,28 @@ fn metrics(ctx: &Ctx) -> String {
     let t = now();
     let mut o = String::with_capacity(3072);
     metric(&mut o, "bartleby_spool_readable", "gauge", "1 if the spool could be listed.", u8::from(q.error.is_none()));
+    {
+        let alerts = st.alerts.lock().map(|a| a.clone()).unwrap_or_default();
+        metric(&mut o, "bartleby_alerts", "gauge", "Problems found at start that need the administrator (each one below as bartleby_alert).", alerts.len());
+        if !alerts.is_empty() {
+            o.push_str("# HELP bartleby_alert A problem found at start, in plain words.\n# TYPE bartleby_alert gauge\n");
+            for a in &alerts {
+                let esc = a.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+                let _ = writeln!(o, "bartleby_alert{{message=\"{esc}\"}} 1");
+            }
+        }
+        let sys = render::SystemView::read();
+        if sys.mem_total > 0 {
+            metric(&mut o, "bartleby_memory_available_bytes", "gauge", "MemAvailable of the machine.", sys.mem_available);
+            metric(
+                &mut o,
+                "bartleby_memory_short",
+                "gauge",
+                "1 if the machine has less than 512 kB available: the relay may refuse mail or be stopped by the kernel.",
+                u8::from(sys.mem_available < crate::init::MEM_SHORT_KB * 1024),
+            );
+        }
+    }
     metric(&mut o, "bartleby_queue_messages", "gauge", "Messages in the queue.", q.count);
     metric(&mut o, "bartleby_queue_bytes", "gauge", "Bytes of message data in the queue.", q.bytes);
     metric(

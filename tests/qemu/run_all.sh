@@ -290,6 +290,34 @@ if ! ${SKIP_NODHCP:-false}; then
   kill_vm
 fi
 
+# ------------------------------------------------------------------ 2d. spool disk expected but missing (issue 14, part 3)
+# Booted from the disk, whose spool partition is gone (its ext4 superblock
+# zeroed here; at 10 MB of RAM devtmpfs once lacked /dev/sda* with the same
+# effect). Before: a RAM spool, one WARNING line among the boot lines, and
+# 452 to every MAIL (the RAM spool is smaller than min_free_space) with
+# nothing on the page saying why. Now: ERROR on the console, the page and
+# /metrics say the spool disk is missing, and mail is taken (into RAM, said so).
+if ! ${SKIP_MISSING:-false}; then
+  DISK_M=$T/disk-nospool.img
+  cp --sparse=always "$IMAGES/bartleby.img" "$DISK_M"
+  [ -f "$T/bartleby.toml" ] && MTOOLS_SKIP_CHECK=1 mcopy -o -i "$DISK_M@@1M" "$T/bartleby.toml" ::/bartleby.toml
+  P2_OFF=$(sfdisk -d "$DISK_M" 2>/dev/null | awk -F'[=,]' '/ 2 :|img2 :/{gsub(/ /,"",$2); print $2*512}')
+  dd if=/dev/zero of="$DISK_M" bs=1024 seek=$(( P2_OFF / 1024 + 1 )) count=1 conv=notrunc status=none
+  start_vm nospool -drive "file=$DISK_M,format=raw,if=ide,index=0" -boot c
+  if wait_banner "disk boot with the spool partition gone"; then
+    console_has "bartleby-init: ERROR: The spool disk is MISSING: the machine booted from the disk" \
+      && ok "spool disk missing: ERROR on the console" || bad "spool disk missing: no ERROR on the console ($(grep -a -m1 'spool:' "$LOG"))"
+    if out=$($MT send "$SMTP_PORT" "missing-$MARK@example.org" "missing$MARK"); then ok "spool disk missing: mail still accepted (RAM spool, limits cut to fit): $out"; else bad "spool disk missing: mail refused: $out"; fi
+    $MT get "http://127.0.0.1:$HTTP_PORT/metrics" > "$T/nospool-metrics.txt" 2>&1
+    grep -q 'bartleby_alert{message="The spool disk is MISSING' "$T/nospool-metrics.txt" && grep -q '^bartleby_persistent_spool 0' "$T/nospool-metrics.txt" \
+      && ok "spool disk missing: /metrics says so (bartleby_alerts $(grep '^bartleby_alerts ' "$T/nospool-metrics.txt" | cut -d' ' -f2))" \
+      || bad "spool disk missing: /metrics silent ($(grep -c alert "$T/nospool-metrics.txt") alert lines)"
+    $MT get "http://127.0.0.1:$HTTP_PORT/" > "$T/nospool-page.html" 2>&1
+    grep -q 'The spool disk is MISSING' "$T/nospool-page.html" && ok "spool disk missing: the status page says so" || bad "spool disk missing: the status page does not say so"
+  fi
+  kill_vm
+fi
+
 # ------------------------------------------------------------------ 3. other media
 if ! ${SKIP_MEDIA:-false}; then
   start_vm iso -drive "file=$DISK,format=raw,if=ide,index=0" -cdrom "$IMAGES/bartleby.iso" -boot d
@@ -307,6 +335,8 @@ if ! ${SKIP_MEDIA:-false}; then
       bad "ISO without disk: /metrics does not say the spool is in RAM ($(grep persistent "$T/iso-metrics.txt" | tail -1))"
     fi
     console_has "configuration: /cdrom/bartleby.toml" && ok "ISO without disk: config read from the CD" || bad "ISO without disk: config not read from the CD"
+    # before: 452 to every MAIL (RAM spool of ~2.5 MB < min_free_space 20 MB), nothing said why
+    if out=$($MT send "$SMTP_PORT" "iso-$MARK@example.org" "iso$MARK"); then ok "ISO without disk: mail accepted on the RAM spool: $out"; else bad "ISO without disk: mail refused on the RAM spool: $out"; fi
   fi
   kill_vm
   start_vm floppy -drive "file=$DISK,format=raw,if=ide,index=0" -drive "file=$IMAGES/bartleby-floppy.img,format=raw,if=floppy,readonly=on" -boot a
