@@ -71,6 +71,7 @@ pub fn boot() -> BootInfo {
     let t0 = Instant::now();
     mount_pseudo();
     ensure_console();
+    writable_etc();
     console_tee();
     // ctrl-alt-del: SIGINT to PID 1 instead of an immediate reboot
     // SAFETY: reboot(2) with CAD_OFF only changes a kernel flag.
@@ -310,6 +311,36 @@ fn mount_pseudo() {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
             Err(e) => say!("mount {dir}: {e}"),
         }
+    }
+}
+
+/// The disk and the floppy boot without an initramfs: the root is the
+/// disk's FAT partition, read-only (the binary runs from its page cache, the
+/// 8 MB machine keeps ~1 MB it would spend on an unpacked initramfs). Then
+/// /etc (resolv.conf from DHCP) becomes a small tmpfs holding copies of the
+/// files that were there.
+fn writable_etc() {
+    let Ok(c) = CString::new("/") else { return };
+    // SAFETY: a zeroed statvfs is a valid out-parameter; c is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 || st.f_flag & libc::ST_RDONLY == 0 {
+        return;
+    }
+    let files: Vec<(std::ffi::OsString, Vec<u8>)> = fs::read_dir("/etc")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+                .filter_map(|e| Some((e.file_name(), fs::read(e.path()).ok()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    match mount("tmpfs", "/etc", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "mode=0755,size=256k") {
+        Ok(()) => {
+            for (name, data) in files {
+                let _ = fs::write(Path::new("/etc").join(name), data);
+            }
+        }
+        Err(e) => say!("/etc: read-only root and no tmpfs over it: {e}"),
     }
 }
 

@@ -494,6 +494,11 @@ fn metrics(ctx: &Ctx) -> String {
                 let _ = writeln!(o, "bartleby_alert{{message=\"{esc}\"}} 1");
             }
         }
+        // the machine's own clock (also under an emulator's instruction
+        // counting, where the host's clock says nothing about the guest's speed)
+        if let Some(up) = std::fs::read_to_string("/proc/uptime").ok().and_then(|u| u.split_whitespace().next().and_then(|x| x.parse::<f64>().ok())) {
+            metric(&mut o, "bartleby_machine_uptime_seconds", "gauge", "Seconds since the machine booted (/proc/uptime, 10 ms steps).", format!("{up:.2}"));
+        }
         let sys = render::SystemView::read();
         if sys.mem_total > 0 {
             metric(&mut o, "bartleby_memory_available_bytes", "gauge", "MemAvailable of the machine.", sys.mem_available);

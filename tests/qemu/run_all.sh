@@ -339,16 +339,70 @@ if ! ${SKIP_MEDIA:-false}; then
     if out=$($MT send "$SMTP_PORT" "iso-$MARK@example.org" "iso$MARK"); then ok "ISO without disk: mail accepted on the RAM spool: $out"; else bad "ISO without disk: mail refused on the RAM spool: $out"; fi
   fi
   kill_vm
-  start_vm floppy -drive "file=$DISK,format=raw,if=ide,index=0" -drive "file=$IMAGES/bartleby-floppy.img,format=raw,if=floppy,readonly=on" -boot a
-  if wait_banner "floppy boot ($(cat "$IMAGES/floppy-kb" 2>/dev/null || echo ?) KB) with the disk attached"; then
+  # the 1.44 MB rescue floppy (issue 14, part 1): GRUB + the floppy kernel
+  # (ISA: no PCI), the relay and its files from the disk's first partition
+  fsize=$(stat -c %s "$IMAGES/bartleby-floppy.img")
+  [ "$fsize" = 1474560 ] && ok "floppy image is exactly 1,474,560 bytes ($(grep -m1 '^free' "$IMAGES/sizes.txt" | awk '{print $2}') bytes free)" || bad "floppy image is $fsize bytes, not 1,474,560"
+  MACHINE=isapc NIC=ne2k_isa start_vm floppy -drive "file=$DISK,format=raw,if=ide,index=0" -drive "file=$IMAGES/bartleby-floppy.img,format=raw,if=floppy,readonly=on" -boot a
+  if wait_banner "1.44 MB floppy boot (-M isapc, ne2k_isa) with the disk attached"; then
     console_has "spool: /dev/sda2 (ext4" && ok "floppy boot: uses the disk's spool partition" || bad "floppy boot: disk spool not used"
-    console_has "configuration: /boot/bartleby.toml (on /dev/fd0" && ok "floppy boot: config read from the floppy" || bad "floppy boot: config not read from the floppy ($(grep -m1 -o 'configuration: .*' "$LOG"))"
+    console_has "configuration: /boot/bartleby.toml (on /dev/fd0" && ok "floppy boot: config read from the floppy" || bad "floppy boot: config not read from the floppy ($(grep -a -m1 -o 'configuration: .*' "$LOG"))"
+    console_has "VFS: Mounted root (vfat filesystem) readonly" && ok "floppy boot: root is the disk's FAT partition, read-only (relay binary from the disk)" || bad "floppy boot: root not the disk's FAT partition"
+    FM=fl$(date +%s)$$
+    if out=$($MT send "$SMTP_PORT" "floppy-$FM@example.org" "$FM"); then ok "floppy boot: mail accepted: $out"; else bad "floppy boot: mail not accepted: $out"; fi
+    sleep 1
+    $MT get "http://127.0.0.1:$HTTP_PORT/api/queue" > "$T/floppy-queue.json" 2>&1
+    grep -q "$FM" "$T/floppy-queue.json" && ok "floppy boot: the page lists the message" || bad "floppy boot: the message is not listed"
+    SINKF=$T/sinkf; mkdir -p "$SINKF"; chmod 1777 "$SINKF"
+    /usr/sbin/smtp-sink -u nobody -d "$SINKF/%M." 127.0.0.1:$SINK_PORT 10 > "$T/smtp-sinkf.log" 2>&1 &
+    SINKPID=$!
+    sleep 1
+    $MT flush "http://127.0.0.1:$HTTP_PORT" > /dev/null 2>&1
+    got=""
+    for i in $(seq 1 45); do got=$(grep -l "$FM" "$SINKF"/* 2>/dev/null | head -1); [ -n "$got" ] && break; sleep 2; done
+    [ -n "$got" ] && ok "floppy boot: message flushed to the primary" || bad "floppy boot: message not delivered to the primary within 90s"
+    kill "$SINKPID" 2>/dev/null; wait "$SINKPID" 2>/dev/null; SINKPID=""
   fi
   kill_vm
   # a real ISA 486: no PCI, NE2000 ISA at 0x300/IRQ 9, IDE via pata_legacy
   MACHINE=isapc NIC=ne2k_isa start_vm isapc -drive "file=$DISK,format=raw,if=ide,index=0" -boot c
   if wait_banner "ISA-only PC (-M isapc, ne2k_isa, pata_legacy)"; then
     console_has "network: eth0 10.0.2.15" && ok "isapc: DHCP lease on the ISA NE2000" || bad "isapc: no lease on the ISA NE2000"
+  fi
+  kill_vm
+fi
+
+# ------------------------------------------------------------------ 4. the appliance in 8 MB (issue 14, part 2)
+# The disk image (full kernel) on -m 8: boots, takes 20 messages, flushes them
+# to the primary, and shows its headroom on the console and the page. Before:
+# "Out of memory and no killable processes... Kernel panic" while unpacking
+# the initramfs (2372K of 7672K available after the kernel).
+if ! ${SKIP_8MB:-false}; then
+  DISK8=$T/disk-8mb.img
+  cp --sparse=always "$IMAGES/bartleby.img" "$DISK8"
+  [ -f "$T/bartleby.toml" ] && MTOOLS_SKIP_CHECK=1 mcopy -o -i "$DISK8@@1M" "$T/bartleby.toml" ::/bartleby.toml
+  MEM=8 start_vm mem8 -drive "file=$DISK8,format=raw,if=ide,index=0" -boot c
+  if wait_banner "disk boot in 8 MB (-m 8)"; then
+    n=0; M8=m8$(date +%s)$$
+    for i in $(seq 1 20); do $MT send "$SMTP_PORT" "m8-$i-$M8@example.org" "$M8-$i" > /dev/null 2>&1 && n=$((n+1)); done
+    [ $n = 20 ] && ok "8 MB: 20 messages accepted" || bad "8 MB: only $n of 20 messages accepted"
+    SINK8=$T/sink8; mkdir -p "$SINK8"; chmod 1777 "$SINK8"
+    /usr/sbin/smtp-sink -u nobody -d "$SINK8/%M." 127.0.0.1:$SINK_PORT 10 > "$T/smtp-sink8.log" 2>&1 &
+    SINKPID=$!
+    sleep 1
+    $MT flush "http://127.0.0.1:$HTTP_PORT" > /dev/null 2>&1
+    got=0
+    for i in $(seq 1 60); do got=$(grep -l "$M8" "$SINK8"/* 2>/dev/null | wc -l); [ "$got" -ge 20 ] && break; sleep 2; done
+    [ "$got" -ge 20 ] && ok "8 MB: all 20 delivered to the primary after a flush" || bad "8 MB: $got of 20 delivered to the primary"
+    kill "$SINKPID" 2>/dev/null; wait "$SINKPID" 2>/dev/null; SINKPID=""
+    $MT get "http://127.0.0.1:$HTTP_PORT/" > "$T/mem8-page.html" 2>&1
+    mem=$(grep -o '<th>Memory</th><td>[^<]*' "$T/mem8-page.html" | sed 's/.*<td>//')
+    [ -n "$mem" ] && ok "8 MB: the page shows the headroom: Memory $mem" || bad "8 MB: no memory line on the page"
+    for i in $(seq 1 30); do console_has "after start:" && break; sleep 1; done
+    console_has "after start: MemTotal" && ok "8 MB: console: $(grep -a -m1 -o 'after start: .*' "$LOG")" || bad "8 MB: no memory line on the console"
+    grep -a -m1 '^Memory:' "$LOG" | sed 's/^/      console: /'
+  else
+    grep -a -m3 'Memory:\|Out of memory\|Kernel panic' "$LOG" | sed 's/^/      | /'
   fi
   kill_vm
 fi
