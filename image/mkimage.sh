@@ -171,7 +171,8 @@ TXT
 FLOPPY_OK=1
 mcopy -i "$F" "$KF/bzImage" "$CONF" "$W/README.TXT" ::/ 2>"$W/mcopy.err" || FLOPPY_OK=0
 FLOPPY_FREE=$(mdir -i "$F" ::/ 2>/dev/null | sed -n 's/^ *\([0-9 ]*\) bytes free.*/\1/p' | tr -d ' ')
-mv "$F" "$IMG/bartleby-floppy.img"
+rm -f "$IMG/bartleby-floppy.img"
+[ "$FLOPPY_OK" = 1 ] && mv "$F" "$IMG/bartleby-floppy.img"
 echo 1440 > "$IMG/floppy-kb"
 fi
 
@@ -188,7 +189,7 @@ fmt() { echo "$1" | sed ':a;s/\B[0-9]\{3\}\>/,&/;ta'; }
   printf '%-34s %12s\n' "bartleby.img (disk)" "$(fmt "$(stat -c %s "$IMG/bartleby.img")")"
   printf '%-34s %12s\n' "bartleby.iso" "$(fmt "$(stat -c %s "$IMG/bartleby.iso")")"
   [ "$FLOPPY_OK" = skipped ] && exit 0
-  printf '%-34s %12s\n' "bartleby-floppy.img" "$(fmt "$(stat -c %s "$IMG/bartleby-floppy.img")")"
+  [ -f "$IMG/bartleby-floppy.img" ] && printf '%-34s %12s\n' "bartleby-floppy.img" "$(fmt "$(stat -c %s "$IMG/bartleby-floppy.img")")"
   echo "== floppy budget (1,474,560 bytes, FAT12) =="
   printf '%-34s %12s\n' "boot sector + GRUB core ($RES sect.)" "$(fmt $(( RES * 512 )))"
   printf '%-34s %12s\n' "FATs + root directory" "$(fmt $(( (2*9 + 14) * 512 )))"
