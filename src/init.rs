@@ -130,12 +130,18 @@ pub fn boot() -> BootInfo {
         Err(e) => say!("network: {e}"),
     }
     say!("boot done in {:.1}s{}; {}", t0.elapsed().as_secs_f32(), since_boot(), meminfo());
+    // said at once: on a machine this short the relay may not live until
+    // the watcher below wakes up
+    let short_at_boot = mem_available_kb().is_some_and(|a| a < MEM_SHORT_KB);
+    if short_at_boot {
+        say!("WARNING: memory short: {} kB available (below {MEM_SHORT_KB} kB) before the relay starts; it may be killed or refuse mail: give the machine more RAM (8 MB is the least it is tested with)", mem_available_kb().unwrap_or(0));
+    }
     // one more memory report once the relay has settled, then a line each
     // time memory gets short or recovers
-    let _ = std::thread::Builder::new().name("meminfo".into()).stack_size(32 * 1024).spawn(|| {
+    let _ = std::thread::Builder::new().name("meminfo".into()).stack_size(32 * 1024).spawn(move || {
         std::thread::sleep(Duration::from_secs(20));
         say!("after start: {}", meminfo());
-        let mut short = false;
+        let mut short = short_at_boot;
         loop {
             if let Some(avail) = mem_available_kb()
                 && (avail < MEM_SHORT_KB) != short
