@@ -7,7 +7,11 @@
 t0=$(date +%s)
 step() { local s=$(date +%s); log "== $1"; shift; "$@"; log "   done in $(( $(date +%s) - s ))s"; }
 [ "${SKIP_DEPS:-0}" = 1 ] || step "dependencies (apt, rust-src, musl source)" "$IMAGE_DIR/deps.sh"
-step "kernel (linux-source-6.1, tinyconfig + image/kernel.config)" "$IMAGE_DIR/build-kernel.sh"
+step "kernel (linux-source-6.1, tinyconfig + image/kernel.config + image/patches)" "$IMAGE_DIR/build-kernel.sh"
+# the floppy kernel starts from the disk kernel's build directory (incremental)
+KSEED=$CACHE/kbuild-$(basename "$(readlink -f "$OUT/kernel")" | sed 's/^kernel-//')
+KNAME=kernel-floppy KFRAGS="kernel.config kernel-floppy.config" KBUILD_SEED=$KSEED \
+  step "floppy kernel (+ image/kernel-floppy.config)" "$IMAGE_DIR/build-kernel.sh"
 step "musl + libunwind for i486" "$IMAGE_DIR/build-musl.sh"
 BIN_CRATE=${BIN_CRATE:-$TOP}; BIN_NAME=${BIN_NAME:-bartleby}
 step "rust binary $BIN_NAME for i486" "$IMAGE_DIR/build-rust.sh" "$BIN_CRATE" "$BIN_NAME"

@@ -3,7 +3,7 @@
 . "$(dirname "$0")/common.sh"
 PKGS="qemu-system-x86 qemu-user linux-source-6.1 syslinux syslinux-common extlinux isolinux mtools
       e2fsprogs dosfstools xorriso cpio xz-utils bc flex bison libelf-dev gcc-multilib make
-      fdisk binutils dpkg-dev python3 swaks postfix curl"
+      fdisk binutils dpkg-dev python3 swaks postfix curl grub-pc-bin"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -147,6 +147,9 @@ pub struct NetworkConfig {
     pub address: String,
     pub gateway: Option<String>,
     pub dns: Vec<String>,
+    /// With DHCP: the address (`address/prefix`) used while no DHCP server
+    /// answers; `None`: an IPv4 link-local address.
+    pub fallback: Option<String>,
 }
 
 /// `[tls] primary`: TLS towards the primary, as Postfix's
@@ -982,7 +985,7 @@ impl Builder {
                 push_allow: Vec::new(),
                 push_token_file: None,
             },
-            network: NetworkConfig { interface: None, address: "dhcp".into(), gateway: None, dns: Vec::new() },
+            network: NetworkConfig { interface: None, address: "dhcp".into(), gateway: None, dns: Vec::new(), fallback: None },
             smtpd_client_connection_count_limit: 0, // see finish()
             smtpd_client_queue_share: 25,
             smtpd_client_message_rate_limit: 0,
@@ -1282,6 +1285,15 @@ impl Builder {
             ("tls", "primary_fingerprint") => {
                 let s = want_str(v)?;
                 c.tls.primary_fingerprint = if s.is_empty() { None } else { Some(parse_fingerprint(s)?) };
+                Ok(())
+            }
+            ("network", "fallback") => {
+                // used only with address = "dhcp", while no DHCP server answers
+                let s = want_str(v)?;
+                let (a, p) = s.split_once('/').ok_or_else(|| format!("`{s}` must be address/prefix like \"192.168.1.20/24\""))?;
+                a.parse::<Ipv4Addr>().map_err(|_| format!("`{a}` is not an IPv4 address"))?;
+                p.parse::<u8>().ok().filter(|n| *n <= 32).ok_or_else(|| format!("`{p}` is not a prefix length"))?;
+                c.network.fallback = Some(s.to_string());
                 Ok(())
             }
             ("", "status") | ("", "network") | ("", "tls") => Err(format!("`{}` is a table: write it as [{}]", it.key, it.key)),
@@ -1966,9 +1978,13 @@ allow = ["127.0.0.1/32", "192.168.1.0/24", "fe80::/10"]
             "interface = \"\"",
             "interface = \"eth0/1\"",
             "interface = \"abcdefghijklmnop\"",
+            "fallback = \"192.168.1.20\"",
+            "fallback = \"dhcp\"",
         ] {
             assert!(net(bad).is_err(), "{bad}");
         }
+        let c = net("address = \"dhcp\"\nfallback = \"10.0.2.15/24\"").unwrap();
+        assert_eq!(crate::netcfg::parse_cidr(c.network.fallback.as_deref().unwrap()).unwrap(), ("10.0.2.15".parse().unwrap(), 24));
         assert_eq!(net("interface = \"enp0s3\"").unwrap().network.interface.as_deref(), Some("enp0s3"));
     }
 

@@ -54,6 +54,10 @@ pub struct BootInfo {
     /// init mounted a disk there. Whether the spool is persistent is not
     /// taken from here: the relay checks the mounted file system itself.
     pub spool_note: String,
+    /// Problems an administrator must act on, in plain words (a spool disk
+    /// that was expected but not found): printed on the console and put
+    /// on the status page and in `/metrics` by the relay.
+    pub alerts: Vec<String>,
 }
 
 const BOOT_MNT: &str = "/boot";
@@ -67,6 +71,7 @@ pub fn boot() -> BootInfo {
     let t0 = Instant::now();
     mount_pseudo();
     ensure_console();
+    writable_etc();
     console_tee();
     // ctrl-alt-del: SIGINT to PID 1 instead of an immediate reboot
     // SAFETY: reboot(2) with CAD_OFF only changes a kernel flag.
@@ -74,6 +79,7 @@ pub fn boot() -> BootInfo {
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let arg = |k: &str| cmdline.split_whitespace().find_map(|w| w.strip_prefix(k)).map(str::to_string);
     say!("{}", fs::read_to_string("/proc/version").unwrap_or_default().trim());
+    say!("started{}", since_boot());
     if let Err(e) = crate::netcfg::set_up("lo") {
         say!("lo: {e}");
     }
@@ -89,26 +95,69 @@ pub fn boot() -> BootInfo {
     }
 
     let spool = config.as_ref().map_or_else(|| PathBuf::from(DEFAULT_SPOOL), |c| c.spool.clone());
-    let (persistent_spool, spool_note) = mount_spool(&parts, &spool, arg("bartleby.spool=").as_deref());
+    let forced = arg("bartleby.spool=");
+    let (persistent_spool, spool_note) = mount_spool(&parts, &spool, forced.as_deref());
     let banner = if persistent_spool { "" } else { "WARNING: " };
     say!("{banner}{spool_note}");
+    let mut alerts = Vec::new();
+    // Booted from the disk (whose second partition is the spool), or a
+    // spool device named on the command line: a RAM spool is a fault, not
+    // a choice (at 10 MB the kernel once lacked /dev/sda* and the relay
+    // quietly took mail into RAM).
+    let boot_medium = arg("bartleby.boot=");
+    let expected = match forced.as_deref() {
+        Some("tmpfs") => None,
+        Some(dev) => Some(format!("bartleby.spool={dev} names the spool device")),
+        None if boot_medium.as_deref() == Some("disk") => Some("the machine booted from the disk, whose ext4 partition BSPOOL is the spool".to_string()),
+        None => None,
+    };
+    if let (false, Some(why)) = (persistent_spool, expected) {
+        let a = format!(
+            "The spool disk is MISSING: {why}, but it was not mounted (block devices seen: {}). Mail is kept in RAM and lost on power failure; check the disk and its cable, then reboot.",
+            if parts.is_empty() { "none".to_string() } else { parts.join(" ") }
+        );
+        say!("ERROR: {a}");
+        alerts.push(a);
+    }
 
     let net = config.as_ref().map_or_else(
-        || NetworkConfig { interface: None, address: "dhcp".into(), gateway: None, dns: Vec::new() },
+        || NetworkConfig { interface: None, address: "dhcp".into(), gateway: None, dns: Vec::new(), fallback: None },
         |c| c.network.clone(),
     );
-    match crate::netcfg::configure(net.interface.as_deref(), &net.address, net.gateway.as_deref(), &net.dns) {
+    // never waits on the network: the relay listens on 0.0.0.0 / [::] at once
+    match crate::netcfg::start(net.interface.as_deref(), &net.address, net.gateway.as_deref(), &net.dns, net.fallback.as_deref()) {
         Ok(s) => say!("network: {s}"),
         Err(e) => say!("network: {e}"),
     }
-    say!("boot done in {:.1}s; {}", t0.elapsed().as_secs_f32(), meminfo());
-    // one more memory report once the relay has settled
-    let _ = std::thread::Builder::new().name("meminfo".into()).stack_size(32 * 1024).spawn(|| {
+    say!("boot done in {:.1}s{}; {}", t0.elapsed().as_secs_f32(), since_boot(), meminfo());
+    // said at once: on a machine this short the relay may not live until
+    // the watcher below wakes up
+    let short_at_boot = mem_available_kb().is_some_and(|a| a < MEM_SHORT_KB);
+    if short_at_boot {
+        say!("WARNING: memory short: {} kB available (below {MEM_SHORT_KB} kB) before the relay starts; it may be killed or refuse mail: give the machine more RAM (8 MB is the least it is tested with)", mem_available_kb().unwrap_or(0));
+    }
+    // one more memory report once the relay has settled, then a line each
+    // time memory gets short or recovers
+    let _ = std::thread::Builder::new().name("meminfo".into()).stack_size(32 * 1024).spawn(move || {
         std::thread::sleep(Duration::from_secs(20));
         say!("after start: {}", meminfo());
+        let mut short = short_at_boot;
+        loop {
+            if let Some(avail) = mem_available_kb()
+                && (avail < MEM_SHORT_KB) != short
+            {
+                short = !short;
+                if short {
+                    say!("WARNING: memory short: {avail} kB available (below {MEM_SHORT_KB} kB); the relay may be killed or refuse mail. {}", meminfo());
+                } else {
+                    say!("memory: {avail} kB available again");
+                }
+            }
+            std::thread::sleep(Duration::from_secs(10));
+        }
     });
     let spool_note = if persistent_spool { String::new() } else { spool_note };
-    BootInfo { config_path, config, config_error, spool_note }
+    BootInfo { config_path, config, config_error, spool_note, alerts }
 }
 
 /// Loads the configuration found on the boot media with the relay's parser;
@@ -195,6 +244,30 @@ pub fn reap_children() {
     }
 }
 
+/// As PID 1: `", 1.23s after the kernel started"` from /proc/uptime (the
+/// guest's own clock: the boot time the appliance measures itself, also
+/// under an emulator's instruction counting). Empty otherwise.
+pub fn since_boot() -> String {
+    if std::process::id() != 1 {
+        return String::new();
+    }
+    let up = fs::read_to_string("/proc/uptime").unwrap_or_default();
+    match up.split_whitespace().next() {
+        Some(s) => format!(", {s}s after the kernel started"),
+        None => String::new(),
+    }
+}
+
+/// Below this much `MemAvailable` the console, the page and `/metrics` say
+/// memory is short: a few sessions' buffers and one delivery.
+pub const MEM_SHORT_KB: u64 = 512;
+
+/// `MemAvailable` from /proc/meminfo, in kB.
+pub fn mem_available_kb() -> Option<u64> {
+    let m = fs::read_to_string("/proc/meminfo").ok()?;
+    m.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// `MemTotal`/`MemFree`/`MemAvailable` from /proc/meminfo in one line.
 pub fn meminfo() -> String {
     let m = fs::read_to_string("/proc/meminfo").unwrap_or_default();
@@ -244,6 +317,36 @@ fn mount_pseudo() {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
             Err(e) => say!("mount {dir}: {e}"),
         }
+    }
+}
+
+/// The disk and the floppy boot without an initramfs: the root is the
+/// disk's FAT partition, read-only (the binary runs from its page cache, the
+/// 8 MB machine keeps ~1 MB it would spend on an unpacked initramfs). Then
+/// /etc (resolv.conf from DHCP) becomes a small tmpfs holding copies of the
+/// files that were there.
+fn writable_etc() {
+    let Ok(c) = CString::new("/") else { return };
+    // SAFETY: a zeroed statvfs is a valid out-parameter; c is NUL-terminated.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 || st.f_flag & libc::ST_RDONLY == 0 {
+        return;
+    }
+    let files: Vec<(std::ffi::OsString, Vec<u8>)> = fs::read_dir("/etc")
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+                .filter_map(|e| Some((e.file_name(), fs::read(e.path()).ok()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    match mount("tmpfs", "/etc", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "mode=0755,size=256k") {
+        Ok(()) => {
+            for (name, data) in files {
+                let _ = fs::write(Path::new("/etc").join(name), data);
+            }
+        }
+        Err(e) => say!("/etc: read-only root and no tmpfs over it: {e}"),
     }
 }
 
@@ -362,9 +465,33 @@ fn partitions(wait: Duration) -> Vec<String> {
             }
         }
         if !names.is_empty() || Instant::now() >= until {
+            for n in &names {
+                ensure_dev_node(n);
+            }
             return names;
         }
         std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Makes `/dev/NAME` from /sys/class/block/NAME/dev when devtmpfs lacks it
+/// (seen at 10 MB of RAM: /proc/partitions listed sda2, /dev had no node,
+/// and the spool went to RAM).
+fn ensure_dev_node(name: &str) {
+    let path = format!("/dev/{name}");
+    if Path::new(&path).exists() {
+        return;
+    }
+    let Ok(dev) = fs::read_to_string(format!("/sys/class/block/{name}/dev")) else { return };
+    let Some((ma, mi)) = dev.trim().split_once(':') else { return };
+    let (Ok(ma), Ok(mi)) = (ma.parse::<u32>(), mi.parse::<u32>()) else { return };
+    let Ok(c) = CString::new(path.as_str()) else { return };
+    // SAFETY: mknod with a NUL-terminated path and a device number.
+    let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFBLK | 0o600, libc::makedev(ma, mi)) };
+    if r == 0 {
+        say!("{path}: missing in /dev (devtmpfs), made it ({ma}:{mi})");
+    } else {
+        say!("{path}: missing in /dev and cannot be made: {}", std::io::Error::last_os_error());
     }
 }
 

@@ -221,7 +221,43 @@ fn pid1() -> ! {
     bartleby::init::shutdown(true)
 }
 
-fn serve(cfg: Config, boot: Option<&bartleby::init::BootInfo>) -> ExitCode {
+/// A spool too small for `min_free_space` plus one message of
+/// `max_message_size` refuses every MAIL with 452: the RAM spool a 16 MB
+/// appliance falls back to is about 2.5 MB, the default reserve 20 MB.
+/// On a spool in RAM the two limits are cut to fit (a quarter of it for
+/// one message, an eighth kept free); on a disk that small nothing is
+/// changed, but the relay says it refuses all mail. Either way the
+/// sentence returned goes to the console, the log and the page.
+fn fit_spool(cfg: &mut Config) -> Option<String> {
+    let total = spool::disk_space(&cfg.spool).ok()?.total;
+    if total == 0 || cfg.min_free_space.saturating_add(cfg.max_message_size) <= total {
+        return None;
+    }
+    let kb = |n: u64| n / 1024;
+    if let Ok(Some(fs)) = bartleby::stats::spool_in_ram(&cfg.spool) {
+        let (old_size, old_free) = (cfg.max_message_size, cfg.min_free_space);
+        cfg.max_message_size = cfg.max_message_size.min(total / 4);
+        cfg.min_free_space = cfg.min_free_space.min(total / 8);
+        return Some(format!(
+            "the spool is on {fs} of {} kB (RAM): messages are limited to {} kB (max_message_size {} kB) and {} kB are kept free (min_free_space {} kB), or every message would be refused",
+            kb(total),
+            kb(cfg.max_message_size),
+            kb(old_size),
+            kb(cfg.min_free_space),
+            kb(old_free)
+        ));
+    }
+    Some(format!(
+        "ALL MAIL IS REFUSED (452): the spool file system {} has {} kB, less than min_free_space ({} kB) plus max_message_size ({} kB); use a bigger disk or lower the two",
+        cfg.spool.display(),
+        kb(total),
+        kb(cfg.min_free_space),
+        kb(cfg.max_message_size)
+    ))
+}
+
+fn serve(mut cfg: Config, boot: Option<&bartleby::init::BootInfo>) -> ExitCode {
+    let fit = fit_spool(&mut cfg);
     let cfg = Arc::new(cfg);
     let log = logging::Options {
         level: cfg.log_level,
@@ -241,6 +277,16 @@ fn serve(cfg: Config, boot: Option<&bartleby::init::BootInfo>) -> ExitCode {
         }
         if let Ok(mut note) = stats.spool_note.lock() {
             *note = b.spool_note.clone();
+        }
+        if let Ok(mut a) = stats.alerts.lock() {
+            a.extend(b.alerts.iter().cloned());
+        }
+    }
+    if let Some(a) = fit {
+        log::warn!(target: logging::MASTER, "warning: {a}");
+        eprintln!("bartleby: WARNING: {a}");
+        if let Ok(mut v) = stats.alerts.lock() {
+            v.push(a);
         }
     }
     // Persistent or not is a fact of the file system the spool is on.

@@ -15,31 +15,124 @@
 use std::io::{self, Error, ErrorKind};
 use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 macro_rules! say {
     ($($a:tt)*) => { eprintln!("bartleby-net: {}", format_args!($($a)*)) };
 }
 
-/// What the last successful `configure` did: (arguments, summary).
-static LAST: Mutex<Option<(String, String)>> = Mutex::new(None);
+/// How long the first DHCP exchange may take before the console says no
+/// server answered (the relay is already listening: nothing waits on this).
+pub const FIRST_DHCP_WAIT: Duration = Duration::from_secs(10);
+/// Between two DHCP attempts while no lease is held.
+pub const DHCP_RETRY: Duration = Duration::from_secs(30);
 
-/// Configures `iface` (default: the first interface other than `lo`) with
-/// `address` (`"dhcp"` or `"a.b.c.d/prefix"`), an optional default `gateway`,
-/// and `dns` servers (written to `/etc/resolv.conf`; with DHCP an empty list
-/// means "use the servers the lease names"). Also brings `lo` up.
+/// Starts the network without holding up the caller (PID 1 starts the
+/// relay right after, listening on 0.0.0.0 / [::]): `lo` up; a static
+/// `address` is applied at once (ioctls only, no waiting); with `"dhcp"` a
+/// thread gives the interface `fallback` (`"a.b.c.d/prefix"`, with `gateway`
+/// as its route) or else an IPv4 link-local address (169.254/16, RFC 3927,
+/// chosen from the MAC address) at once, then asks for a lease. A lease
+/// replaces the fallback and is renewed at half its lifetime; while no DHCP
+/// server answers, DHCP is asked again every [`DHCP_RETRY`].
 ///
-/// Returns a one-line summary such as `eth0 10.0.2.15/24 via 10.0.2.2`.
-/// Calling it again with the same arguments returns the first summary
-/// without redoing anything (so both init and main may call it).
-pub fn configure(iface: Option<&str>, address: &str, gateway: Option<&str>, dns: &[String]) -> io::Result<String> {
-    let key = format!("{iface:?}|{address}|{gateway:?}|{dns:?}");
-    if let Some((k, s)) = LAST.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
-        && *k == key
-    {
-        return Ok(s.clone());
+/// Returns the line for the console (the thread prints its own outcome).
+pub fn start(iface: Option<&str>, address: &str, gateway: Option<&str>, dns: &[String], fallback: Option<&str>) -> io::Result<String> {
+    if !address.trim().eq_ignore_ascii_case("dhcp") {
+        return configure(iface, address, gateway, dns);
     }
+    let _ = set_up("lo");
+    let gw: Option<Ipv4Addr> = gateway.and_then(|g| g.parse().ok());
+    let fallback = match fallback {
+        Some(f) if !f.trim().is_empty() => Some(parse_cidr(f)?),
+        _ => None,
+    };
+    let (iface, dns) = (iface.filter(|n| !n.is_empty()).map(str::to_string), dns.to_vec());
+    std::thread::Builder::new().name("dhcp".into()).stack_size(64 * 1024).spawn(move || {
+        let name = match iface {
+            Some(n) => n,
+            None => match first_interface(Duration::from_secs(3)) {
+                Some(n) => n,
+                None => {
+                    eprintln!("bartleby-init: network: no network interface found (no NIC driver matched the hardware?)");
+                    return;
+                }
+            },
+        };
+        if let Err(e) = set_up(&name) {
+            eprintln!("bartleby-init: network: {e}");
+        }
+        // The fallback first, so the relay answers from the first second;
+        // a lease replaces it when (if) a DHCP server answers.
+        let (addr, prefix, how) = match fallback {
+            Some((a, p)) => (a, p, "configured fallback"),
+            None => {
+                let (a, p) = hw_addr(&name).map(|m| link_local(&m)).unwrap_or((Ipv4Addr::new(169, 254, 1, 1), 16));
+                (a, p, "link-local")
+            }
+        };
+        let route = if fallback.is_some() { gw } else { None };
+        match apply(&name, addr, mask_of(prefix), route) {
+            Ok(()) => {
+                if fallback.is_some() {
+                    write_resolv_conf(&dns);
+                }
+                eprintln!("bartleby-init: network: {name} {addr}/{prefix} ({how}) until a DHCP lease comes; asking DHCP now");
+            }
+            Err(e) => eprintln!("bartleby-init: network: {how} {addr}/{prefix}: {e}"),
+        }
+        let lease = match dhcp(&name, FIRST_DHCP_WAIT) {
+            Ok(l) => {
+                eprintln!("bartleby-init: network: {}", take_lease(&name, &l, gw, &dns));
+                Some(l)
+            }
+            Err(e) => {
+                eprintln!(
+                    "bartleby-init: network: WARNING: {e}; keeping {addr}/{prefix} ({how}); asking DHCP again every {}s",
+                    DHCP_RETRY.as_secs()
+                );
+                None
+            }
+        };
+        renew_loop(name, lease, gw, dns);
+    })?;
+    Ok("asking for a DHCP lease in the background; the relay starts now".to_string())
+}
+
+/// An IPv4 link-local address for `mac` (RFC 3927 2.1: 169.254.1.0 to
+/// 169.254.254.255, chosen from the hardware address so it stays the same
+/// boot after boot). No ARP probe: the image has no packet socket.
+pub fn link_local(mac: &[u8; 6]) -> (Ipv4Addr, u8) {
+    let h = mac.iter().fold(2166136261u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(16777619));
+    let n = h % (254 * 256);
+    (Ipv4Addr::new(169, 254, 1 + (n / 256) as u8, (n % 256) as u8), 16)
+}
+
+/// Applies a lease; returns the console summary.
+fn take_lease(name: &str, lease: &Lease, gw: Option<Ipv4Addr>, dns: &[String]) -> String {
+    if let Err(e) = apply(name, lease.addr, lease.mask, gw.or(lease.router)) {
+        return format!("{name}: lease {}: {e}", lease.addr);
+    }
+    let servers: Vec<String> = if dns.is_empty() { lease.dns.iter().map(|a| a.to_string()).collect() } else { dns.to_vec() };
+    write_resolv_conf(&servers);
+    format!(
+        "{name} {}/{} via {} dns {} (dhcp from {}, lease {})",
+        lease.addr,
+        prefix_len(lease.mask),
+        lease.router.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+        if servers.is_empty() { "-".to_string() } else { servers.join(",") },
+        lease.server,
+        if lease.lease_secs == u32::MAX { "infinite".to_string() } else { format!("{}s", lease.lease_secs) }
+    )
+}
+
+/// Configures a static `address` (`"a.b.c.d/prefix"`) on `iface` (default:
+/// the first interface other than `lo`), an optional default `gateway`, and
+/// `dns` servers (written to `/etc/resolv.conf`). Also brings `lo` up.
+/// For `"dhcp"` see [`start`].
+///
+/// Returns a one-line summary such as `eth0 10.0.2.15/24 via 10.0.2.2 dns - (static)`.
+pub fn configure(iface: Option<&str>, address: &str, gateway: Option<&str>, dns: &[String]) -> io::Result<String> {
     let _ = set_up("lo");
     let name = match iface {
         Some(n) if !n.is_empty() => n.to_string(),
@@ -47,49 +140,19 @@ pub fn configure(iface: Option<&str>, address: &str, gateway: Option<&str>, dns:
             .ok_or_else(|| Error::new(ErrorKind::NotFound, "no network interface found (no NIC driver matched the hardware?)"))?,
     };
     set_up(&name)?;
-    let summary = if address.trim().eq_ignore_ascii_case("dhcp") {
-        let gw: Option<Ipv4Addr> = gateway.and_then(|g| g.parse().ok());
-        let lease = match dhcp(&name, Duration::from_secs(20)) {
-            Ok(l) => l,
-            Err(e) => {
-                // keep trying in the background: the DHCP server may simply be down
-                spawn_renewer(name.clone(), None, gw, dns.to_vec());
-                return Err(Error::new(e.kind(), format!("{e}; retrying every minute in the background")));
-            }
-        };
-        apply(&name, lease.addr, lease.mask, gw.or(lease.router))?;
-        let servers: Vec<String> = if dns.is_empty() { lease.dns.iter().map(|a| a.to_string()).collect() } else { dns.to_vec() };
-        write_resolv_conf(&servers);
-        let s = format!(
-            "{name} {}/{} via {} dns {} (dhcp from {}, lease {})",
-            lease.addr,
-            prefix_len(lease.mask),
-            lease.router.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
-            if servers.is_empty() { "-".to_string() } else { servers.join(",") },
-            lease.server,
-            if lease.lease_secs == u32::MAX { "infinite".to_string() } else { format!("{}s", lease.lease_secs) }
-        );
-        if lease.lease_secs != u32::MAX && lease.lease_secs > 0 {
-            spawn_renewer(name.clone(), Some(lease), gw, dns.to_vec());
-        }
-        s
-    } else {
-        let (addr, prefix) = parse_cidr(address)?;
-        let mask = mask_of(prefix);
-        let gw = match gateway {
-            Some(g) if !g.is_empty() => Some(g.parse::<Ipv4Addr>().map_err(|_| inval(format!("gateway `{g}` is not an IPv4 address")))?),
-            _ => None,
-        };
-        apply(&name, addr, mask, gw)?;
-        write_resolv_conf(dns);
-        format!(
-            "{name} {addr}/{prefix} via {} dns {} (static)",
-            gw.map(|g| g.to_string()).unwrap_or_else(|| "-".into()),
-            if dns.is_empty() { "-".to_string() } else { dns.join(",") }
-        )
+    let (addr, prefix) = parse_cidr(address)?;
+    let mask = mask_of(prefix);
+    let gw = match gateway {
+        Some(g) if !g.is_empty() => Some(g.parse::<Ipv4Addr>().map_err(|_| inval(format!("gateway `{g}` is not an IPv4 address")))?),
+        _ => None,
     };
-    *LAST.lock().unwrap_or_else(|e| e.into_inner()) = Some((key, summary.clone()));
-    Ok(summary)
+    apply(&name, addr, mask, gw)?;
+    write_resolv_conf(dns);
+    Ok(format!(
+        "{name} {addr}/{prefix} via {} dns {} (static)",
+        gw.map(|g| g.to_string()).unwrap_or_else(|| "-".into()),
+        if dns.is_empty() { "-".to_string() } else { dns.join(",") }
+    ))
 }
 
 fn inval(m: String) -> Error {
@@ -259,7 +322,13 @@ fn apply(name: &str, addr: Ipv4Addr, mask: Ipv4Addr, gw: Option<Ipv4Addr>) -> io
             rt_window: 0,
             rt_irtt: 0,
         };
-        // remove a stale default route (lease renewal with a new router); errors are fine
+        // remove a stale default route (the fallback's, or a lease renewal
+        // with a new router): any gateway matches a zero one; none there is fine
+        rt.rt_gateway = sockaddr_in(Ipv4Addr::UNSPECIFIED);
+        rt.rt_flags = libc::RTF_UP as libc::c_ushort;
+        while ioctl(fd, libc::SIOCDELRT as _, &mut rt as *mut _ as *mut _).is_ok() {}
+        rt.rt_gateway = sockaddr_in(g);
+        rt.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
         match ioctl(fd, libc::SIOCADDRT as _, &mut rt as *mut _ as *mut _) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
@@ -459,39 +528,31 @@ pub fn dhcp(name: &str, limit: Duration) -> io::Result<Lease> {
 }
 
 /// Renews at half the lease time (a full exchange, re-applied if anything
-/// changed); with no lease yet, retries every minute until one arrives.
-fn spawn_renewer(name: String, mut lease: Option<Lease>, gw: Option<Ipv4Addr>, dns: Vec<String>) {
-    let _ = std::thread::Builder::new().name("dhcp".into()).stack_size(64 * 1024).spawn(move || {
-        loop {
-            let wait = match &lease {
-                Some(l) if l.lease_secs == u32::MAX => return,
-                Some(l) => Duration::from_secs((l.lease_secs / 2).clamp(30, 7 * 86400) as u64),
-                None => Duration::from_secs(60),
-            };
-            std::thread::sleep(wait);
-            match dhcp(&name, Duration::from_secs(30)) {
-                Ok(new) => {
-                    let changed = lease.as_ref().is_none_or(|l| new.addr != l.addr || new.mask != l.mask || new.router != l.router);
-                    if changed {
-                        say!("{name}: lease {}/{} via {} ({}s)", new.addr, prefix_len(new.mask),
-                            new.router.map(|r| r.to_string()).unwrap_or_else(|| "-".into()), new.lease_secs);
-                        if let Err(e) = apply(&name, new.addr, new.mask, gw.or(new.router)) {
-                            say!("{name}: {e}");
-                        }
-                        if dns.is_empty() {
-                            write_resolv_conf(&new.dns.iter().map(|a| a.to_string()).collect::<Vec<_>>());
-                        }
-                    }
-                    lease = Some(new);
+/// changed); with no lease yet, asks again every [`DHCP_RETRY`] until one
+/// arrives. Runs for ever (in the `dhcp` thread).
+fn renew_loop(name: String, mut lease: Option<Lease>, gw: Option<Ipv4Addr>, dns: Vec<String>) {
+    loop {
+        let wait = match &lease {
+            Some(l) if l.lease_secs == u32::MAX => return,
+            Some(l) => Duration::from_secs((l.lease_secs / 2).clamp(30, 7 * 86400) as u64),
+            None => DHCP_RETRY,
+        };
+        std::thread::sleep(wait);
+        match dhcp(&name, Duration::from_secs(30)) {
+            Ok(new) => {
+                let changed = lease.as_ref().is_none_or(|l| new.addr != l.addr || new.mask != l.mask || new.router != l.router);
+                if changed {
+                    say!("{}", take_lease(&name, &new, gw, &dns));
                 }
-                Err(e) => {
-                    if let Some(l) = &lease {
-                        say!("{name}: lease renewal failed ({e}); keeping {}", l.addr);
-                    }
+                lease = Some(new);
+            }
+            Err(e) => {
+                if let Some(l) = &lease {
+                    say!("{name}: lease renewal failed ({e}); keeping {}", l.addr);
                 }
             }
         }
-    });
+    }
 }
 
 #[cfg(test)]
@@ -507,6 +568,24 @@ mod tests {
         assert_eq!(mask_of(24), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(mask_of(0), Ipv4Addr::UNSPECIFIED);
         assert_eq!(prefix_len(Ipv4Addr::new(255, 255, 240, 0)), 20);
+    }
+
+    #[test]
+    fn link_local_is_in_rfc3927_range_and_stable() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..2000u32 {
+            let b = i.to_be_bytes();
+            let mac = [0x52, 0x54, b[0], b[1], b[2], b[3]];
+            let (a, p) = link_local(&mac);
+            assert_eq!(p, 16);
+            let o = a.octets();
+            // 169.254.0.x and 169.254.255.x are reserved (RFC 3927 2.1)
+            assert!(o[0] == 169 && o[1] == 254 && (1..=254).contains(&o[2]), "{a}");
+            assert_eq!(link_local(&mac).0, a);
+            seen.insert(a);
+        }
+        // different cards get different addresses (almost always)
+        assert!(seen.len() > 1900, "{}", seen.len());
     }
 
     #[test]

@@ -124,10 +124,11 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
     crate::status::start_with(cfg.clone(), stats.clone(), Some(ctx.recipients.clone())).map_err(|e| format!("status page: {e}"))?;
     log::info!(
         target: MASTER,
-        "daemon started -- version {}, listening on {}, primary {}",
+        "daemon started -- version {}, listening on {}, primary {}{}",
         env!("CARGO_PKG_VERSION"),
         cfg.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" "),
-        cfg.primary_display()
+        cfg.primary_display(),
+        crate::init::since_boot()
     );
 
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;

@@ -55,6 +55,11 @@ pub struct Stats {
     pub primary_retry_at: AtomicU32,
     /// A sentence for the page and the console when the spool is not persistent.
     pub spool_note: Mutex<String>,
+    /// Problems found at start that an administrator must act on, in plain
+    /// words (a spool disk expected but missing, limits cut to fit a small
+    /// spool, a spool too small for any message): at the top of the page,
+    /// counted in `/metrics` (`bartleby_alerts`).
+    pub alerts: Mutex<Vec<String>>,
     /// Wakes the scheduler for a full queue run now (`flush`, ETRN, the
     /// page's button). `Notify` may be signalled from any thread.
     pub flush: tokio::sync::Notify,

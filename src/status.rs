@@ -431,6 +431,7 @@ fn page_data<'a>(ctx: &'a Ctx, flushed: bool) -> render::PageData<'a> {
         verify: cfg.verify_recipients.then(|| verify_view(cfg, st, now())),
         tls: st.tls.lock().map(|t| t.clone()).unwrap_or_default(),
         tls_built: cfg!(feature = "tls"),
+        alerts: st.alerts.lock().map(|a| a.clone()).unwrap_or_default(),
     }
 }
 
@@ -485,6 +486,33 @@ fn metrics(ctx: &Ctx) -> String {
     let t = now();
     let mut o = String::with_capacity(3072);
     metric(&mut o, "bartleby_spool_readable", "gauge", "1 if the spool could be listed.", u8::from(q.error.is_none()));
+    {
+        let alerts = st.alerts.lock().map(|a| a.clone()).unwrap_or_default();
+        metric(&mut o, "bartleby_alerts", "gauge", "Problems found at start that need the administrator (each one below as bartleby_alert).", alerts.len());
+        if !alerts.is_empty() {
+            o.push_str("# HELP bartleby_alert A problem found at start, in plain words.\n# TYPE bartleby_alert gauge\n");
+            for a in &alerts {
+                let esc = a.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+                let _ = writeln!(o, "bartleby_alert{{message=\"{esc}\"}} 1");
+            }
+        }
+        // the machine's own clock (also under an emulator's instruction
+        // counting, where the host's clock says nothing about the guest's speed)
+        if let Some(up) = std::fs::read_to_string("/proc/uptime").ok().and_then(|u| u.split_whitespace().next().and_then(|x| x.parse::<f64>().ok())) {
+            metric(&mut o, "bartleby_machine_uptime_seconds", "gauge", "Seconds since the machine booted (/proc/uptime, 10 ms steps).", format!("{up:.2}"));
+        }
+        let sys = render::SystemView::read();
+        if sys.mem_total > 0 {
+            metric(&mut o, "bartleby_memory_available_bytes", "gauge", "MemAvailable of the machine.", sys.mem_available);
+            metric(
+                &mut o,
+                "bartleby_memory_short",
+                "gauge",
+                "1 if the machine has less than 512 kB available: the relay may refuse mail or be stopped by the kernel.",
+                u8::from(sys.mem_available < crate::init::MEM_SHORT_KB * 1024),
+            );
+        }
+    }
     metric(&mut o, "bartleby_queue_messages", "gauge", "Messages in the queue.", q.count);
     metric(&mut o, "bartleby_queue_bytes", "gauge", "Bytes of message data in the queue.", q.bytes);
     metric(

@@ -272,6 +272,8 @@ pub struct PageData<'a> {
     pub tls: crate::tls::TlsState,
     /// This binary was built with TLS (the floppy's may not be).
     pub tls_built: bool,
+    /// Problems found at start, in plain words (see `Stats::alerts`).
+    pub alerts: Vec<String>,
 }
 
 /// Recipient verification's figures (see [`crate::verify`]).
@@ -377,6 +379,20 @@ pub fn page(d: &PageData) -> String {
     // Notices first: what an administrator must act on.
     if d.flushed {
         o.push_str("<p class=\"note\" id=\"flushed\">Flush requested: the queue manager is retrying every queued message now.</p>\n");
+    }
+    for a in &d.alerts {
+        o.push_str("<p class=\"alert\" id=\"start-alert\"><strong>Attention:</strong> ");
+        html(&mut o, a);
+        o.push_str("</p>\n");
+    }
+    let short_kb = crate::init::MEM_SHORT_KB;
+    if d.system.mem_total > 0 && d.system.mem_available < short_kb * 1024 {
+        let _ = writeln!(
+            o,
+            "<p class=\"alert\" id=\"memory-short\"><strong>Memory is short:</strong> {} available of {} (below {short_kb} kB). The relay may refuse mail or be stopped by the kernel; give the machine more RAM.</p>",
+            human_bytes(d.system.mem_available),
+            human_bytes(d.system.mem_total)
+        );
     }
     if !d.persistent_spool {
         o.push_str("<p class=\"alert\" id=\"spool-warning\"><strong>Warning: the spool is not persistent.</strong> ");
