@@ -206,13 +206,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsIo<S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
     /// The key of `crate::tls::tests::CERT` (a test key, nothing else).
-    const KEY: &str = "-----BEGIN PRIVATE KEY-----
+    pub(crate) const KEY: &str = "-----BEGIN PRIVATE KEY-----
 MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQge9KCh2Hzlo0C6nKJ
 eXJBM3PQQwqQHedoVeLPfVKqO4GhRANCAAT6VJ+54OSdUxRuC27vM5zDdG4AGaMK
 lqow0IPJzR8V0k4o6wGHRnGbhZsn7DXSohRfFIw7uf18d0wgwr7oh2Pu
