@@ -62,6 +62,10 @@ fn invalid(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+/// TLS records held for the peer per session: a few replies inbound, two
+/// BufWriter loads of a message body outbound.
+const SEND_LIMIT: usize = 16 * 1024;
+
 /// Handshake computations running on the blocking pool (at most one: a
 /// 486 has one CPU, and the pool has 2 threads, see main.rs).
 static COMPUTING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
@@ -70,6 +74,9 @@ static COMPUTING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
 /// the blocking pool. Plaintext the peer sent right after its Finished
 /// stays buffered in the connection for the first read.
 pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(mut conn: Connection, mut io: S) -> io::Result<TlsIo<S>> {
+    // Encrypted data waiting for a slow (or never reading) peer: at most
+    // SEND_LIMIT per session (a write waits beyond it), not rustls's 64 KB.
+    conn.set_buffer_limit(Some(SEND_LIMIT));
     let mut buf = vec![0u8; 4096];
     let mut out = Vec::new();
     loop {
@@ -277,6 +284,44 @@ lqow0IPJzR8V0k4o6wGHRnGbhZsn7DXSohRfFIw7uf18d0wgwr7oh2Pu
             assert!(crate::tls::accept(Arc::clone(&pair.config), a).await.is_err());
         });
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A peer that never reads: what one session holds for it is bounded
+    /// by the TLS layer's send buffer (rustls's default is 64 KB: for 20
+    /// sessions, 1.3 MB, a third of the relay's memory target). Here a
+    /// write of 200 KB to a 1 KB pipe nobody reads.
+    #[test]
+    fn a_peer_that_never_reads_holds_little() {
+        let dir = std::env::temp_dir().join(format!("bartleby-tls-hold-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, crate::tls::tests::CERT).unwrap();
+        std::fs::write(&key, KEY).unwrap();
+        let pair = crate::tls::load_pair(&cert, &key).unwrap();
+        let cfg = crate::config::Config::parse(
+            "hostname = \"b.example.org\"\nrelay_domains = [\"example.org\"]\nprimary = \"192.0.2.1:25\"\n[tls]\nprimary = \"encrypt\"\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let client = crate::tls::Client::new(&cfg).unwrap().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let taken = rt.block_on(async {
+            let (a, b) = tokio::io::duplex(1024);
+            let (server, client) = tokio::join!(crate::tls::accept(Arc::clone(&pair.config), a), client.connect("mx.example.org", b));
+            let (mut s, _c) = (server.unwrap(), client.unwrap());
+            let big = vec![b'x'; 200_000];
+            let mut taken = 0;
+            while taken < big.len() {
+                match tokio::time::timeout(std::time::Duration::from_millis(200), s.write(&big[taken..])).await {
+                    Ok(Ok(n)) => taken += n,
+                    _ => break,
+                }
+            }
+            taken
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        eprintln!("{taken} bytes taken for a peer that reads nothing");
+        assert!(taken <= 20_000, "{taken} bytes taken for a peer that reads nothing");
     }
 
     /// Many handshakes at once must not fill the blocking pool (2 threads
