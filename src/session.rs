@@ -282,7 +282,11 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         if let Some(t) = self.txn.take().filter(|t| !t.rcpts.is_empty()) {
             log::info!(target: SMTPD, "{}: lost connection or aborted before DATA completed", t.id);
         }
-        let _ = self.wr.shutdown().await;
+        // Bounded: in TLS the close_notify (and replies still held by the
+        // TLS layer) must be written first, and a client that never reads
+        // would otherwise hold the session and its slot forever. In clear
+        // this returns at once.
+        let _ = timeout(self.ctx.cfg.command_timeout.min(Duration::from_secs(60)), self.wr.shutdown()).await;
         log::info!(target: SMTPD, "disconnect from {}", self.client);
     }
 
@@ -936,4 +940,88 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
 /// The HELO name as it may appear in a header: printable ASCII, bounded.
 fn clean_helo(h: &str) -> String {
     h.chars().filter(|c| c.is_ascii_graphic()).take(255).collect()
+}
+
+#[cfg(all(test, feature = "tls"))]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A client inside TLS that stops reading: our replies fill the socket
+    /// and the TLS layer's buffer. After command_timeout the session must
+    /// still end and give back its slot. In clear the kernel keeps the last
+    /// reply and shutdown(2) returns at once; in TLS the close_notify (and
+    /// the replies before it) must be written first, and a socket that
+    /// never drains held the session forever. Postfix bounds every write of
+    /// smtpd, the TLS shutdown included, by smtpd_timeout.
+    #[test]
+    fn a_tls_client_that_never_reads_does_not_hold_its_session() {
+        let root = std::env::temp_dir().join(format!("bartleby-session-tls-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let (cert, key) = (root.join("cert.pem"), root.join("key.pem"));
+        std::fs::write(&cert, crate::tls::tests::CERT).unwrap();
+        std::fs::write(&key, crate::tls_io::tests::KEY).unwrap();
+        let spool = Spool::create(&root.join("spool")).unwrap();
+        let cfg = Config::parse(
+            &format!(
+                "hostname = \"backup.example.org\"\nspool = \"{}\"\nrelay_domains = [\"example.org\"]\nprimary = \"127.0.0.1:9\"\n\
+                 command_timeout = 1\nmin_free_space = 1\n[tls]\ncertificate = \"{}\"\nkey = \"{}\"\nprimary = \"encrypt\"\n",
+                root.join("spool").display(),
+                cert.display(),
+                key.display()
+            ),
+            "t.toml".as_ref(),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let stats = Arc::new(Stats::new());
+        let committer = {
+            let _g = rt.enter();
+            Committer::start(&spool).unwrap()
+        };
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = crate::tls::Client::new(&cfg).unwrap().unwrap();
+        let ctx = Arc::new(Ctx {
+            tls: crate::tls::Server::start(&cfg, stats.clone()),
+            cfg: Arc::new(cfg),
+            spool,
+            committer,
+            stats,
+            recipients: Recipients::new(policy::RecipientList::load(None).unwrap()),
+            queued: tx,
+            etrn_allow: Vec::new(),
+            verifier: None,
+        });
+        assert!(ctx.tls.as_ref().unwrap().config().is_some());
+        let ended = rt.block_on(async {
+            let (a, mut b) = tokio::io::duplex(8192);
+            let session = tokio::spawn(run(a, "192.0.2.7:4000".parse().unwrap(), ctx));
+            async fn upto<R: AsyncRead + Unpin>(r: &mut R, end: &[u8]) -> Vec<u8> {
+                let mut got = Vec::new();
+                while !got.ends_with(end) {
+                    let mut c = [0u8; 1];
+                    assert_eq!(r.read(&mut c).await.unwrap(), 1, "{}", String::from_utf8_lossy(&got));
+                    got.push(c[0]);
+                }
+                got
+            }
+            upto(&mut b, b"\r\n").await;
+            b.write_all(b"EHLO client.test\r\n").await.unwrap();
+            upto(&mut b, b"250 DSN\r\n").await;
+            b.write_all(b"STARTTLS\r\n").await.unwrap();
+            assert!(upto(&mut b, b"\r\n").await.starts_with(b"220 "));
+            let (mut t, _, _) = client.connect("backup.example.org", b).await.unwrap();
+            // 90 EHLOs (under the junk limit), ~190 bytes of reply each,
+            // never read: more than the pipe holds.
+            t.write_all(&b"EHLO client.test\r\n".repeat(90)).await.unwrap();
+            t.flush().await.unwrap();
+            // command_timeout is 1 s; give it 5.
+            let ended = timeout(Duration::from_secs(5), session).await.is_ok();
+            drop(t);
+            ended
+        });
+        let _ = std::fs::remove_dir_all(&root);
+        assert!(ended, "the session was still waiting to write to a client that never reads, 5 s after command_timeout (1 s)");
+    }
 }

@@ -107,6 +107,11 @@ fn der_name(mut name: &[u8]) -> String {
     let mut out = String::new();
     while let Some((_, set, rest)) = der(name) {
         name = rest;
+        // A name is a few attributes; more are cut (the page and a log line).
+        if out.len() > 400 {
+            out.push_str(", ...");
+            break;
+        }
         let Some((_, atv, _)) = der(set) else { continue };
         let Some((_, oid, val)) = der(atv) else { continue };
         let key = match oid {
@@ -638,6 +643,21 @@ JCu82yJHhVOHuOBh
             fingerprint(&der),
             "sha256:1A:2E:3D:56:70:72:99:FF:7E:57:68:02:D8:F7:2C:DF:0F:A9:44:FF:D8:4C:7D:82:D2:62:08:A2:F4:57:33:30"
         );
+    }
+
+    /// A Name of 300 RDNs (a cert file may hold 256 KB): the subject shown
+    /// on the page and logged in one line stays short.
+    #[test]
+    fn a_subject_of_many_attributes_is_bounded() {
+        let rdn = {
+            let v = [&[0x0c, 100][..], &[b'a'; 100][..]].concat();
+            let atv = [&[0x30, 107, 0x06, 3, 0x55, 0x04, 0x03][..], &v[..]].concat();
+            [&[0x31, 109][..], &atv[..]].concat()
+        };
+        let name = rdn.repeat(300);
+        let s = der_name(&name);
+        assert!(s.starts_with("CN=aaaa"), "{s}");
+        assert!(s.len() <= 512, "subject of {} bytes", s.len());
     }
 
     #[test]

@@ -62,10 +62,21 @@ fn invalid(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+/// TLS records held for the peer per session: a few replies inbound, two
+/// BufWriter loads of a message body outbound.
+const SEND_LIMIT: usize = 16 * 1024;
+
+/// Handshake computations running on the blocking pool (at most one: a
+/// 486 has one CPU, and the pool has 2 threads, see main.rs).
+static COMPUTING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
 /// Runs the handshake of `conn` over `io`: I/O here, the computations on
 /// the blocking pool. Plaintext the peer sent right after its Finished
 /// stays buffered in the connection for the first read.
 pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(mut conn: Connection, mut io: S) -> io::Result<TlsIo<S>> {
+    // Encrypted data waiting for a slow (or never reading) peer: at most
+    // SEND_LIMIT per session (a write waits beyond it), not rustls's 64 KB.
+    conn.set_buffer_limit(Some(SEND_LIMIT));
     let mut buf = vec![0u8; 4096];
     let mut out = Vec::new();
     loop {
@@ -87,8 +98,16 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(mut conn: Connection, 
             if conn.read_tls(&mut rd)? == 0 {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "TLS handshake: input not taken"));
             }
+            // One handshake computation in the pool at a time (FIFO, so
+            // one client with many connections waits its turn like the
+            // others): the pool's other thread stays free for the spool's
+            // fsync and the scheduler's probe. The permit goes with the
+            // job, so a handshake timed out meanwhile still holds it until
+            // its computation ends.
+            let permit = COMPUTING.acquire().await.map_err(io::Error::other)?;
             let (c, r) = tokio::task::spawn_blocking(move || {
                 let r = conn.process_new_packets().map(|_| ());
+                drop(permit);
                 (conn, r)
             })
             .await
@@ -194,13 +213,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsIo<S> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
     /// The key of `crate::tls::tests::CERT` (a test key, nothing else).
-    const KEY: &str = "-----BEGIN PRIVATE KEY-----
+    pub(crate) const KEY: &str = "-----BEGIN PRIVATE KEY-----
 MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQge9KCh2Hzlo0C6nKJ
 eXJBM3PQQwqQHedoVeLPfVKqO4GhRANCAAT6VJ+54OSdUxRuC27vM5zDdG4AGaMK
 lqow0IPJzR8V0k4o6wGHRnGbhZsn7DXSohRfFIw7uf18d0wgwr7oh2Pu
@@ -265,5 +284,101 @@ lqow0IPJzR8V0k4o6wGHRnGbhZsn7DXSohRfFIw7uf18d0wgwr7oh2Pu
             assert!(crate::tls::accept(Arc::clone(&pair.config), a).await.is_err());
         });
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A peer that never reads: what one session holds for it is bounded
+    /// by the TLS layer's send buffer (rustls's default is 64 KB: for 20
+    /// sessions, 1.3 MB, a third of the relay's memory target). Here a
+    /// write of 200 KB to a 1 KB pipe nobody reads.
+    #[test]
+    fn a_peer_that_never_reads_holds_little() {
+        let dir = std::env::temp_dir().join(format!("bartleby-tls-hold-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, crate::tls::tests::CERT).unwrap();
+        std::fs::write(&key, KEY).unwrap();
+        let pair = crate::tls::load_pair(&cert, &key).unwrap();
+        let cfg = crate::config::Config::parse(
+            "hostname = \"b.example.org\"\nrelay_domains = [\"example.org\"]\nprimary = \"192.0.2.1:25\"\n[tls]\nprimary = \"encrypt\"\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let client = crate::tls::Client::new(&cfg).unwrap().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let taken = rt.block_on(async {
+            let (a, b) = tokio::io::duplex(1024);
+            let (server, client) = tokio::join!(crate::tls::accept(Arc::clone(&pair.config), a), client.connect("mx.example.org", b));
+            let (mut s, _c) = (server.unwrap(), client.unwrap());
+            let big = vec![b'x'; 200_000];
+            let mut taken = 0;
+            while taken < big.len() {
+                match tokio::time::timeout(std::time::Duration::from_millis(200), s.write(&big[taken..])).await {
+                    Ok(Ok(n)) => taken += n,
+                    _ => break,
+                }
+            }
+            taken
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        eprintln!("{taken} bytes taken for a peer that reads nothing");
+        assert!(taken <= 20_000, "{taken} bytes taken for a peer that reads nothing");
+    }
+
+    /// Many handshakes at once must not fill the blocking pool (2 threads
+    /// on the appliance, see main.rs): the spool's fsync and the
+    /// scheduler's probe run there too, and a 250 after DATA waits for the
+    /// fsync. A 486 spends 0.6 s (ECDSA) to 3.2 s (RSA) per handshake: 20
+    /// queued handshakes would hold a commit back for 12 s to a minute.
+    /// Here, while 8 handshakes are under way, a no-op job in the pool must
+    /// start at once, not after the handshakes' computations queued before it.
+    #[test]
+    fn handshakes_leave_a_pool_thread_for_the_spool() {
+        let dir = std::env::temp_dir().join(format!("bartleby-tls-pool-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, crate::tls::tests::CERT).unwrap();
+        std::fs::write(&key, KEY).unwrap();
+        let pair = crate::tls::load_pair(&cert, &key).unwrap();
+        let cfg = crate::config::Config::parse(
+            "hostname = \"b.example.org\"\nrelay_domains = [\"example.org\"]\nprimary = \"192.0.2.1:25\"\n[tls]\nprimary = \"encrypt\"\n",
+            std::path::Path::new("t.toml"),
+        )
+        .unwrap();
+        let client = crate::tls::Client::new(&cfg).unwrap().unwrap();
+        // As main.rs builds the appliance's runtime.
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(2).build().unwrap();
+        let (worst, all) = rt.block_on(async {
+            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let d = done.clone();
+            let probe = tokio::spawn(async move {
+                let mut worst = std::time::Duration::ZERO;
+                while !d.load(std::sync::atomic::Ordering::SeqCst) {
+                    let t = std::time::Instant::now();
+                    let waited = tokio::task::spawn_blocking(move || t.elapsed()).await.unwrap();
+                    worst = worst.max(waited);
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                worst
+            });
+            let started = std::time::Instant::now();
+            let mut set = tokio::task::JoinSet::new();
+            for _ in 0..8 {
+                let (a, b) = tokio::io::duplex(4096);
+                let config = Arc::clone(&pair.config);
+                set.spawn(async move { crate::tls::accept(config, a).await.map(|_| ()) });
+                let c = crate::tls::Client::new(&cfg).unwrap().unwrap();
+                set.spawn(async move { c.connect("mx.example.org", b).await.map(|_| ()) });
+            }
+            while let Some(r) = set.join_next().await {
+                r.unwrap().unwrap();
+            }
+            let all = started.elapsed();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            (probe.await.unwrap(), all)
+        });
+        drop(client);
+        let _ = std::fs::remove_dir_all(&dir);
+        eprintln!("8 handshakes in {all:?}; a pool job waited at most {worst:?}");
+        assert!(worst * 10 < all, "a pool job waited {worst:?} behind handshakes (8 handshakes took {all:?})");
     }
 }

@@ -6,7 +6,8 @@
 # Targets: session (a whole SMTP session over an in-memory pipe), data (the
 # DATA parser), config (the configuration parser), reply (the delivery
 # client's reply parser, and whole deliveries to an arbitrary primary), dns
-# (the DNS response parser: compression loops, truncation, 1000 answers).
+# (the DNS response parser: compression loops, truncation, 1000 answers), cert
+# (the certificate reader of the page and the log: subject, names, expiry).
 # FUZZ_TARGETS="data config" picks some. New corpus entries go to tests/fuzz/corpus/TARGET (ignored by
 # git), the committed seeds are read from tests/fuzz/seeds/TARGET; a crash
 # leaves its input in tests/fuzz/artifacts/TARGET/. Reproduce one with
@@ -21,7 +22,7 @@ case $secs in
 esac
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root" || exit 1
-targets=${FUZZ_TARGETS:-session data config reply dns}
+targets=${FUZZ_TARGETS:-session data config reply dns cert}
 
 # cargo-fuzz needs unstable flags (-Zsanitizer). Use nightly when the
 # machine has it; otherwise stable with RUSTC_BOOTSTRAP=1, whose sysroot also

@@ -123,8 +123,11 @@ class TlsPrimary:
     """A primary in Python: offers STARTTLS (or not), records every command
     with whether it came inside TLS, accepts everything."""
 
-    def __init__(self, port, cert=None, key=None, offer=True, broken=False):
+    def __init__(self, port, cert=None, key=None, offer=True, broken=False, inject=False, refuse=False):
         self.port, self.offer, self.broken = port, offer, broken
+        # inject: a reply pipelined after the 220 to STARTTLS, in the same
+        # write (a MITM's response injection); refuse: 454 to STARTTLS.
+        self.inject, self.refuse = inject, refuse
         self.ctx = None
         if cert:
             self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -170,8 +173,11 @@ class TlsPrimary:
                     if self.offer and not tls:
                         caps.append("STARTTLS")
                     conn.sendall("".join(f"250{'-' if i < len(caps) - 1 else ' '}{c}\r\n" for i, c in enumerate(caps)).encode())
+                elif verb == "STARTTLS" and self.offer and not tls and self.refuse:
+                    conn.sendall(b"454 4.7.0 TLS not available due to local problem\r\n")
                 elif verb == "STARTTLS" and self.offer and not tls:
-                    conn.sendall(b"220 2.0.0 Ready to start TLS\r\n")
+                    extra = b"250-primary.example.org\r\n250 AUTH PLAIN\r\n" if self.inject else b""
+                    conn.sendall(b"220 2.0.0 Ready to start TLS\r\n" + extra)
                     if self.broken:
                         conn.sendall(b"this is not TLS\r\n" * 4)
                         time.sleep(0.5)
@@ -570,6 +576,34 @@ class Outbound(Base):
         wait_until(lambda: p.messages, 20, "delivery in clear\n" + r.read_log())
         self.assertIn("SSL_connect error to 127.0.0.1[127.0.0.1]", r.read_log())
         self.assertFalse(p.messages[0][0])
+
+    def test_a_reply_injected_after_the_220_to_starttls_is_never_read(self):
+        # A MITM's (or a broken primary's) plaintext pipelined after "220
+        # Ready to start TLS": thrown away with the buffer, never taken as
+        # the reply to the EHLO inside TLS (Postfix purges it too). Had it
+        # been kept it would have been read as TLS records (a failed
+        # handshake) or as the EHLO's reply (replies off by one).
+        p = self.primary(cert=C("primary.pem"), key=C("primary.key"), inject=True)
+        r = self.relay(primary_port=p.port, tls=tls_section(extra='primary = "encrypt"\n'))
+        self.send_one(r)
+        wait_until(lambda: p.messages, 20, "delivery\n" + r.read_log())
+        self.assertTrue(p.messages[0][0], "delivered inside TLS")
+        self.assertTrue(all(tls for tls, _ in p.mail_commands()), p.commands)
+        wait_until(lambda: "status=sent" in r.read_log(), 10, "status=sent\n" + r.read_log())
+
+    def test_starttls_refused_with_454_defers_under_encrypt_and_goes_in_clear_under_may(self):
+        # Postfix: under "encrypt" such a host is skipped (the mail waits);
+        # under "may" the session goes on in clear.
+        p = self.primary(cert=C("primary.pem"), key=C("primary.key"), refuse=True)
+        r = self.relay(primary_port=p.port, tls=tls_section(extra='primary = "encrypt"\n'))
+        self.send_one(r)
+        self.deferred(r, r"status=deferred \(421 4\.7\.5 TLS is required, but host 127\.0\.0\.1\[127\.0\.0\.1\]:\d+ refused to start TLS: 454 4\.7\.0")
+        self.assertEqual(p.mail_commands(), [])
+        p2 = self.primary(cert=C("primary.pem"), key=C("primary.key"), refuse=True)
+        r2 = self.relay(primary_port=p2.port, tls=tls_section(extra='primary = "may"\n'))
+        self.send_one(r2)
+        wait_until(lambda: p2.messages, 20, "delivery in clear\n" + r2.read_log())
+        self.assertFalse(p2.messages[0][0])
 
     def test_encrypt_after_a_failed_handshake_defers(self):
         p = self.primary(cert=C("primary.pem"), key=C("primary.key"), broken=True)
