@@ -59,14 +59,20 @@ fn etrn_allow(cfg: &Config) -> Vec<Cidr> {
     vec![Cidr::parse("127.0.0.1/32").unwrap(), Cidr::parse("::1/128").unwrap()]
 }
 
-/// As PID 1 with `[network] address = "dhcp"`, the relay listens before
-/// the machine has its address (it never waits on the network): a listen
-/// address of its own (not 0.0.0.0 / [::]) may arrive only with the lease or
-/// the fallback, so it is bound with IP_FREEBIND and takes connections once
-/// the address is there. Elsewhere an address the machine lacks stays an
-/// error at start (a typo is said, not listened on in vain).
-pub fn freebind(cfg: &Config) -> bool {
-    std::process::id() == 1 && cfg.network.address.trim().eq_ignore_ascii_case("dhcp")
+/// As PID 1 the relay listens before the machine has all its addresses (it
+/// never waits on the network): with `[network] address = "dhcp"` the IPv4
+/// address comes with the lease or the fallback, an IPv6 one with the
+/// router's advertisement (the appliance configures none itself). A listen
+/// address of the machine's own (not 0.0.0.0 / [::]) is then bound with
+/// IP_FREEBIND and takes connections once the address is there. Elsewhere an
+/// address the machine lacks stays an error at start (a typo is said, not
+/// listened on in vain).
+pub fn freebind(cfg: &Config, addr: &SocketAddr) -> bool {
+    std::process::id() == 1 && address_may_come_later(&cfg.network.address, addr)
+}
+
+fn address_may_come_later(network_address: &str, addr: &SocketAddr) -> bool {
+    addr.is_ipv6() || network_address.trim().eq_ignore_ascii_case("dhcp")
 }
 
 /// A listening TCP socket on `addr` (SO_REUSEADDR, as tokio's and std's
@@ -118,9 +124,8 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
     // or the last good list kept in the spool, not a server that is down.
     let recipients = Recipients::start(cfg.recipients.as_deref(), &spool.root().join(crate::policy::LAST_GOOD), &stats);
     let mut listeners = Vec::new();
-    let freebind = freebind(&cfg);
     for addr in &cfg.listen {
-        let l = tcp_listen(*addr, freebind)
+        let l = tcp_listen(*addr, freebind(&cfg, addr))
             .and_then(|l| {
                 l.set_nonblocking(true)?;
                 TcpListener::from_std(l)
@@ -379,6 +384,11 @@ mod tests {
             let (s, _) = l.accept().unwrap();
             assert_eq!(s.peer_addr().unwrap(), c.local_addr().unwrap());
         }
+        // which addresses PID 1 binds so (the pid is checked apart)
+        assert!(address_may_come_later("dhcp", &a));
+        assert!(address_may_come_later(" DHCP ", &a));
+        assert!(!address_may_come_later("192.168.1.20/24", &a));
+        assert!(address_may_come_later("192.168.1.20/24", &"[2001:db8::5]:25".parse().unwrap()));
         let six: SocketAddr = "[2001:db8::1]:0".parse().unwrap();
         if let Ok(l) = tcp_listen(six, true) {
             assert_eq!(l.local_addr().unwrap().ip(), six.ip());
