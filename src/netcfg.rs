@@ -450,6 +450,11 @@ fn parse(p: &[u8], xid: u32, mac: &[u8; 6]) -> Option<(u8, Lease)> {
         }
         i += 2 + len;
     }
+    // an offer or lease must name an address this host can take
+    let a = l.addr;
+    if matches!(kind, OFFER | ACK) && (a.is_unspecified() || a.is_broadcast() || a.is_loopback() || a.is_multicast()) {
+        return None;
+    }
     Some((kind, l))
 }
 
@@ -651,5 +656,19 @@ mod tests {
         assert_eq!(l.dns, vec![Ipv4Addr::new(10, 0, 2, 3)]);
         assert_eq!(l.lease_secs, 86400);
         assert!(parse(&r, 1, &mac).is_none());
+        // an OFFER or ACK without a usable address (yiaddr 0.0.0.0 from a
+        // broken or hostile server) is not a lease: applied, it would take
+        // the fallback address away and leave the relay unreachable
+        for bad in [[0, 0, 0, 0], [255, 255, 255, 255], [127, 0, 0, 1], [224, 0, 0, 1]] {
+            r[16..20].copy_from_slice(&bad);
+            assert!(parse(&r, 0xdeadbeef, &mac).is_none(), "{bad:?}");
+            r[242] = OFFER;
+            assert!(parse(&r, 0xdeadbeef, &mac).is_none(), "{bad:?}");
+            r[242] = ACK;
+        }
+        // a NAK has no address: still understood
+        r[16..20].copy_from_slice(&[0, 0, 0, 0]);
+        r[242] = NAK;
+        assert_eq!(parse(&r, 0xdeadbeef, &mac).unwrap().0, NAK);
     }
 }
