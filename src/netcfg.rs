@@ -450,6 +450,11 @@ fn parse(p: &[u8], xid: u32, mac: &[u8; 6]) -> Option<(u8, Lease)> {
         }
         i += 2 + len;
     }
+    // an offer or lease must name an address this host can take
+    let a = l.addr;
+    if matches!(kind, OFFER | ACK) && (a.is_unspecified() || a.is_broadcast() || a.is_loopback() || a.is_multicast()) {
+        return None;
+    }
     Some((kind, l))
 }
 
@@ -531,12 +536,9 @@ pub fn dhcp(name: &str, limit: Duration) -> io::Result<Lease> {
 /// changed); with no lease yet, asks again every [`DHCP_RETRY`] until one
 /// arrives. Runs for ever (in the `dhcp` thread).
 fn renew_loop(name: String, mut lease: Option<Lease>, gw: Option<Ipv4Addr>, dns: Vec<String>) {
+    let mut got = Instant::now();
     loop {
-        let wait = match &lease {
-            Some(l) if l.lease_secs == u32::MAX => return,
-            Some(l) => Duration::from_secs((l.lease_secs / 2).clamp(30, 7 * 86400) as u64),
-            None => DHCP_RETRY,
-        };
+        let Some(wait) = next_try(lease.as_ref().map(|l| l.lease_secs), got.elapsed()) else { return };
         std::thread::sleep(wait);
         match dhcp(&name, Duration::from_secs(30)) {
             Ok(new) => {
@@ -545,6 +547,7 @@ fn renew_loop(name: String, mut lease: Option<Lease>, gw: Option<Ipv4Addr>, dns:
                     say!("{}", take_lease(&name, &new, gw, &dns));
                 }
                 lease = Some(new);
+                got = Instant::now();
             }
             Err(e) => {
                 if let Some(l) = &lease {
@@ -553,6 +556,27 @@ fn renew_loop(name: String, mut lease: Option<Lease>, gw: Option<Ipv4Addr>, dns:
             }
         }
     }
+}
+
+/// How long the `dhcp` thread sleeps before its next exchange: `lease_secs`
+/// of the lease held (`None`: none yet), obtained `held` ago. `None`: an
+/// infinite lease, nothing more to do.
+/// Renewal at T1 (half the lease); after a failed one, half the time left
+/// down to 60 s (RFC 2131 4.4.5), so a DHCP server down for a while is asked
+/// several times before the lease runs out; past it, every 60 s (the
+/// address is kept meanwhile: the relay stays reachable where it was).
+fn next_try(lease_secs: Option<u32>, held: Duration) -> Option<Duration> {
+    let s = match lease_secs {
+        None => return Some(DHCP_RETRY),
+        Some(u32::MAX) => return None,
+        Some(s) => u64::from(s),
+    };
+    let t1 = Duration::from_secs((s / 2).clamp(30, 7 * 86400));
+    if held < t1 {
+        return Some(t1 - held);
+    }
+    let left = Duration::from_secs(s).saturating_sub(held);
+    Some((left / 2).max(Duration::from_secs(60)))
 }
 
 #[cfg(test)]
@@ -568,6 +592,29 @@ mod tests {
         assert_eq!(mask_of(24), Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(mask_of(0), Ipv4Addr::UNSPECIFIED);
         assert_eq!(prefix_len(Ipv4Addr::new(255, 255, 240, 0)), 20);
+    }
+
+    #[test]
+    fn renewal_backs_off_within_the_lease() {
+        let s = Duration::from_secs;
+        // no lease: ask every DHCP_RETRY; infinite: never again
+        assert_eq!(next_try(None, s(0)), Some(DHCP_RETRY));
+        assert_eq!(next_try(Some(u32::MAX), s(5)), None);
+        // fresh 1 h lease: renew at T1 = half of it (RFC 2131 4.4.5)
+        assert_eq!(next_try(Some(3600), s(0)), Some(s(1800)));
+        // the renewal at T1 failed (30 s spent on it): the next try must come
+        // well before the lease runs out at 3600 s (RFC 2131: half the time
+        // left, down to 60 s), not another 1800 s later (after expiry)
+        let w = next_try(Some(3600), s(1830)).unwrap();
+        assert!(w >= s(60) && s(1830) + w < s(3600) - s(60), "{w:?}");
+        assert_eq!(w, s(885));
+        // close to and past expiry: every 60 s
+        assert_eq!(next_try(Some(3600), s(3550)), Some(s(60)));
+        assert_eq!(next_try(Some(3600), s(9000)), Some(s(60)));
+        // a short lease is still renewed no sooner than 30 s, a long one at
+        // least once a week
+        assert_eq!(next_try(Some(10), s(0)), Some(s(30)));
+        assert_eq!(next_try(Some(u32::MAX - 1), s(0)), Some(s(7 * 86400)));
     }
 
     #[test]
@@ -609,5 +656,19 @@ mod tests {
         assert_eq!(l.dns, vec![Ipv4Addr::new(10, 0, 2, 3)]);
         assert_eq!(l.lease_secs, 86400);
         assert!(parse(&r, 1, &mac).is_none());
+        // an OFFER or ACK without a usable address (yiaddr 0.0.0.0 from a
+        // broken or hostile server) is not a lease: applied, it would take
+        // the fallback address away and leave the relay unreachable
+        for bad in [[0, 0, 0, 0], [255, 255, 255, 255], [127, 0, 0, 1], [224, 0, 0, 1]] {
+            r[16..20].copy_from_slice(&bad);
+            assert!(parse(&r, 0xdeadbeef, &mac).is_none(), "{bad:?}");
+            r[242] = OFFER;
+            assert!(parse(&r, 0xdeadbeef, &mac).is_none(), "{bad:?}");
+            r[242] = ACK;
+        }
+        // a NAK has no address: still understood
+        r[16..20].copy_from_slice(&[0, 0, 0, 0]);
+        r[242] = NAK;
+        assert_eq!(parse(&r, 0xdeadbeef, &mac).unwrap().0, NAK);
     }
 }

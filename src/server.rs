@@ -59,6 +59,53 @@ fn etrn_allow(cfg: &Config) -> Vec<Cidr> {
     vec![Cidr::parse("127.0.0.1/32").unwrap(), Cidr::parse("::1/128").unwrap()]
 }
 
+/// As PID 1 the relay listens before the machine has all its addresses (it
+/// never waits on the network): with `[network] address = "dhcp"` the IPv4
+/// address comes with the lease or the fallback, an IPv6 one with the
+/// router's advertisement (the appliance configures none itself). A listen
+/// address of the machine's own (not 0.0.0.0 / [::]) is then bound with
+/// IP_FREEBIND and takes connections once the address is there. Elsewhere an
+/// address the machine lacks stays an error at start (a typo is said, not
+/// listened on in vain).
+pub fn freebind(cfg: &Config, addr: &SocketAddr) -> bool {
+    std::process::id() == 1 && address_may_come_later(&cfg.network.address, addr)
+}
+
+fn address_may_come_later(network_address: &str, addr: &SocketAddr) -> bool {
+    addr.is_ipv6() || network_address.trim().eq_ignore_ascii_case("dhcp")
+}
+
+/// A listening TCP socket on `addr` (SO_REUSEADDR, as tokio's and std's
+/// bind on Unix), with IP_FREEBIND when `freebind` (see [`freebind`]).
+/// Blocking, as std's; the backlog is tokio's (1024).
+pub fn tcp_listen(addr: SocketAddr, freebind: bool) -> std::io::Result<std::net::TcpListener> {
+    use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+    let s = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    s.set_reuseaddr(true)?;
+    if freebind {
+        let (level, opt) = if addr.is_ipv4() { (libc::IPPROTO_IP, libc::IP_FREEBIND) } else { (libc::IPPROTO_IPV6, libc::IPV6_FREEBIND) };
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt on a socket we own, with an int of its size.
+        let r = unsafe {
+            libc::setsockopt(s.as_raw_fd(), level, opt, &one as *const libc::c_int as *const libc::c_void, std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    s.bind(addr)?;
+    // SAFETY: into_raw_fd hands over the socket's only owner.
+    let fd = unsafe { OwnedFd::from_raw_fd(s.into_raw_fd()) };
+    // plain listen(2): tokio's TcpSocket::listen needs a runtime, the status page has none
+    // SAFETY: listen on a bound socket we own.
+    if unsafe { libc::listen(fd.as_raw_fd(), 1024) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let l = std::net::TcpListener::from(fd);
+    l.set_nonblocking(false)?;
+    Ok(l)
+}
+
 /// Runs the relay until SIGTERM/SIGINT. Returns an error for problems at
 /// start (bad listen address, unusable spool).
 pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
@@ -78,7 +125,12 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
     let recipients = Recipients::start(cfg.recipients.as_deref(), &spool.root().join(crate::policy::LAST_GOOD), &stats);
     let mut listeners = Vec::new();
     for addr in &cfg.listen {
-        let l = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let l = tcp_listen(*addr, freebind(&cfg, addr))
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)
+            })
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         listeners.push(l);
     }
     let sock_path = spool.control_socket();
@@ -308,5 +360,38 @@ pub fn control_request(spool_root: &std::path::Path, cmd: &str) -> Result<String
     match answer.strip_prefix("ok ") {
         Some(rest) => Ok(rest.trim().to_string()),
         None => Err(answer.trim().to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 192.0.2.1 (TEST-NET-1, RFC 5737) is on no interface of the test
+    /// machine: like the address a DHCP lease brings a few seconds after the
+    /// relay started listening.
+    #[test]
+    fn listen_on_an_address_not_yet_configured() {
+        let a: SocketAddr = "192.0.2.1:0".parse().unwrap();
+        let e = tcp_listen(a, false).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrNotAvailable, "{e}");
+        let l = tcp_listen(a, true).unwrap();
+        assert_eq!(l.local_addr().unwrap().ip(), a.ip());
+        // an address that is there works either way, and accepts
+        for fb in [false, true] {
+            let l = tcp_listen("127.0.0.1:0".parse().unwrap(), fb).unwrap();
+            let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+            let (s, _) = l.accept().unwrap();
+            assert_eq!(s.peer_addr().unwrap(), c.local_addr().unwrap());
+        }
+        // which addresses PID 1 binds so (the pid is checked apart)
+        assert!(address_may_come_later("dhcp", &a));
+        assert!(address_may_come_later(" DHCP ", &a));
+        assert!(!address_may_come_later("192.168.1.20/24", &a));
+        assert!(address_may_come_later("192.168.1.20/24", &"[2001:db8::5]:25".parse().unwrap()));
+        let six: SocketAddr = "[2001:db8::1]:0".parse().unwrap();
+        if let Ok(l) = tcp_listen(six, true) {
+            assert_eq!(l.local_addr().unwrap().ip(), six.ip());
+        }
     }
 }

@@ -78,7 +78,8 @@ pub fn start_with(cfg: Arc<Config>, stats: Arc<Stats>, recipients: Option<Recipi
     let Some(addr) = cfg.status.listen else {
         return Ok(());
     };
-    let listener = TcpListener::bind(addr)?;
+    // as PID 1 with DHCP the address may come after the page starts
+    let listener = if crate::server::freebind(&cfg, &addr) { crate::server::tcp_listen(addr, true)? } else { TcpListener::bind(addr)? };
     let gate = Arc::new(gate::Gate {
         allow: cfg.status.allow.clone(),
         hosts: gate::Hosts::new(&cfg.hostname, &cfg.status.names, addr),

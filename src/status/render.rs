@@ -380,11 +380,7 @@ pub fn page(d: &PageData) -> String {
     if d.flushed {
         o.push_str("<p class=\"note\" id=\"flushed\">Flush requested: the queue manager is retrying every queued message now.</p>\n");
     }
-    for a in &d.alerts {
-        o.push_str("<p class=\"alert\" id=\"start-alert\"><strong>Attention:</strong> ");
-        html(&mut o, a);
-        o.push_str("</p>\n");
-    }
+    start_alerts(&mut o, &d.alerts);
     let short_kb = crate::init::MEM_SHORT_KB;
     if d.system.mem_total > 0 && d.system.mem_available < short_kb * 1024 {
         let _ = writeln!(
@@ -918,6 +914,17 @@ pub fn write_queue_json<W: Write>(w: &mut W, spool: &Spool, now: u64, retry_at: 
     writeln!(w, "],\"unreadable_count\":{unreadable_n},\"count\":{count},\"bytes\":{bytes}}}")
 }
 
+/// The problems found at start (`Stats::alerts`), one paragraph each.
+/// The id is on the first only (an id names one element).
+fn start_alerts(o: &mut String, alerts: &[String]) {
+    for (i, a) in alerts.iter().enumerate() {
+        o.push_str(if i == 0 { "<p class=\"alert\" id=\"start-alert\">" } else { "<p class=\"alert\">" });
+        o.push_str("<strong>Attention:</strong> ");
+        html(o, a);
+        o.push_str("</p>\n");
+    }
+}
+
 /// Appends one metric with its HELP and TYPE lines.
 pub fn metric(o: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
     let _ = write!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
@@ -941,6 +948,22 @@ mod tests {
         let mut o = String::new();
         html_cut(&mut o, "é<&x", 2);
         assert_eq!(o, "é&lt;…");
+    }
+
+    /// A RAM spool because the disk is missing gives two alerts at once
+    /// (the missing disk, the limits cut to fit): each one escaped, and the
+    /// page's ids stay unique (HTML: an id names one element).
+    #[test]
+    fn start_alerts_escaped_and_ids_unique() {
+        let mut o = String::new();
+        start_alerts(&mut o, &["The spool disk is MISSING: <sda2> & \"x\"".into(), "limits cut".into()]);
+        assert!(o.contains("MISSING: &lt;sda2&gt; &amp; "), "{o}");
+        assert!(!o.contains("<sda2>"), "{o}");
+        assert_eq!(o.matches("id=\"start-alert\"").count(), 1, "{o}");
+        assert_eq!(o.matches("<strong>Attention:</strong>").count(), 2, "{o}");
+        let mut none = String::new();
+        start_alerts(&mut none, &[]);
+        assert_eq!(none, "");
     }
 
     fn message(attempts: u32, next_attempt: u64) -> QueuedMessage {
