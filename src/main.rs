@@ -304,6 +304,8 @@ fn serve(mut cfg: Config, boot: Option<&bartleby::init::BootInfo>) -> ExitCode {
         .enable_all()
         .max_blocking_threads(2)
         .thread_stack_size(256 * 1024)
+        // Held log lines go out whenever the relay has nothing to do.
+        .on_thread_park(logging::flush)
         .build()
     {
         Ok(rt) => rt,
@@ -312,7 +314,10 @@ fn serve(mut cfg: Config, boot: Option<&bartleby::init::BootInfo>) -> ExitCode {
             return ExitCode::from(71);
         }
     };
-    match rt.block_on(server::serve(cfg, stats)) {
+    logging::buffer_on_this_thread();
+    let r = rt.block_on(server::serve(cfg, stats));
+    logging::flush();
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!(target: logging::MASTER, "fatal: {e}");

@@ -33,7 +33,7 @@ use crate::util::{self, QueueId};
 /// them would otherwise hold a connection slot forever.
 const JUNK_LIMIT: u32 = 100;
 /// Read buffer per session.
-const READ_BUF: usize = 2048;
+const READ_BUF: usize = 4096;
 /// Replies held for a pipelining client before they are written.
 const OUT_MAX: usize = 4096;
 
