@@ -225,9 +225,10 @@ eXJBM3PQQwqQHedoVeLPfVKqO4GhRANCAAT6VJ+54OSdUxRuC27vM5zDdG4AGaMK
 lqow0IPJzR8V0k4o6wGHRnGbhZsn7DXSohRfFIw7uf18d0wgwr7oh2Pu
 -----END PRIVATE KEY-----";
 
-    #[test]
-    fn both_sides_talk_through_tls_io() {
-        let dir = std::env::temp_dir().join(format!("bartleby-tls-io-{}", std::process::id()));
+    /// The test pair written to a fresh directory, loaded; a config with
+    /// `[tls] primary = "encrypt"` and its client side.
+    fn fixture(tag: &str) -> (std::path::PathBuf, crate::tls::Pair, crate::config::Config, crate::tls::Client) {
+        let dir = std::env::temp_dir().join(format!("bartleby-tls-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         std::fs::write(&cert, crate::tls::tests::CERT).unwrap();
@@ -239,6 +240,12 @@ lqow0IPJzR8V0k4o6wGHRnGbhZsn7DXSohRfFIw7uf18d0wgwr7oh2Pu
         )
         .unwrap();
         let client = crate::tls::Client::new(&cfg).unwrap().unwrap();
+        (dir, pair, cfg, client)
+    }
+
+    #[test]
+    fn both_sides_talk_through_tls_io() {
+        let (dir, pair, _, client) = fixture("io");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let (a, b) = tokio::io::duplex(4096);
@@ -292,18 +299,7 @@ lqow0IPJzR8V0k4o6wGHRnGbhZsn7DXSohRfFIw7uf18d0wgwr7oh2Pu
     /// write of 200 KB to a 1 KB pipe nobody reads.
     #[test]
     fn a_peer_that_never_reads_holds_little() {
-        let dir = std::env::temp_dir().join(format!("bartleby-tls-hold-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        std::fs::write(&cert, crate::tls::tests::CERT).unwrap();
-        std::fs::write(&key, KEY).unwrap();
-        let pair = crate::tls::load_pair(&cert, &key).unwrap();
-        let cfg = crate::config::Config::parse(
-            "hostname = \"b.example.org\"\nrelay_domains = [\"example.org\"]\nprimary = \"192.0.2.1:25\"\n[tls]\nprimary = \"encrypt\"\n",
-            std::path::Path::new("t.toml"),
-        )
-        .unwrap();
-        let client = crate::tls::Client::new(&cfg).unwrap().unwrap();
+        let (dir, pair, _, client) = fixture("hold");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let taken = rt.block_on(async {
             let (a, b) = tokio::io::duplex(1024);
@@ -333,18 +329,7 @@ lqow0IPJzR8V0k4o6wGHRnGbhZsn7DXSohRfFIw7uf18d0wgwr7oh2Pu
     /// start at once, not after the handshakes' computations queued before it.
     #[test]
     fn handshakes_leave_a_pool_thread_for_the_spool() {
-        let dir = std::env::temp_dir().join(format!("bartleby-tls-pool-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        std::fs::write(&cert, crate::tls::tests::CERT).unwrap();
-        std::fs::write(&key, KEY).unwrap();
-        let pair = crate::tls::load_pair(&cert, &key).unwrap();
-        let cfg = crate::config::Config::parse(
-            "hostname = \"b.example.org\"\nrelay_domains = [\"example.org\"]\nprimary = \"192.0.2.1:25\"\n[tls]\nprimary = \"encrypt\"\n",
-            std::path::Path::new("t.toml"),
-        )
-        .unwrap();
-        let client = crate::tls::Client::new(&cfg).unwrap().unwrap();
+        let (dir, pair, cfg, client) = fixture("pool");
         // As main.rs builds the appliance's runtime.
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(2).build().unwrap();
         let (worst, all) = rt.block_on(async {
