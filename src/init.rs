@@ -561,7 +561,11 @@ fn ext_label(dev: &str) -> Option<String> {
 /// the kernel command line) at `spool`; falls back to tmpfs.
 fn mount_spool(parts: &[String], spool: &Path, forced: Option<&str>) -> (bool, String) {
     let target = spool.to_string_lossy().into_owned();
-    let _ = fs::create_dir_all(&target);
+    if let Err(e) = fs::create_dir_all(&target) {
+        // The root is read-only on the disk and floppy boots: a `spool` path
+        // that is not already there can be neither made nor mounted on.
+        say!("ERROR: spool: the directory {target} named by `spool` in bartleby.toml does not exist and cannot be made ({e}); the image has /var/spool/bartleby (the default)");
+    }
     let mut candidates: Vec<String> = Vec::new();
     match forced {
         Some("tmpfs") => {}

@@ -208,8 +208,23 @@ fn pid1() -> ! {
             bartleby::init::reap_children();
         }
     });
+    let started = std::time::Instant::now();
     let code = match boot.config.take() {
-        Some(cfg) => serve(cfg, Some(&boot)),
+        Some(cfg) => {
+            let code = serve(cfg, Some(&boot));
+            // A relay that could not start (a spool it cannot use, an address
+            // it cannot bind) would reboot into the same failure at once, in
+            // a loop that scrolls the reason off the screen: it stays up for
+            // a minute first. A stop asked for (ctrl-alt-del, SIGTERM) is not
+            // a failure and reboots at once.
+            let up = started.elapsed();
+            if code != ExitCode::SUCCESS && up < std::time::Duration::from_secs(60) {
+                let wait = std::time::Duration::from_secs(60) - up;
+                eprintln!("bartleby: the relay failed to start (see above): fix bartleby.toml on the boot medium; restarting in {} s", wait.as_secs());
+                std::thread::sleep(wait);
+            }
+            code
+        }
         None => {
             // Rebooting at once would scroll the error off the screen in a loop.
             eprintln!("bartleby: no valid configuration (see above): fix bartleby.toml on the boot medium; restarting in 60 s");

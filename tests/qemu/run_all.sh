@@ -255,6 +255,33 @@ PY
   kill_vm
 fi
 
+# ------------------------------------------------------------------ 2b'. a spool the read-only root lacks
+# `spool` naming a directory the image does not have: the root is read-only,
+# so it can be neither made nor mounted on and the relay cannot start. Before:
+# the console blamed the disk's cable and the machine rebooted at once, in a
+# loop that scrolled the reason away. Now: the path is named, and the machine
+# stays up a minute before it restarts (-no-reboot: a reboot ends qemu).
+if ! ${SKIP_CONFIG_BOOT:-false}; then
+  DISK_N=$T/disk-nospool.img
+  cp --sparse=always "$IMAGES/bartleby.img" "$DISK_N"
+  sed 's|^spool = .*|spool = "/srv/nospool"|' "$TOP/buildroot-overlay/etc/bartleby.toml" > "$T/nospool.toml"
+  MTOOLS_SKIP_CHECK=1 mcopy -o -i "$DISK_N@@1M" "$T/nospool.toml" ::/bartleby.toml || bad "could not put nospool.toml on the disk copy"
+  start_vm nospool -drive "file=$DISK_N,format=raw,if=ide,index=0" -boot c
+  for i in $(seq 1 60); do console_has "restarting in" && break; kill -0 "$QPID" 2>/dev/null || break; sleep 1; done
+  console_has "the directory /srv/nospool named by \`spool\` in bartleby.toml does not exist" \
+    && ok "spool path missing on the read-only root: named on the console" \
+    || bad "spool path missing: not named on the console ($(grep -a -m1 -o 'spool: .*' "$LOG"))"
+  if console_has "the relay failed to start (see above): fix bartleby.toml on the boot medium; restarting in"; then
+    sleep 15
+    kill -0 "$QPID" 2>/dev/null && ! console_has "reboot: Restarting system" \
+      && ok "relay failed to start: the machine waits before it restarts (still up 15 s later)" \
+      || bad "relay failed to start: the machine restarted at once"
+  else
+    bad "relay failed to start: no 'restarting in' line ($(grep -a -m1 -o 'relay stopped.*' "$LOG"))"
+  fi
+  kill_vm
+fi
+
 # ------------------------------------------------------------------ 2c. no DHCP server (issue 14, part 4)
 # A link with no DHCP server at all (-netdev socket to tests/qemu/nodhcp_peer.py,
 # which answers ARP, never DHCP, and opens TCP to port 25 by hand). Before: init
