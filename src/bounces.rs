@@ -300,6 +300,20 @@ mod tests {
     use super::*;
     use crate::spool::Envelope;
 
+    /// A fresh spool under a temporary root, and a config relaying for
+    /// example.org.
+    fn fixture(tag: &str) -> (std::path::PathBuf, Spool, Config) {
+        let root = std::env::temp_dir().join(format!("bartleby-bounce-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let spool = Spool::create(&root).unwrap();
+        let cfg = Config::parse(
+            "hostname = \"backup.example.org\"\nrelay_domains = [\"example.org\"]\nprimary = \"mail.example.org:25\"\n",
+            std::path::Path::new("t"),
+        )
+        .unwrap();
+        (root, spool, cfg)
+    }
+
     /// The text of the bounce written for `reason`.
     fn bounce_text(reason: Reason) -> String {
         bounce_text_with(reason, |_| {})
@@ -308,14 +322,7 @@ mod tests {
     fn bounce_text_with(reason: Reason, tweak: impl Fn(&mut Envelope)) -> String {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let root = std::env::temp_dir().join(format!("bartleby-bounce-{reason:?}-{n}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let spool = Spool::create(&root).unwrap();
-        let cfg = Config::parse(
-            "hostname = \"backup.example.org\"\nrelay_domains = [\"example.org\"]\nprimary = \"mail.example.org:25\"\n",
-            std::path::Path::new("t"),
-        )
-        .unwrap();
+        let (root, spool, cfg) = fixture(&format!("{reason:?}-{n}"));
         let env = Envelope {
             id: util::QueueId::try_from("AAAA000000001").unwrap(),
             arrival: 1_795_320_958,
@@ -347,14 +354,7 @@ mod tests {
     /// the original stays (the caller keeps the recipients deferred).
     #[test]
     fn ret_full_of_a_truncated_queue_file_queues_nothing() {
-        let root = std::env::temp_dir().join(format!("bartleby-bounce-trunc-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
-        let spool = Spool::create(&root).unwrap();
-        let cfg = Config::parse(
-            "hostname = \"backup.example.org\"\nrelay_domains = [\"example.org\"]\nprimary = \"mail.example.org:25\"\n",
-            std::path::Path::new("t"),
-        )
-        .unwrap();
+        let (root, spool, cfg) = fixture("trunc");
         let env = Envelope {
             id: util::QueueId::try_from("AAAA000000002").unwrap(),
             arrival: 1_795_320_958,

@@ -186,6 +186,15 @@ pub struct TlsConfig {
     pub primary_fingerprint: Option<[u8; 32]>,
 }
 
+/// `[network] address`/`fallback`: an IPv4 address with its prefix, as
+/// netcfg applies it (`shape` names what else the key takes, for the error).
+fn want_ipv4_prefix(s: &str, shape: &str) -> Result<(), String> {
+    let (a, p) = s.split_once('/').ok_or_else(|| format!("`{s}` must be {shape} like \"192.168.1.20/24\""))?;
+    a.parse::<Ipv4Addr>().map_err(|_| format!("`{a}` is not an IPv4 address"))?;
+    p.parse::<u8>().ok().filter(|n| *n <= 32).ok_or_else(|| format!("`{p}` is not a prefix length"))?;
+    Ok(())
+}
+
 /// Parses `sha256:AB:CD:...` (or plain hex, with or without colons).
 pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
     let t = s.trim();
@@ -1130,9 +1139,7 @@ impl Builder {
                 // netcfg does DHCP or a static IPv4 address: what passes here works there
                 let s = if s.eq_ignore_ascii_case("dhcp") { "dhcp" } else { s };
                 if s != "dhcp" {
-                    let (a, p) = s.split_once('/').ok_or_else(|| format!("`{s}` must be \"dhcp\" or address/prefix like \"192.168.1.20/24\""))?;
-                    a.parse::<Ipv4Addr>().map_err(|_| format!("`{a}` is not an IPv4 address"))?;
-                    p.parse::<u8>().ok().filter(|n| *n <= 32).ok_or_else(|| format!("`{p}` is not a prefix length"))?;
+                    want_ipv4_prefix(s, "\"dhcp\" or address/prefix")?;
                 }
                 c.network.address = s.to_string();
                 Ok(())
@@ -1290,9 +1297,7 @@ impl Builder {
             ("network", "fallback") => {
                 // used only with address = "dhcp", while no DHCP server answers
                 let s = want_str(v)?;
-                let (a, p) = s.split_once('/').ok_or_else(|| format!("`{s}` must be address/prefix like \"192.168.1.20/24\""))?;
-                a.parse::<Ipv4Addr>().map_err(|_| format!("`{a}` is not an IPv4 address"))?;
-                p.parse::<u8>().ok().filter(|n| *n <= 32).ok_or_else(|| format!("`{p}` is not a prefix length"))?;
+                want_ipv4_prefix(s, "address/prefix")?;
                 c.network.fallback = Some(s.to_string());
                 Ok(())
             }
