@@ -531,6 +531,11 @@ def report(name, res):
     """Ends a suite with the "NAME: N passed, M failed" line tests/run adds
     up (skipped tests count as neither); exits non-zero on a failure."""
     failed = len(res.failures) + len(res.errors)
+    # One line per failure, with the traceback's last line: tests/run
+    # repeats these at the end of the whole run, where CI's tail shows them.
+    for test, tb in res.failures + res.errors:
+        last = [l for l in tb.strip().splitlines() if l.strip()][-1:] or ["?"]
+        print(f"FAILED {test.id()}: {last[0].strip()[:400]}")
     print(f"{name}: {res.testsRun - failed - len(res.skipped)} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 

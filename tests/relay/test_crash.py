@@ -223,7 +223,7 @@ def main():
 
     def check(name, ok, detail=""):
         results.append((name, ok))
-        print(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}")
+        print(f"{'ok  ' if ok else 'FAIL:'} {name}{': ' + detail if detail else ''}")
 
     server = Server(cfg, os.path.join(work, "serve.out"))
     sink = None

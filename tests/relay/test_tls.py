@@ -361,7 +361,7 @@ class Inbound(Base):
             self.assertEqual(c.cmd("STARTTLS")[0], 220)
             c.send(junk)
             self.assertTrue(c.closed(timeout=10), junk)
-        wait_until(lambda: r.read_log().count("SSL_accept error from unknown[127.0.0.1]") == 3, 5, "three handshake errors logged")
+        wait_until(lambda: r.read_log().count("SSL_accept error from unknown[127.0.0.1]") == 3, 15, "three handshake errors logged")
         self.send_one(r)
         self.assertIsNone(r.proc.poll())
 
@@ -371,7 +371,7 @@ class Inbound(Base):
         # until command_timeout, then is cut off.
         r = self.relay(extra='command_timeout = "2s"\nsmtpd_client_connection_count_limit = 1')
         # The harness's probe of the port must be gone first.
-        wait_until(lambda: "disconnect from" in r.read_log(), 5, "the start probe to disconnect")
+        wait_until(lambda: "disconnect from" in r.read_log(), 15, "the start probe to disconnect")
         c = TlsClient(r.port)
         self.cleanups.append(c.close)
         c.cmd("EHLO client.test")
@@ -382,7 +382,7 @@ class Inbound(Base):
         t0 = time.time()
         self.assertTrue(c.closed(timeout=10))
         self.assertLess(time.time() - t0, 6)
-        wait_until(lambda: "timeout after STARTTLS from unknown[127.0.0.1]" in r.read_log(), 5, "the timeout logged")
+        wait_until(lambda: "timeout after STARTTLS from unknown[127.0.0.1]" in r.read_log(), 15, "the timeout logged")
 
     def test_swaks_tls_delivery_and_received_header(self):
         port = free_port()
@@ -435,7 +435,7 @@ class Inbound(Base):
         m = page("/metrics")
         exp = int(re.search(r"^bartleby_tls_certificate_expiry_seconds (\d+)$", m, re.M).group(1))
         end = subprocess.run(["openssl", "x509", "-in", C("renewed.pem"), "-noout", "-enddate"], capture_output=True, text=True).stdout
-        self.assertEqual(time.strftime("%b %d %H:%M:%S %Y", time.gmtime(exp)).replace(" 0", "  "), end.strip().split("=")[1].replace(" GMT", ""))
+        self.assertEqual(exp, ssl.cert_time_to_seconds(end.strip().split("=", 1)[1]))
         self.assertIn("bartleby_tls_certificate_reload_failed 0", m)
         # 10 days left: the page warns (14 days ahead).
         html = page()

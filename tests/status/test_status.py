@@ -923,10 +923,11 @@ def main():
                 t(r)
                 passed += 1
                 print("   ok")
-            except Exception:
+            except Exception as e:
                 failed += 1
                 print("   FAIL")
                 traceback.print_exc(limit=3)
+                print("FAILED %s: %s" % (t.__name__, ((str(e) or repr(e)).splitlines() or ["?"])[0][:400]))
             if r.proc.poll() is not None:
                 print("   the relay died (exit %s)" % r.proc.returncode)
                 failed += 1
