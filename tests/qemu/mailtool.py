@@ -21,10 +21,10 @@ def banner(port, timeout):
     then tries the guest, so one try is short (a guest that is not up yet
     closes it or never answers) and tries follow each other closely: the
     time printed is the boot's, not the probe's (it used to wait 10-15 s a try)."""
-    start = time.time()
+    start = time.monotonic()
     end = start + float(timeout)
     last = ""
-    while time.time() < end:
+    while time.monotonic() < end:
         try:
             with socket.create_connection(("127.0.0.1", int(port)), timeout=2) as s:
                 s.settimeout(3)
@@ -40,7 +40,7 @@ def banner(port, timeout):
                         s.sendall(b"QUIT\r\n")
                     except OSError:
                         pass
-                    print(f"{line} [after {time.time() - start:.1f}s]")
+                    print(f"{line} [after {time.monotonic() - start:.1f}s]")
                     return 0
                 last = line or "(connection closed without a banner)"
         except OSError as e:

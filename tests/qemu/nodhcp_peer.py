@@ -55,7 +55,7 @@ def main():
     s.bind(("127.0.0.1", my_port))
     s.settimeout(0.2)
     dest = ("127.0.0.1", qemu_port)
-    start = time.time()
+    start = time.monotonic()
     guest_mac = None
     discovers = []
     banner = None
@@ -65,8 +65,8 @@ def main():
     def send_eth(dst_mac, ethertype, payload):
         s.sendto(dst_mac + MY_MAC + struct.pack("!H", ethertype) + payload, dest)
 
-    while time.time() - start < timeout:
-        now = time.time()
+    while time.monotonic() - start < timeout:
+        now = time.monotonic()
         done_retry = not want_retry or (len(discovers) >= 2 and discovers[-1] - discovers[0] >= want_retry)
         if banner and done_retry:
             break
@@ -120,7 +120,7 @@ def main():
                 if b"\n" in got:
                     line = got.split(b"\n")[0].decode("latin-1").strip()
                     if line.startswith("220"):
-                        banner = (round(time.time() - start, 1), line)
+                        banner = (round(time.monotonic() - start, 1), line)
                     # close: RST (we never need the session)
                     send_eth(src_mac, 0x0800, ip_packet(MY_IP, gip, 6, tcp_segment(MY_IP, gip, conn[0], 25, conn[1], 0, 0x04)))
                     conn = None

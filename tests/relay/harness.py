@@ -60,8 +60,8 @@ def free_port():
 def wait_for(cond, timeout=10.0, step=0.05):
     """Polls cond() until it is truthy or `timeout` seconds pass; returns
     its last value (so a test can assert on it)."""
-    end = time.time() + timeout
-    while time.time() < end:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
         v = cond()
         if v:
             return v
@@ -78,8 +78,8 @@ def wait_until(pred, timeout, what):
 
 
 def wait_port(port, host="127.0.0.1", timeout=10.0):
-    end = time.time() + timeout
-    while time.time() < end:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return True
@@ -176,8 +176,8 @@ class Relay:
         return sorted(os.listdir(q)) if os.path.isdir(q) else []
 
     def wait_empty(self, timeout=30.0):
-        end = time.time() + timeout
-        while time.time() < end:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
             if not self.queue_ids():
                 return True
             time.sleep(0.1)
@@ -214,8 +214,8 @@ class Sink:
         return res
 
     def wait_count(self, n, timeout=30.0):
-        end = time.time() + timeout
-        while time.time() < end:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
             if len(self.files()) >= n:
                 return True
             time.sleep(0.1)
@@ -534,8 +534,10 @@ def report(name, res):
     # One line per failure, with the traceback's last line: tests/run
     # repeats these at the end of the whole run, where CI's tail shows them.
     for test, tb in res.failures + res.errors:
-        last = [l for l in tb.strip().splitlines() if l.strip()][-1:] or ["?"]
-        print(f"FAILED {test.id()}: {last[0].strip()[:400]}")
+        lines = tb.strip().splitlines()
+        # The exception's own line (its message may go on for lines after).
+        err = [l for l in lines if re.match(r"^\w+(\.\w+)*(Error|Exception|Exit|Interrupt)\b", l)]
+        print(f"FAILED {test.id()}: {(err[-1] if err else lines[-1] if lines else '?').strip()[:400]}")
     print(f"{name}: {res.testsRun - failed - len(res.skipped)} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 

@@ -59,14 +59,14 @@ def base_lines(spool, q='"'):
 def run(args, timeout=TIMEOUT, wrap=True):
     """Runs bartleby; returns (rc, stdout, stderr, seconds). rc None = timed out."""
     cmd = (WRAP if wrap else []) + [harness.BINARY] + args
-    t = time.time()
+    t = time.monotonic()
     try:
         p = subprocess.run(cmd, capture_output=True, timeout=timeout)
-        return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"), time.time() - t
+        return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace"), time.monotonic() - t
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace")
         err = (e.stderr or b"").decode(errors="replace")
-        return None, out, err, time.time() - t
+        return None, out, err, time.monotonic() - t
 
 
 class Base(unittest.TestCase):

@@ -164,8 +164,8 @@ class Exim:
             return ""
 
     def wait_log(self, pattern, timeout=20):
-        end = time.time() + timeout
-        while time.time() < end:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
             m = re.search(pattern, self.log(), re.M)
             if m:
                 return m

@@ -281,8 +281,8 @@ class Faults(unittest.TestCase):
         return r
 
     def wait_acked(self, load, n, timeout=20):
-        end = time.time() + timeout
-        while load.acked_count() < n and time.time() < end:
+        end = time.monotonic() + timeout
+        while load.acked_count() < n and time.monotonic() < end:
             time.sleep(0.05)
         self.assertGreaterEqual(load.acked_count(), n, "the load did not get going:\n" + self.relay.read_log()[-2000:])
 
@@ -318,8 +318,8 @@ class Faults(unittest.TestCase):
         if self.sink is None:
             self.sink = Sink(self.relay.primary_port)
         self.relay.flush()
-        end = time.time() + 60
-        while time.time() < end and self.relay.queue_ids():
+        end = time.monotonic() + 60
+        while time.monotonic() < end and self.relay.queue_ids():
             time.sleep(0.1)
         self.assertEqual(self.relay.queue_ids(), [], "queue not drained:\n" + self.relay.read_log()[-3000:])
         counts = {}

@@ -525,10 +525,10 @@ class MxTest(unittest.TestCase):
         p1 = self.primary(P1, r)
         qid = submit(r, ["bob@one.example"])
         # While the lookups time out (2 s per try), sessions are served at once.
-        t = time.time()
+        t = time.monotonic()
         with socket.create_connection(("127.0.0.1", r.port), timeout=5) as s:
             self.assertTrue(s.recv(100).startswith(b"220"))
-        self.assertLess(time.time() - t, 1.0)
+        self.assertLess(time.monotonic() - t, 1.0)
         self.assertTrue(self.deferred_with(r, qid, "type=MX: Host not found, try again", 30), self.queued_error(r, qid))
         z["one.example"] = {"MX": [(10, "p1.example")]}
         self.assertTrue(wait_for(lambda: r.flush() and r.wait_empty(1.5), 30), r.mailq())

@@ -140,8 +140,8 @@ class Postfix:
         try:
             with open(os.path.join(self.spool, "pid", "master.pid")) as f:
                 pid = int(f.read().strip())
-            end = time.time() + 20
-            while time.time() < end and os.path.exists(f"/proc/{pid}"):
+            end = time.monotonic() + 20
+            while time.monotonic() < end and os.path.exists(f"/proc/{pid}"):
                 time.sleep(0.1)
         except (OSError, ValueError):
             pass

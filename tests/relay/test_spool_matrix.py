@@ -137,8 +137,8 @@ class Template:
             # The primary was found down at the first: the others wait in the
             # dead-host cache. A flush tries (and defers) them all.
             r.flush()
-            end = time.time() + 15
-            while time.time() < end:
+            end = time.monotonic() + 15
+            while time.monotonic() < end:
                 if all(os.path.exists(os.path.join(r.spool, "state", i)) for i, _ in cls.msgs):
                     break
                 time.sleep(0.05)
@@ -618,11 +618,11 @@ class Matrix(unittest.TestCase):
     def delivered(self, sink, msgs, timeout=15):
         """Waits until every token of msgs is in a sink file; returns the
         number of sink files holding each token."""
-        end = time.time() + timeout
+        end = time.monotonic() + timeout
         while True:
             blobs = sink.messages()
             counts = {t: sum(1 for b in blobs if f"Subject: {t}\r".encode() in b or f"Subject: {t}\n".encode() in b) for _, t in msgs}
-            if all(counts.values()) or time.time() > end:
+            if all(counts.values()) or time.monotonic() > end:
                 return counts, blobs
             time.sleep(0.1)
 
@@ -638,9 +638,9 @@ class Matrix(unittest.TestCase):
             self.assertIn(x.p("queue"), out.stderr, "mailq does not say what is wrong")
         else:
             self.mailq(r, x.good + x.later, x.mailq_unreadable)
-        t0 = time.time()
+        t0 = time.monotonic()
         r.start()
-        started = time.time() - t0
+        started = time.monotonic() - t0
         self.assertIsNone(r.proc.poll(), "relay exited")
         self.mailq(r, x.good + x.later, [])
         self.sink = Sink(r.primary_port)
@@ -664,8 +664,8 @@ class Matrix(unittest.TestCase):
             counts, _ = self.delivered(self.sink, x.later)
             missing = [t for t, n in counts.items() if n == 0]
             self.assertFalse(missing, f"messages not delivered after the spool was fixed: {missing}")
-            end = time.time() + 10
-            while time.time() < end and r.queue_ids():
+            end = time.monotonic() + 10
+            while time.monotonic() < end and r.queue_ids():
                 time.sleep(0.1)
             time.sleep(0.5)
             counts, _ = self.delivered(self.sink, x.later + x.good, timeout=0)

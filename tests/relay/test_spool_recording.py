@@ -155,21 +155,21 @@ class Recording(unittest.TestCase):
     def wait_log(self, pattern, timeout=15, after=0):
         """Waits for a regex in the log (from offset `after`); returns the
         log offset just past the match."""
-        end = time.time() + timeout
+        end = time.monotonic() + timeout
         rx = re.compile(pattern)
         while True:
             log = self.relay.read_log()
             m = rx.search(log, after)
             if m:
                 return m.end()
-            if time.time() > end:
+            if time.monotonic() > end:
                 self.fail(f"no {pattern!r} in the log within {timeout}s:\n{log[-3000:]}")
             time.sleep(0.05)
 
     def wait_until(self, cond, timeout, what):
-        end = time.time() + timeout
+        end = time.monotonic() + timeout
         while not cond():
-            if time.time() > end:
+            if time.monotonic() > end:
                 self.fail(f"{what} (waited {timeout}s):\n{self.relay.read_log()[-3000:]}")
             time.sleep(0.1)
 
@@ -339,13 +339,13 @@ class Recording(unittest.TestCase):
         finally:
             os.remove(incoming)
             os.rename(incoming + ".away", incoming)
-        t_restored = time.time()
+        t_restored = time.monotonic()
         while True:
             code, _ = mail_reply(r.port)
             if code == 250:
                 break
             self.assertEqual(code, 452)
-            self.assertLess(time.time() - t_restored, PROBE_INTERVAL + 3, "MAIL still refused long after the spool was fine again")
+            self.assertLess(time.monotonic() - t_restored, PROBE_INTERVAL + 3, "MAIL still refused long after the spool was fine again")
             time.sleep(0.3)
         # The run was still going: the probe did not wait for it.
         self.assertLess(len(self.fake.messages), len(toks), "the queue run had ended: the test proves nothing")
@@ -374,10 +374,10 @@ class Recording(unittest.TestCase):
             self.fail("no reply to DATA: the relay's runtime is blocked")
         self.assertEqual(code, 451, text)
         c.close()
-        end = time.time() + 6
+        end = time.monotonic() + 6
         worst = 0.0
-        while time.time() < end:
-            t0 = time.time()
+        while time.monotonic() < end:
+            t0 = time.monotonic()
             try:
                 c = Client(r.port, timeout=3)
                 self.assertEqual(c.banner[0], 220)
@@ -387,17 +387,17 @@ class Recording(unittest.TestCase):
                 self.assertEqual(code, 452, "MAIL accepted while the spool probe has not passed")
                 c.close()
             except socket.timeout:
-                self.fail(f"SMTP did not answer within 3 s while the spool was frozen ({time.time() - end + 6:.1f}s after the failed DATA)")
-            worst = max(worst, time.time() - t0)
+                self.fail(f"SMTP did not answer within 3 s while the spool was frozen ({time.monotonic() - end + 6:.1f}s after the failed DATA)")
+            worst = max(worst, time.monotonic() - t0)
             time.sleep(0.3)
         self.assertLess(worst, 2.0)
         sh("fsfreeze", "-u", self.disk.mnt)
         os.remove(incoming)
         os.rename(incoming + ".away", incoming)
         # The hung probe came back: probing goes on, and mail is taken again.
-        t0 = time.time()
+        t0 = time.monotonic()
         while mail_reply(r.port)[0] != 250:
-            self.assertLess(time.time() - t0, PROBE_INTERVAL + 35, "MAIL still refused after the spool thawed")
+            self.assertLess(time.monotonic() - t0, PROBE_INTERVAL + 35, "MAIL still refused after the spool thawed")
             time.sleep(0.3)
         send(r.port, "after-thaw")
 

@@ -44,43 +44,67 @@ def openssl(*args, cwd):
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
 
 
+# Every certificate starts a day in the past: a wall clock that steps back
+# (a VM's clock corrected after a snapshot is restored) must not make a
+# certificate made a second ago "not yet valid" for the peers that verify it
+# (openssl's req/x509 -days start at this second; `openssl ca` takes a date).
+CA_CNF = """[ca]
+default_ca = test
+[test]
+database = index.txt
+new_certs_dir = .
+serial = serial
+default_md = sha256
+policy = any
+unique_subject = no
+email_in_dn = no
+[any]
+commonName = supplied
+organizationName = optional
+"""
+
+
+def _asn1_time(t):
+    return time.strftime("%Y%m%d%H%M%SZ", time.gmtime(t))
+
+
+def issue(d, name, subj, ext, signer=None, days=20):
+    """Makes `name`.pem in dir d for the key `name`.key (made if absent):
+    signed by `signer` (a CA made here), or self-signed when signer is None;
+    `ext` holds the X.509v3 extensions, one per line."""
+    if not os.path.exists(os.path.join(d, f"{name}.key")):
+        openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", f"{name}.key", cwd=d)
+    cnf = os.path.join(d, "ca.cnf")
+    if not os.path.exists(cnf):
+        open(cnf, "w").write(CA_CNF)
+        open(os.path.join(d, "index.txt"), "w").close()
+        open(os.path.join(d, "serial"), "w").write("1000\n")
+    open(os.path.join(d, f"{name}.ext"), "w").write(ext)
+    openssl("req", "-new", "-key", f"{name}.key", "-subj", subj, "-out", f"{name}.csr", cwd=d)
+    now = time.time()
+    sign = ["-selfsign", "-keyfile", f"{name}.key"] if signer is None else ["-cert", f"{signer}.pem", "-keyfile", f"{signer}.key"]
+    openssl("ca", "-batch", "-notext", "-config", "ca.cnf", *sign, "-in", f"{name}.csr", "-out", f"{name}.pem",
+            "-startdate", _asn1_time(now - 86400), "-enddate", _asn1_time(now + days * 86400), "-extfile", f"{name}.ext", cwd=d)
+
+
 def make_certs():
     """root CA -> intermediate CA -> leaf (fullchain = leaf + intermediate),
     a renewed leaf, a primary's leaf, and a primary leaf from another CA."""
     d = tempfile.mkdtemp(prefix="bartleby-tls-")
+    ca_ext = "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n"
 
-    def key(name):
-        openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", f"{name}.key", cwd=d)
+    def leaf(name, subj, san, signer, days=20):
+        issue(d, name, subj, f"basicConstraints=CA:FALSE\nsubjectAltName={san}\nextendedKeyUsage=serverAuth\n", signer, days)
 
-    def ca(name, subj, signer=None):
-        key(name)
-        if signer is None:
-            openssl("req", "-x509", "-new", "-key", f"{name}.key", "-subj", subj, "-days", "30", "-out", f"{name}.pem",
-                    "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
-        else:
-            leaf(name, subj, None, signer, ca=True)
-
-    def leaf(name, subj, san, signer, ca=False, days=20, make_key=True):
-        if make_key and not os.path.exists(os.path.join(d, f"{name}.key")):
-            key(name)
-        openssl("req", "-new", "-key", f"{name}.key", "-subj", subj, "-out", f"{name}.csr", cwd=d)
-        with open(os.path.join(d, f"{name}.ext"), "w") as f:
-            if ca:
-                f.write("basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n")
-            else:
-                f.write(f"basicConstraints=CA:FALSE\nsubjectAltName={san}\nextendedKeyUsage=serverAuth\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{signer}.pem", "-CAkey", f"{signer}.key", "-CAcreateserial",
-                "-days", str(days), "-extfile", f"{name}.ext", "-out", f"{name}.pem", cwd=d)
-
-    ca("root", "/CN=Bartleby Test Root")
-    ca("inter", "/CN=Bartleby Test Intermediate", signer="root")
+    issue(d, "root", "/CN=Bartleby Test Root", ca_ext, days=30)
+    issue(d, "inter", "/CN=Bartleby Test Intermediate", ca_ext, "root")
     san = "DNS:backup.example.org,DNS:localhost,IP:127.0.0.1"
     leaf("mx", "/CN=backup.example.org/O=Before", san, "inter")
     leaf("renewed", "/CN=backup.example.org/O=Renewed", san, "inter", days=10)
-    key("stray")
+    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "stray.key", cwd=d)
     # The primary: its name in the config is 127.0.0.1 (an IP SAN).
     leaf("primary", "/CN=primary.example.org", "DNS:primary.example.org,IP:127.0.0.1", "root")
-    ca("evil", "/CN=Some Other CA")
+    issue(d, "evil", "/CN=Some Other CA", ca_ext, days=30)
     leaf("impostor", "/CN=primary.example.org", "DNS:primary.example.org,IP:127.0.0.1", "evil")
     for name in ("mx", "renewed"):
         with open(os.path.join(d, f"{name}-full.pem"), "w") as f:
@@ -379,9 +403,9 @@ class Inbound(Base):
         c2 = Client(r.port)
         self.cleanups.append(c2.close)
         self.assertEqual(c2.banner[0], 421)
-        t0 = time.time()
+        t0 = time.monotonic()
         self.assertTrue(c.closed(timeout=10))
-        self.assertLess(time.time() - t0, 6)
+        self.assertLess(time.monotonic() - t0, 6)
         wait_until(lambda: "timeout after STARTTLS from unknown[127.0.0.1]" in r.read_log(), 15, "the timeout logged")
 
     def test_swaks_tls_delivery_and_received_header(self):

@@ -52,7 +52,7 @@ class Chromium:
             msg["sessionId"] = session
         os.write(self.to_w, json.dumps(msg).encode() + b"\0")
         while True:
-            m = self._recv(time.time() + timeout)
+            m = self._recv(time.monotonic() + timeout)
             if m.get("id") == self.next_id:
                 if "error" in m:
                     raise RuntimeError("%s: %s" % (method, m["error"]))
@@ -61,7 +61,7 @@ class Chromium:
 
     def _recv(self, deadline):
         while b"\0" not in self.buf:
-            left = deadline - time.time()
+            left = deadline - time.monotonic()
             if left <= 0 or not select.select([self.from_r], [], [], left)[0]:
                 raise TimeoutError("no answer from chromium")
             d = os.read(self.from_r, 1 << 20)
@@ -72,7 +72,7 @@ class Chromium:
         return json.loads(m)
 
     def wait_event(self, method, timeout=30):
-        deadline = time.time() + timeout
+        deadline = time.monotonic() + timeout
         while True:
             for i, e in enumerate(self.events):
                 if e.get("method") == method:
