@@ -77,8 +77,21 @@ impl Reply {
         (200..300).contains(&self.code)
     }
 
+    /// A 5xx. (A code past 599 cannot come from the primary, see
+    /// [`Stage::success`]; it is no refusal either.)
     pub fn is_permanent(&self) -> bool {
-        self.code >= 500
+        (500..600).contains(&self.code)
+    }
+
+    /// What the scheduler does with a recipient that got this reply.
+    pub fn verdict(&self) -> Verdict {
+        if self.is_ok() {
+            Verdict::Sent
+        } else if self.is_permanent() {
+            Verdict::Bounce
+        } else {
+            Verdict::Defer
+        }
     }
 
     /// The enhanced status code in the reply, if any (`5.1.1`).
@@ -113,6 +126,17 @@ impl Reply {
     fn protocol(text: String) -> Reply {
         Reply { code: 451, text: format!("Protocol error: {text}") }
     }
+}
+
+/// A recipient's fate after an attempt, by its final reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// A 2xx to the end of data: delivered.
+    Sent,
+    /// A 5xx to MAIL, RCPT, DATA or the end of data: bounced.
+    Bounce,
+    /// Anything else (4xx, a local failure, a protocol error): tried again.
+    Defer,
 }
 
 impl std::fmt::Display for Reply {
@@ -391,6 +415,14 @@ pub struct Outcome {
     /// The primary offered DSN: it was given the DSN parameters and reports
     /// success itself (no "relayed" notice from here).
     pub dsn: bool,
+}
+
+impl Outcome {
+    /// Nothing was sent (no connection, no route): each recipient with its
+    /// reason.
+    pub fn unsent(rcpts: Vec<(String, Reply)>, dsn: bool) -> Outcome {
+        Outcome { rcpts, reusable: false, setup: Duration::ZERO, xfer: Duration::ZERO, dsn }
+    }
 }
 
 /// A connection's byte stream: a socket, TLS over it, or a pipe (tests).
