@@ -1,4 +1,6 @@
-//! Bounces: RFC 3464 delivery status notifications.
+//! Bounces: RFC 3464 delivery status notifications. Role: writes a
+//! notification into the spool (not durable: the scheduler commits and
+//! schedules it); reads the original's queue file; touches nothing else.
 //!
 //! A bounce is an ordinary message queued with the null sender `<>` to the
 //! original sender and delivered the same way as all other mail (to the

@@ -1,4 +1,6 @@
-//! The delivery client: hands queued mail to the primary over SMTP.
+//! The delivery client: hands queued mail to the primary over SMTP. Role:
+//! the SMTP client only; it reads queue files and never writes the spool
+//! (outcomes go back to the scheduler through [`courier`](crate::courier)).
 //!
 //! One connection carries many messages (RSET between them); when the
 //! primary offers PIPELINING, MAIL, every RCPT and DATA go out in one write
@@ -7,7 +9,10 @@
 //! (see [`data`](crate::data)), so no bare CR or LF can reach the primary.
 //!
 //! The primary is not trusted to speak SMTP. Its output is cut into replies
-//! by [`ReplyParser`] (no I/O: bytes in, replies out; fuzzed), within bounds
+//! by [`ReplyParser`] (no I/O: bytes in, replies out; fuzzed; not
+//! smtp-proto's reader, which takes a multi-line reply whose code changes
+//! and any number of lines: see the test
+//! `smtp_protos_reply_reader_takes_what_we_refuse`), within bounds
 //! ([`MAX_REPLY_LINE`], [`MAX_REPLY_LINES`], one `delivery_timeout` per
 //! reply). Every reply is checked against the command it answers; anything
 //! that does not belong there is a *protocol error*:
@@ -78,7 +83,7 @@ impl Reply {
     }
 
     /// A 5xx. (A code past 599 cannot come from the primary, see
-    /// [`Stage::success`]; it is no refusal either.)
+    /// `Stage::success`; it is no refusal either.)
     pub fn is_permanent(&self) -> bool {
         (500..600).contains(&self.code)
     }
@@ -1462,6 +1467,31 @@ mod tests {
             &[GREET, "250-mx\r\n250-SIZE -1\r\n250-SIZE 99999999999999999999999\r\n250-SIZE\r\n250-\u{ff}\u{fe}\r\n250 SIZE x\r\n", "250 ok\r\n", "250 ok\r\n", "250 ok\r\n", "354 go\r\n", "250 queued\r\n"],
         );
         assert_eq!(sent(&o.unwrap()), 2);
+    }
+
+    /// Why the replies are cut by [`ReplyParser`] and not by smtp-proto's
+    /// `ResponseReceiver` (linked already, for the server side): it takes
+    /// what a hostile primary must not get away with. A multi-line reply
+    /// whose code changes on its last line is read with the first line's
+    /// code (test_hostile_primary's rcpt_mismatch row, `550-` then `250`:
+    /// a bounce there, a deferral here), and a reply of any number of lines is taken
+    /// (only 4096 bytes in all are kept). If this test fails, smtp-proto
+    /// refuses those now: look again at using it.
+    #[test]
+    fn smtp_protos_reply_reader_takes_what_we_refuse() {
+        use smtp_proto::response::parser::ResponseReceiver;
+        let mut rr = ResponseReceiver::default();
+        let r = rr.parse(&mut b"550-5.1.1 no\r\n250 2.1.5 yes\r\n".iter()).unwrap();
+        assert_eq!(r.code, 550, "smtp-proto now sees the code change");
+        assert_eq!(one(b"550-5.1.1 no\r\n250 2.1.5 yes\r\n"), Err(Malformed::CodeChanged(550, 250)));
+        let mut many = Vec::new();
+        for _ in 0..MAX_REPLY_LINES + 50 {
+            many.extend_from_slice(b"250-x\r\n");
+        }
+        many.extend_from_slice(b"250 end\r\n");
+        let mut rr = ResponseReceiver::default();
+        assert!(rr.parse(&mut many.iter()).is_ok(), "smtp-proto now bounds the lines");
+        assert_eq!(parse_all(&many)[0], Err(Malformed::TooManyLines));
     }
 
     #[test]

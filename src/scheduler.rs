@@ -1,4 +1,7 @@
-//! The scheduler: decides when each queued message is tried again.
+//! The scheduler: decides when each queued message is tried again. Role:
+//! the queue's index and the only writer of delivery outcomes (states,
+//! removals, bounces queued through [`bounces`]); delivers through a
+//! [`Courier`] and its [`workers`], never over a socket of its own.
 //!
 //! * A new message is tried at once, unless the primary was found down
 //!   less than `minimal_backoff` ago (a dead-host cache, as Postfix's qmgr
@@ -950,6 +953,9 @@ impl<C: Courier> Scheduler<C> {
             self.notify(msg, &s.relayed, Reason::Relayed, now).await;
         }
         let warned_now = self.warn_delayed(msg, &s.deferred, &mut state, now).await;
+        // The attempt's lines are out before its outcome is on disk: who
+        // sees the state (or the removal) finds them in the log.
+        logging::flush();
         if msg.env.recipients.iter().all(|r| state.done.iter().any(|(d, _, _)| d == r)) {
             self.finished(msg, &state);
             return;
