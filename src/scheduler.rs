@@ -1260,66 +1260,9 @@ mod tests {
 
     // ---- the scheduler against a fake primary (the courier seam) ---------
 
-    use crate::courier::Carrier;
-    use crate::delivery::ConnectError;
-    use crate::route::Hop;
+    use crate::courier::fake::Fake;
     use crate::spool::Envelope;
     use std::future::Future;
-
-    type Hook = Box<dyn FnMut(&Spool, &QueuedMessage) + Send>;
-
-    /// What the fake primary does, and what it saw.
-    #[derive(Default)]
-    struct Script {
-        /// Connections refused with this reply while set.
-        down: Option<Reply>,
-        /// Replies by recipient (a 250 for anyone not listed).
-        answers: Vec<(String, Reply)>,
-        opens: usize,
-        /// (message ID, recipients) of each delivery, in order.
-        sent: Vec<(String, Vec<String>)>,
-        /// Run during each delivery (a hostile side effect).
-        during: Option<Hook>,
-    }
-
-    #[derive(Clone, Default)]
-    struct Fake(Arc<Mutex<Script>>);
-
-    struct FakeConn(Arc<Mutex<Script>>);
-
-    impl Courier for Fake {
-        type Conn = FakeConn;
-        fn open(&self, _: &Config, _: &[Hop], _: &str) -> impl Future<Output = Result<FakeConn, ConnectError>> + Send {
-            let mut s = self.0.lock().unwrap();
-            s.opens += 1;
-            let r = match &s.down {
-                Some(reply) => Err(ConnectError { reply: reply.clone() }),
-                None => Ok(FakeConn(self.0.clone())),
-            };
-            async move { r }
-        }
-    }
-
-    impl Carrier for FakeConn {
-        fn relay(&self) -> &str {
-            "fake.example.org[192.0.2.25]:25"
-        }
-        fn deliver_to(&mut self, spool: &Spool, msg: &QueuedMessage, rcpts: Vec<String>) -> impl Future<Output = Outcome> + Send {
-            let mut s = self.0.lock().unwrap();
-            s.sent.push((msg.env.id.to_string(), rcpts.clone()));
-            if let Some(f) = &mut s.during {
-                f(spool, msg);
-            }
-            let ok = Reply::local(250, "2.0.0 Ok: queued as X");
-            let rcpts = rcpts.into_iter().map(|a| {
-                let r = s.answers.iter().find(|(b, _)| *b == a).map_or(ok.clone(), |(_, r)| r.clone());
-                (a, r)
-            });
-            let o = Outcome { rcpts: rcpts.collect(), reusable: true, setup: Duration::ZERO, xfer: Duration::ZERO, dsn: true };
-            async move { o }
-        }
-        async fn quit(self) {}
-    }
 
     struct H {
         s: Scheduler<Fake>,

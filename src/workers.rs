@@ -294,3 +294,124 @@ async fn worker<C: Courier>(pool: Arc<Pool<C>>, queue: WorkList, conn: Option<C:
     }
     conn.quit().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::courier::fake::Fake;
+    use crate::spool::Envelope;
+
+    fn reply(code: u16, text: &str) -> Reply {
+        Reply::local(code, text)
+    }
+
+    type Setup = (Arc<Pool<Fake>>, Fake, Vec<QueuedMessage>, Routes, tokio::sync::mpsc::UnboundedReceiver<Attempt>, watch::Sender<bool>);
+
+    /// A spool with a message to each recipient list, a pool over the
+    /// fake, and the routes of a run with MX routing: example.org (the
+    /// group's own destination), other.example and third.example (other
+    /// destinations), broken.example (no route, with its reason).
+    fn setup(tag: &str, messages: &[&[&str]]) -> Setup {
+        let root = std::env::temp_dir().join(format!("bartleby-workers-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let spool = Spool::create(&root).unwrap();
+        let cfg = Config::parse("hostname = \"backup.example.org\"\nrelay_domains = [\"example.org\"]\nprimary = \"mx\"\n", std::path::Path::new("t")).unwrap();
+        let mut msgs = Vec::new();
+        for rcpts in messages {
+            let env = Envelope { id: crate::util::new_queue_id(), arrival: 1, sender: "alice@sender.test".into(), recipients: rcpts.iter().map(|r| r.to_string()).collect(), ..Default::default() };
+            let mut w = spool.begin(&env).unwrap();
+            w.write(b"Subject: t\r\n\r\nbody\r\n").unwrap();
+            w.finish().unwrap();
+            msgs.push(spool.read(&env.id).unwrap());
+        }
+        let fake = Fake::default();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (stop, shutdown) = watch::channel(false);
+        let pool = Arc::new(Pool { cfg: Arc::new(cfg), spool, courier: fake.clone(), tx, shutdown, single_only: Arc::new(AtomicBool::new(false)) });
+        let route = |k: &str| Ok((k.to_string(), Route { hops: Vec::new(), note: None }));
+        let routes: Routes = vec![
+            ("example.org".into(), route("A")),
+            ("other.example".into(), route("B")),
+            ("third.example".into(), route("C")),
+            ("broken.example".into(), Err(reply(451, "4.4.3 Host or domain name not found. Name service error for name=broken.example type=MX"))),
+        ];
+        (pool, fake, msgs, routes, rx, stop)
+    }
+
+    fn dest(routes: &Routes) -> Dest {
+        Dest { key: "A".into(), label: "example.org".into(), hops: Vec::new(), routes: Some(Arc::new(routes.clone())), unreachable: Mutex::new(Vec::new()) }
+    }
+
+    fn codes(o: &Outcome) -> Vec<(&str, u16)> {
+        o.rcpts.iter().map(|(a, r)| (a.as_str(), r.code)).collect()
+    }
+
+    /// With MX routing, one message gets one outcome for every recipient:
+    /// the group's own over its connection, other destinations over a
+    /// connection each, one that is down with its reply (and not asked
+    /// again for the next message: another connect_timeout each), and a
+    /// domain without a route with its reason, never silently dropped.
+    #[test]
+    fn every_recipient_of_a_routed_message_gets_an_outcome() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let all: &[&str] = &["bob@example.org", "carl@other.example", "dora@third.example", "eve@broken.example", "fay@unlooked.example"];
+            let (pool, fake, msgs, routes, _rx, _stop) = setup("routed", &[all, &["dan@third.example", "gus@example.org"]]);
+            let down = reply(421, "4.4.1 connect to third.example: Connection refused");
+            fake.0.lock().unwrap().down_at.push(("third.example".into(), down.clone()));
+            let d = dest(&routes);
+            let mut conn = pool.courier.open(&pool.cfg, &[], "example.org").await.unwrap();
+            let o = deliver_routed::<Fake>(&pool, Ok(&mut conn), &msgs[0], &d, &routes).await;
+            assert_eq!(
+                codes(&o),
+                vec![("bob@example.org", 250), ("carl@other.example", 250), ("dora@third.example", 421), ("eve@broken.example", 451), ("fay@unlooked.example", 451)]
+            );
+            assert!(o.rcpts[4].1.text.contains("no route looked up for unlooked.example"), "{o:?}");
+            let o = deliver_routed::<Fake>(&pool, Ok(&mut conn), &msgs[1], &d, &routes).await;
+            assert_eq!(codes(&o), vec![("gus@example.org", 250), ("dan@third.example", 421)]);
+            assert_eq!(o.rcpts[1].1, down);
+            assert_eq!(fake.0.lock().unwrap().opened, vec!["example.org", "other.example", "third.example"], "a destination found down was asked again");
+            let _ = std::fs::remove_dir_all(pool.spool.root());
+        });
+    }
+
+    /// The group's destination is down, with MX routing: a message with
+    /// recipients elsewhere is delivered to them now (its own recipients
+    /// deferred with the reply), one with none elsewhere stays in the work
+    /// list for the scheduler to defer; then the group reports the
+    /// destination unreached. Postfix: a queue per destination.
+    #[test]
+    fn a_destination_down_does_not_hold_up_the_others() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let (pool, fake, msgs, routes, mut rx, _stop) = setup("down", &[&["bob@example.org", "carl@other.example"], &["gus@example.org"]]);
+            let down = reply(421, "4.4.1 connect to example.org: Connection refused");
+            fake.0.lock().unwrap().down_at.push(("example.org".into(), down.clone()));
+            let queue: WorkList = Arc::new(Mutex::new(msgs.iter().map(|m| m.env.id.clone()).collect()));
+            let g = tokio::spawn(group(pool.clone(), Arc::new(dest(&routes)), queue.clone()));
+            let mut seen = Vec::new();
+            while let Some(a) = rx.recv().await {
+                match a {
+                    Attempt::Done(m, o, relay, recorded) => {
+                        assert_eq!(m.env.id, msgs[0].env.id);
+                        assert_eq!(relay, "none");
+                        assert_eq!(codes(&o), vec![("bob@example.org", 421), ("carl@other.example", 250)]);
+                        let _ = recorded.send(());
+                        seen.push("done");
+                    }
+                    Attempt::Unreached(key, r) => {
+                        assert_eq!((key.as_str(), r), ("A", down.clone()));
+                        seen.push("unreached");
+                        break;
+                    }
+                    _ => panic!("unexpected report"),
+                }
+            }
+            g.await.unwrap();
+            assert_eq!(seen, vec!["done", "unreached"]);
+            let left: Vec<QueueId> = queue.lock().unwrap().iter().cloned().collect();
+            assert_eq!(left, vec![msgs[1].env.id.clone()]);
+            let _ = std::fs::remove_dir_all(pool.spool.root());
+        });
+    }
+}
