@@ -1559,4 +1559,53 @@ mod tests {
             h.cleanup();
         });
     }
+
+    /// delay_warning_time: one warning per message, recorded in its state
+    /// so that neither a later try nor a restart sends another (Postfix:
+    /// delay_warning_time, one "delayed mail" notice per message).
+    #[test]
+    fn one_delay_warning_per_message() {
+        block_on(async {
+            let mut h = harness("warn", "delay_warning_time = \"1h\"\n");
+            let id = h.queue("alice@sender.test", &["bob@example.org"], util::now() - 3700, "");
+            h.answer("bob@example.org", 451, "451 4.3.0 later");
+            h.run(false).await;
+            let first = h.others(&[&id]);
+            assert_eq!(first.len(), 1);
+            assert!(h.text(&first[0].env.id).contains("Subject: Delayed Mail (still being retried)"));
+            for _ in 0..2 {
+                h.age();
+                h.run(false).await;
+            }
+            let st = h.spool.read(&id).unwrap().state;
+            assert!(st.warned && st.done.is_empty());
+            // Each warning is queued, then delivered by a later run.
+            let mut notes: Vec<String> = h.fake.0.lock().unwrap().sent.iter().map(|(m, _)| m.clone()).filter(|m| *m != id.to_string()).collect();
+            notes.extend(h.others(&[&id]).iter().map(|m| m.env.id.to_string()));
+            notes.dedup();
+            assert_eq!(notes.len(), 1, "one warning, not one per try: {notes:?}");
+            h.cleanup();
+        });
+    }
+
+    /// The spool can record only removals (a full disk): a message with
+    /// more than one recipient left is held, not delivered (a partial
+    /// delivery could not be recorded, and a restart would deliver again);
+    /// one with a single recipient is delivered and removed.
+    #[test]
+    fn removals_only_holds_messages_with_more_than_one_recipient() {
+        block_on(async {
+            let mut h = harness("held", "");
+            let two = h.queue("alice@sender.test", &["bob@example.org", "carol@example.org"], util::now(), "");
+            let one = h.queue("alice@sender.test", &["dave@example.org"], util::now(), "");
+            h.s.removals_only("No space left on device".into());
+            h.run(false).await;
+            assert!(h.gone(&one));
+            assert!(h.s.held.contains(&two));
+            let sent = h.fake.0.lock().unwrap().sent.clone();
+            assert_eq!(sent, vec![(one.to_string(), vec!["dave@example.org".to_string()])]);
+            assert_eq!(h.spool.read(&two).unwrap().state.attempts, 0, "a held message counted as tried");
+            h.cleanup();
+        });
+    }
 }
