@@ -1,4 +1,6 @@
-//! Bounces: RFC 3464 delivery status notifications.
+//! Bounces: RFC 3464 delivery status notifications. Role: writes a
+//! notification into the spool (not durable: the scheduler commits and
+//! schedules it); reads the original's queue file; touches nothing else.
 //!
 //! A bounce is an ordinary message queued with the null sender `<>` to the
 //! original sender and delivered the same way as all other mail (to the
@@ -53,6 +55,11 @@ impl Reason {
         }
     }
 
+    /// A non-delivery notice (the others only report).
+    pub fn is_failure(self) -> bool {
+        matches!(self, Reason::Rejected | Reason::Expired)
+    }
+
     /// What Postfix logs for it: "ID: sender ... notification: NEWID".
     pub fn log_name(self) -> &'static str {
         match self {
@@ -79,14 +86,7 @@ pub fn queue_bounce(
     }
     let now = util::now();
     let id = util::new_queue_id();
-    let failure = matches!(reason, Reason::Rejected | Reason::Expired);
-    // RET=FULL returns the whole message, for failures only (Postfix
-    // returns headers with delay and success notices), and only within
-    // bounce_size_limit and what max_message_size leaves for the bounce.
-    let full = failure
-        && msg.env.ret == "FULL"
-        && msg.size <= cfg.bounce_size_limit
-        && msg.size.saturating_add(BOUNCE_OVERHEAD).saturating_add(RCPT_OVERHEAD.saturating_mul(list.len() as u64)) <= cfg.max_message_size;
+    let n = Notice { cfg, msg, list, reason, now, full: returns_full(cfg, msg, list.len(), reason), boundary: format!("{id}.{now}/{}", cfg.hostname) };
     let env = Envelope {
         id: id.clone(),
         arrival: now,
@@ -101,106 +101,170 @@ pub fn queue_bounce(
         ..Default::default()
     };
     let mut w = spool.begin(&env)?;
-    let boundary = format!("{id}.{now}/{}", cfg.hostname);
-    let (primary_host, _) = crate::config::split_host_port(&cfg.primary).unwrap_or_default();
-    let lifetime = cfg.max_queue_lifetime.as_secs();
-    let mut text = String::with_capacity(2048);
-    let mut h = |s: &str| {
-        text.push_str(s);
-        text.push_str("\r\n");
-    };
-    h(&format!("Received: by {} (Bartleby) id {id}; {}", cfg.hostname, util::rfc5322_date(now)));
-    h(&format!("Date: {}", util::rfc5322_date(now)));
-    h(&format!("From: MAILER-DAEMON@{} (Mail Delivery System)", cfg.hostname));
-    h(&format!("To: {}", msg.env.sender));
-    h(match reason {
-        Reason::Rejected => "Subject: Undelivered Mail Returned to Sender",
-        Reason::Expired => "Subject: Undelivered Mail Returned to Sender (delivery time expired)",
-        Reason::Delayed => "Subject: Delayed Mail (still being retried)",
-        Reason::Relayed => "Subject: Successful Mail Delivery Report",
-    });
-    h(&format!("Message-ID: <{id}.bounce@{}>", cfg.hostname));
-    h("Auto-Submitted: auto-replied");
-    h("MIME-Version: 1.0");
-    h(&format!("Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{boundary}\""));
-    h(if env.body_8bit { "Content-Transfer-Encoding: 8bit" } else { "Content-Transfer-Encoding: 7bit" });
-    h("");
-    h("This is a MIME-encapsulated message.");
-    h("");
-    h(&format!("--{boundary}"));
-    h("Content-Description: Notification");
-    h("Content-Type: text/plain; charset=us-ascii");
-    h("");
-    h(&format!("This is the mail system at host {}, a backup mail server.", cfg.hostname));
-    h("");
-    match reason {
-        Reason::Rejected => {
-            h("I'm sorry to have to inform you that your message could not");
-            h("be delivered to one or more recipients: the destination's");
-            h("primary mail server refused them.");
-        }
-        Reason::Expired => {
-            let days = lifetime as f64 / 86400.0;
-            h("I'm sorry to have to inform you that your message could not");
-            h(&format!("be delivered to one or more recipients within {days:.1} days: the"));
-            h("destination's primary mail server could not be reached.");
-        }
-        Reason::Delayed => {
-            let hours = now.saturating_sub(msg.env.arrival) as f64 / 3600.0;
-            h("####################################################################");
-            h("# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #");
-            h("####################################################################");
-            h("");
-            h(&format!("Your message could not be delivered for {hours:.1} hour(s)."));
-            h(&format!("It will be retried until {}.", util::rfc5322_date(msg.env.arrival.saturating_add(lifetime))));
-        }
-        Reason::Relayed => {
-            h("Your message was successfully delivered to the destination(s)");
-            h("listed below. If the message was delivered to mailbox you will");
-            h("receive no further notifications. Otherwise you may still receive");
-            h("notifications of mail delivery errors from other systems.");
-        }
+    let mut t = Text(String::with_capacity(2048));
+    n.headers(&mut t, &id, env.body_8bit);
+    n.explanation(&mut t);
+    n.delivery_status(&mut t);
+    n.original_part(&mut t, env.body_8bit);
+    // The original, streamed from the spool in small pieces (never whole
+    // in memory): all of it with RET=FULL, else its header section.
+    let res = w.write(t.0.as_bytes()).and_then(|()| copy_original(spool, msg, n.full, &mut w)).and_then(|()| w.write(format!("\r\n--{}--\r\n", n.boundary).as_bytes()));
+    if let Err(e) = res {
+        w.abort();
+        return Err(e);
     }
-    h("");
-    if full {
-        h("Your message is attached below.");
-    } else if failure && msg.env.ret == "FULL" {
-        h(&format!("Your message is too large to return ({} bytes); its headers", msg.size));
-        h("are attached below.");
-    } else {
-        // Postfix's template would say "It's attached below." even then.
-        h("The headers of your message are attached below; its text is");
-        h("not returned.");
+    w.finish()?;
+    Ok(Some(id))
+}
+
+/// RET=FULL returns the whole message, for failures only (Postfix returns
+/// headers with delay and success notices), and only within
+/// bounce_size_limit and what max_message_size leaves for the bounce of
+/// `rcpts` recipients.
+fn returns_full(cfg: &Config, msg: &QueuedMessage, rcpts: usize, reason: Reason) -> bool {
+    reason.is_failure()
+        && msg.env.ret == "FULL"
+        && msg.size <= cfg.bounce_size_limit
+        && msg.size.saturating_add(BOUNCE_OVERHEAD).saturating_add(RCPT_OVERHEAD.saturating_mul(rcpts as u64)) <= cfg.max_message_size
+}
+
+/// The text of a notification, a line at a time (CR LF added).
+struct Text(String);
+
+impl Text {
+    fn h(&mut self, s: &str) {
+        self.0.push_str(s);
+        self.0.push_str("\r\n");
     }
-    h("");
-    h("For further assistance, please send mail to postmaster.");
-    h("");
-    for (rcpt, reply) in list {
-        match reason {
-            Reason::Relayed => h(&format!("<{rcpt}>: delivered to a host that does not support DSN: {}", ascii(&reply.text))),
-            _ => h(&format!("<{rcpt}>: {}", ascii(&reply.text))),
+}
+
+/// What one notification is about.
+struct Notice<'a> {
+    cfg: &'a Config,
+    msg: &'a QueuedMessage,
+    list: &'a [(String, Reply)],
+    reason: Reason,
+    now: u64,
+    /// The whole original is returned (else its headers).
+    full: bool,
+    boundary: String,
+}
+
+impl Notice<'_> {
+    /// The header section and the MIME preamble.
+    fn headers(&self, t: &mut Text, id: &util::QueueId, body_8bit: bool) {
+        let (cfg, now) = (self.cfg, self.now);
+        t.h(&format!("Received: by {} (Bartleby) id {id}; {}", cfg.hostname, util::rfc5322_date(now)));
+        t.h(&format!("Date: {}", util::rfc5322_date(now)));
+        t.h(&format!("From: MAILER-DAEMON@{} (Mail Delivery System)", cfg.hostname));
+        t.h(&format!("To: {}", self.msg.env.sender));
+        t.h(match self.reason {
+            Reason::Rejected => "Subject: Undelivered Mail Returned to Sender",
+            Reason::Expired => "Subject: Undelivered Mail Returned to Sender (delivery time expired)",
+            Reason::Delayed => "Subject: Delayed Mail (still being retried)",
+            Reason::Relayed => "Subject: Successful Mail Delivery Report",
+        });
+        t.h(&format!("Message-ID: <{id}.bounce@{}>", cfg.hostname));
+        t.h("Auto-Submitted: auto-replied");
+        t.h("MIME-Version: 1.0");
+        t.h(&format!("Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary=\"{}\"", self.boundary));
+        t.h(if body_8bit { "Content-Transfer-Encoding: 8bit" } else { "Content-Transfer-Encoding: 7bit" });
+        t.h("");
+        t.h("This is a MIME-encapsulated message.");
+        t.h("");
+    }
+
+    /// The human-readable part.
+    fn explanation(&self, t: &mut Text) {
+        let (cfg, msg) = (self.cfg, self.msg);
+        let lifetime = cfg.max_queue_lifetime.as_secs();
+        t.h(&format!("--{}", self.boundary));
+        t.h("Content-Description: Notification");
+        t.h("Content-Type: text/plain; charset=us-ascii");
+        t.h("");
+        t.h(&format!("This is the mail system at host {}, a backup mail server.", cfg.hostname));
+        t.h("");
+        match self.reason {
+            Reason::Rejected => {
+                t.h("I'm sorry to have to inform you that your message could not");
+                t.h("be delivered to one or more recipients: the destination's");
+                t.h("primary mail server refused them.");
+            }
+            Reason::Expired => {
+                let days = lifetime as f64 / 86400.0;
+                t.h("I'm sorry to have to inform you that your message could not");
+                t.h(&format!("be delivered to one or more recipients within {days:.1} days: the"));
+                t.h("destination's primary mail server could not be reached.");
+            }
+            Reason::Delayed => {
+                let hours = self.now.saturating_sub(msg.env.arrival) as f64 / 3600.0;
+                t.h("####################################################################");
+                t.h("# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #");
+                t.h("####################################################################");
+                t.h("");
+                t.h(&format!("Your message could not be delivered for {hours:.1} hour(s)."));
+                t.h(&format!("It will be retried until {}.", util::rfc5322_date(msg.env.arrival.saturating_add(lifetime))));
+            }
+            Reason::Relayed => {
+                t.h("Your message was successfully delivered to the destination(s)");
+                t.h("listed below. If the message was delivered to mailbox you will");
+                t.h("receive no further notifications. Otherwise you may still receive");
+                t.h("notifications of mail delivery errors from other systems.");
+            }
         }
+        t.h("");
+        if self.full {
+            t.h("Your message is attached below.");
+        } else if self.reason.is_failure() && msg.env.ret == "FULL" {
+            t.h(&format!("Your message is too large to return ({} bytes); its headers", msg.size));
+            t.h("are attached below.");
+        } else {
+            // Postfix's template would say "It's attached below." even then.
+            t.h("The headers of your message are attached below; its text is");
+            t.h("not returned.");
+        }
+        t.h("");
+        t.h("For further assistance, please send mail to postmaster.");
+        t.h("");
+        for (rcpt, reply) in self.list {
+            match self.reason {
+                Reason::Relayed => t.h(&format!("<{rcpt}>: delivered to a host that does not support DSN: {}", ascii(&reply.text))),
+                _ => t.h(&format!("<{rcpt}>: {}", ascii(&reply.text))),
+            }
+        }
+        t.h("");
     }
-    h("");
-    h(&format!("--{boundary}"));
-    h("Content-Description: Delivery report");
-    h("Content-Type: message/delivery-status");
-    h("");
-    // Per-message fields (RFC 3464 2.2), in Postfix's order.
-    h(&format!("Reporting-MTA: dns; {}", cfg.hostname));
-    if !msg.env.envid.is_empty() {
-        // Decoded, as Postfix writes it (the xtext was checked printable).
-        h(&format!("Original-Envelope-Id: {}", dsn::printable(&dsn::xtext_decode(&msg.env.envid).unwrap_or_default())));
+
+    /// The `message/delivery-status` part: per-message fields (RFC 3464
+    /// 2.2), in Postfix's order, then a block per recipient.
+    fn delivery_status(&self, t: &mut Text) {
+        let msg = self.msg;
+        t.h(&format!("--{}", self.boundary));
+        t.h("Content-Description: Delivery report");
+        t.h("Content-Type: message/delivery-status");
+        t.h("");
+        t.h(&format!("Reporting-MTA: dns; {}", self.cfg.hostname));
+        if !msg.env.envid.is_empty() {
+            // Decoded, as Postfix writes it (the xtext was checked printable).
+            t.h(&format!("Original-Envelope-Id: {}", dsn::printable(&dsn::xtext_decode(&msg.env.envid).unwrap_or_default())));
+        }
+        t.h(&format!("X-Bartleby-Queue-ID: {}", msg.env.id));
+        t.h(&format!("X-Bartleby-Sender: rfc822; {}", msg.env.sender));
+        t.h(&format!("Arrival-Date: {}", util::rfc5322_date(msg.env.arrival)));
+        for (rcpt, reply) in self.list {
+            t.h("");
+            self.recipient_fields(t, rcpt, reply);
+        }
+        t.h("");
     }
-    h(&format!("X-Bartleby-Queue-ID: {}", msg.env.id));
-    h(&format!("X-Bartleby-Sender: rfc822; {}", msg.env.sender));
-    h(&format!("Arrival-Date: {}", util::rfc5322_date(msg.env.arrival)));
-    // Per-recipient fields (RFC 3464 2.3), one block each.
-    for (rcpt, reply) in list {
-        h("");
-        h(&format!("Final-Recipient: rfc822; {rcpt}"));
+
+    /// Per-recipient fields (RFC 3464 2.3).
+    fn recipient_fields(&self, t: &mut Text, rcpt: &str, reply: &Reply) {
+        let (cfg, msg, reason) = (self.cfg, self.msg, self.reason);
+        let lifetime = cfg.max_queue_lifetime.as_secs();
+        t.h(&format!("Final-Recipient: rfc822; {rcpt}"));
         let orig = msg.env.dsn_of(rcpt).original().unwrap_or_else(|| format!("rfc822; {rcpt}"));
-        h(&format!("Original-Recipient: {orig}"));
+        t.h(&format!("Original-Recipient: {orig}"));
         let (action, status) = match reason {
             Reason::Rejected => ("failed", reply.enhanced().filter(|s| s.starts_with('5')).unwrap_or("5.0.0").to_string()),
             // Held for SMTPUTF8 until now: 5.6.7, as Postfix says at once.
@@ -209,85 +273,82 @@ pub fn queue_bounce(
             Reason::Delayed => ("delayed", reply.enhanced().filter(|s| s.starts_with('4')).unwrap_or("4.0.0").to_string()),
             Reason::Relayed => ("relayed", "2.0.0".to_string()),
         };
-        h(&format!("Action: {action}"));
-        h(&format!("Status: {status}"));
+        t.h(&format!("Action: {action}"));
+        t.h(&format!("Status: {status}"));
         if matches!(reason, Reason::Rejected | Reason::Relayed) || reply.code >= 400 && !reply.text.contains("connect to") {
             // The host that answered ("host NAME[ADDR] said: ..."), else the
             // configured primary; none with MX routing and no host named.
+            let (primary_host, _) = crate::config::split_host_port(&cfg.primary).unwrap_or_default();
             let named = reply.text.strip_prefix("host ").and_then(|t| t.split('[').next()).filter(|n| !n.is_empty() && !n.contains(' '));
             let fixed = (!cfg.primary_list.is_empty() && !primary_host.is_empty()).then_some(primary_host.as_str());
             if let Some(mta) = named.or(fixed) {
-                h(&format!("Remote-MTA: dns; {}", ascii(mta)));
+                t.h(&format!("Remote-MTA: dns; {}", ascii(mta)));
             }
         }
-        h(&format!("Diagnostic-Code: smtp; {}", ascii(&reply.text)));
+        t.h(&format!("Diagnostic-Code: smtp; {}", ascii(&reply.text)));
         if msg.state.last_attempt > 0 {
-            h(&format!("Last-Attempt-Date: {}", util::rfc5322_date(msg.state.last_attempt)));
+            t.h(&format!("Last-Attempt-Date: {}", util::rfc5322_date(msg.state.last_attempt)));
         }
         if reason == Reason::Delayed {
-            h(&format!("Will-Retry-Until: {}", util::rfc5322_date(msg.env.arrival.saturating_add(lifetime))));
+            t.h(&format!("Will-Retry-Until: {}", util::rfc5322_date(msg.env.arrival.saturating_add(lifetime))));
         }
     }
-    h("");
-    h(&format!("--{boundary}"));
-    let undelivered = if matches!(reason, Reason::Relayed) { "" } else { "Undelivered " };
-    if full {
-        h(&format!("Content-Description: {undelivered}Message"));
-        h("Content-Type: message/rfc822");
-        if env.body_8bit {
-            h("Content-Transfer-Encoding: 8bit");
-        }
-    } else {
-        h(&format!("Content-Description: {undelivered}Message Headers"));
-        h("Content-Type: text/rfc822-headers");
-    }
-    h("");
-    if let Err(e) = w.write(text.as_bytes()) {
-        w.abort();
-        return Err(e);
-    }
-    // The original, streamed from the spool in small pieces (never whole
-    // in memory): all of it with RET=FULL, else its header section.
-    let res = (|| -> io::Result<()> {
-        let (mut rd, size) = spool.open_data(&msg.env.id)?;
-        let mut last = b'\n';
-        if full {
-            let mut buf = [0u8; 4096];
-            let mut left = size;
-            while left > 0 {
-                let want = left.min(buf.len() as u64) as usize;
-                let n = rd.read(&mut buf[..want])?;
-                if n == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "queue file shorter than its header says"));
-                }
-                w.write(&buf[..n])?;
-                last = buf[n - 1];
-                left -= n as u64;
+
+    /// The headers of the part that returns the original (whole or its
+    /// header section).
+    fn original_part(&self, t: &mut Text, body_8bit: bool) {
+        t.h(&format!("--{}", self.boundary));
+        let undelivered = if matches!(self.reason, Reason::Relayed) { "" } else { "Undelivered " };
+        if self.full {
+            t.h(&format!("Content-Description: {undelivered}Message"));
+            t.h("Content-Type: message/rfc822");
+            if body_8bit {
+                t.h("Content-Transfer-Encoding: 8bit");
             }
         } else {
-            let mut rd = rd.take(size.min(MAX_RETURNED_HEADERS));
-            let mut line = Vec::with_capacity(256);
-            loop {
-                line.clear();
-                let n = rd.read_until(b'\n', &mut line)?;
-                if n == 0 || line == b"\r\n" {
-                    break;
-                }
-                w.write(&line)?;
-                last = line[n - 1];
-            }
+            t.h(&format!("Content-Description: {undelivered}Message Headers"));
+            t.h("Content-Type: text/rfc822-headers");
         }
-        if last != b'\n' {
-            w.write(b"\r\n")?;
-        }
-        w.write(format!("\r\n--{boundary}--\r\n").as_bytes())
-    })();
-    if let Err(e) = res {
-        w.abort();
-        return Err(e);
+        t.h("");
     }
-    w.finish()?;
-    Ok(Some(id))
+}
+
+/// Copies the original from the spool into the notification: all of it
+/// (`full`), else its header section (at most [`MAX_RETURNED_HEADERS`]),
+/// ending in a line end.
+fn copy_original(spool: &Spool, msg: &QueuedMessage, full: bool, w: &mut crate::spool::SpoolWriter) -> io::Result<()> {
+    let (mut rd, size) = spool.open_data(&msg.env.id)?;
+    let mut last = b'\n';
+    if full {
+        let mut buf = [0u8; 4096];
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(buf.len() as u64) as usize;
+            let n = rd.read(&mut buf[..want])?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "queue file shorter than its header says"));
+            }
+            w.write(&buf[..n])?;
+            last = buf[n - 1];
+            left -= n as u64;
+        }
+    } else {
+        let mut rd = rd.take(size.min(MAX_RETURNED_HEADERS));
+        let mut line = Vec::with_capacity(256);
+        loop {
+            line.clear();
+            let n = rd.read_until(b'\n', &mut line)?;
+            if n == 0 || line == b"\r\n" {
+                break;
+            }
+            w.write(&line)?;
+            last = line[n - 1];
+        }
+    }
+    if last != b'\n' {
+        w.write(b"\r\n")?;
+    }
+    Ok(())
 }
 
 /// Diagnostic text as 7-bit printable ASCII on one line.

@@ -8,6 +8,7 @@
 pub mod bounces;
 pub mod clients;
 pub mod config;
+pub mod courier;
 pub mod data;
 pub mod delivery;
 pub mod dns;
@@ -30,3 +31,4 @@ pub mod tls;
 pub mod tls_io;
 pub mod util;
 pub mod verify;
+pub mod workers;

@@ -1,4 +1,7 @@
-//! The scheduler: decides when each queued message is tried again.
+//! The scheduler: decides when each queued message is tried again. Role:
+//! the queue's index and the only writer of delivery outcomes (states,
+//! removals, bounces queued through [`bounces`]); delivers through a
+//! [`Courier`] and its [`workers`], never over a socket of its own.
 //!
 //! * A new message is tried at once, unless the primary was found down
 //!   less than `minimal_backoff` ago (a dead-host cache, as Postfix's qmgr
@@ -68,257 +71,19 @@ use tokio::sync::watch;
 
 use crate::bounces::{self, Reason};
 use crate::config::Config;
-use crate::delivery::{Connection, Outcome, Reply};
-use crate::route::{self, Hop, Route};
+use crate::courier::{Courier, Smtp};
+use crate::delivery::{Outcome, Reply, Verdict};
+use crate::route::{self, Route};
+use crate::workers::{self, Attempt, Dest, Pool, Routes, WorkList, route_of};
 use crate::logging::{self, QMGR};
 use crate::spool::{Committer, DeliveryState, QueuedMessage, RcptStatus, Spool};
 use crate::stats::Stats;
 use crate::util::{self, QueueId};
 
-/// What a delivery worker reports back.
-enum Attempt {
-    /// The last field is answered once the outcome is recorded (or found
-    /// unrecordable, which empties the work list first): the worker takes
-    /// its next message only then, so a spool that cannot record stops
-    /// every worker after the message it has in hand.
-    Done(Box<QueuedMessage>, Outcome, String, tokio::sync::oneshot::Sender<()>),
-    /// The message left the queue meanwhile.
-    Gone(QueueId),
-    /// Its queue file or delivery state could not be read (I/O error,
-    /// permissions): it is left alone until a later run instead of being
-    /// retried at once.
-    Unreadable(QueueId, std::io::Error),
-    /// Not tried: more than one recipient left while the spool can record
-    /// only removals (see [`Recording::RemovalsOnly`]).
-    Held(QueueId),
-    /// A destination answered (its key).
-    Reached(String),
-    /// A destination could not be reached: its messages wait.
-    Unreached(String, Reply),
-}
-
-/// The messages of one destination still to deliver in a queue run.
-type WorkList = Arc<Mutex<VecDeque<QueueId>>>;
-
-/// The routes of a queue run with MX routing, by recipient domain: the
-/// destination's key and route, or why there is none.
-/// (A vector searched in order: a handful of domains, smaller code than a map.)
-type Routes = Vec<(String, Result<(String, Route), Reply>)>;
-
-fn route_of<'a>(routes: &'a Routes, domain: &str) -> Option<&'a Result<(String, Route), Reply>> {
-    routes.iter().find(|(d, _)| d == domain).map(|(_, r)| r)
-}
-
-/// What a group's workers deliver to.
-struct Dest {
-    key: String,
-    /// The domain, for "mail for X loops back to myself" ("" with a fixed
-    /// primary: the host's name).
-    label: String,
-    hops: Vec<Hop>,
-    /// With MX routing: every domain's route, for recipients of other
-    /// destinations in the same message.
-    routes: Option<Arc<Routes>>,
-    /// Other destinations found unreachable during this run (key, reply):
-    /// their recipients in later messages get the reply at once instead of
-    /// another wait of connect_timeout per message.
-    unreachable: Mutex<Vec<(String, Reply)>>,
-}
-
-/// Opens a destination's first connection, then starts its workers (up to
-/// `delivery_connections`), or reports it unreachable.
-#[allow(clippy::too_many_arguments)]
-async fn group(
-    cfg: Arc<Config>,
-    spool: Spool,
-    dest: Arc<Dest>,
-    queue: Arc<Mutex<VecDeque<QueueId>>>,
-    tx: tokio::sync::mpsc::UnboundedSender<Attempt>,
-    shutdown: watch::Receiver<bool>,
-    single_only: Arc<AtomicBool>,
-) {
-    let first = match Connection::open_to(&cfg, &dest.hops, &dest.label).await {
-        Ok(c) => {
-            let _ = tx.send(Attempt::Reached(dest.key.clone()));
-            c
-        }
-        Err(e) => {
-            if let Some(routes) = &dest.routes {
-                // With MX routing, a message in this group may have
-                // recipients of other destinations: this one down must not
-                // hold them up (Postfix's qmgr keeps a queue per
-                // destination). Those messages are tried now, this
-                // destination's recipients deferred with its reply; the
-                // rest wait as before.
-                let ids: Vec<QueueId> = queue.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
-                let mut wait = VecDeque::new();
-                for id in ids {
-                    let msg = match spool.read(&id) {
-                        Ok(m) if !(*shutdown.borrow() || single_only.load(Ordering::SeqCst) && m.pending().nth(1).is_some()) => m,
-                        _ => {
-                            wait.push_back(id);
-                            continue;
-                        }
-                    };
-                    let elsewhere = msg.pending().any(|r| matches!(route_of(routes, &route::domain_of(&r.addr)), Some(Ok((k, _))) if *k != dest.key));
-                    if !elsewhere {
-                        wait.push_back(id);
-                        continue;
-                    }
-                    let outcome = deliver_routed(&cfg, Err(&e.reply), &spool, &msg, &dest, routes).await;
-                    let (recorded, wait_recorded) = tokio::sync::oneshot::channel();
-                    let _ = tx.send(Attempt::Done(Box::new(msg), outcome, "none".into(), recorded));
-                    let _ = wait_recorded.await;
-                }
-                if let Ok(mut q) = queue.lock() {
-                    q.extend(wait);
-                }
-            }
-            let _ = tx.send(Attempt::Unreached(dest.key.clone(), e.reply));
-            return;
-        }
-    };
-    let n = queue.lock().map_or(1, |q| q.len());
-    let workers = cfg.delivery_connections.clamp(1, n.max(1));
-    let mut first = Some(first);
-    for _ in 0..workers {
-        tokio::spawn(worker(cfg.clone(), spool.clone(), queue.clone(), tx.clone(), first.take(), dest.clone(), shutdown.clone(), single_only.clone()));
-    }
-}
-
-/// Delivers `msg` with MX routing: its recipients of `dest` over `conn`,
-/// those of other destinations over a connection each (closed after), and
-/// those without a route get its reason. One outcome for every recipient.
-/// `conn` is `Err` when `dest` could not be reached: its recipients get
-/// that reply, the others are still tried.
-async fn deliver_routed(cfg: &Config, conn: Result<&mut Connection, &Reply>, spool: &Spool, msg: &QueuedMessage, dest: &Dest, routes: &Routes) -> Outcome {
-    let mut mine = Vec::new();
-    let mut others: Vec<(String, String, Vec<String>)> = Vec::new();
-    let mut failed = Vec::new();
-    for r in msg.pending() {
-        let d = route::domain_of(&r.addr);
-        match route_of(routes, &d) {
-            Some(Ok((key, _))) if *key == dest.key => mine.push(r.addr.clone()),
-            Some(Ok((key, _))) => match others.iter_mut().find(|(k, _, _)| k == key) {
-                Some((_, _, list)) => list.push(r.addr.clone()),
-                None => others.push((key.clone(), d, vec![r.addr.clone()])),
-            },
-            Some(Err(reply)) => failed.push((r.addr.clone(), reply.clone())),
-            None => failed.push((r.addr.clone(), Reply::local(451, format!("4.4.3 no route looked up for {d} in this queue run")))),
-        }
-    }
-    let none = Duration::ZERO;
-    let mut out = match conn {
-        _ if mine.is_empty() => Outcome { rcpts: Vec::new(), reusable: true, setup: none, xfer: none, dsn: true },
-        Ok(conn) => conn.deliver_to(spool, msg, mine).await,
-        Err(reply) => Outcome { rcpts: mine.into_iter().map(|a| (a, reply.clone())).collect(), reusable: false, setup: none, xfer: none, dsn: true },
-    };
-    for (key, domain, list) in others {
-        let Some(Ok((_, rt))) = route_of(routes, &domain) else { continue };
-        let known_down = dest.unreachable.lock().ok().and_then(|u| u.iter().find(|(k, _)| *k == key).map(|(_, r)| r.clone()));
-        if let Some(reply) = known_down {
-            out.rcpts.extend(list.into_iter().map(|a| (a, reply.clone())));
-            continue;
-        }
-        match Connection::open_to(cfg, &rt.hops, &domain).await {
-            Ok(mut c) => {
-                let o = c.deliver_to(spool, msg, list).await;
-                if o.reusable {
-                    c.quit().await;
-                }
-                out.rcpts.extend(o.rcpts);
-                out.setup += o.setup;
-                out.xfer += o.xfer;
-                // One host without DSN: "relayed" notices for the message's
-                // NOTIFY=SUCCESS recipients (at worst one more than asked,
-                // never one missing).
-                out.dsn &= o.dsn;
-            }
-            Err(e) => {
-                if let Ok(mut u) = dest.unreachable.lock() {
-                    u.push((key, e.reply.clone()));
-                }
-                out.rcpts.extend(list.into_iter().map(|a| (a, e.reply.clone())));
-            }
-        }
-    }
-    out.rcpts.extend(failed);
-    out
-}
-
-/// One connection's worth of deliveries: takes due messages from the shared
-/// list until it is empty. Opens its own connection unless handed one; a
-/// worker that cannot connect leaves the messages to the others.
-#[allow(clippy::too_many_arguments)]
-async fn worker(
-    cfg: Arc<Config>,
-    spool: Spool,
-    queue: Arc<Mutex<VecDeque<QueueId>>>,
-    tx: tokio::sync::mpsc::UnboundedSender<Attempt>,
-    conn: Option<Connection>,
-    dest: Arc<Dest>,
-    shutdown: watch::Receiver<bool>,
-    single_only: Arc<AtomicBool>,
-) {
-    let mut conn = match conn {
-        Some(c) => c,
-        None => match Connection::open_to(&cfg, &dest.hops, &dest.label).await {
-            Ok(c) => c,
-            Err(e) => {
-                log::info!(target: QMGR, "extra connection to the primary refused: {}", e.reply.text);
-                return;
-            }
-        },
-    };
-    loop {
-        if *shutdown.borrow() {
-            break;
-        }
-        let Some(id) = queue.lock().ok().and_then(|mut q| q.pop_front()) else { break };
-        let msg = match spool.read(&id) {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = tx.send(if e.kind() == std::io::ErrorKind::NotFound { Attempt::Gone(id) } else { Attempt::Unreadable(id, e) });
-                continue;
-            }
-        };
-        if single_only.load(Ordering::SeqCst) && msg.pending().nth(1).is_some() {
-            let _ = tx.send(Attempt::Held(id));
-            continue;
-        }
-        let outcome = match &dest.routes {
-            Some(routes) => deliver_routed(&cfg, Ok(&mut conn), &spool, &msg, &dest, routes).await,
-            None => conn.deliver(&spool, &msg).await,
-        };
-        let relay = conn.relay.clone();
-        let reusable = outcome.reusable;
-        let (recorded, wait_recorded) = tokio::sync::oneshot::channel();
-        let _ = tx.send(Attempt::Done(Box::new(msg), outcome, relay, recorded));
-        let _ = wait_recorded.await;
-        if !reusable {
-            // The connection broke, or stopped mid-message: close it without
-            // QUIT (in DATA, a QUIT would be message text and its wait for a
-            // reply would time out), which makes the primary discard any
-            // half-sent message. One new try, else leave the rest to others;
-            // none when nothing is left (the list is done, or was emptied
-            // because the spool cannot record) or the server stops: against
-            // a hostile primary a new connection can cost connect_timeout +
-            // 2 x delivery_timeout, all that time holding up the run.
-            drop(conn);
-            if *shutdown.borrow() || queue.lock().map_or(true, |q| q.is_empty()) {
-                return;
-            }
-            match Connection::open_to(&cfg, &dest.hops, &dest.label).await {
-                Ok(c) => conn = c,
-                Err(e) => {
-                    log::info!(target: QMGR, "lost the primary mid-run: {}", e.reply.text);
-                    return;
-                }
-            }
-        }
-    }
-    conn.quit().await;
-}
+/// One destination's share of a queue run: its key, its label (the
+/// domain, "" with a fixed primary), its route or why there is none, and
+/// its messages.
+type Group = (String, String, Result<Route, Reply>, VecDeque<QueueId>);
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -472,8 +237,11 @@ enum Unrecorded {
     State(DeliveryState, u64),
 }
 
-pub struct Scheduler {
+/// The queue manager, delivering through courier `C` (SMTP in the relay; a
+/// fake primary in the tests).
+pub struct Scheduler<C = Smtp> {
     cfg: Arc<Config>,
+    courier: C,
     spool: Spool,
     stats: Arc<Stats>,
     committer: Committer,
@@ -516,11 +284,18 @@ pub fn backoff(cfg: &Config, attempts: u32) -> Duration {
     Duration::from_secs(min.saturating_mul(1u64 << shift).min(cfg.maximal_backoff.as_secs().max(min)))
 }
 
-impl Scheduler {
+impl Scheduler<Smtp> {
     pub fn new(cfg: Arc<Config>, spool: Spool, stats: Arc<Stats>, committer: Committer, rx: UnboundedReceiver<(QueueId, u64)>) -> Scheduler {
+        Scheduler::with_courier(cfg, spool, stats, committer, rx, Smtp)
+    }
+}
+
+impl<C: Courier> Scheduler<C> {
+    pub fn with_courier(cfg: Arc<Config>, spool: Spool, stats: Arc<Stats>, committer: Committer, rx: UnboundedReceiver<(QueueId, u64)>, courier: C) -> Scheduler<C> {
         let (probe_tx, probes) = watch::channel(Probe::default());
         Scheduler {
             cfg,
+            courier,
             spool,
             stats,
             committer,
@@ -665,12 +440,44 @@ impl Scheduler {
     /// deliver; every outcome comes back here to be recorded, so the queue
     /// state has a single writer.
     async fn run_queue(&mut self, full: bool, shutdown: &watch::Receiver<bool>) {
+        let Some(due) = self.due(full) else { return };
+        let (groups, routes) = self.plan(due).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let pool = Arc::new(Pool { cfg: self.cfg.clone(), spool: self.spool.clone(), courier: self.courier.clone(), tx, shutdown: shutdown.clone(), single_only: self.single_only.clone() });
+        // Known at once to `suspend`, which empties the work lists.
+        self.current = Some((Vec::new(), full));
+        let queues = self.start_groups(groups, routes.map(Arc::new), full, pool).await;
+        loop {
+            // The probe's verdicts count during the run too: a spool found
+            // unable to record stops it, or restricts it to single messages.
+            let r = tokio::select! {
+                r = rx.recv() => r,
+                changed = self.probes.changed() => {
+                    if changed.is_ok() {
+                        self.on_probe();
+                    }
+                    continue;
+                }
+            };
+            let Some(r) = r else { break };
+            self.on_attempt(r, &queues).await;
+        }
+        self.current = None;
+        self.defer_left(queues, shutdown).await;
+        self.publish();
+    }
+
+    /// The messages a run tries (all of them when `full`, else those due),
+    /// None when there are none or deliveries are suspended. Records the
+    /// outcomes left over first, if the spool can; a full run forgets the
+    /// dead-host cache.
+    fn due(&mut self, full: bool) -> Option<VecDeque<QueueId>> {
         if !self.unrecorded.is_empty() && self.recording == Recording::Ok {
             self.record_pending(false);
         }
         if self.suspended() {
             self.owed_run |= full;
-            return;
+            return None;
         }
         let now = util::now();
         if full {
@@ -684,15 +491,16 @@ impl Scheduler {
             .filter(|(id, e)| (full || e.next <= now) && !self.held.contains(*id))
             .map(|(id, _)| id.clone())
             .collect();
-        if due.is_empty() {
-            return;
-        }
-        let (groups, routes) = self.plan(due).await;
-        let routes = routes.map(Arc::new);
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        (!due.is_empty()).then_some(due)
+    }
+
+    /// Starts a worker group for each destination of the run, except those
+    /// the dead-host cache says are down (not before a full run) or whose
+    /// name does not resolve (their messages are deferred here). Returns
+    /// each started group's work list, by destination key.
+    async fn start_groups(&mut self, groups: Vec<Group>, routes: Option<Arc<Routes>>, full: bool, pool: Arc<Pool<C>>) -> Vec<(String, WorkList)> {
+        let now = util::now();
         let mut queues: Vec<(String, WorkList)> = Vec::new();
-        // Known at once to `suspend`, which empties the work lists.
-        self.current = Some((Vec::new(), full));
         for (key, label, route, ids) in groups {
             if self.suspended() {
                 break;
@@ -702,12 +510,7 @@ impl Scheduler {
                 Err(reply) => {
                     // A fixed primary whose name does not resolve.
                     self.primary_down(&key, &reply);
-                    for id in ids {
-                        if self.suspended() {
-                            break;
-                        }
-                        self.defer_unreached(&id, &reply).await;
-                    }
+                    self.defer_all(ids, &reply).await;
                     continue;
                 }
             };
@@ -727,73 +530,66 @@ impl Scheduler {
                 qs.push(queue.clone());
             }
             let dest = Arc::new(Dest { key, label, hops: route.hops, routes: routes.clone(), unreachable: Mutex::new(Vec::new()) });
-            tokio::spawn(group(self.cfg.clone(), self.spool.clone(), dest, queue, tx.clone(), shutdown.clone(), self.single_only.clone()));
+            tokio::spawn(workers::group(pool.clone(), dest, queue));
         }
-        drop(tx);
-        loop {
-            // The probe's verdicts count during the run too: a spool found
-            // unable to record stops it, or restricts it to single messages.
-            let r = tokio::select! {
-                r = rx.recv() => r,
-                changed = self.probes.changed() => {
-                    if changed.is_ok() {
-                        self.on_probe();
-                    }
-                    continue;
-                }
-            };
-            let Some(r) = r else { break };
-            match r {
-                Attempt::Done(msg, outcome, relay, recorded) => {
-                    self.apply(&msg, outcome, &relay).await;
-                    let _ = recorded.send(());
-                }
-                Attempt::Gone(id) => {
-                    self.entries.remove(&id);
-                }
-                Attempt::Unreadable(id, e) => self.unreadable(id, &e),
-                Attempt::Held(id) => {
-                    if self.entries.contains_key(&id) && self.held.insert(id.clone()) {
-                        log::info!(
-                            target: QMGR,
-                            "{id}: held: more than one recipient left, and the spool cannot record a partial delivery now; tried once it can"
-                        );
-                    }
-                }
-                Attempt::Reached(key) => {
-                    self.stats.primary_result(true, "");
-                    self.dead.retain(|(k, _, _)| *k != key);
-                }
-                Attempt::Unreached(key, reply) => {
-                    self.primary_down(&key, &reply);
-                    let Some((_, q)) = queues.iter().find(|(k, _)| *k == key) else { continue };
-                    let ids: Vec<QueueId> = q.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
-                    for id in ids {
-                        if self.suspended() {
-                            break;
-                        }
-                        self.defer_unreached(&id, &reply).await;
-                    }
-                    self.publish();
+        queues
+    }
+
+    /// Acts on one report of the run's workers.
+    async fn on_attempt(&mut self, a: Attempt, queues: &[(String, WorkList)]) {
+        match a {
+            Attempt::Done(msg, outcome, relay, recorded) => {
+                self.apply(&msg, outcome, &relay).await;
+                let _ = recorded.send(());
+            }
+            Attempt::Gone(id) => {
+                self.entries.remove(&id);
+            }
+            Attempt::Unreadable(id, e) => self.unreadable(id, &e),
+            Attempt::Held(id) => {
+                if self.entries.contains_key(&id) && self.held.insert(id.clone()) {
+                    log::info!(
+                        target: QMGR,
+                        "{id}: held: more than one recipient left, and the spool cannot record a partial delivery now; tried once it can"
+                    );
                 }
             }
+            Attempt::Reached(key) => {
+                self.stats.primary_result(true, "");
+                self.dead.retain(|(k, _, _)| *k != key);
+            }
+            Attempt::Unreached(key, reply) => {
+                self.primary_down(&key, &reply);
+                let Some((_, q)) = queues.iter().find(|(k, _)| *k == key) else { return };
+                let ids: Vec<QueueId> = q.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
+                self.defer_all(ids, &reply).await;
+                self.publish();
+            }
         }
-        self.current = None;
-        // Messages no worker could take (every connection failed): they wait.
+    }
+
+    /// Messages no worker could take (every connection failed): they wait,
+    /// deferred with their destination's reply.
+    async fn defer_left(&mut self, queues: Vec<(String, WorkList)>, shutdown: &watch::Receiver<bool>) {
         for (key, queue) in queues {
             let left: Vec<QueueId> = queue.lock().map(|mut q| q.drain(..).collect()).unwrap_or_default();
             if left.is_empty() || *shutdown.borrow() || self.suspended() {
                 continue;
             }
             let reply = self.dead.iter().find(|(k, _, _)| *k == key).map(|(_, _, r)| r.clone()).unwrap_or_else(|| Reply::local(421, "4.4.2 lost connection with the primary"));
-            for id in left {
-                if self.suspended() {
-                    break;
-                }
-                self.defer_unreached(&id, &reply).await;
-            }
+            self.defer_all(left, &reply).await;
         }
-        self.publish();
+    }
+
+    /// Records a failed attempt with `reply` for each of `ids`, until the
+    /// spool is found unable to record.
+    async fn defer_all(&mut self, ids: impl IntoIterator<Item = QueueId>, reply: &Reply) {
+        for id in ids {
+            if self.suspended() {
+                break;
+            }
+            self.defer_unreached(&id, reply).await;
+        }
     }
 
     /// Splits the due messages by destination: with a fixed primary, one
@@ -801,14 +597,13 @@ impl Scheduler {
     /// domains (looked up once per run; the DNS answers are cached for
     /// their TTL). A message whose every domain has no route is deferred
     /// here with the reason. Groups: (key, label, route, messages).
-    #[allow(clippy::type_complexity)]
-    async fn plan(&mut self, due: VecDeque<QueueId>) -> (Vec<(String, String, Result<Route, Reply>, VecDeque<QueueId>)>, Option<Routes>) {
+    async fn plan(&mut self, due: VecDeque<QueueId>) -> (Vec<Group>, Option<Routes>) {
         if !self.cfg.primary_list.is_empty() {
             let route = route::hosts_for(&self.cfg, "").await;
             return (vec![(String::new(), String::new(), route, due)], None);
         }
         let mut routes: Routes = Vec::new();
-        let mut groups: Vec<(String, String, Result<Route, Reply>, VecDeque<QueueId>)> = Vec::new();
+        let mut groups: Vec<Group> = Vec::new();
         let started = tokio::time::Instant::now();
         for (n, id) in due.into_iter().enumerate() {
             if self.suspended() {
@@ -818,37 +613,8 @@ impl Scheduler {
                 // Reading many queue files: let the SMTP sessions run.
                 tokio::task::yield_now().await;
             }
-            let msg = match self.spool.read(&id) {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    self.entries.remove(&id);
-                    continue;
-                }
-                Err(e) => {
-                    self.unreadable(id, &e);
-                    continue;
-                }
-            };
-            let mut first: Option<(String, String)> = None;
-            let mut later = false;
-            for r in msg.pending() {
-                let d = route::domain_of(&r.addr);
-                if route_of(&routes, &d).is_none() {
-                    if started.elapsed() >= FOREIGN_LOOKUPS && !self.cfg.is_relay_domain(&d) {
-                        later = true;
-                        break;
-                    }
-                    let res = route::hosts_for(&self.cfg, &d).await;
-                    self.stats.set_route(&d, &res);
-                    routes.push((d.clone(), res.map(|rt| (rt.key(), rt))));
-                }
-                if first.is_none()
-                    && let Some(Ok((key, _))) = route_of(&routes, &d)
-                {
-                    first = Some((key.clone(), d));
-                }
-            }
-            if later {
+            let Some(msg) = self.read_queued(&id) else { continue };
+            let Some(first) = self.look_up_routes(&msg, &mut routes, started).await else {
                 // Bounces and notices to other domains whose DNS is slow
                 // must not hold up the relay domains' mail run after run
                 // (groups start only once every route is known, and failed
@@ -857,7 +623,7 @@ impl Scheduler {
                     e.next = e.next.max(util::now().saturating_add(LATER));
                 }
                 continue;
-            }
+            };
             match first {
                 Some((key, d)) => match groups.iter_mut().find(|(k, _, _, _)| *k == key) {
                     Some((_, _, _, ids)) => ids.push_back(id),
@@ -868,40 +634,76 @@ impl Scheduler {
                         }
                     }
                 },
-                None => {
-                    // No destination for any recipient: each deferred with
-                    // its domain's reason (a DNS failure, a loop to myself).
-                    let rcpts = msg
-                        .pending()
-                        .map(|r| {
-                            let d = route::domain_of(&r.addr);
-                            let reply = match route_of(&routes, &d) {
-                                Some(Err(reply)) => reply.clone(),
-                                _ => Reply::local(451, format!("4.4.3 no route for {d}")),
-                            };
-                            (r.addr.clone(), reply)
-                        })
-                        .collect();
-                    let none = Duration::ZERO;
-                    self.apply(&msg, Outcome { rcpts, reusable: false, setup: none, xfer: none, dsn: true }, "none").await;
-                }
+                None => self.defer_unrouted(&msg, &routes).await,
             }
         }
         (groups, Some(routes))
     }
 
+    /// Reads a queued message; one that left the queue leaves the index,
+    /// one that cannot be read waits (see [`unreadable`](Self::unreadable)).
+    fn read_queued(&mut self, id: &QueueId) -> Option<QueuedMessage> {
+        match self.spool.read(id) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.entries.remove(id);
+                None
+            }
+            Err(e) => {
+                self.unreadable(id.clone(), &e);
+                None
+            }
+        }
+    }
+
+    /// Looks up the routes of `msg`'s recipient domains not in `routes` yet.
+    /// Returns the destination of its first routable recipient (key,
+    /// domain; None: no recipient has a route), or None when the lookups
+    /// must wait: [`FOREIGN_LOOKUPS`] passed since `started` and a domain
+    /// is not a relay domain.
+    async fn look_up_routes(&self, msg: &QueuedMessage, routes: &mut Routes, started: tokio::time::Instant) -> Option<Option<(String, String)>> {
+        let mut first: Option<(String, String)> = None;
+        for r in msg.pending() {
+            let d = route::domain_of(&r.addr);
+            if route_of(routes, &d).is_none() {
+                if started.elapsed() >= FOREIGN_LOOKUPS && !self.cfg.is_relay_domain(&d) {
+                    return None;
+                }
+                let res = route::hosts_for(&self.cfg, &d).await;
+                self.stats.set_route(&d, &res);
+                routes.push((d.clone(), res.map(|rt| (rt.key(), rt))));
+            }
+            if first.is_none()
+                && let Some(Ok((key, _))) = route_of(routes, &d)
+            {
+                first = Some((key.clone(), d));
+            }
+        }
+        Some(first)
+    }
+
+    /// No destination for any recipient of `msg`: each deferred with its
+    /// domain's reason (a DNS failure, a loop to myself).
+    async fn defer_unrouted(&mut self, msg: &QueuedMessage, routes: &Routes) {
+        let rcpts = msg
+            .pending()
+            .map(|r| {
+                let d = route::domain_of(&r.addr);
+                let reply = match route_of(routes, &d) {
+                    Some(Err(reply)) => reply.clone(),
+                    _ => Reply::local(451, format!("4.4.3 no route for {d}")),
+                };
+                (r.addr.clone(), reply)
+            })
+            .collect();
+        self.apply(msg, Outcome::unsent(rcpts, true), "none").await;
+    }
+
     /// Records a failed attempt for a message the primary could not be reached for.
     async fn defer_unreached(&mut self, id: &QueueId, reply: &Reply) {
-        match self.spool.read(id) {
-            Ok(msg) => {
-                let rcpts = msg.pending().map(|r| (r.addr.clone(), reply.clone())).collect();
-                let none = std::time::Duration::ZERO;
-                self.apply(&msg, Outcome { rcpts, reusable: false, setup: none, xfer: none, dsn: false }, "none").await;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.entries.remove(id);
-            }
-            Err(e) => self.unreadable(id.clone(), &e),
+        if let Some(msg) = self.read_queued(id) {
+            let rcpts = msg.pending().map(|r| (r.addr.clone(), reply.clone())).collect();
+            self.apply(&msg, Outcome::unsent(rcpts, false), "none").await;
         }
     }
 
@@ -1124,16 +926,48 @@ impl Scheduler {
     /// ones bounce, 4xx ones wait; an expired message bounces whatever is left.
     async fn apply(&mut self, msg: &QueuedMessage, outcome: Outcome, relay: &str) {
         let now = util::now();
+        self.note_attempt(msg);
+        let mut state = msg.state.clone();
+        state.attempts += 1;
+        state.last_attempt = now;
+        state.errors.clear();
+        let dsn = outcome.dsn;
+        let mut s = sort_outcomes(msg, outcome, relay, &mut state);
+        let lifetime = self.cfg.max_queue_lifetime.as_secs();
+        let mut expired = Vec::new();
+        if !s.deferred.is_empty() && now.saturating_sub(msg.env.arrival) >= lifetime {
+            // As Postfix's qmgr: one line for the message (its recipients
+            // were logged deferred above; the bounce names them).
+            log::info!(target: QMGR, "{}: from=<{}>, status=expired, returned to sender", msg.env.id, msg.env.sender);
+            expired = std::mem::take(&mut s.deferred);
+        }
+        // Bounces first, durably, and only then mark the recipients done:
+        // a crash in between bounces twice at worst, never loses the notice.
+        let rejected = std::mem::take(&mut s.rejected);
+        for (list, reason) in [(rejected, Reason::Rejected), (expired, Reason::Expired)] {
+            self.bounce(msg, list, reason, now, &mut s, &mut state).await;
+        }
+        // NOTIFY=SUCCESS to a primary that does not offer DSN: Postfix's
+        // "relayed" notice. The delivery stands even if it cannot be sent.
+        if !dsn && !s.relayed.is_empty() {
+            self.notify(msg, &s.relayed, Reason::Relayed, now).await;
+        }
+        let warned_now = self.warn_delayed(msg, &s.deferred, &mut state, now).await;
+        // The attempt's lines are out before its outcome is on disk: who
+        // sees the state (or the removal) finds them in the log.
+        logging::flush();
+        if msg.env.recipients.iter().all(|r| state.done.iter().any(|(d, _, _)| d == r)) {
+            self.finished(msg, &state);
+            return;
+        }
+        self.defer(msg, state, &s.deferred, s.newly_done || warned_now, s.newly_done);
+    }
+
+    /// What an attempt begins with: a damaged delivery state is moved
+    /// aside, and a message tried before is logged as entering the active
+    /// queue again.
+    fn note_attempt(&mut self, msg: &QueuedMessage) {
         let id = &msg.env.id;
-        // Postfix's delay= and delays=a/b/c/d: a (before the queue
-        // manager) is 0, the message goes to the scheduler as it is
-        // acknowledged; b is the time in the queue; c and d as measured.
-        // The arrival time is kept to the second.
-        let (c, d) = (outcome.setup.as_secs_f64(), outcome.xfer.as_secs_f64());
-        let now_f = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(now as f64, |t| t.as_secs_f64());
-        let delay = (now_f - msg.env.arrival as f64).max(c + d);
-        let delays = format!("0/{}/{}/{}", logging::delay(delay - c - d), logging::delay(c), logging::delay(d));
-        let delay = logging::delay(delay);
         if let Some(err) = &msg.state_error {
             // The state was taken as lost (every recipient pending): keep the
             // bad file for the admin, out of the way of the new one.
@@ -1159,124 +993,86 @@ impl Scheduler {
                 msg.env.recipients.len()
             );
         }
-        let mut state = msg.state.clone();
-        state.attempts += 1;
-        state.last_attempt = now;
-        state.errors.clear();
-        let mut rejected: Vec<(String, Reply)> = Vec::new();
-        let mut deferred: Vec<(String, Reply)> = Vec::new();
-        let mut newly_done = false;
-        let mut relayed: Vec<(String, Reply)> = Vec::new();
-        for (rcpt, reply) in outcome.rcpts {
-            let status = if reply.is_ok() {
-                "sent"
-            } else if reply.is_permanent() {
-                "bounced"
-            } else {
-                "deferred"
-            };
-            // Fields and order as Postfix's smtp(8), which pflogsumm parses.
-            log::info!(
-                target: crate::logging::SMTP,
-                "{id}: to=<{rcpt}>, relay={relay}, delay={delay}, delays={delays}, dsn={}, status={status} ({})",
-                reply.dsn(),
-                reply.text
-            );
-            if reply.is_ok() {
-                if msg.env.dsn_of(&rcpt).mask() & crate::dsn::SUCCESS != 0 {
-                    relayed.push((rcpt.clone(), reply.clone()));
-                }
-                state.done.push((rcpt, RcptStatus::Sent, reply.text));
-                newly_done = true;
-            } else if reply.is_permanent() {
-                rejected.push((rcpt, reply));
-            } else {
-                deferred.push((rcpt, reply));
-            }
-        }
-        let lifetime = self.cfg.max_queue_lifetime.as_secs();
-        let expired = !deferred.is_empty() && now.saturating_sub(msg.env.arrival) >= lifetime;
-        let mut expired_list = Vec::new();
-        if expired {
-            // As Postfix's qmgr: one line for the message (its recipients
-            // were logged deferred above; the bounce names them).
-            log::info!(target: QMGR, "{id}: from=<{}>, status=expired, returned to sender", msg.env.sender);
-            expired_list = std::mem::take(&mut deferred);
-        }
-        // Bounces first, durably, and only then mark the recipients done:
-        // a crash in between bounces twice at worst, never loses the notice.
-        for (list, reason) in [(&rejected, Reason::Rejected), (&expired_list, Reason::Expired)] {
-            if list.is_empty() {
-                continue;
-            }
-            let ok = self.notify(msg, list, reason, now).await;
-            if ok {
-                Stats::inc(&self.stats.bounced);
-            }
-            for (rcpt, reply) in list {
-                if ok {
-                    state.done.push((rcpt.clone(), RcptStatus::Bounced, reply.text.clone()));
-                    newly_done = true;
-                } else {
-                    deferred.push((rcpt.clone(), reply.clone()));
-                }
-            }
-        }
-        // NOTIFY=SUCCESS to a primary that does not offer DSN: Postfix's
-        // "relayed" notice. The delivery stands even if it cannot be sent.
-        if !outcome.dsn && !relayed.is_empty() {
-            self.notify(msg, &relayed, Reason::Relayed, now).await;
-        }
-        // One delay warning per message, recorded in its state (durably:
-        // a restart does not send it again).
-        let mut warned_now = false;
-        if !state.warned && !deferred.is_empty() {
-            let age = now.saturating_sub(msg.env.arrival);
-            let dwt = self.cfg.delay_warning_time.as_secs();
-            let due: Vec<(String, Reply)> = deferred
-                .iter()
-                .filter(|(r, _)| delay_warning_due(msg.env.dsn_of(r).mask(), age, dwt))
-                .cloned()
-                .collect();
-            if !due.is_empty() && self.notify(msg, &due, Reason::Delayed, now).await {
-                state.warned = true;
-                warned_now = true;
-            }
-        }
-        let pending_left = msg.env.recipients.iter().any(|r| !state.done.iter().any(|(d, _, _)| d == r));
-        if !pending_left {
-            // Out of the index whatever happens below: a message whose every
-            // recipient is done is never tried again in this server's life,
-            // even if its removal cannot be recorded.
-            self.entries.remove(id);
-            self.stats.clients.left_queue(&msg.env.client, &crate::clients::Limits::of(&self.cfg));
-            match self.spool.remove(id) {
-                Ok(()) => log::info!(target: QMGR, "{id}: removed"),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => log::info!(target: QMGR, "{id}: removed"),
-                Err(e) => {
-                    log::error!(
-                        target: QMGR,
-                        "error: {id}: cannot remove queue file: {e}; the message was delivered but stays in the queue: it will be delivered again after a restart, unless the spool is writable again before"
-                    );
-                    self.unrecorded.insert(id.clone(), Unrecorded::Remove);
-                    self.note_unrecorded();
-                    self.suspend(e.to_string());
-                }
-            }
-            if state.done.iter().any(|(_, s, _)| *s == RcptStatus::Sent) {
-                Stats::inc(&self.stats.delivered);
-            }
-            self.publish();
+    }
+
+    /// Queues the bounce for `list` (refused or expired recipients), then
+    /// marks them bounced in `state`; if the bounce cannot be made durable
+    /// they stay deferred (tried again, bounced later).
+    async fn bounce(&mut self, msg: &QueuedMessage, list: Vec<(String, Reply)>, reason: Reason, now: u64, s: &mut Sorted, state: &mut DeliveryState) {
+        if list.is_empty() {
             return;
         }
+        let ok = self.notify(msg, &list, reason, now).await;
+        if ok {
+            Stats::inc(&self.stats.bounced);
+        }
+        for (rcpt, reply) in list {
+            if ok {
+                state.done.push((rcpt, RcptStatus::Bounced, reply.text));
+                s.newly_done = true;
+            } else {
+                s.deferred.push((rcpt, reply));
+            }
+        }
+    }
+
+    /// One delay warning per message, recorded in its state (durably: a
+    /// restart does not send it again). True when one was sent now.
+    async fn warn_delayed(&mut self, msg: &QueuedMessage, deferred: &[(String, Reply)], state: &mut DeliveryState, now: u64) -> bool {
+        if state.warned || deferred.is_empty() {
+            return false;
+        }
+        let age = now.saturating_sub(msg.env.arrival);
+        let dwt = self.cfg.delay_warning_time.as_secs();
+        let due: Vec<(String, Reply)> = deferred.iter().filter(|(r, _)| delay_warning_due(msg.env.dsn_of(r).mask(), age, dwt)).cloned().collect();
+        if !due.is_empty() && self.notify(msg, &due, Reason::Delayed, now).await {
+            state.warned = true;
+            return true;
+        }
+        false
+    }
+
+    /// Every recipient of `msg` is done: out of the index whatever happens
+    /// (never tried again in this server's life, even if its removal cannot
+    /// be recorded), and its queue file removed.
+    fn finished(&mut self, msg: &QueuedMessage, state: &DeliveryState) {
+        let id = &msg.env.id;
+        self.entries.remove(id);
+        self.stats.clients.left_queue(&msg.env.client, &crate::clients::Limits::of(&self.cfg));
+        match self.spool.remove(id) {
+            Ok(()) => log::info!(target: QMGR, "{id}: removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => log::info!(target: QMGR, "{id}: removed"),
+            Err(e) => {
+                log::error!(
+                    target: QMGR,
+                    "error: {id}: cannot remove queue file: {e}; the message was delivered but stays in the queue: it will be delivered again after a restart, unless the spool is writable again before"
+                );
+                self.unrecorded.insert(id.clone(), Unrecorded::Remove);
+                self.note_unrecorded();
+                self.suspend(e.to_string());
+            }
+        }
+        if state.done.iter().any(|(_, s, _)| *s == RcptStatus::Sent) {
+            Stats::inc(&self.stats.delivered);
+        }
+        self.publish();
+    }
+
+    /// Recipients are left: the next try after the backoff, recorded in the
+    /// delivery state. `must` (something new is done, or a warning was
+    /// sent) says the state must reach the disk; `newly_done`, that a
+    /// recipient was delivered or bounced in this attempt (then a state that
+    /// cannot be written keeps the message out of the runs).
+    fn defer(&mut self, msg: &QueuedMessage, mut state: DeliveryState, deferred: &[(String, Reply)], must: bool, newly_done: bool) {
+        let id = &msg.env.id;
         Stats::inc(&self.stats.deferred);
         let wait = backoff(&self.cfg, state.attempts).as_secs();
-        state.next_attempt = now.saturating_add(wait);
+        state.next_attempt = state.last_attempt.saturating_add(wait);
         if let Some((_, r)) = deferred.first() {
             state.last_error = r.text.clone();
         }
         state.errors = deferred.iter().map(|(a, r)| (a.clone(), r.text.clone())).collect();
-        if !newly_done && !warned_now && self.recording != Recording::Ok {
+        if !must && self.recording != Recording::Ok {
             // Only a retry time, and the spool cannot write states now (a
             // full disk): kept in memory, not tried (it would fail, once per
             // message and run). Lost in a restart, it only means an earlier try.
@@ -1285,49 +1081,118 @@ impl Scheduler {
             }
             return;
         }
-        if let Err(e) = self.spool.write_state(id, &state, newly_done || warned_now) {
-            if newly_done {
-                log::error!(
-                    target: QMGR,
-                    "error: {id}: cannot record delivery state: {e}; the recipients delivered to in this attempt will get the message again after a restart, unless the spool is writable again before"
-                );
-                // Not tried again before its state is on disk: a retry now
-                // would read the old state and deliver to them twice.
-                self.entries.remove(id);
-                self.unrecorded.insert(id.clone(), Unrecorded::State(state, msg.size));
-                self.note_unrecorded();
-                self.publish();
-            } else {
-                // Only the retry time is lost (the message is tried sooner
-                // after a restart, no duplicate): keep it in memory, and
-                // stop no delivery for it.
-                log::error!(target: QMGR, "error: {id}: cannot write delivery state: {e}; its next try time is kept in memory");
-                if let Some(en) = self.entries.get_mut(id) {
-                    en.next = state.next_attempt;
+        match self.spool.write_state(id, &state, must) {
+            Ok(()) => {
+                if let Some(e) = self.entries.get_mut(id) {
+                    e.next = state.next_attempt;
                 }
             }
-            if is_full(e.kind()) {
-                // A full file system still unlinks: deliveries recorded by a
-                // removal go on (and free space); the others wait.
-                self.removals_only(e.to_string());
-            } else if newly_done {
-                // Read-only, failing, EPERM: removals may fail as well.
-                // Suspended until the probe tells (it relaxes this to
-                // removals only if queue/ passes, e.g. only state/ is
-                // unwritable), so duplicates stay bounded by the deliveries
-                // in flight now.
-                self.suspend(e.to_string());
-            } else {
-                // Only a retry time: no reason to stop anything; the probe
-                // this asks for decides whether deliveries must stop.
-                self.stats.spool_write_failed();
-            }
-            return;
-        }
-        if let Some(e) = self.entries.get_mut(id) {
-            e.next = state.next_attempt;
+            Err(e) => self.state_unwritten(msg, state, e, newly_done),
         }
     }
+
+    /// A delivery state could not be written (see the module doc).
+    fn state_unwritten(&mut self, msg: &QueuedMessage, state: DeliveryState, e: io::Error, newly_done: bool) {
+        let id = &msg.env.id;
+        if newly_done {
+            log::error!(
+                target: QMGR,
+                "error: {id}: cannot record delivery state: {e}; the recipients delivered to in this attempt will get the message again after a restart, unless the spool is writable again before"
+            );
+            // Not tried again before its state is on disk: a retry now
+            // would read the old state and deliver to them twice.
+            self.entries.remove(id);
+            self.unrecorded.insert(id.clone(), Unrecorded::State(state, msg.size));
+            self.note_unrecorded();
+            self.publish();
+        } else {
+            // Only the retry time is lost (the message is tried sooner
+            // after a restart, no duplicate): keep it in memory, and
+            // stop no delivery for it.
+            log::error!(target: QMGR, "error: {id}: cannot write delivery state: {e}; its next try time is kept in memory");
+            if let Some(en) = self.entries.get_mut(id) {
+                en.next = state.next_attempt;
+            }
+        }
+        if is_full(e.kind()) {
+            // A full file system still unlinks: deliveries recorded by a
+            // removal go on (and free space); the others wait.
+            self.removals_only(e.to_string());
+        } else if newly_done {
+            // Read-only, failing, EPERM: removals may fail as well.
+            // Suspended until the probe tells (it relaxes this to
+            // removals only if queue/ passes, e.g. only state/ is
+            // unwritable), so duplicates stay bounded by the deliveries
+            // in flight now.
+            self.suspend(e.to_string());
+        } else {
+            // Only a retry time: no reason to stop anything; the probe
+            // this asks for decides whether deliveries must stop.
+            self.stats.spool_write_failed();
+        }
+    }
+}
+
+/// An attempt's recipients by what happens to them next.
+#[derive(Default)]
+struct Sorted {
+    /// Refused with a 5xx: bounced.
+    rejected: Vec<(String, Reply)>,
+    /// Anything else that is not a 2xx: tried again.
+    deferred: Vec<(String, Reply)>,
+    /// Delivered, with NOTIFY=SUCCESS (a "relayed" notice may be due).
+    relayed: Vec<(String, Reply)>,
+    /// A recipient's fate was decided in this attempt.
+    newly_done: bool,
+}
+
+/// Logs each recipient's result as Postfix's smtp(8) does and sorts them:
+/// only a 2xx marks a recipient sent (in `state`), only a 5xx bounces it,
+/// anything else (4xx, or a code no reply may carry) waits.
+fn sort_outcomes(msg: &QueuedMessage, outcome: Outcome, relay: &str, state: &mut DeliveryState) -> Sorted {
+    let id = &msg.env.id;
+    let (delay, delays) = delays(msg, &outcome);
+    let mut s = Sorted::default();
+    for (rcpt, reply) in outcome.rcpts {
+        let verdict = reply.verdict();
+        let status = match verdict {
+            Verdict::Sent => "sent",
+            Verdict::Bounce => "bounced",
+            Verdict::Defer => "deferred",
+        };
+        // Fields and order as Postfix's smtp(8), which pflogsumm parses.
+        log::info!(
+            target: crate::logging::SMTP,
+            "{id}: to=<{rcpt}>, relay={relay}, delay={delay}, delays={delays}, dsn={}, status={status} ({})",
+            reply.dsn(),
+            reply.text
+        );
+        match verdict {
+            Verdict::Sent => {
+                if msg.env.dsn_of(&rcpt).mask() & crate::dsn::SUCCESS != 0 {
+                    s.relayed.push((rcpt.clone(), reply.clone()));
+                }
+                state.done.push((rcpt, RcptStatus::Sent, reply.text));
+                s.newly_done = true;
+            }
+            Verdict::Bounce => s.rejected.push((rcpt, reply)),
+            Verdict::Defer => s.deferred.push((rcpt, reply)),
+        }
+    }
+    s
+}
+
+/// Postfix's delay= and delays=a/b/c/d: a (before the queue manager) is 0,
+/// the message goes to the scheduler as it is acknowledged; b is the time
+/// in the queue; c and d as measured. The arrival time is kept to the
+/// second.
+fn delays(msg: &QueuedMessage, outcome: &Outcome) -> (String, String) {
+    let now = util::now();
+    let (c, d) = (outcome.setup.as_secs_f64(), outcome.xfer.as_secs_f64());
+    let now_f = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(now as f64, |t| t.as_secs_f64());
+    let delay = (now_f - msg.env.arrival as f64).max(c + d);
+    let delays = format!("0/{}/{}/{}", logging::delay(delay - c - d), logging::delay(c), logging::delay(d));
+    (logging::delay(delay), delays)
 }
 
 #[cfg(test)]
@@ -1391,5 +1256,356 @@ mod tests {
         assert!(is_full(io::Error::from_raw_os_error(libc::EDQUOT).kind()));
         assert!(!is_full(io::Error::from_raw_os_error(libc::EROFS).kind()));
         assert!(!is_full(io::Error::from_raw_os_error(libc::EIO).kind()));
+    }
+
+    // ---- the scheduler against a fake primary (the courier seam) ---------
+
+    use crate::courier::fake::Fake;
+    use crate::spool::Envelope;
+    use std::future::Future;
+
+    struct H {
+        s: Scheduler<Fake>,
+        fake: Fake,
+        spool: Spool,
+        shutdown: watch::Receiver<bool>,
+        _stop: watch::Sender<bool>,
+        _queued: tokio::sync::mpsc::UnboundedSender<(QueueId, u64)>,
+    }
+
+    /// A scheduler over a fresh spool, a fixed primary and the fake
+    /// courier (inside a runtime: the committer is a task).
+    fn harness(tag: &str, extra: &str) -> H {
+        let root = std::env::temp_dir().join(format!("bartleby-sched-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let spool = Spool::create(&root).unwrap();
+        let cfg = Config::parse(
+            &format!(
+                "hostname = \"backup.example.org\"\nspool = \"{}\"\nrelay_domains = [\"example.org\"]\nprimary = \"127.0.0.1:2526\"\nminimal_backoff = \"60s\"\nmaximal_backoff = \"150s\"\n{extra}",
+                root.display()
+            ),
+            std::path::Path::new("t"),
+        )
+        .unwrap();
+        let committer = Committer::start(&spool).unwrap();
+        let (queued, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (stop, shutdown) = watch::channel(false);
+        let fake = Fake::default();
+        let s = Scheduler::with_courier(Arc::new(cfg), spool.clone(), Arc::new(Stats::new()), committer, rx, fake.clone());
+        H { s, fake, spool, shutdown, _stop: stop, _queued: queued }
+    }
+
+    impl H {
+        /// Queues a message from `sender` to `rcpts` that arrived at `arrival`.
+        fn queue(&mut self, sender: &str, rcpts: &[&str], arrival: u64, ret: &str) -> QueueId {
+            let id = util::new_queue_id();
+            let env = Envelope {
+                id: id.clone(),
+                arrival,
+                sender: sender.into(),
+                recipients: rcpts.iter().map(|r| r.to_string()).collect(),
+                ret: ret.into(),
+                ..Default::default()
+            };
+            let mut w = self.spool.begin(&env).unwrap();
+            w.write(b"Subject: t\r\n\r\nbody\r\n").unwrap();
+            w.finish().unwrap();
+            let size = self.spool.read(&id).unwrap().size;
+            self.s.add(id.clone(), size);
+            id
+        }
+
+        fn answer(&self, rcpt: &str, code: u16, text: &str) {
+            self.fake.0.lock().unwrap().answers.push((rcpt.into(), Reply { code, text: text.into() }));
+        }
+
+        async fn run(&mut self, full: bool) {
+            let shutdown = self.shutdown.clone();
+            self.s.run_queue(full, &shutdown).await;
+        }
+
+        /// Every message in the queue but `id`s: the notifications.
+        fn others(&self, ids: &[&QueueId]) -> Vec<QueuedMessage> {
+            let all = self.spool.ids().unwrap();
+            all.iter().filter(|i| !ids.contains(i)).map(|i| self.spool.read(i).unwrap()).collect()
+        }
+
+        fn text(&self, id: &QueueId) -> String {
+            let (mut rd, _) = self.spool.open_data(id).unwrap();
+            let mut t = String::new();
+            std::io::Read::read_to_string(&mut rd, &mut t).unwrap();
+            t
+        }
+
+        fn gone(&self, id: &QueueId) -> bool {
+            self.spool.read(id).is_err_and(|e| e.kind() == io::ErrorKind::NotFound) && !self.s.entries.contains_key(id)
+        }
+
+        /// Makes every message due, as if time had passed.
+        fn age(&mut self) {
+            for e in self.s.entries.values_mut() {
+                e.next = 0;
+            }
+        }
+
+        fn cleanup(self) {
+            let _ = std::fs::remove_dir_all(self.spool.root());
+        }
+    }
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+    }
+
+    /// Hostile: a courier that hands back codes no reply to the end of
+    /// data may carry. Only a 2xx marks a recipient sent; only a 5xx
+    /// bounces. Before: a 600 counted as permanent and bounced.
+    #[test]
+    fn only_a_2xx_marks_a_recipient_sent_and_only_a_5xx_bounces() {
+        block_on(async {
+            let mut h = harness("codes", "");
+            let rcpts = ["bob@example.org", "carol@example.org", "dave@example.org", "erin@example.org", "fred@example.org"];
+            let id = h.queue("alice@sender.test", &rcpts, util::now(), "");
+            h.answer("carol@example.org", 354, "354 go ahead");
+            h.answer("dave@example.org", 199, "199 wait");
+            h.answer("erin@example.org", 600, "600 no such class");
+            h.answer("fred@example.org", 450, "450 5.1.1 a 4xx with a 5.x.x text");
+            h.run(false).await;
+            let st = h.spool.read(&id).unwrap().state;
+            assert_eq!(st.done, vec![("bob@example.org".to_string(), RcptStatus::Sent, "250 2.0.0 Ok: queued as X".to_string())]);
+            let waiting: Vec<&str> = st.errors.iter().map(|(a, _)| a.as_str()).collect();
+            assert_eq!(waiting, rcpts[1..].to_vec());
+            assert!(h.others(&[&id]).is_empty(), "a notification was queued");
+            h.cleanup();
+        });
+    }
+
+    /// A 4xx keeps the message; each failed try doubles the wait from
+    /// minimal_backoff up to maximal_backoff (Postfix's qmgr: the same
+    /// doubling between minimal_backoff_time and maximal_backoff_time).
+    #[test]
+    fn a_4xx_keeps_the_message_and_backs_off() {
+        block_on(async {
+            let mut h = harness("backoff", "");
+            let id = h.queue("alice@sender.test", &["bob@example.org"], util::now(), "");
+            h.answer("bob@example.org", 451, "451 4.3.0 try later");
+            let mut waits = Vec::new();
+            for _ in 0..4 {
+                h.age();
+                h.run(false).await;
+                let st = h.spool.read(&id).unwrap().state;
+                assert!(st.done.is_empty());
+                assert_eq!(st.errors, vec![("bob@example.org".to_string(), "451 4.3.0 try later".to_string())]);
+                assert_eq!(st.last_error, "451 4.3.0 try later");
+                assert_eq!(h.s.entries[&id].next, st.next_attempt, "the index and the state disagree");
+                waits.push(st.next_attempt - st.last_attempt);
+            }
+            assert_eq!(waits, vec![60, 120, 150, 150]);
+            assert_eq!(h.spool.read(&id).unwrap().state.attempts, 4);
+            // Not due: a normal run leaves it alone.
+            h.run(false).await;
+            assert_eq!(h.fake.0.lock().unwrap().sent.len(), 4);
+            assert!(h.others(&[&id]).is_empty());
+            h.cleanup();
+        });
+    }
+
+    /// A 5xx bounces the recipient once: the notification is queued (to
+    /// the sender, from <>), the recipient marked bounced, and the message
+    /// leaves the queue when nothing is left; later runs deliver the other
+    /// recipient and the bounce, never a second bounce.
+    #[test]
+    fn a_5xx_bounces_once() {
+        block_on(async {
+            let mut h = harness("bounce", "");
+            let id = h.queue("alice@sender.test", &["bob@example.org", "carol@example.org"], util::now(), "");
+            h.answer("bob@example.org", 550, "550 5.1.1 <bob@example.org>: no such user");
+            h.answer("carol@example.org", 451, "451 4.2.0 later");
+            h.run(false).await;
+            let st = h.spool.read(&id).unwrap().state;
+            assert_eq!(st.done, vec![("bob@example.org".to_string(), RcptStatus::Bounced, "550 5.1.1 <bob@example.org>: no such user".to_string())]);
+            let b = h.others(&[&id]);
+            assert_eq!(b.len(), 1, "one bounce");
+            let bid = b[0].env.id.clone();
+            assert_eq!((b[0].env.sender.as_str(), b[0].env.recipients.clone()), ("", vec!["alice@sender.test".to_string()]));
+            assert!(h.text(&bid).contains("<bob@example.org>: 550 5.1.1"), "{}", h.text(&bid));
+            assert!(h.s.entries.contains_key(&bid), "the bounce is not scheduled");
+            // carol is now accepted; the primary still refuses bob.
+            h.fake.0.lock().unwrap().answers.retain(|(a, _)| a != "carol@example.org");
+            h.age();
+            h.run(false).await;
+            assert!(h.gone(&id) && h.gone(&bid), "{:?}", h.spool.ids());
+            let sent = h.fake.0.lock().unwrap().sent.clone();
+            let again: Vec<&Vec<String>> = sent.iter().filter(|(m, _)| *m == id.to_string()).map(|(_, r)| r).collect();
+            assert_eq!(again, vec![&vec!["bob@example.org".to_string(), "carol@example.org".to_string()], &vec!["carol@example.org".to_string()]]);
+            assert!(h.spool.ids().unwrap().is_empty(), "a second bounce");
+            assert_eq!(h.s.stats.bounced.load(Ordering::Relaxed), 1);
+            h.cleanup();
+        });
+    }
+
+    /// Hostile: the bounce cannot be written (RET=FULL of a queue file cut
+    /// short while it was being delivered). The refused recipient must not
+    /// be marked done, nor the message removed, before its bounce is
+    /// queued: it stays deferred, and bounces on a later try.
+    #[test]
+    fn a_message_goes_only_after_its_bounce_is_queued() {
+        block_on(async {
+            let mut h = harness("nobounce", "");
+            let id = h.queue("alice@sender.test", &["bob@example.org"], util::now(), "FULL");
+            h.answer("bob@example.org", 550, "550 5.7.1 refused");
+            let path = h.spool.root().join("queue").join(id.to_string());
+            let whole = std::fs::read(&path).unwrap();
+            let cut = path.clone();
+            h.fake.0.lock().unwrap().during = Some(Box::new(move |_, _| {
+                let f = std::fs::OpenOptions::new().write(true).open(&cut).unwrap();
+                f.set_len(f.metadata().unwrap().len() - 4).unwrap();
+            }));
+            h.run(false).await;
+            assert!(h.s.entries.contains_key(&id) && path.exists(), "removed before its bounce was queued");
+            std::fs::write(&path, &whole).unwrap();
+            let st = h.spool.read(&id).unwrap().state;
+            assert!(st.done.is_empty(), "marked done without a bounce: {:?}", st.done);
+            assert_eq!(st.errors, vec![("bob@example.org".to_string(), "550 5.7.1 refused".to_string())]);
+            assert!(h.s.entries.contains_key(&id));
+            assert!(h.others(&[&id]).is_empty(), "half a bounce in the queue");
+            h.fake.0.lock().unwrap().during = None;
+            h.age();
+            h.run(false).await;
+            assert!(h.gone(&id));
+            assert_eq!(h.others(&[]).len(), 1, "one bounce");
+            h.cleanup();
+        });
+    }
+
+    /// max_queue_lifetime: a message still deferred after it bounces what
+    /// is left ("delivery time expired"), whether the primary answered 4xx
+    /// or could not be reached; a younger one, or one dated in the future
+    /// (a clock set back), waits. Postfix: maximal_queue_lifetime, then
+    /// "status=expired, returned to sender".
+    #[test]
+    fn expiry_bounces_what_is_left() {
+        block_on(async {
+            let mut h = harness("expiry", "max_queue_lifetime = \"1h\"\n");
+            let now = util::now();
+            let old = h.queue("alice@sender.test", &["bob@example.org", "carol@example.org"], now - 3601, "");
+            let young = h.queue("alice@sender.test", &["bob@example.org"], now - 3500, "");
+            let future = h.queue("alice@sender.test", &["bob@example.org"], now + 86400, "");
+            h.answer("bob@example.org", 451, "451 4.3.0 later");
+            h.run(false).await;
+            // carol was delivered; bob expired.
+            assert!(h.gone(&old));
+            let b = h.others(&[&young, &future]);
+            assert_eq!(b.len(), 1);
+            let t = h.text(&b[0].env.id);
+            assert!(t.contains("(delivery time expired)") && t.contains("Status: 4.4.7") && t.contains("Final-Recipient: rfc822; bob@example.org"), "{t}");
+            assert!(!t.contains("carol"), "{t}");
+            for id in [&young, &future] {
+                assert_eq!(h.spool.read(id).unwrap().state.attempts, 1);
+            }
+            // The primary down: the expired message bounces all the same.
+            let old2 = h.queue("alice@sender.test", &["bob@example.org"], now - 7200, "");
+            h.fake.0.lock().unwrap().down = Some(Reply::local(421, "4.4.1 connect to fake: Connection refused"));
+            h.run(true).await;
+            assert!(h.gone(&old2));
+            assert_eq!(h.others(&[&young, &future]).len(), 2);
+            assert!(!h.gone(&young) && !h.gone(&future));
+            h.cleanup();
+        });
+    }
+
+    /// The dead-host cache: once the primary is found down, new mail and
+    /// due messages wait minimal_backoff instead of a connection each;
+    /// after it, or at a full run, the primary is tried again.
+    #[test]
+    fn the_dead_host_cache_skips_a_host_then_tries_it_again() {
+        block_on(async {
+            let mut h = harness("dead", "delivery_connections = 1\n");
+            let down = Reply::local(421, "4.4.1 connect to fake: Connection refused");
+            h.fake.0.lock().unwrap().down = Some(down.clone());
+            let m1 = h.queue("alice@sender.test", &["bob@example.org"], util::now(), "");
+            h.run(false).await;
+            assert_eq!(h.fake.0.lock().unwrap().opens, 1);
+            assert_eq!(h.spool.read(&m1).unwrap().state.last_error, down.text);
+            let until = h.s.dead.iter().find(|(k, _, _)| k.is_empty()).map(|(_, t, _)| *t).expect("not in the cache");
+            assert!(until >= util::now() + 59);
+            // It is back, but the cache does not know: new mail waits.
+            h.fake.0.lock().unwrap().down = None;
+            let m2 = h.queue("alice@sender.test", &["carol@example.org"], util::now(), "");
+            assert_eq!(h.s.entries[&m2].next, until);
+            h.run(false).await;
+            // Due all the same (a restart, say): still not tried.
+            h.age();
+            h.run(false).await;
+            assert_eq!(h.fake.0.lock().unwrap().opens, 1, "the dead host was tried");
+            assert!(h.s.entries.values().all(|e| e.next >= until));
+            // Its time has passed: tried again, and delivered.
+            for d in &mut h.s.dead {
+                d.1 = util::now() - 1;
+            }
+            h.age();
+            h.run(false).await;
+            assert_eq!(h.fake.0.lock().unwrap().opens, 2);
+            assert!(h.gone(&m1) && h.gone(&m2));
+            assert!(h.s.dead.is_empty(), "a reached host stays in the cache");
+            // A full run (flush) tries a host the cache holds down.
+            h.fake.0.lock().unwrap().down = Some(down.clone());
+            let m3 = h.queue("alice@sender.test", &["bob@example.org"], util::now(), "");
+            h.run(false).await;
+            h.fake.0.lock().unwrap().down = None;
+            h.run(true).await;
+            assert_eq!(h.fake.0.lock().unwrap().opens, 4);
+            assert!(h.gone(&m3));
+            h.cleanup();
+        });
+    }
+
+    /// delay_warning_time: one warning per message, recorded in its state
+    /// so that neither a later try nor a restart sends another (Postfix:
+    /// delay_warning_time, one "delayed mail" notice per message).
+    #[test]
+    fn one_delay_warning_per_message() {
+        block_on(async {
+            let mut h = harness("warn", "delay_warning_time = \"1h\"\n");
+            let id = h.queue("alice@sender.test", &["bob@example.org"], util::now() - 3700, "");
+            h.answer("bob@example.org", 451, "451 4.3.0 later");
+            h.run(false).await;
+            let first = h.others(&[&id]);
+            assert_eq!(first.len(), 1);
+            assert!(h.text(&first[0].env.id).contains("Subject: Delayed Mail (still being retried)"));
+            for _ in 0..2 {
+                h.age();
+                h.run(false).await;
+            }
+            let st = h.spool.read(&id).unwrap().state;
+            assert!(st.warned && st.done.is_empty());
+            // Each warning is queued, then delivered by a later run.
+            let mut notes: Vec<String> = h.fake.0.lock().unwrap().sent.iter().map(|(m, _)| m.clone()).filter(|m| *m != id.to_string()).collect();
+            notes.extend(h.others(&[&id]).iter().map(|m| m.env.id.to_string()));
+            notes.dedup();
+            assert_eq!(notes.len(), 1, "one warning, not one per try: {notes:?}");
+            h.cleanup();
+        });
+    }
+
+    /// The spool can record only removals (a full disk): a message with
+    /// more than one recipient left is held, not delivered (a partial
+    /// delivery could not be recorded, and a restart would deliver again);
+    /// one with a single recipient is delivered and removed.
+    #[test]
+    fn removals_only_holds_messages_with_more_than_one_recipient() {
+        block_on(async {
+            let mut h = harness("held", "");
+            let two = h.queue("alice@sender.test", &["bob@example.org", "carol@example.org"], util::now(), "");
+            let one = h.queue("alice@sender.test", &["dave@example.org"], util::now(), "");
+            h.s.removals_only("No space left on device".into());
+            h.run(false).await;
+            assert!(h.gone(&one));
+            assert!(h.s.held.contains(&two));
+            let sent = h.fake.0.lock().unwrap().sent.clone();
+            assert_eq!(sent, vec![(one.to_string(), vec!["dave@example.org".to_string()])]);
+            assert_eq!(h.spool.read(&two).unwrap().state.attempts, 0, "a held message counted as tried");
+            h.cleanup();
+        });
     }
 }
