@@ -5,9 +5,18 @@
 //! DATA through [`DataParser`](crate::data::DataParser) into the spool, and
 //! answers "250" only after the committer reports the message durable.
 //!
-//! Memory per session is small and fixed: a 2 KiB read buffer, one command
+//! Every verb handler returns a [`Reply`]; the command loop ([`Session::serve`])
+//! writes it and counts errors and junk commands, in one place.
+//!
+//! May touch: the spool (one queue file per transaction, through
+//! [`Spool::begin`] and the committer), the shared counters, the scheduler's
+//! channel. Never blocks the runtime (no file is read here but the queue
+//! file being written).
+//!
+//! Memory per session is small and fixed: a 4 KiB read buffer, one command
 //! line, one 1 KiB DATA line piece and the spool writer's 4 KiB buffer.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +30,8 @@ use crate::config::{BareNewline, Cidr, Config};
 use crate::data::DataParser;
 use crate::logging::SMTPD;
 use crate::policy::{self, Recipients};
-use crate::spool::{Committer, Envelope, Spool};
+use crate::reply::{Reply, Then};
+use crate::spool::{Committer, Envelope, Spool, SpoolWriter, Ticket};
 use crate::stats::Stats;
 use crate::util::{self, QueueId};
 
@@ -37,8 +47,8 @@ const READ_BUF: usize = 4096;
 /// Replies held for a pipelining client before they are written.
 const OUT_MAX: usize = 4096;
 
-/// What every session shares.
-pub struct Ctx {
+/// What every session shares (built once by the server).
+pub struct Shared {
     pub cfg: Arc<Config>,
     pub spool: Spool,
     pub committer: Committer,
@@ -74,19 +84,29 @@ enum LineRead {
     Eof,
 }
 
-/// Why a session ends early.
+/// How a session's command loop ended.
+#[derive(Debug, PartialEq, Eq)]
 enum Close {
-    /// Reply already queued in `out`; flush it and close.
+    /// Replies may be held in `out`: flush them (best effort) and close.
     After,
+    /// QUIT was answered.
+    Quit,
     /// The peer went away or the socket failed.
     Gone,
     /// STARTTLS was answered 220: the TLS handshake comes next.
-    #[cfg(feature = "tls")]
     StartTls,
 }
 
+/// A message body as received: what the parser saw, and whether it was
+/// stored whole.
+struct Body {
+    parser: DataParser,
+    too_big: bool,
+    io_error: Option<std::io::Error>,
+}
+
 struct Session<'a, W> {
-    ctx: &'a Ctx,
+    shared: &'a Shared,
     peer: SocketAddr,
     client: String,
     helo: Option<String>,
@@ -101,7 +121,7 @@ struct Session<'a, W> {
 }
 
 /// Runs one SMTP session to its end.
-pub async fn run<S>(stream: S, peer: SocketAddr, ctx: Arc<Ctx>)
+pub async fn run<S>(stream: S, peer: SocketAddr, shared: Arc<Shared>)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -109,28 +129,15 @@ where
     let mut rd = BufReader::with_capacity(READ_BUF, rd);
     let client = format!("unknown[{}]", peer.ip().to_canonical());
     log::info!(target: SMTPD, "connect from {client}");
-    let mut s = Session {
-        ctx: &ctx,
-        peer,
-        client,
-        helo: None,
-        esmtp: false,
-        txn: None,
-        errors: 0,
-        junk: 0,
-        tls: None,
-        out: Vec::with_capacity(512),
-        wr,
-    };
-    let cfg = &ctx.cfg;
-    s.reply(220, "", &format!("{} ESMTP Bartleby", cfg.hostname));
+    let mut s = Session::new(&shared, peer, client, wr);
+    Reply::new(220, "", format!("{} ESMTP Bartleby", shared.cfg.hostname)).write(&mut s.out);
     let mut line = Vec::with_capacity(256);
-    let result = s.serve(&mut rd, &mut line).await;
+    let Err(end) = s.serve(&mut rd, &mut line).await;
     #[cfg(feature = "tls")]
-    if let Err(Close::StartTls) = result {
+    if end == Close::StartTls {
         return starttls(s, rd, line).await;
     }
-    s.finish(result).await;
+    s.finish(end).await;
 }
 
 /// After "220 Ready to start TLS": the handshake (within
@@ -147,8 +154,8 @@ async fn starttls<S>(mut s: Session<'_, tokio::io::WriteHalf<S>>, rd: BufReader<
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let ctx = s.ctx;
-    let cfg = &ctx.cfg;
+    let shared = s.shared;
+    let cfg = &shared.cfg;
     if s.flush().await.is_err() {
         log::info!(target: SMTPD, "lost connection after STARTTLS from {}", s.client);
         log::info!(target: SMTPD, "disconnect from {}", s.client);
@@ -162,7 +169,7 @@ where
             rd.buffer().len()
         );
     }
-    let Some(config) = ctx.tls.as_ref().and_then(|t| t.config()) else {
+    let Some(config) = shared.tls.as_ref().and_then(|t| t.config()) else {
         log::info!(target: SMTPD, "disconnect from {}", s.client);
         return;
     };
@@ -187,23 +194,16 @@ where
     let (trd, twr) = tokio::io::split(tls);
     let mut trd = BufReader::with_capacity(READ_BUF, trd);
     // RFC 3207 4.2: the client must start over with EHLO; nothing said
-    // before the handshake counts (Postfix: helo_reset, mail_reset).
-    let mut t = Session {
-        ctx,
-        peer: s.peer,
-        client: std::mem::take(&mut s.client),
-        helo: None,
-        esmtp: false,
-        txn: None,
-        errors: s.errors,
-        junk: s.junk,
-        tls: Some(what),
-        out: std::mem::take(&mut s.out),
-        wr: twr,
-    };
+    // before the handshake counts (Postfix: helo_reset, mail_reset). The
+    // error and junk counts go on.
+    let mut t = Session::new(shared, s.peer, std::mem::take(&mut s.client), twr);
+    t.errors = s.errors;
+    t.junk = s.junk;
+    t.tls = Some(what);
+    t.out = std::mem::take(&mut s.out);
     t.out.clear();
-    let result = t.serve(&mut trd, &mut line).await;
-    t.finish(result).await;
+    let Err(end) = t.serve(&mut trd, &mut line).await;
+    t.finish(end).await;
 }
 /// Reads one line (through LF) into `buf`, at most `max` bytes. A longer
 /// line is consumed and reported as `TooLong`, never stored.
@@ -234,34 +234,54 @@ async fn read_line<R: AsyncRead + Unpin>(rd: &mut BufReader<R>, buf: &mut Vec<u8
     }
 }
 
-impl<W: AsyncWrite + Unpin> Session<'_, W> {
-    /// The command loop, from the greeting (or the handshake) on.
-    async fn serve<R: AsyncRead + Unpin>(&mut self, rd: &mut BufReader<R>, line: &mut Vec<u8>) -> Result<(), Close> {
-        let cfg = self.ctx.cfg.clone();
+/// The reply to a command smtp-proto could not parse.
+fn parse_error(e: ProtoError) -> Reply {
+    match e {
+        ProtoError::UnknownCommand => Reply::error(500, "5.5.2", "Error: command not recognized"),
+        ProtoError::InvalidSenderAddress => Reply::error(501, "5.1.7", "Bad sender address syntax"),
+        ProtoError::InvalidRecipientAddress => Reply::error(501, "5.1.3", "Bad recipient address syntax"),
+        ProtoError::SyntaxError { syntax } => Reply::error(501, "5.5.4", format!("Syntax: {syntax}")),
+        ProtoError::InvalidParameter { param } => Reply::error(501, "5.5.4", format!("Invalid parameter {param}")),
+        ProtoError::UnsupportedParameter { param } => {
+            Reply::error(555, "5.5.4", format!("Unsupported option: {}", param.chars().take(40).collect::<String>()))
+        }
+        _ => Reply::error(500, "5.5.2", "Error: command not recognized"),
+    }
+}
+
+impl<'a, W: AsyncWrite + Unpin> Session<'a, W> {
+    fn new(shared: &'a Shared, peer: SocketAddr, client: String, wr: W) -> Self {
+        Session {
+            shared,
+            peer,
+            client,
+            helo: None,
+            esmtp: false,
+            txn: None,
+            errors: 0,
+            junk: 0,
+            tls: None,
+            out: Vec::with_capacity(512),
+            wr,
+        }
+    }
+
+    /// The command loop, from the greeting (or the handshake) on: reads a
+    /// command, answers it, until the session ends.
+    async fn serve<R: AsyncRead + Unpin>(&mut self, rd: &mut BufReader<R>, line: &mut Vec<u8>) -> Result<std::convert::Infallible, Close> {
+        let cfg = self.shared.cfg.clone();
         self.flush().await?;
         loop {
-            let r = match timeout(cfg.command_timeout, read_line(rd, line, cfg.max_line_length)).await {
-                Err(_) => {
-                    self.reply(421, "4.4.2", &format!("{} Error: timeout exceeded", cfg.hostname));
-                    return Err(Close::After);
-                }
+            let reply = match timeout(cfg.command_timeout, read_line(rd, line, cfg.max_line_length)).await {
+                Err(_) => Reply::new(421, "4.4.2", format!("{} Error: timeout exceeded", cfg.hostname)).then(Then::Close),
                 Ok(Err(_)) => return Err(Close::Gone),
-                Ok(Ok(r)) => r,
-            };
-            match r {
                 // Replies to pipelined commands may still be waiting: send
                 // them (best effort), so a queued message's 250 is not lost.
-                LineRead::Eof => return Err(Close::After),
-                LineRead::TooLong => {
-                    self.reply(500, "5.5.2", "Error: line too long");
-                    self.error()?;
-                }
-                LineRead::Line => {
-                    if self.command(line, rd).await? {
-                        return Ok(());
-                    }
-                }
-            }
+                Ok(Ok(LineRead::Eof)) => return Err(Close::After),
+                Ok(Ok(LineRead::TooLong)) => Reply::error(500, "5.5.2", "Error: line too long"),
+                Ok(Ok(LineRead::Line)) => self.command(line, rd).await?,
+            };
+            self.answer(reply)?;
             // Pipelined commands: replies go out in one write, but at most
             // OUT_MAX bytes are held (a client pipelining thousands of
             // RCPTs, each refused with a long verification reply, would
@@ -272,9 +292,23 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         }
     }
 
+    /// Writes a verb's reply and does what it says next: the one place
+    /// where errors and junk commands are counted.
+    fn answer(&mut self, r: Reply) -> Result<(), Close> {
+        r.write(&mut self.out);
+        match r.then {
+            Then::Next => Ok(()),
+            Then::Error => self.count_error(),
+            Then::Junk => self.count_junk(),
+            Then::Close => Err(Close::After),
+            Then::Quit => Err(Close::Quit),
+            Then::StartTls => Err(Close::StartTls),
+        }
+    }
+
     /// The end of a session, however it ended.
-    async fn finish(mut self, result: Result<(), Close>) {
-        if let Err(Close::After) = result {
+    async fn finish(mut self, end: Close) {
+        if matches!(end, Close::After | Close::Quit) {
             let _ = self.flush().await;
         }
         // With no recipient accepted there is no queue file to speak of (Postfix
@@ -286,50 +320,8 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         // TLS layer) must be written first, and a client that never reads
         // would otherwise hold the session and its slot forever. In clear
         // this returns at once.
-        let _ = timeout(self.ctx.cfg.command_timeout.min(Duration::from_secs(60)), self.wr.shutdown()).await;
+        let _ = timeout(self.shared.cfg.command_timeout.min(Duration::from_secs(60)), self.wr.shutdown()).await;
         log::info!(target: SMTPD, "disconnect from {}", self.client);
-    }
-
-    /// STARTTLS (RFC 3207), answered as Postfix's smtpd does.
-    fn starttls(&mut self, arg_given: bool) -> Result<(), Close> {
-        if arg_given {
-            self.reply(501, "5.5.4", "Syntax: STARTTLS");
-            return self.error();
-        }
-        if self.tls.is_some() {
-            self.reply(554, "5.5.1", "Error: TLS already active");
-            return self.error();
-        }
-        if !self.offers_starttls() {
-            self.reply(502, "5.5.1", "Error: command not implemented");
-            return self.error();
-        }
-        #[cfg(feature = "tls")]
-        {
-            self.reply(220, "2.0.0", "Ready to start TLS");
-            Err(Close::StartTls)
-        }
-        #[cfg(not(feature = "tls"))]
-        Ok(())
-    }
-
-    /// STARTTLS is offered: a usable certificate, and not in TLS yet.
-    fn offers_starttls(&self) -> bool {
-        #[cfg(feature = "tls")]
-        {
-            self.tls.is_none() && self.ctx.tls.as_ref().is_some_and(|t| t.config().is_some())
-        }
-        #[cfg(not(feature = "tls"))]
-        false
-    }
-
-    fn reply(&mut self, code: u16, status: &str, text: &str) {
-        use std::io::Write;
-        if status.is_empty() {
-            let _ = write!(self.out, "{code} {text}\r\n");
-        } else {
-            let _ = write!(self.out, "{code} {status} {text}\r\n");
-        }
     }
 
     async fn flush(&mut self) -> Result<(), Close> {
@@ -345,183 +337,169 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
     }
 
     /// Counts an error; past the budget the session is closed.
-    fn error(&mut self) -> Result<(), Close> {
+    fn count_error(&mut self) -> Result<(), Close> {
         self.errors += 1;
-        if self.errors > self.ctx.cfg.error_limit {
+        if self.errors > self.shared.cfg.error_limit {
             log::warn!(target: SMTPD, "warning: too many errors from {}", self.client);
-            self.reply(421, "4.7.0", &format!("{} Error: too many errors", self.ctx.cfg.hostname));
+            let hostname = &self.shared.cfg.hostname;
+            Reply::new(421, "4.7.0", format!("{hostname} Error: too many errors")).write(&mut self.out);
             return Err(Close::After);
         }
         Ok(())
     }
 
-    fn junk(&mut self) -> Result<(), Close> {
+    fn count_junk(&mut self) -> Result<(), Close> {
         self.junk += 1;
         if self.junk > JUNK_LIMIT {
-            self.reply(421, "4.7.0", &format!("{} Error: too many junk commands", self.ctx.cfg.hostname));
+            let hostname = &self.shared.cfg.hostname;
+            Reply::new(421, "4.7.0", format!("{hostname} Error: too many junk commands")).write(&mut self.out);
             return Err(Close::After);
         }
         Ok(())
     }
 
-    fn refuse(&mut self, r: &policy::Refusal) -> Result<(), Close> {
-        self.reply(r.code, r.status, &r.text);
-        Stats::inc(&self.ctx.stats.rejected);
-        self.error()
+    /// A policy refusal: counted in the statistics and as an error.
+    fn refuse(&self, r: policy::Refusal) -> Reply {
+        Stats::inc(&self.shared.stats.rejected);
+        r.into()
     }
 
-    /// Handles one command line. Returns `Ok(true)` after QUIT.
-    async fn command<R: AsyncRead + Unpin>(&mut self, line: &[u8], rd: &mut BufReader<R>) -> Result<bool, Close> {
+    /// Handles one command line; `Err` only when the peer is gone.
+    async fn command<R: AsyncRead + Unpin>(&mut self, line: &[u8], rd: &mut BufReader<R>) -> Result<Reply, Close> {
         // Strict CR LF: a bare LF line end or a CR inside the line is refused
         // (Postfix smtpd_forbid_bare_newline = reject for commands).
         let body = match line.strip_suffix(b"\r\n") {
             Some(b) if !b.contains(&b'\r') => b,
-            _ => {
-                self.reply(500, "5.5.2", "Error: bare <CR> or <LF> received; commands end with <CR><LF>");
-                self.error()?;
-                return Ok(false);
-            }
+            _ => return Ok(Reply::error(500, "5.5.2", "Error: bare <CR> or <LF> received; commands end with <CR><LF>")),
         };
         // DSN parameters are checked by mail() and rcpt() on `body`.
         let stripped = crate::dsn::without_params(line);
-        let parsed = Request::parse(&mut stripped.as_deref().unwrap_or(line).iter());
-        let req = match parsed {
+        let req = match Request::parse(&mut stripped.as_deref().unwrap_or(line).iter()) {
             Ok(r) => r,
-            Err(e) => {
-                let (code, status, text) = match e {
-                    ProtoError::UnknownCommand => (500, "5.5.2", "Error: command not recognized".to_string()),
-                    ProtoError::InvalidSenderAddress => (501, "5.1.7", "Bad sender address syntax".to_string()),
-                    ProtoError::InvalidRecipientAddress => (501, "5.1.3", "Bad recipient address syntax".to_string()),
-                    ProtoError::SyntaxError { syntax } => (501, "5.5.4", format!("Syntax: {syntax}")),
-                    ProtoError::InvalidParameter { param } => (501, "5.5.4", format!("Invalid parameter {param}")),
-                    ProtoError::UnsupportedParameter { param } => {
-                        (555, "5.5.4", format!("Unsupported option: {}", param.chars().take(40).collect::<String>()))
-                    }
-                    _ => (500, "5.5.2", "Error: command not recognized".to_string()),
-                };
-                self.reply(code, status, &text);
-                self.error()?;
-                return Ok(false);
-            }
+            Err(e) => return Ok(parse_error(e)),
         };
-        let cfg = self.ctx.cfg.clone();
-        match req {
-            Request::Ehlo { host } if !host.is_empty() => {
-                self.txn = None;
-                self.helo = Some(clean_helo(&host));
-                self.esmtp = true;
-                let mut caps = vec![
-                    "PIPELINING".to_string(),
-                    format!("SIZE {}", cfg.max_message_size),
-                    "ETRN".to_string(),
-                    "ENHANCEDSTATUSCODES".to_string(),
-                    "8BITMIME".to_string(),
-                    "SMTPUTF8".to_string(),
-                    "DSN".to_string(),
-                ];
-                if self.offers_starttls() {
-                    caps.insert(3, "STARTTLS".to_string());
-                }
-                self.out.extend_from_slice(format!("250-{}\r\n", cfg.hostname).as_bytes());
-                for (i, c) in caps.iter().enumerate() {
-                    let sep = if i + 1 == caps.len() { ' ' } else { '-' };
-                    self.out.extend_from_slice(format!("250{sep}{c}\r\n").as_bytes());
-                }
-                // Counted, or a loop of EHLO would hold a slot forever.
-                self.junk()?;
-            }
-            Request::Helo { host } if !host.is_empty() => {
-                self.txn = None;
-                self.helo = Some(clean_helo(&host));
-                self.esmtp = false;
-                self.reply(250, "", &cfg.hostname);
-                self.junk()?;
-            }
-            Request::Ehlo { .. } | Request::Helo { .. } => {
-                self.reply(501, "5.5.4", "Syntax: EHLO hostname");
-                self.error()?;
-            }
-            Request::Lhlo { .. } => {
-                self.reply(500, "5.5.2", "Error: command not recognized");
-                self.error()?;
-            }
-            Request::Mail { from } => self.mail(body, &from.address, from.flags).await?,
-            Request::Rcpt { to } => self.rcpt(body, &to.address, to.flags).await?,
-            Request::Data => return self.data(rd).await.map(|()| false),
+        Ok(match req {
+            Request::Ehlo { host } if !host.is_empty() => self.ehlo(&host, true),
+            Request::Helo { host } if !host.is_empty() => self.ehlo(&host, false),
+            Request::Ehlo { .. } | Request::Helo { .. } => Reply::error(501, "5.5.4", "Syntax: EHLO hostname"),
+            Request::Lhlo { .. } => Reply::error(500, "5.5.2", "Error: command not recognized"),
+            Request::Mail { from } => self.mail(body, &from.address, from.flags),
+            Request::Rcpt { to } => self.rcpt(body, &to.address, to.flags).await,
+            Request::Data => return self.data(rd).await,
             Request::Rset => {
                 self.txn = None;
-                self.reply(250, "2.0.0", "Ok");
-                self.junk()?;
+                Reply::new(250, "2.0.0", "Ok").then(Then::Junk)
             }
-            Request::Noop { .. } => {
-                self.reply(250, "2.0.0", "Ok");
-                self.junk()?;
-            }
-            Request::Quit => {
-                self.reply(221, "2.0.0", "Bye");
-                let _ = self.flush().await;
-                return Ok(true);
-            }
-            Request::Vrfy { .. } | Request::Expn { .. } => {
-                self.reply(502, "5.5.1", "Error: command disabled on a backup MX");
-                self.junk()?;
-            }
-            Request::Help { .. } => {
-                self.reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT ETRN");
-                self.junk()?;
-            }
-            Request::Etrn { name } => {
-                self.etrn(&name);
-                self.junk()?;
-            }
-            Request::StartTls => self.starttls(body.len() > "STARTTLS".len())?,
+            Request::Noop { .. } => Reply::new(250, "2.0.0", "Ok").then(Then::Junk),
+            Request::Quit => Reply::new(221, "2.0.0", "Bye").then(Then::Quit),
+            Request::Vrfy { .. } | Request::Expn { .. } => Reply::new(502, "5.5.1", "Error: command disabled on a backup MX").then(Then::Junk),
+            Request::Help { .. } => Reply::new(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT ETRN").then(Then::Junk),
+            Request::Etrn { name } => self.etrn(&name).then(Then::Junk),
+            Request::StartTls => self.starttls(body.len() > "STARTTLS".len()),
             Request::Auth { .. } | Request::Bdat { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
-                self.reply(502, "5.5.1", "Error: command not implemented");
-                self.error()?;
+                Reply::error(502, "5.5.1", "Error: command not implemented")
             }
-        }
-        Ok(false)
+        })
     }
 
-    async fn mail(&mut self, line: &[u8], parsed: &str, flags: u64) -> Result<(), Close> {
-        let cfg = self.ctx.cfg.clone();
+    /// EHLO (`esmtp`) or HELO with a host name: a new start, counted as
+    /// junk (or a loop of EHLO would hold a slot forever).
+    ///
+    /// The EHLO reply is written here rather than by smtp-proto's
+    /// `EhloResponse`: that one adds " you had me at EHLO" to the first line
+    /// and orders the keywords by its bit values, so the bytes clients and
+    /// tests see would change.
+    fn ehlo(&mut self, host: &str, esmtp: bool) -> Reply {
+        let cfg = &self.shared.cfg;
+        self.txn = None;
+        self.helo = Some(clean_helo(host));
+        self.esmtp = esmtp;
+        if !esmtp {
+            return Reply::new(250, "", cfg.hostname.clone()).then(Then::Junk);
+        }
+        let mut lines = vec![cfg.hostname.clone(), "PIPELINING".to_string(), format!("SIZE {}", cfg.max_message_size), "ETRN".to_string()];
+        if self.offers_starttls() {
+            lines.push("STARTTLS".to_string());
+        }
+        lines.extend(["ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8", "DSN"].map(String::from));
+        Reply::lines(250, lines).then(Then::Junk)
+    }
+
+    /// STARTTLS (RFC 3207), answered as Postfix's smtpd does.
+    fn starttls(&mut self, arg_given: bool) -> Reply {
+        if arg_given {
+            return Reply::error(501, "5.5.4", "Syntax: STARTTLS");
+        }
+        if self.tls.is_some() {
+            return Reply::error(554, "5.5.1", "Error: TLS already active");
+        }
+        if !self.offers_starttls() {
+            return Reply::error(502, "5.5.1", "Error: command not implemented");
+        }
+        Reply::new(220, "2.0.0", "Ready to start TLS").then(Then::StartTls)
+    }
+
+    /// STARTTLS is offered: a usable certificate, and not in TLS yet.
+    fn offers_starttls(&self) -> bool {
+        #[cfg(feature = "tls")]
+        {
+            self.tls.is_none() && self.shared.tls.as_ref().is_some_and(|t| t.config().is_some())
+        }
+        #[cfg(not(feature = "tls"))]
+        false
+    }
+
+    fn mail(&mut self, line: &[u8], parsed: &str, flags: u64) -> Reply {
+        let cfg = self.shared.cfg.clone();
         if self.helo.is_none() {
-            self.reply(503, "5.5.1", "Error: send HELO/EHLO first");
-            return self.error();
+            return Reply::error(503, "5.5.1", "Error: send HELO/EHLO first");
         }
         if self.txn.is_some() {
-            self.reply(503, "5.5.1", "Error: nested MAIL command");
-            return self.error();
+            return Reply::error(503, "5.5.1", "Error: nested MAIL command");
         }
         let smtputf8 = flags & MAIL_SMTPUTF8 != 0;
         // DSN (RFC 3461): RET and ENVID, checked and worded as Postfix.
         let dsn = match crate::dsn::mail_params(line) {
             Ok(d) => d,
-            Err(text) => {
-                self.reply(501, "5.5.4", text);
-                return self.error();
-            }
+            Err(text) => return Reply::error(501, "5.5.4", text),
         };
         let size = match policy::size_param(line) {
             Ok(s) => s.unwrap_or(0),
-            Err(()) => {
-                self.reply(501, "5.5.4", "Bad SIZE parameter");
-                return self.error();
-            }
+            Err(()) => return Reply::error(501, "5.5.4", "Bad SIZE parameter"),
         };
         if size > cfg.max_message_size {
-            self.reply(552, "5.3.4", "Message size exceeds fixed limit");
-            return self.error();
+            return Reply::error(552, "5.3.4", "Message size exceeds fixed limit");
         }
         let raw = policy::raw_path(line).unwrap_or(parsed);
         let sender = match policy::check_sender(raw, smtputf8) {
             Ok(s) => s,
-            Err(r) => return self.refuse(&r),
+            Err(r) => return self.refuse(r),
         };
-        // Disk, inodes and queue space, and a spool that can be written:
-        // say 452 now rather than 250 and lose it later (or 451 at DATA).
+        if let Some(why) = self.no_room(size) {
+            // One line a minute: a flooder retries MAIL as fast as it can.
+            static WARN: util::LogLimiter = util::LogLimiter::new();
+            if let Some(n) = WARN.allow(util::now()) {
+                log::warn!(target: SMTPD, "warning: {}: refusing mail: {why}{}", self.client, util::LogLimiter::unlogged(n));
+            }
+            return Reply::new(452, "4.3.1", "Insufficient system storage");
+        }
+        // Per-client limits: one client's share of the queue, its MAIL rate.
+        let limits = crate::clients::Limits::of(&cfg);
+        if let Err(r) = self.shared.stats.clients.check_mail(self.peer.ip(), &limits, util::now()) {
+            return self.client_limited(r, &limits);
+        }
+        let id = util::new_queue_id();
+        self.txn = Some(Txn { id, sender, body_8bit: flags & MAIL_BODY_8BITMIME != 0, smtputf8, rcpts: Vec::new(), dsn, rcpt_dsn: Vec::new() });
+        Reply::new(250, "2.1.0", "Ok")
+    }
+
+    /// Why a message of `size` bytes cannot be taken now (disk, inodes,
+    /// queue space, a spool that cannot be written): said with 452 at MAIL
+    /// rather than 250 and lose it later (or 451 at DATA).
+    fn no_room(&self, size: u64) -> Option<String> {
+        let cfg = &self.shared.cfg;
         let inode_reserve = crate::spool::inode_reserve(cfg.max_connections, cfg.delivery_connections);
-        let refusal = match self.ctx.spool.disk_space() {
+        match self.shared.spool.disk_space() {
             Err(e) => Some(format!("cannot check spool free space: {e}")),
             Ok(d) if d.read_only => Some("spool file system is read-only".to_string()),
             Ok(d) if d.avail < cfg.min_free_space.saturating_add(size) => Some("spool free space below reserve".to_string()),
@@ -529,39 +507,21 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             Ok(d) if d.files > 0 && d.favail < inode_reserve => {
                 Some(format!("spool free inodes ({}) below reserve ({inode_reserve})", d.favail))
             }
-            Ok(_) if self.ctx.stats.spool_unwritable.load(std::sync::atomic::Ordering::Relaxed) => {
+            Ok(_) if self.shared.stats.spool_unwritable.load(std::sync::atomic::Ordering::Relaxed) => {
                 Some("spool not writable (a write failed; waiting for the scheduler's probe)".to_string())
             }
-            Ok(_) if Stats::get(&self.ctx.stats.queue_messages) as usize >= cfg.max_queue_messages => Some("queue is full".to_string()),
+            Ok(_) if Stats::get(&self.shared.stats.queue_messages) as usize >= cfg.max_queue_messages => Some("queue is full".to_string()),
             Ok(_) => None,
-        };
-        if let Some(why) = refusal {
-            // One line a minute: a flooder retries MAIL as fast as it can.
-            static WARN: util::LogLimiter = util::LogLimiter::new();
-            if let Some(n) = WARN.allow(util::now()) {
-                log::warn!(target: SMTPD, "warning: {}: refusing mail: {why}{}", self.client, util::LogLimiter::unlogged(n));
-            }
-            self.reply(452, "4.3.1", "Insufficient system storage");
-            return Ok(());
         }
-        // Per-client limits: one client's share of the queue, its MAIL rate.
-        let limits = crate::clients::Limits::of(&cfg);
-        if let Err(r) = self.ctx.stats.clients.check_mail(self.peer.ip(), &limits, util::now()) {
-            return self.client_limited(r, &limits);
-        }
-        let id = util::new_queue_id();
-        self.txn = Some(Txn { id, sender, body_8bit: flags & MAIL_BODY_8BITMIME != 0, smtputf8, rcpts: Vec::new(), dsn, rcpt_dsn: Vec::new() });
-        self.reply(250, "2.1.0", "Ok");
-        Ok(())
     }
 
     /// Refuses MAIL for a per-client limit, as Postfix words its rate limit.
     /// Logged at most once a minute per client and limit (see clients.rs);
     /// the counters count every refusal.
-    fn client_limited(&mut self, r: crate::clients::Refused, limits: &crate::clients::Limits) -> Result<(), Close> {
+    fn client_limited(&self, r: crate::clients::Refused, limits: &crate::clients::Limits) -> Reply {
         use crate::clients::{Limit, Warn};
         let ip = self.peer.ip().to_canonical();
-        let st = &self.ctx.stats;
+        let st = &self.shared.stats;
         let n = r.n;
         let log = match r.warn {
             Warn::Log { earlier } => {
@@ -570,6 +530,8 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             }
             Warn::Quiet => false,
         };
+        // Counted as an error: a client that keeps trying is cut off at
+        // error_limit and its slot freed.
         match r.limit {
             Limit::QueueShare => {
                 Stats::inc(&st.client_refusals_queue_share);
@@ -581,7 +543,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                         limits.queued
                     );
                 }
-                self.reply(452, "4.3.1", &format!("Error: too much mail from {ip} in the queue; try again later"));
+                Reply::error(452, "4.3.1", format!("Error: too much mail from {ip} in the queue; try again later"))
             }
             // (check_mail never answers Connections.)
             Limit::Rate | Limit::Connections => {
@@ -589,44 +551,31 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                 if log {
                     log::warn!(target: SMTPD, "warning: Message delivery request rate limit exceeded: {n} from {} for service smtp", self.client);
                 }
-                self.reply(450, "4.7.1", &format!("Error: too much mail from {ip}"));
+                Reply::error(450, "4.7.1", format!("Error: too much mail from {ip}"))
             }
         }
-        // Counted as an error: a client that keeps trying is cut off at
-        // error_limit and its slot freed.
-        self.error()
     }
 
-    async fn rcpt(&mut self, line: &[u8], parsed: &str, flags: u64) -> Result<(), Close> {
-        let cfg = self.ctx.cfg.clone();
+    async fn rcpt(&mut self, line: &[u8], parsed: &str, flags: u64) -> Reply {
+        let cfg = self.shared.cfg.clone();
         let Some(txn) = &self.txn else {
-            self.reply(503, "5.5.1", "Error: need MAIL command");
-            return self.error();
+            return Reply::error(503, "5.5.1", "Error: need MAIL command");
         };
         // NOTIFY and ORCPT were taken out of what smtp-proto parsed: any
         // flag left is an extension not offered (RRVS, CONNEG).
         if flags != 0 {
-            self.reply(555, "5.5.4", "Unsupported option");
-            return self.error();
+            return Reply::error(555, "5.5.4", "Unsupported option");
         }
         // DSN (RFC 3461): NOTIFY and ORCPT, checked and worded as Postfix.
         let dsn = match crate::dsn::rcpt_params(line) {
             Ok(d) => d,
-            Err(text) => {
-                self.reply(501, "5.5.4", text);
-                return self.error();
-            }
+            Err(text) => return Reply::error(501, "5.5.4", text),
         };
         if txn.rcpts.len() >= cfg.max_recipients {
-            self.reply(452, "4.5.3", "Error: too many recipients");
-            return Ok(());
+            return Reply::new(452, "4.5.3", "Error: too many recipients");
         }
-        let raw = match policy::raw_path(line) {
-            Some(r) => r,
-            None => {
-                self.reply(501, "5.5.4", "Syntax: RCPT TO:<address>");
-                return self.error();
-            }
+        let Some(raw) = policy::raw_path(line) else {
+            return Reply::error(501, "5.5.4", "Syntax: RCPT TO:<address>");
         };
         // A snapshot: no file is read here (the watcher thread does that).
         let verdict = match policy::check_address(&cfg, raw, parsed, txn.smtputf8) {
@@ -635,19 +584,8 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         };
         match verdict {
             Ok(addr) => {
-                if let Some(t) = self.txn.as_mut()
-                    && !t.rcpts.iter().any(|r| r.eq_ignore_ascii_case(&addr)) {
-                        if t.rcpts.is_empty() {
-                            // As Postfix's smtpd, when the first recipient
-                            // is accepted (and its queue file created):
-                            // pflogsumm counts a message received here.
-                            log::info!(target: SMTPD, "{}: client={}", t.id, self.client);
-                        }
-                        t.rcpts.push(addr);
-                        t.rcpt_dsn.push(dsn);
-                    }
-                self.reply(250, "2.1.5", "Ok");
-                Ok(())
+                self.add_rcpt(addr, dsn);
+                Reply::new(250, "2.1.5", "Ok")
             }
             Err(r) => {
                 // NOQUEUE until a recipient was accepted, then the queue
@@ -658,13 +596,30 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
                     if txn.rcpts.is_empty() { "NOQUEUE" } else { txn.id.as_str() },
                     self.client,
                     r.line(),
-                    self.txn.as_ref().map_or("", |t| t.sender.as_str()),
+                    txn.sender,
                     raw,
                     if self.esmtp { "ESMTP" } else { "SMTP" },
                     self.helo.as_deref().unwrap_or("")
                 );
-                self.refuse(&r)
+                self.refuse(r)
             }
+        }
+    }
+
+    /// An accepted recipient joins the transaction (once: a repeated one is
+    /// answered 250 and kept once).
+    fn add_rcpt(&mut self, addr: String, dsn: crate::dsn::RcptDsn) {
+        if let Some(t) = self.txn.as_mut()
+            && !t.rcpts.iter().any(|r| r.eq_ignore_ascii_case(&addr))
+        {
+            if t.rcpts.is_empty() {
+                // As Postfix's smtpd, when the first recipient is accepted
+                // (and its queue file created): pflogsumm counts a message
+                // received here.
+                log::info!(target: SMTPD, "{}: client={}", t.id, self.client);
+            }
+            t.rcpts.push(addr);
+            t.rcpt_dsn.push(dsn);
         }
     }
 
@@ -677,8 +632,8 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
     async fn listed_or_verified(&self, addr: String) -> Result<String, policy::Refusal> {
         use crate::verify::Verdict;
         use policy::Listed;
-        let listed = self.ctx.recipients.get().listed(&addr);
-        let Some(v) = &self.ctx.verifier else {
+        let listed = self.shared.recipients.get().listed(&addr);
+        let Some(v) = &self.shared.verifier else {
             return match listed.refusal(&addr) {
                 Some(r) => Err(r),
                 None => Ok(addr),
@@ -687,7 +642,7 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         if listed == Listed::Yes {
             return Ok(addr);
         }
-        let primary = &self.ctx.cfg.primary;
+        let primary = &self.shared.cfg.primary;
         let cut = |s: &str| s[..s.floor_char_boundary(200)].to_string();
         match v.verify(&addr).await {
             Verdict::Accept => Ok(addr),
@@ -706,76 +661,116 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
         }
     }
 
-    fn etrn(&mut self, name: &str) {
-        let cfg = &self.ctx.cfg;
+    /// ETRN (RFC 1985), answered as Postfix's smtpd does (the loop counts
+    /// it as junk, whatever the answer).
+    fn etrn(&mut self, name: &str) -> Reply {
+        let cfg = &self.shared.cfg;
         if self.helo.is_none() {
-            self.reply(503, "5.5.1", "Error: send HELO/EHLO first");
-            return;
+            return Reply::new(503, "5.5.1", "Error: send HELO/EHLO first");
         }
         if self.txn.is_some() {
-            self.reply(503, "5.5.1", "Error: MAIL transaction in progress");
-            return;
+            return Reply::new(503, "5.5.1", "Error: MAIL transaction in progress");
         }
         let name = name.trim();
         if name.is_empty() {
-            self.reply(500, "5.5.4", "Syntax: ETRN domain");
-            return;
+            return Reply::new(500, "5.5.4", "Syntax: ETRN domain");
         }
-        if !crate::config::allowed(&self.ctx.etrn_allow, self.peer.ip()) && !crate::route::is_primary_addr(self.peer.ip()) {
+        if !crate::config::allowed(&self.shared.etrn_allow, self.peer.ip()) && !crate::route::is_primary_addr(self.peer.ip()) {
             log::info!(target: SMTPD, "reject: ETRN from {}: 459 4.7.1 client not allowed", self.client);
-            self.reply(459, "4.7.1", &format!("<{name}>: Client access denied"));
-            return;
+            return Reply::new(459, "4.7.1", format!("<{name}>: Client access denied"));
         }
         if name.starts_with('#') {
-            self.reply(458, "4.5.0", &format!("Unable to queue messages for node <{name}>"));
-            return;
+            return Reply::new(458, "4.5.0", format!("Unable to queue messages for node <{name}>"));
         }
         let domain = name.trim_start_matches('@').trim_end_matches('.');
         let known = cfg.is_relay_domain(domain)
             || (name.starts_with('@') && cfg.relay_domains.iter().any(|d| d.ends_with(&format!(".{}", domain.to_ascii_lowercase()))));
         if !known {
-            self.reply(459, "4.7.1", &format!("<{name}>: service unavailable"));
-            return;
+            return Reply::new(459, "4.7.1", format!("<{name}>: service unavailable"));
         }
-        let waiting = Stats::get(&self.ctx.stats.queue_messages);
-        self.ctx.stats.request_flush();
+        let waiting = Stats::get(&self.shared.stats.queue_messages);
+        self.shared.stats.request_flush();
         log::info!(target: SMTPD, "ETRN {name} from {}: queue run started ({waiting} messages)", self.client);
         if waiting == 0 {
-            self.reply(251, "2.0.0", &format!("No messages waiting for node {domain}"));
+            Reply::new(251, "2.0.0", format!("No messages waiting for node {domain}"))
         } else {
-            self.reply(250, "2.0.0", "Queuing started");
+            Reply::new(250, "2.0.0", "Queuing started")
         }
     }
 
-    async fn data<R: AsyncRead + Unpin>(&mut self, rd: &mut BufReader<R>) -> Result<(), Close> {
-        let cfg = self.ctx.cfg.clone();
+    /// DATA: the checks, the queue file with its Received header, 354, the
+    /// body, then 250 once the message is durable. `Err` only when the
+    /// peer is gone.
+    async fn data<R: AsyncRead + Unpin>(&mut self, rd: &mut BufReader<R>) -> Result<Reply, Close> {
+        if let Some(r) = self.data_refused(!rd.buffer().is_empty()) {
+            return Ok(r);
+        }
+        let Some(txn) = self.txn.take() else {
+            return Ok(Reply::error(503, "5.5.1", "Error: need RCPT command"));
+        };
+        let now = util::now();
+        let ticket = self.shared.committer.ticket();
+        let mut w = match self.shared.spool.begin(&self.envelope(&txn, now)) {
+            Ok(w) => w,
+            Err(e) => {
+                log::error!(target: SMTPD, "error: {}: cannot create queue file: {e}", txn.id);
+                return Ok(self.write_error());
+            }
+        };
+        let io_error = w.write(self.received_header(&txn, now).as_bytes()).err();
+        Reply::new(354, "", "End data with <CR><LF>.<CR><LF>").write(&mut self.out);
+        if let Err(c) = self.flush().await {
+            w.abort();
+            return Err(c);
+        }
+        let body = match self.receive(rd, &mut w, io_error, &txn.id).await {
+            Ok(b) => b,
+            Err(end) => {
+                w.abort();
+                return end.ok_or(Close::Gone);
+            }
+        };
+        if let Some(r) = self.body_refused(&body, &txn.id) {
+            w.abort();
+            return Ok(r);
+        }
+        if body.parser.bare_newlines > 0 {
+            log::info!(target: SMTPD, "{}: {} bare <CR>/<LF> from {} normalised to <CR><LF>", txn.id, body.parser.bare_newlines, self.client);
+        }
+        Ok(self.commit(w, ticket, txn, now).await)
+    }
+
+    /// DATA refused before 354: no transaction, no recipient, or bytes
+    /// sent before the 354 (`stuffed`).
+    fn data_refused(&mut self, stuffed: bool) -> Option<Reply> {
         match &self.txn {
-            None => {
-                self.reply(503, "5.5.1", "Error: need RCPT command");
-                return self.error();
-            }
-            Some(t) if t.rcpts.is_empty() => {
-                self.reply(554, "5.5.1", "Error: no valid recipients");
-                return self.error();
-            }
+            None => return Some(Reply::error(503, "5.5.1", "Error: need RCPT command")),
+            Some(t) if t.rcpts.is_empty() => return Some(Reply::error(554, "5.5.1", "Error: no valid recipients")),
             _ => {}
         }
         // A client must wait for 354 before sending the message; bytes
         // already waiting mean command/data stuffing. Refuse and close.
-        if !rd.buffer().is_empty() {
+        if stuffed {
             log::warn!(target: SMTPD, "warning: {}: SMTP protocol synchronization error after DATA", self.client);
-            self.reply(554, "5.5.0", "Error: SMTP protocol synchronization");
             self.txn = None;
-            return Err(Close::After);
+            return Some(Reply::new(554, "5.5.0", "Error: SMTP protocol synchronization").then(Then::Close));
         }
-        let txn = self.txn.take().expect("checked above");
-        let now = util::now();
-        let helo = self.helo.clone().unwrap_or_default();
-        let env = Envelope {
+        None
+    }
+
+    /// 451 for a queue file that could not be written (the caller logged why).
+    fn write_error(&self) -> Reply {
+        self.shared.stats.spool_write_failed();
+        Reply::new(451, "4.3.0", "Error: queue file write error")
+    }
+
+    /// The queue file's envelope.
+    fn envelope(&self, txn: &Txn, now: u64) -> Envelope {
+        Envelope {
             id: txn.id.clone(),
             arrival: now,
             client: self.client.clone(),
-            helo: helo.clone(),
+            helo: self.helo.clone().unwrap_or_default(),
             sender: txn.sender.clone(),
             body_8bit: txn.body_8bit,
             smtputf8: txn.smtputf8,
@@ -784,26 +779,21 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             envid: txn.dsn.envid.clone(),
             // Kept only when some recipient has parameters.
             dsn: if txn.rcpt_dsn.iter().all(|d| d.is_empty()) { Vec::new() } else { txn.rcpt_dsn.clone() },
-        };
-        let ticket = self.ctx.committer.ticket();
-        let mut w = match self.ctx.spool.begin(&env) {
-            Ok(w) => w,
-            Err(e) => {
-                log::error!(target: SMTPD, "error: {}: cannot create queue file: {e}", txn.id);
-                self.ctx.stats.spool_write_failed();
-                self.reply(451, "4.3.0", "Error: queue file write error");
-                return Ok(());
-            }
-        };
+        }
+    }
+
+    /// The Received header put on top of the message.
+    fn received_header(&self, txn: &Txn, now: u64) -> String {
+        let helo = self.helo.as_deref().unwrap_or_default();
         let for_clause = if txn.rcpts.len() == 1 { format!("\r\n\tfor <{}>", txn.rcpts[0]) } else { String::new() };
         // As Postfix (smtpd_tls_received_header): the TLS session in a
         // comment, and the protocol with an S (RFC 3848: ESMTPS).
         let using = self.tls.as_ref().map(|t| format!("\r\n\t(using {t})")).unwrap_or_default();
-        let received = format!(
+        format!(
             "Received: from {helo} ({} [{}]){using}\r\n\tby {} (Bartleby) with {}{} id {}{for_clause};\r\n\t{}\r\n",
             self.client.split('[').next().unwrap_or("unknown"),
             self.peer.ip().to_canonical(),
-            cfg.hostname,
+            self.shared.cfg.hostname,
             // RFC 6531 3.7.3: UTF8SMTP, UTF8ESMTP (as Postfix).
             match (txn.smtputf8, self.esmtp) {
                 (true, _) => "UTF8ESMTP",
@@ -813,22 +803,29 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             if self.tls.is_some() { "S" } else { "" },
             txn.id,
             util::rfc5322_date(now)
-        );
-        let mut io_error: Option<std::io::Error> = w.write(received.as_bytes()).err();
-        self.reply(354, "", "End data with <CR><LF>.<CR><LF>");
-        if let Err(c) = self.flush().await {
-            w.abort();
-            return Err(c);
-        }
+        )
+    }
 
+    /// Streams the body into `w` up to the end of data. `Err(Some(reply))`:
+    /// timed out (the reply closes the session); `Err(None)`: the peer is
+    /// gone. A body over the size limit is read to its end but not stored.
+    ///
+    /// Each read waits at most data_timeout, and the whole DATA phase at
+    /// most data_timeout plus one second per min_data_rate bytes received
+    /// (the idea of Postfix's smtpd_min_data_rate, which Postfix applies
+    /// only with smtpd_per_request_deadline; here always): a client that
+    /// drips a byte just within each timeout cannot hold a slot for days.
+    async fn receive<R: AsyncRead + Unpin>(
+        &self,
+        rd: &mut BufReader<R>,
+        w: &mut SpoolWriter,
+        mut io_error: Option<std::io::Error>,
+        id: &QueueId,
+    ) -> Result<Body, Option<Reply>> {
+        let cfg = &self.shared.cfg;
         let mut parser = DataParser::new();
         let max = cfg.max_message_size;
         let mut too_big = false;
-        // Each read waits at most data_timeout, and the whole DATA phase at
-        // most data_timeout plus one second per min_data_rate bytes received
-        // (the idea of Postfix's smtpd_min_data_rate, which Postfix applies
-        // only with smtpd_per_request_deadline; here always): a client that
-        // drips a byte just within each timeout cannot hold a slot for days.
         let started = tokio::time::Instant::now();
         let mut got: u64 = 0;
         loop {
@@ -839,19 +836,13 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             }
             let avail = match timeout(wait, rd.fill_buf()).await {
                 Err(_) => {
-                    w.abort();
-                    log::info!(target: SMTPD, "{}: timeout after DATA from {}", txn.id, self.client);
-                    self.reply(421, "4.4.2", &format!("{} Error: timeout exceeded", cfg.hostname));
-                    return Err(Close::After);
+                    log::info!(target: SMTPD, "{id}: timeout after DATA from {}", self.client);
+                    return Err(Some(Reply::new(421, "4.4.2", format!("{} Error: timeout exceeded", cfg.hostname)).then(Then::Close)));
                 }
-                Ok(Err(_)) => {
-                    w.abort();
-                    return Err(Close::Gone);
-                }
+                Ok(Err(_)) => return Err(None),
                 Ok(Ok([])) => {
-                    w.abort();
-                    log::info!(target: SMTPD, "{}: lost connection after DATA from {}", txn.id, self.client);
-                    return Err(Close::Gone);
+                    log::info!(target: SMTPD, "{id}: lost connection after DATA from {}", self.client);
+                    return Err(None);
                 }
                 Ok(Ok(a)) => a,
             };
@@ -872,49 +863,50 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             got += n as u64;
             rd.consume(n);
             if end.is_some() {
-                break;
+                return Ok(Body { parser, too_big, io_error });
             }
         }
-        let refusal = if too_big {
-            Some((552, "5.3.4", "Error: message file too big".to_string()))
-        } else if parser.received > cfg.max_received_headers {
-            Some((554, "5.4.6", format!("Error: too many hops ({} Received: headers): mail loop?", parser.received)))
-        } else if parser.bare_newlines > 0 && cfg.bare_newline == BareNewline::Reject {
-            Some((550, "5.5.2", "Error: bare <CR> or <LF> received in message data".to_string()))
-        } else if let Some(e) = &io_error {
-            log::error!(target: SMTPD, "error: {}: queue file write error: {e}", txn.id);
-            self.ctx.stats.spool_write_failed();
-            Some((451, "4.3.0", "Error: queue file write error".to_string()))
+    }
+
+    /// A body received whole but refused: too big, a mail loop, bare line
+    /// ends refused by `bare_newline`, or a queue file write error.
+    fn body_refused(&self, body: &Body, id: &QueueId) -> Option<Reply> {
+        let cfg = &self.shared.cfg;
+        let (code, status, text): (u16, &'static str, Cow<'static, str>) = if body.too_big {
+            (552, "5.3.4", "Error: message file too big".into())
+        } else if body.parser.received > cfg.max_received_headers {
+            (554, "5.4.6", format!("Error: too many hops ({} Received: headers): mail loop?", body.parser.received).into())
+        } else if body.parser.bare_newlines > 0 && cfg.bare_newline == BareNewline::Reject {
+            (550, "5.5.2", "Error: bare <CR> or <LF> received in message data".into())
+        } else if let Some(e) = &body.io_error {
+            log::error!(target: SMTPD, "error: {id}: queue file write error: {e}");
+            self.shared.stats.spool_write_failed();
+            (451, "4.3.0", "Error: queue file write error".into())
         } else {
-            None
+            return None;
         };
-        if let Some((code, status, text)) = refusal {
-            w.abort();
-            log::info!(target: SMTPD, "{}: reject: DATA from {}: {code} {status} {text}", txn.id, self.client);
-            Stats::inc(&self.ctx.stats.rejected);
-            self.reply(code, status, &text);
-            return if code >= 500 { self.error() } else { Ok(()) };
-        }
-        if parser.bare_newlines > 0 {
-            log::info!(target: SMTPD, "{}: {} bare <CR>/<LF> from {} normalised to <CR><LF>", txn.id, parser.bare_newlines, self.client);
-        }
+        log::info!(target: SMTPD, "{id}: reject: DATA from {}: {code} {status} {text}", self.client);
+        Stats::inc(&self.shared.stats.rejected);
+        Some(if code >= 500 { Reply::error(code, status, text) } else { Reply::new(code, status, text) })
+    }
+
+    /// The end of DATA: the queue file closed and made durable, then the
+    /// scheduler told and 250 said (never before).
+    async fn commit(&mut self, w: SpoolWriter, ticket: Ticket, txn: Txn, now: u64) -> Reply {
         let size = match w.finish() {
             Ok(s) => s,
             Err(e) => {
                 log::error!(target: SMTPD, "error: {}: queue file write error: {e}", txn.id);
-                self.ctx.stats.spool_write_failed();
-                self.reply(451, "4.3.0", "Error: queue file write error");
-                return Ok(());
+                return self.write_error();
             }
         };
         // Durability: no "250" before the message and its queue entry are
         // on stable storage.
-        if let Err(e) = self.ctx.committer.commit(ticket).await {
+        if let Err(e) = self.shared.committer.commit(ticket).await {
             log::error!(target: SMTPD, "error: {}: cannot make queue file durable: {e}", txn.id);
-            self.ctx.stats.spool_write_failed();
-            let _ = self.ctx.spool.remove(&txn.id);
-            self.reply(451, "4.3.0", "Error: queue file write error");
-            return Ok(());
+            self.shared.stats.spool_write_failed();
+            let _ = self.shared.spool.remove(&txn.id);
+            return Reply::new(451, "4.3.0", "Error: queue file write error");
         }
         // Postfix's qmgr logs this as the message enters its active queue
         // (here: at once, the scheduler is told below).
@@ -925,15 +917,14 @@ impl<W: AsyncWrite + Unpin> Session<'_, W> {
             txn.sender,
             txn.rcpts.len()
         );
-        Stats::inc(&self.ctx.stats.received);
-        self.ctx.stats.clients.queued(self.peer.ip(), now);
-        let _ = self.ctx.queued.send((txn.id.clone(), size));
-        self.reply(250, "2.0.0", &format!("Ok: queued as {}", txn.id));
+        Stats::inc(&self.shared.stats.received);
+        self.shared.stats.clients.queued(self.peer.ip(), now);
+        let _ = self.shared.queued.send((txn.id.clone(), size));
         // As Postfix: a client that delivers mail is not idling, so the
         // junk count starts again (clients that RSET between messages would
         // otherwise be cut off after a hundred).
         self.junk = 0;
-        Ok(())
+        Reply::new(250, "2.0.0", format!("Ok: queued as {}", txn.id))
     }
 }
 
@@ -982,7 +973,7 @@ mod tests {
         };
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let client = crate::tls::Client::new(&cfg).unwrap().unwrap();
-        let ctx = Arc::new(Ctx {
+        let ctx = Arc::new(Shared {
             tls: crate::tls::Server::start(&cfg, stats.clone()),
             cfg: Arc::new(cfg),
             spool,
