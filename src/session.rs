@@ -933,6 +933,360 @@ fn clean_helo(h: &str) -> String {
     h.chars().filter(|c| c.is_ascii_graphic()).take(255).collect()
 }
 
+/// The session at its seam: a Session driven over an in-memory duplex
+/// stream, with a spool in a temporary directory, asserting the exact
+/// bytes a hostile or pipelining client gets. Postfix's behaviour in the
+/// same case is said at each test.
+#[cfg(test)]
+mod seam_tests {
+    use super::*;
+    use std::io::Read;
+    use std::path::PathBuf;
+    use tokio::io::{AsyncReadExt, DuplexStream};
+
+    const HOST: &str = "backup.example.org";
+
+    struct Fixture {
+        root: PathBuf,
+        rt: tokio::runtime::Runtime,
+        shared: Arc<Shared>,
+        _queued: tokio::sync::mpsc::UnboundedReceiver<(QueueId, u64)>,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+
+    /// A relay for example.org with a fresh spool; `extra` adds config lines.
+    fn fixture(name: &str, extra: &str) -> Fixture {
+        let root = std::env::temp_dir().join(format!("bartleby-session-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let spool = Spool::create(&root.join("spool")).unwrap();
+        let cfg = Config::parse(
+            &format!(
+                "hostname = \"{HOST}\"\nspool = \"{}\"\nrelay_domains = [\"example.org\"]\nprimary = \"127.0.0.1:9\"\n\
+                 min_free_space = 1\n{extra}",
+                root.join("spool").display()
+            ),
+            "t.toml".as_ref(),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let committer = {
+            let _g = rt.enter();
+            Committer::start(&spool).unwrap()
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            cfg: Arc::new(cfg),
+            spool,
+            committer,
+            stats: Arc::new(Stats::new()),
+            recipients: Recipients::new(policy::RecipientList::load(None).unwrap()),
+            queued: tx,
+            etrn_allow: Vec::new(),
+            verifier: None,
+            #[cfg(feature = "tls")]
+            tls: None,
+        });
+        Fixture { root, rt, shared, _queued: rx }
+    }
+
+    /// The client's end of a session.
+    struct Client(DuplexStream);
+
+    impl Client {
+        async fn send(&mut self, b: &[u8]) {
+            self.0.write_all(b).await.unwrap();
+        }
+
+        /// One whole reply (through its last line, "ddd text").
+        async fn reply(&mut self) -> String {
+            let mut got = Vec::new();
+            loop {
+                let mut c = [0u8; 1];
+                let n = timeout(Duration::from_secs(10), self.0.read(&mut c)).await.expect("no reply in 10 s").unwrap();
+                assert_eq!(n, 1, "the session closed in the middle of a reply: {}", String::from_utf8_lossy(&got));
+                got.push(c[0]);
+                let line_start = got[..got.len() - 1].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+                if got.ends_with(b"\r\n") && got.get(line_start + 3) == Some(&b' ') {
+                    return String::from_utf8(got).unwrap();
+                }
+            }
+        }
+
+        /// Everything until the session closes.
+        async fn rest(&mut self) -> String {
+            let mut got = Vec::new();
+            timeout(Duration::from_secs(10), self.0.read_to_end(&mut got)).await.expect("the session did not close").unwrap();
+            String::from_utf8(got).unwrap()
+        }
+    }
+
+    impl Fixture {
+        /// Runs `script` as the client of one session (the greeting read).
+        fn talk<F: std::future::Future<Output = ()>>(&self, script: impl FnOnce(Client) -> F) {
+            let shared = self.shared.clone();
+            self.rt.block_on(async move {
+                let (a, b) = tokio::io::duplex(1 << 20);
+                let session = tokio::spawn(run(a, "192.0.2.7:4000".parse().unwrap(), shared));
+                let mut c = Client(b);
+                assert_eq!(c.reply().await, format!("220 {HOST} ESMTP Bartleby\r\n"));
+                script(c).await;
+                timeout(Duration::from_secs(10), session).await.expect("the session did not end").unwrap();
+            });
+        }
+
+        fn queue(&self) -> Vec<QueueId> {
+            self.shared.spool.ids().unwrap()
+        }
+
+        fn stored(&self, id: &str) -> Vec<u8> {
+            let (mut r, _) = self.shared.spool.open_data(id).unwrap();
+            let mut v = Vec::new();
+            r.read_to_end(&mut v).unwrap();
+            v
+        }
+    }
+
+    fn ehlo_reply(size: u64) -> String {
+        format!("250-{HOST}\r\n250-PIPELINING\r\n250-SIZE {size}\r\n250-ETRN\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 DSN\r\n")
+    }
+
+    /// Without a certificate STARTTLS is neither offered nor accepted.
+    /// Postfix with smtpd_tls_security_level = none: no STARTTLS keyword
+    /// and "502 5.5.1 Error: command not implemented".
+    #[test]
+    fn starttls_absent() {
+        let f = fixture("notls", "max_message_size = 65536\n");
+        f.talk(|mut c| async move {
+            c.send(b"EHLO client.test\r\n").await;
+            assert_eq!(c.reply().await, ehlo_reply(65536));
+            c.send(b"STARTTLS\r\n").await;
+            assert_eq!(c.reply().await, "502 5.5.1 Error: command not implemented\r\n");
+            c.send(b"STARTTLS now\r\n").await;
+            assert_eq!(c.reply().await, "501 5.5.4 Syntax: STARTTLS\r\n");
+            c.send(b"HELO client.test\r\n").await;
+            assert_eq!(c.reply().await, format!("250 {HOST}\r\n"));
+            c.send(b"QUIT\r\n").await;
+            assert_eq!(c.rest().await, "221 2.0.0 Bye\r\n");
+        });
+    }
+
+    /// A command must end in CR LF: a bare LF, or a CR inside the line, is
+    /// refused and the session goes on (Postfix 3.9,
+    /// smtpd_forbid_bare_newline = reject: "Error: bare <LF> received").
+    #[test]
+    fn bare_newline_in_a_command() {
+        let f = fixture("barelf", "");
+        f.talk(|mut c| async move {
+            let refused = "500 5.5.2 Error: bare <CR> or <LF> received; commands end with <CR><LF>\r\n";
+            c.send(b"NOOP\n").await;
+            assert_eq!(c.reply().await, refused);
+            c.send(b"NO\rOP\r\n").await;
+            assert_eq!(c.reply().await, refused);
+            c.send(b"NOOP\r\r\n").await;
+            assert_eq!(c.reply().await, refused);
+            c.send(b"NOOP\r\n").await;
+            assert_eq!(c.reply().await, "250 2.0.0 Ok\r\n");
+            c.send(b"QUIT\r\n").await;
+            assert_eq!(c.rest().await, "221 2.0.0 Bye\r\n");
+        });
+    }
+
+    /// A line over max_line_length is read to its end, refused, never
+    /// stored; the next command is read as one (Postfix: line_length_limit
+    /// 2048, "500 5.5.2 Error: line too long" ... here without the
+    /// truncated command being run).
+    #[test]
+    fn line_over_the_limit() {
+        let f = fixture("longline", "max_line_length = 512\n");
+        f.talk(|mut c| async move {
+            let mut long = b"MAIL FROM:<".to_vec();
+            long.extend(std::iter::repeat_n(b'a', 5000));
+            long.extend_from_slice(b"@example.org>\r\nNOOP\r\n");
+            c.send(&long).await;
+            assert_eq!(c.reply().await, "500 5.5.2 Error: line too long\r\n");
+            assert_eq!(c.reply().await, "250 2.0.0 Ok\r\n");
+            // Exactly at the limit (the CR LF included) is a line.
+            let mut at = b"NOOP ".to_vec();
+            at.extend(std::iter::repeat_n(b'x', 512 - 7));
+            at.extend_from_slice(b"\r\n");
+            c.send(&at).await;
+            assert_eq!(c.reply().await, "250 2.0.0 Ok\r\n");
+            at.insert(5, b'x');
+            c.send(&at).await;
+            assert_eq!(c.reply().await, "500 5.5.2 Error: line too long\r\n");
+            c.send(b"QUIT\r\n").await;
+            assert_eq!(c.rest().await, "221 2.0.0 Bye\r\n");
+        });
+    }
+
+    /// Pipelined commands (RFC 2920) get every reply, in order, in one
+    /// write; a refused recipient does not disturb the others.
+    #[test]
+    fn pipelining() {
+        let f = fixture("pipelining", "max_message_size = 65536\n");
+        f.talk(|mut c| async move {
+            c.send(b"EHLO client.test\r\nMAIL FROM:<alice@sender.test> SIZE=100\r\nRCPT TO:<bob@example.org>\r\n\
+                     RCPT TO:<eve@other.test>\r\nRCPT TO:<carol@example.org>\r\nNOOP\r\nRSET\r\nQUIT\r\n")
+                .await;
+            let want = format!(
+                "{}250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n550 5.7.1 <eve@other.test>: Relay access denied\r\n250 2.1.5 Ok\r\n\
+                 250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n221 2.0.0 Bye\r\n",
+                ehlo_reply(65536)
+            );
+            assert_eq!(c.rest().await, want);
+        });
+        assert_eq!(Stats::get(&f.shared.stats.rejected), 1);
+        assert!(f.queue().is_empty());
+    }
+
+    /// RCPT before MAIL is an error; errors are counted once each, junk
+    /// commands between them are not, and past error_limit the session
+    /// is closed with 421 (Postfix: "503 5.5.1 Error: need MAIL command",
+    /// then smtpd_hard_error_limit: "421 4.7.0 ... Error: too many errors").
+    #[test]
+    fn rcpt_before_mail_and_the_error_limit() {
+        let f = fixture("errors", "error_limit = 3\n");
+        f.talk(|mut c| async move {
+            let need_mail = "503 5.5.1 Error: need MAIL command\r\n";
+            c.send(b"HELO client.test\r\n").await;
+            assert_eq!(c.reply().await, format!("250 {HOST}\r\n"));
+            for _ in 0..3 {
+                c.send(b"RCPT TO:<bob@example.org>\r\n").await;
+                assert_eq!(c.reply().await, need_mail);
+                c.send(b"NOOP\r\n").await;
+                assert_eq!(c.reply().await, "250 2.0.0 Ok\r\n");
+            }
+            c.send(b"RCPT TO:<bob@example.org>\r\n").await;
+            assert_eq!(c.rest().await, format!("{need_mail}421 4.7.0 {HOST} Error: too many errors\r\n"));
+        });
+    }
+
+    /// Past max_recipients each RCPT gets 452 4.5.3 and is not counted as
+    /// an error; the message goes to the recipients accepted. Postfix
+    /// (smtpd_recipient_limit) answers the same, and counts an error only
+    /// past smtpd_recipient_overshoot_limit (1000).
+    #[test]
+    fn too_many_recipients() {
+        let f = fixture("rcpts", "max_recipients = 100\nerror_limit = 1\n");
+        f.talk(|mut c| async move {
+            let mut script = b"EHLO client.test\r\nMAIL FROM:<alice@sender.test>\r\n".to_vec();
+            for i in 0..103 {
+                script.extend_from_slice(format!("RCPT TO:<user{i}@example.org>\r\n").as_bytes());
+            }
+            c.send(&script).await;
+            c.reply().await;
+            assert_eq!(c.reply().await, "250 2.1.0 Ok\r\n");
+            for _ in 0..100 {
+                assert_eq!(c.reply().await, "250 2.1.5 Ok\r\n");
+            }
+            for _ in 0..3 {
+                assert_eq!(c.reply().await, "452 4.5.3 Error: too many recipients\r\n");
+            }
+            c.send(b"DATA\r\n").await;
+            assert_eq!(c.reply().await, "354 End data with <CR><LF>.<CR><LF>\r\n");
+            c.send(b"Subject: many\r\n\r\nbody\r\n.\r\n").await;
+            assert!(c.reply().await.starts_with("250 2.0.0 Ok: queued as "));
+            c.send(b"QUIT\r\n").await;
+            assert_eq!(c.rest().await, "221 2.0.0 Bye\r\n");
+        });
+        let q = f.queue();
+        assert_eq!(q.len(), 1);
+        let m = f.shared.spool.read(&q[0]).unwrap();
+        assert_eq!(m.env.recipients.len(), 100);
+        assert_eq!(m.env.recipients[99], "user99@example.org");
+    }
+
+    /// 8-bit data is stored byte for byte, across read buffers and line
+    /// pieces; the same data past max_message_size is read to its end and
+    /// refused with 552 5.3.4 (Postfix: "552 5.3.4 Error: message file too
+    /// big"), nothing of it is queued, and the session goes on.
+    #[test]
+    fn eight_bit_data_across_the_size_limit() {
+        let f = fixture("8bit", "max_message_size = 65536\n");
+        // 8-bit lines of 1500 bytes: longer than a line piece (1 KiB),
+        // and the body crosses several 4 KiB reads.
+        let line: Vec<u8> = (0..1500u32).map(|i| 0x80 + (i % 0x80) as u8).chain(*b"\r\n").collect();
+        let small = line.repeat(20); // 30 KB
+        let big = line.repeat(50); // 75 KB, over 64 KiB
+        let (small2, big2) = (small.clone(), big.clone());
+        let id = std::rc::Rc::new(std::cell::RefCell::new(String::new()));
+        let id2 = id.clone();
+        f.talk(|mut c| async move {
+            c.send(b"EHLO client.test\r\n").await;
+            c.reply().await;
+            for (body, ok) in [(&big2, false), (&small2, true)] {
+                c.send(b"MAIL FROM:<alice@sender.test> BODY=8BITMIME\r\n").await;
+                assert_eq!(c.reply().await, "250 2.1.0 Ok\r\n");
+                c.send(b"RCPT TO:<bob@example.org>\r\n").await;
+                assert_eq!(c.reply().await, "250 2.1.5 Ok\r\n");
+                c.send(b"DATA\r\n").await;
+                assert_eq!(c.reply().await, "354 End data with <CR><LF>.<CR><LF>\r\n");
+                c.send(b"Subject: 8 bit\r\n\r\n").await;
+                c.send(body).await;
+                c.send(b".\r\n").await;
+                let r = c.reply().await;
+                if ok {
+                    let qid = r.strip_prefix("250 2.0.0 Ok: queued as ").and_then(|s| s.strip_suffix("\r\n")).expect(&r);
+                    *id2.borrow_mut() = qid.to_string();
+                } else {
+                    assert_eq!(r, "552 5.3.4 Error: message file too big\r\n");
+                }
+            }
+            c.send(b"QUIT\r\n").await;
+            assert_eq!(c.rest().await, "221 2.0.0 Bye\r\n");
+        });
+        let id = id.borrow().clone();
+        assert_eq!(f.queue().iter().map(|q| q.to_string()).collect::<Vec<_>>(), std::slice::from_ref(&id));
+        let stored = f.stored(&id);
+        assert!(stored.starts_with(b"Received: from client.test (unknown [192.0.2.7])\r\n"), "{}", String::from_utf8_lossy(&stored[..80]));
+        let mut want = b"Subject: 8 bit\r\n\r\n".to_vec();
+        want.extend_from_slice(&small);
+        assert!(stored.ends_with(&want), "the 8-bit body was not stored byte for byte");
+        assert!(f.shared.spool.read(&id).unwrap().env.body_8bit);
+    }
+
+    /// Bytes sent before the 354 (command or data stuffing, the SMTP
+    /// smuggling family): refused and closed, nothing queued (Postfix:
+    /// "554 5.5.0 Error: SMTP protocol synchronization" for a client that
+    /// talks before the greeting or the 354 where it must wait).
+    #[test]
+    fn data_sent_before_354_is_stuffing() {
+        let f = fixture("stuffing", "");
+        f.talk(|mut c| async move {
+            c.send(b"HELO client.test\r\nMAIL FROM:<alice@sender.test>\r\nRCPT TO:<bob@example.org>\r\n").await;
+            for _ in 0..3 {
+                c.reply().await;
+            }
+            c.send(b"DATA\r\nSubject: smuggled\r\n\r\nbody\r\n.\r\n").await;
+            assert_eq!(c.rest().await, "554 5.5.0 Error: SMTP protocol synchronization\r\n");
+        });
+        assert!(f.queue().is_empty());
+    }
+
+    /// DATA without a recipient: 503 with no MAIL, 554 with no accepted
+    /// recipient (as Postfix).
+    #[test]
+    fn data_without_recipients() {
+        let f = fixture("norcpt", "");
+        f.talk(|mut c| async move {
+            c.send(b"HELO client.test\r\nDATA\r\nMAIL FROM:<alice@sender.test>\r\nRCPT TO:<eve@other.test>\r\nDATA\r\nQUIT\r\n").await;
+            assert_eq!(
+                c.rest().await,
+                format!(
+                    "250 {HOST}\r\n503 5.5.1 Error: need RCPT command\r\n250 2.1.0 Ok\r\n\
+                     550 5.7.1 <eve@other.test>: Relay access denied\r\n554 5.5.1 Error: no valid recipients\r\n221 2.0.0 Bye\r\n"
+                )
+            );
+        });
+    }
+}
+
 #[cfg(all(test, feature = "tls"))]
 mod tests {
     use super::*;
