@@ -5,8 +5,11 @@
 //! DATA through [`DataParser`](crate::data::DataParser) into the spool, and
 //! answers "250" only after the committer reports the message durable.
 //!
-//! Every verb handler returns a [`Reply`]; the command loop ([`Session::serve`])
-//! writes it and counts errors and junk commands, in one place.
+//! Two halves: `Conn` is the protocol (the session's state and its verbs;
+//! every verb handler returns a [`Reply`], and `Conn::answer` writes it and
+//! counts errors and junk commands, in one place); `Session` is the I/O
+//! around it (the command loop, the DATA phase, flushing replies), generic
+//! over the socket (clear or TLS).
 //!
 //! May touch: the spool (one queue file per transaction, through
 //! [`Spool::begin`] and the committer), the shared counters, the scheduler's
@@ -97,6 +100,18 @@ enum Close {
     StartTls,
 }
 
+/// A transaction's queue file, begun at DATA.
+struct QueueFile {
+    txn: Txn,
+    w: SpoolWriter,
+    /// The committer's ticket taken before the file was begun.
+    ticket: Ticket,
+    /// The arrival time (Unix seconds).
+    now: u64,
+    /// Writing the Received header failed: said after the body.
+    io_error: Option<std::io::Error>,
+}
+
 /// A message body as received: what the parser saw, and whether it was
 /// stored whole.
 struct Body {
@@ -105,7 +120,16 @@ struct Body {
     io_error: Option<std::io::Error>,
 }
 
+/// A session: its protocol state, and the socket its replies go to.
 struct Session<'a, W> {
+    st: Conn<'a>,
+    wr: W,
+}
+
+/// A session's protocol state and its verbs: every verb handler returns
+/// a [`Reply`] and [`Conn::answer`] writes and counts it. Nothing here
+/// depends on the socket's type (one copy of it in the binary, TLS or not).
+struct Conn<'a> {
     shared: &'a Shared,
     peer: SocketAddr,
     client: String,
@@ -116,8 +140,15 @@ struct Session<'a, W> {
     junk: u32,
     /// The TLS session, as Postfix records it ("TLSv1.3 with cipher ...").
     tls: Option<String>,
+    /// Replies not written yet.
     out: Vec<u8>,
-    wr: W,
+}
+
+/// What a command line leads to.
+enum Step {
+    Reply(Reply),
+    /// DATA: the session reads the message.
+    Data,
 }
 
 /// Runs one SMTP session to its end.
@@ -130,7 +161,7 @@ where
     let client = format!("unknown[{}]", peer.ip().to_canonical());
     log::info!(target: SMTPD, "connect from {client}");
     let mut s = Session::new(&shared, peer, client, wr);
-    Reply::new(220, "", format!("{} ESMTP Bartleby", shared.cfg.hostname)).write(&mut s.out);
+    Reply::new(220, "", format!("{} ESMTP Bartleby", shared.cfg.hostname)).write(&mut s.st.out);
     let mut line = Vec::with_capacity(256);
     let Err(end) = s.serve(&mut rd, &mut line).await;
     #[cfg(feature = "tls")]
@@ -154,54 +185,54 @@ async fn starttls<S>(mut s: Session<'_, tokio::io::WriteHalf<S>>, rd: BufReader<
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let shared = s.shared;
+    let shared = s.st.shared;
     let cfg = &shared.cfg;
     if s.flush().await.is_err() {
-        log::info!(target: SMTPD, "lost connection after STARTTLS from {}", s.client);
-        log::info!(target: SMTPD, "disconnect from {}", s.client);
+        log::info!(target: SMTPD, "lost connection after STARTTLS from {}", s.st.client);
+        log::info!(target: SMTPD, "disconnect from {}", s.st.client);
         return;
     }
     if !rd.buffer().is_empty() {
         log::warn!(
             target: SMTPD,
             "warning: {}: {} bytes of plaintext pipelined after STARTTLS discarded (command injection attempt?)",
-            s.client,
+            s.st.client,
             rd.buffer().len()
         );
     }
     let Some(config) = shared.tls.as_ref().and_then(|t| t.config()) else {
-        log::info!(target: SMTPD, "disconnect from {}", s.client);
+        log::info!(target: SMTPD, "disconnect from {}", s.st.client);
         return;
     };
     let stream = rd.into_inner().unsplit(s.wr);
     let tls = match timeout(cfg.command_timeout, crate::tls::accept(config, stream)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
-            log::info!(target: SMTPD, "SSL_accept error from {}: {e}", s.client);
-            log::info!(target: SMTPD, "lost connection after STARTTLS from {}", s.client);
-            log::info!(target: SMTPD, "disconnect from {}", s.client);
+            log::info!(target: SMTPD, "SSL_accept error from {}: {e}", s.st.client);
+            log::info!(target: SMTPD, "lost connection after STARTTLS from {}", s.st.client);
+            log::info!(target: SMTPD, "disconnect from {}", s.st.client);
             return;
         }
         Err(_) => {
-            log::info!(target: SMTPD, "SSL_accept error from {}: timeout", s.client);
-            log::info!(target: SMTPD, "timeout after STARTTLS from {}", s.client);
-            log::info!(target: SMTPD, "disconnect from {}", s.client);
+            log::info!(target: SMTPD, "SSL_accept error from {}: timeout", s.st.client);
+            log::info!(target: SMTPD, "timeout after STARTTLS from {}", s.st.client);
+            log::info!(target: SMTPD, "disconnect from {}", s.st.client);
             return;
         }
     };
     let what = crate::tls::describe_conn(&tls.conn);
-    log::info!(target: SMTPD, "Anonymous TLS connection established from {}: {what}", s.client);
+    log::info!(target: SMTPD, "Anonymous TLS connection established from {}: {what}", s.st.client);
     let (trd, twr) = tokio::io::split(tls);
     let mut trd = BufReader::with_capacity(READ_BUF, trd);
     // RFC 3207 4.2: the client must start over with EHLO; nothing said
     // before the handshake counts (Postfix: helo_reset, mail_reset). The
     // error and junk counts go on.
-    let mut t = Session::new(shared, s.peer, std::mem::take(&mut s.client), twr);
-    t.errors = s.errors;
-    t.junk = s.junk;
-    t.tls = Some(what);
-    t.out = std::mem::take(&mut s.out);
-    t.out.clear();
+    let mut t = Session::new(shared, s.st.peer, std::mem::take(&mut s.st.client), twr);
+    t.st.errors = s.st.errors;
+    t.st.junk = s.st.junk;
+    t.st.tls = Some(what);
+    t.st.out = std::mem::take(&mut s.st.out);
+    t.st.out.clear();
     let Err(end) = t.serve(&mut trd, &mut line).await;
     t.finish(end).await;
 }
@@ -251,7 +282,7 @@ fn parse_error(e: ProtoError) -> Reply {
 
 impl<'a, W: AsyncWrite + Unpin> Session<'a, W> {
     fn new(shared: &'a Shared, peer: SocketAddr, client: String, wr: W) -> Self {
-        Session {
+        let st = Conn {
             shared,
             peer,
             client,
@@ -262,14 +293,14 @@ impl<'a, W: AsyncWrite + Unpin> Session<'a, W> {
             junk: 0,
             tls: None,
             out: Vec::with_capacity(512),
-            wr,
-        }
+        };
+        Session { st, wr }
     }
 
     /// The command loop, from the greeting (or the handshake) on: reads a
     /// command, answers it, until the session ends.
     async fn serve<R: AsyncRead + Unpin>(&mut self, rd: &mut BufReader<R>, line: &mut Vec<u8>) -> Result<std::convert::Infallible, Close> {
-        let cfg = self.shared.cfg.clone();
+        let cfg = self.st.shared.cfg.clone();
         self.flush().await?;
         loop {
             let reply = match timeout(cfg.command_timeout, read_line(rd, line, cfg.max_line_length)).await {
@@ -279,19 +310,84 @@ impl<'a, W: AsyncWrite + Unpin> Session<'a, W> {
                 // them (best effort), so a queued message's 250 is not lost.
                 Ok(Ok(LineRead::Eof)) => return Err(Close::After),
                 Ok(Ok(LineRead::TooLong)) => Reply::error(500, "5.5.2", "Error: line too long"),
-                Ok(Ok(LineRead::Line)) => self.command(line, rd).await?,
+                Ok(Ok(LineRead::Line)) => match self.st.command(line).await {
+                    Step::Reply(r) => r,
+                    Step::Data => self.data(rd).await?,
+                },
             };
-            self.answer(reply)?;
+            self.st.answer(reply)?;
             // Pipelined commands: replies go out in one write, but at most
             // OUT_MAX bytes are held (a client pipelining thousands of
             // RCPTs, each refused with a long verification reply, would
             // otherwise make the buffer grow with every command).
-            if rd.buffer().is_empty() || self.out.len() >= OUT_MAX {
+            if rd.buffer().is_empty() || self.st.out.len() >= OUT_MAX {
                 self.flush().await?;
             }
         }
     }
 
+    /// The end of a session, however it ended.
+    async fn finish(mut self, end: Close) {
+        if matches!(end, Close::After | Close::Quit) {
+            let _ = self.flush().await;
+        }
+        // With no recipient accepted there is no queue file to speak of (Postfix
+        // has no queue ID before the first accepted RCPT either).
+        if let Some(t) = self.st.txn.take().filter(|t| !t.rcpts.is_empty()) {
+            log::info!(target: SMTPD, "{}: lost connection or aborted before DATA completed", t.id);
+        }
+        // Bounded: in TLS the close_notify (and replies still held by the
+        // TLS layer) must be written first, and a client that never reads
+        // would otherwise hold the session and its slot forever. In clear
+        // this returns at once.
+        let _ = timeout(self.st.shared.cfg.command_timeout.min(Duration::from_secs(60)), self.wr.shutdown()).await;
+        log::info!(target: SMTPD, "disconnect from {}", self.st.client);
+    }
+
+    async fn flush(&mut self) -> Result<(), Close> {
+        if self.st.out.is_empty() {
+            return Ok(());
+        }
+        let r = timeout(Duration::from_secs(60), self.wr.write_all(&self.st.out)).await;
+        self.st.out.clear();
+        match r {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Close::Gone),
+        }
+    }
+
+    /// DATA: the checks, the queue file with its Received header, 354, the
+    /// body, then 250 once the message is durable. `Err` only when the
+    /// peer is gone.
+    async fn data<R: AsyncRead + Unpin>(&mut self, rd: &mut BufReader<R>) -> Result<Reply, Close> {
+        let QueueFile { txn, mut w, ticket, now, io_error } = match self.st.open_queue_file(!rd.buffer().is_empty()) {
+            Ok(opened) => opened,
+            Err(r) => return Ok(r),
+        };
+        Reply::new(354, "", "End data with <CR><LF>.<CR><LF>").write(&mut self.st.out);
+        if let Err(c) = self.flush().await {
+            w.abort();
+            return Err(c);
+        }
+        let body = match self.st.receive(rd, &mut w, io_error, &txn.id).await {
+            Ok(b) => b,
+            Err(end) => {
+                w.abort();
+                return end.ok_or(Close::Gone);
+            }
+        };
+        if let Some(r) = self.st.body_refused(&body, &txn.id) {
+            w.abort();
+            return Ok(r);
+        }
+        if body.parser.bare_newlines > 0 {
+            log::info!(target: SMTPD, "{}: {} bare <CR>/<LF> from {} normalised to <CR><LF>", txn.id, body.parser.bare_newlines, self.st.client);
+        }
+        Ok(self.st.commit(w, ticket, txn, now).await)
+    }
+}
+
+impl Conn<'_> {
     /// Writes a verb's reply and does what it says next: the one place
     /// where errors and junk commands are counted.
     fn answer(&mut self, r: Reply) -> Result<(), Close> {
@@ -303,36 +399,6 @@ impl<'a, W: AsyncWrite + Unpin> Session<'a, W> {
             Then::Close => Err(Close::After),
             Then::Quit => Err(Close::Quit),
             Then::StartTls => Err(Close::StartTls),
-        }
-    }
-
-    /// The end of a session, however it ended.
-    async fn finish(mut self, end: Close) {
-        if matches!(end, Close::After | Close::Quit) {
-            let _ = self.flush().await;
-        }
-        // With no recipient accepted there is no queue file to speak of (Postfix
-        // has no queue ID before the first accepted RCPT either).
-        if let Some(t) = self.txn.take().filter(|t| !t.rcpts.is_empty()) {
-            log::info!(target: SMTPD, "{}: lost connection or aborted before DATA completed", t.id);
-        }
-        // Bounded: in TLS the close_notify (and replies still held by the
-        // TLS layer) must be written first, and a client that never reads
-        // would otherwise hold the session and its slot forever. In clear
-        // this returns at once.
-        let _ = timeout(self.shared.cfg.command_timeout.min(Duration::from_secs(60)), self.wr.shutdown()).await;
-        log::info!(target: SMTPD, "disconnect from {}", self.client);
-    }
-
-    async fn flush(&mut self) -> Result<(), Close> {
-        if self.out.is_empty() {
-            return Ok(());
-        }
-        let r = timeout(Duration::from_secs(60), self.wr.write_all(&self.out)).await;
-        self.out.clear();
-        match r {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(Close::Gone),
         }
     }
 
@@ -364,28 +430,29 @@ impl<'a, W: AsyncWrite + Unpin> Session<'a, W> {
         r.into()
     }
 
-    /// Handles one command line; `Err` only when the peer is gone.
-    async fn command<R: AsyncRead + Unpin>(&mut self, line: &[u8], rd: &mut BufReader<R>) -> Result<Reply, Close> {
+    /// Handles one command line: its reply, or `Step::Data` for a DATA
+    /// the session's I/O side takes over.
+    async fn command(&mut self, line: &[u8]) -> Step {
         // Strict CR LF: a bare LF line end or a CR inside the line is refused
         // (Postfix smtpd_forbid_bare_newline = reject for commands).
         let body = match line.strip_suffix(b"\r\n") {
             Some(b) if !b.contains(&b'\r') => b,
-            _ => return Ok(Reply::error(500, "5.5.2", "Error: bare <CR> or <LF> received; commands end with <CR><LF>")),
+            _ => return Step::Reply(Reply::error(500, "5.5.2", "Error: bare <CR> or <LF> received; commands end with <CR><LF>")),
         };
         // DSN parameters are checked by mail() and rcpt() on `body`.
         let stripped = crate::dsn::without_params(line);
         let req = match Request::parse(&mut stripped.as_deref().unwrap_or(line).iter()) {
             Ok(r) => r,
-            Err(e) => return Ok(parse_error(e)),
+            Err(e) => return Step::Reply(parse_error(e)),
         };
-        Ok(match req {
+        Step::Reply(match req {
             Request::Ehlo { host } if !host.is_empty() => self.ehlo(&host, true),
             Request::Helo { host } if !host.is_empty() => self.ehlo(&host, false),
             Request::Ehlo { .. } | Request::Helo { .. } => Reply::error(501, "5.5.4", "Syntax: EHLO hostname"),
             Request::Lhlo { .. } => Reply::error(500, "5.5.2", "Error: command not recognized"),
             Request::Mail { from } => self.mail(body, &from.address, from.flags),
             Request::Rcpt { to } => self.rcpt(body, &to.address, to.flags).await,
-            Request::Data => return self.data(rd).await,
+            Request::Data => return Step::Data,
             Request::Rset => {
                 self.txn = None;
                 Reply::new(250, "2.0.0", "Ok").then(Then::Junk)
@@ -698,15 +765,15 @@ impl<'a, W: AsyncWrite + Unpin> Session<'a, W> {
         }
     }
 
-    /// DATA: the checks, the queue file with its Received header, 354, the
-    /// body, then 250 once the message is durable. `Err` only when the
-    /// peer is gone.
-    async fn data<R: AsyncRead + Unpin>(&mut self, rd: &mut BufReader<R>) -> Result<Reply, Close> {
-        if let Some(r) = self.data_refused(!rd.buffer().is_empty()) {
-            return Ok(r);
+    /// DATA up to the 354: refused (no recipient, stuffing), or the
+    /// transaction with its queue file begun and the Received header in it
+    /// (a write error kept for after the body: the client is told then).
+    fn open_queue_file(&mut self, stuffed: bool) -> Result<QueueFile, Reply> {
+        if let Some(r) = self.data_refused(stuffed) {
+            return Err(r);
         }
         let Some(txn) = self.txn.take() else {
-            return Ok(Reply::error(503, "5.5.1", "Error: need RCPT command"));
+            return Err(Reply::error(503, "5.5.1", "Error: need RCPT command"));
         };
         let now = util::now();
         let ticket = self.shared.committer.ticket();
@@ -714,30 +781,11 @@ impl<'a, W: AsyncWrite + Unpin> Session<'a, W> {
             Ok(w) => w,
             Err(e) => {
                 log::error!(target: SMTPD, "error: {}: cannot create queue file: {e}", txn.id);
-                return Ok(self.write_error());
+                return Err(self.write_error());
             }
         };
         let io_error = w.write(self.received_header(&txn, now).as_bytes()).err();
-        Reply::new(354, "", "End data with <CR><LF>.<CR><LF>").write(&mut self.out);
-        if let Err(c) = self.flush().await {
-            w.abort();
-            return Err(c);
-        }
-        let body = match self.receive(rd, &mut w, io_error, &txn.id).await {
-            Ok(b) => b,
-            Err(end) => {
-                w.abort();
-                return end.ok_or(Close::Gone);
-            }
-        };
-        if let Some(r) = self.body_refused(&body, &txn.id) {
-            w.abort();
-            return Ok(r);
-        }
-        if body.parser.bare_newlines > 0 {
-            log::info!(target: SMTPD, "{}: {} bare <CR>/<LF> from {} normalised to <CR><LF>", txn.id, body.parser.bare_newlines, self.client);
-        }
-        Ok(self.commit(w, ticket, txn, now).await)
+        Ok(QueueFile { txn, w, ticket, now, io_error })
     }
 
     /// DATA refused before 354: no transaction, no recipient, or bytes
