@@ -2,6 +2,9 @@
 //! appliance. Parses the arguments, runs one command (`serve`, `mailq`,
 //! `flush`, `check`), sets up the process (stack size, descriptor limit,
 //! logging, the runtime) before `server::serve`.
+//!
+//! May touch: the process (environment, limits), stdout/stderr; the spool
+//! only through `mailq`, `control` and `server`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -24,6 +24,7 @@ use crate::logging::MASTER;
 use crate::clients::Limits;
 use crate::policy::Recipients;
 use crate::scheduler::Scheduler;
+use crate::reply::Reply;
 use crate::session::{self, Shared};
 use crate::spool::{Committer, Spool};
 use crate::stats::Stats;
@@ -266,24 +267,7 @@ async fn accept_loop(l: TcpListener, shared: Arc<Shared>, sem: Arc<Semaphore>, m
         let client = match shared.stats.clients.connect(peer.ip(), &limits, crate::util::now(), sem.available_permits()) {
             Ok(key) => ClientSlot { shared: shared.clone(), key, limits },
             Err(r) => {
-                let ip = peer.ip().to_canonical();
-                crate::stats::Stats::inc(&shared.stats.client_refusals_connections);
-                // At most once a minute per client (a flood would fill the
-                // console); the counter above counts every one.
-                if let crate::clients::Warn::Log { earlier } = r.warn {
-                    crate::clients::log_unlogged(crate::clients::ClientKey::of(ip), earlier);
-                    let why = if r.reserve {
-                        format!(" (the last {} of max_connections are kept for clients without a session)", limits.reserve)
-                    } else {
-                        String::new()
-                    };
-                    log::warn!(target: MASTER, "warning: Connection concurrency limit exceeded: {} from unknown[{ip}] for service smtp{why}", r.n);
-                }
-                let msg = format!("421 4.7.0 {} Error: too many connections from {ip}\r\n", shared.cfg.hostname);
-                tokio::spawn(async move {
-                    let mut stream = stream;
-                    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(msg.as_bytes())).await;
-                });
+                turn_away(stream, client_refused(&shared, peer, r, &limits));
                 continue;
             }
         };
@@ -300,27 +284,54 @@ async fn accept_loop(l: TcpListener, shared: Arc<Shared>, sem: Arc<Semaphore>, m
             }
             Err(_) => {
                 drop(client);
-                // One line a minute: a flood from many addresses would
-                // otherwise write one per connection.
-                static WARN: crate::util::LogLimiter = crate::util::LogLimiter::new();
-                if let Some(n) = WARN.allow(crate::util::now()) {
-                    log::warn!(
-                        target: MASTER,
-                        "warning: too many connections (max_connections {}): refusing unknown[{}]{}",
-                        shared.cfg.max_connections,
-                        peer.ip().to_canonical(),
-                        crate::util::LogLimiter::unlogged(n)
-                    );
-                }
-                let host = shared.cfg.hostname.clone();
-                tokio::spawn(async move {
-                    let mut stream = stream;
-                    let msg = format!("421 4.7.0 {host} Error: too many connections; try again later\r\n");
-                    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(msg.as_bytes())).await;
-                });
+                turn_away(stream, server_full(&shared, peer));
             }
         }
     }
+}
+
+/// A client over its per-client connection limit: counted, logged at most
+/// once a minute per client (a flood would fill the console), and its 421.
+fn client_refused(shared: &Shared, peer: SocketAddr, r: crate::clients::Refused, limits: &Limits) -> Reply {
+    let ip = peer.ip().to_canonical();
+    crate::stats::Stats::inc(&shared.stats.client_refusals_connections);
+    if let crate::clients::Warn::Log { earlier } = r.warn {
+        crate::clients::log_unlogged(crate::clients::ClientKey::of(ip), earlier);
+        let why = if r.reserve {
+            format!(" (the last {} of max_connections are kept for clients without a session)", limits.reserve)
+        } else {
+            String::new()
+        };
+        log::warn!(target: MASTER, "warning: Connection concurrency limit exceeded: {} from unknown[{ip}] for service smtp{why}", r.n);
+    }
+    Reply::new(421, "4.7.0", format!("{} Error: too many connections from {ip}", shared.cfg.hostname))
+}
+
+/// Every session slot taken (max_connections): logged at most once a
+/// minute (a flood from many addresses would otherwise write one line per
+/// connection), and the 421.
+fn server_full(shared: &Shared, peer: SocketAddr) -> Reply {
+    static WARN: crate::util::LogLimiter = crate::util::LogLimiter::new();
+    if let Some(n) = WARN.allow(crate::util::now()) {
+        log::warn!(
+            target: MASTER,
+            "warning: too many connections (max_connections {}): refusing unknown[{}]{}",
+            shared.cfg.max_connections,
+            peer.ip().to_canonical(),
+            crate::util::LogLimiter::unlogged(n)
+        );
+    }
+    Reply::new(421, "4.7.0", format!("{} Error: too many connections; try again later", shared.cfg.hostname))
+}
+
+/// Says `reply` to a client that gets no session, in a task of its own
+/// (at most 5 s: a client that does not read cannot hold it), then closes.
+fn turn_away(mut stream: tokio::net::TcpStream, reply: Reply) {
+    let mut msg = Vec::with_capacity(96);
+    reply.write(&mut msg);
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&msg)).await;
+    });
 }
 
 /// A session's place in the per-client table, given back when dropped (also
