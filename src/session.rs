@@ -1317,6 +1317,76 @@ mod seam_tests {
         assert!(f.queue().is_empty());
     }
 
+    /// Junk commands (NOOP, RSET, EHLO, ...) are counted apart from
+    /// errors; past 100 the session is closed with 421, and a queued
+    /// message starts the count again (Postfix: smtpd_junk_command_limit
+    /// 100, reset when mail is delivered; Postfix then counts errors until
+    /// its hard limit, here it closes at once).
+    #[test]
+    fn junk_limit_and_its_reset_by_a_queued_message() {
+        let f = fixture("junk", "");
+        f.talk(|mut c| async move {
+            c.send(&b"NOOP\r\n".repeat(99)).await;
+            for _ in 0..99 {
+                assert_eq!(c.reply().await, "250 2.0.0 Ok\r\n");
+            }
+            c.send(b"HELO client.test\r\nMAIL FROM:<alice@sender.test>\r\nRCPT TO:<bob@example.org>\r\n").await;
+            assert_eq!(c.reply().await, format!("250 {HOST}\r\n"));
+            c.reply().await;
+            c.reply().await;
+            c.send(b"DATA\r\n").await;
+            c.reply().await;
+            c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n").await;
+            assert!(c.reply().await.starts_with("250 2.0.0 Ok: queued as "));
+            c.send(&b"RSET\r\n".repeat(101)).await;
+            for _ in 0..100 {
+                assert_eq!(c.reply().await, "250 2.0.0 Ok\r\n");
+            }
+            assert_eq!(c.rest().await, format!("250 2.0.0 Ok\r\n421 4.7.0 {HOST} Error: too many junk commands\r\n"));
+        });
+    }
+
+    /// A client that says nothing gets 421 4.4.2 after command_timeout and
+    /// is closed (Postfix: smtpd_timeout, "421 4.4.2 host Error: timeout
+    /// exceeded").
+    #[test]
+    fn silent_client_times_out() {
+        let f = fixture("timeout", "command_timeout = 1\n");
+        f.talk(|mut c| async move {
+            let t = std::time::Instant::now();
+            assert_eq!(c.rest().await, format!("421 4.4.2 {HOST} Error: timeout exceeded\r\n"));
+            assert!(t.elapsed() >= Duration::from_millis(900), "{:?}", t.elapsed());
+        });
+    }
+
+    /// Commands smtp-proto cannot parse, or that are not offered, are
+    /// errors with Postfix's wording.
+    #[test]
+    fn unknown_and_unsupported_commands() {
+        let f = fixture("unknown", "");
+        f.talk(|mut c| async move {
+            c.send(b"EHLO client.test\r\n").await;
+            c.reply().await;
+            for (cmd, want) in [
+                (&b"FOO bar\r\n"[..], "500 5.5.2 Error: command not recognized\r\n"),
+                (b"LHLO client.test\r\n", "500 5.5.2 Error: command not recognized\r\n"),
+                // smtp-proto's wording (Postfix: "501 Syntax: EHLO hostname").
+                (b"EHLO\r\n", "501 5.5.4 Syntax: EHLO domain\r\n"),
+                (b"AUTH PLAIN AGFAAGI=\r\n", "502 5.5.1 Error: command not implemented\r\n"),
+                (b"BDAT 10 LAST\r\n", "502 5.5.1 Error: command not implemented\r\n"),
+                (b"VRFY bob\r\n", "502 5.5.1 Error: command disabled on a backup MX\r\n"),
+                // smtp-proto refuses it before policy::size_param sees it.
+                (b"MAIL FROM:<alice@sender.test> SIZE=x\r\n", "501 5.5.4 Invalid parameter SIZE\r\n"),
+                (b"MAIL FROM:<alice@sender.test> SIZE=99999999999\r\n", "552 5.3.4 Message size exceeds fixed limit\r\n"),
+            ] {
+                c.send(cmd).await;
+                assert_eq!(c.reply().await, want, "{}", String::from_utf8_lossy(cmd));
+            }
+            c.send(b"QUIT\r\n").await;
+            assert_eq!(c.rest().await, "221 2.0.0 Bye\r\n");
+        });
+    }
+
     /// DATA without a recipient: 503 with no MAIL, 554 with no accepted
     /// recipient (as Postfix).
     #[test]
