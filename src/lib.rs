@@ -8,6 +8,7 @@
 pub mod bounces;
 pub mod clients;
 pub mod config;
+pub mod control;
 pub mod courier;
 pub mod data;
 pub mod delivery;
@@ -19,6 +20,7 @@ pub mod mailq;
 pub mod netcfg;
 pub mod policy;
 pub mod punycode;
+pub mod reply;
 pub mod route;
 pub mod scheduler;
 pub mod server;

@@ -1,4 +1,10 @@
-//! `bartleby`: command line of the backup MX relay.
+//! `bartleby`: command line of the backup MX relay, and PID 1 on the
+//! appliance. Parses the arguments, runs one command (`serve`, `mailq`,
+//! `flush`, `check`), sets up the process (stack size, descriptor limit,
+//! logging, the runtime) before `server::serve`.
+//!
+//! May touch: the process (environment, limits), stdout/stderr; the spool
+//! only through `mailq`, `control` and `server`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -67,6 +73,8 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // The first statement: no other thread of this process exists yet.
+    small_thread_stacks();
     if std::process::id() == 1 {
         pid1();
     }
@@ -78,86 +86,11 @@ fn main() -> ExitCode {
         }
     };
     match args.command.as_str() {
-        "check" => match load(&args.config) {
-            Ok(c) => {
-                // serve starts with a bad recipients list (451 to every
-                // recipient, or the last good list): an error here.
-                match bartleby::policy::RecipientList::load(c.recipients.as_deref()) {
-                    Ok(l) if l.is_enabled() => println!("recipients list: {} entries", l.len()),
-                    Ok(_) => {}
-                    Err(e) => {
-                        eprintln!("bartleby: {e}");
-                        return ExitCode::from(78);
-                    }
-                }
-                #[cfg(feature = "tls")]
-                match bartleby::tls::check(&c) {
-                    Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
-                    Err(e) => {
-                        eprintln!("bartleby: {e}");
-                        return ExitCode::from(78);
-                    }
-                }
-                match bartleby::status::check_push(&c) {
-                    Ok(true) => println!("recipients list push: enabled (PUT /recipients)"),
-                    Ok(false) => {}
-                    Err(e) => {
-                        eprintln!("bartleby: {e}");
-                        return ExitCode::from(78);
-                    }
-                }
-                println!(
-                    "{}: OK: {} relaying for {} to {}",
-                    args.config.display(),
-                    c.hostname,
-                    c.relay_domains.join(", "),
-                    c.primary_display()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
-        "mailq" => {
-            let cfg = match load(&args.config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let sp = match spool::Spool::open(&cfg.spool) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("bartleby: {e}");
-                    return ExitCode::from(69);
-                }
-            };
-            let stdout = std::io::stdout();
-            match mailq::print(&sp, &mut stdout.lock()) {
-                Ok(()) => ExitCode::SUCCESS,
-                // `bartleby mailq | head`: the reader has seen enough.
-                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("bartleby: mailq: {e}");
-                    ExitCode::from(74)
-                }
-            }
-        }
-        "flush" => {
-            let cfg = match load(&args.config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match server::control_request(&cfg.spool, "flush") {
-                Ok(answer) => {
-                    println!("bartleby: {answer}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("bartleby: flush: {e}");
-                    ExitCode::from(69) // EX_UNAVAILABLE
-                }
-            }
-        }
+        "check" => check(&args.config),
+        "mailq" => list_queue(&args.config),
+        "flush" => flush(&args.config),
         "serve" => {
-            prepare_process();
+            raise_fd_limit();
             match load(&args.config) {
                 Ok(c) => serve(c, None),
                 Err(code) => code,
@@ -170,18 +103,106 @@ fn main() -> ExitCode {
     }
 }
 
-/// Process-wide settings that must be made before any thread starts.
-fn prepare_process() {
-    // tiny_http starts its threads with std's default stack size; std reads
-    // RUST_MIN_STACK once, at the first spawn. 64 KiB is enough for them and
-    // keeps the address space small on a 16 MB machine.
+/// `bartleby check`: the configuration, the recipients list, the TLS files
+/// and the push token as `serve` would use them.
+fn check(path: &std::path::Path) -> ExitCode {
+    let c = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    // serve starts with a bad recipients list (451 to every recipient, or
+    // the last good list): an error here.
+    match bartleby::policy::RecipientList::load(c.recipients.as_deref()) {
+        Ok(l) if l.is_enabled() => println!("recipients list: {} entries", l.len()),
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("bartleby: {e}");
+            return ExitCode::from(78);
+        }
+    }
+    #[cfg(feature = "tls")]
+    match bartleby::tls::check(&c) {
+        Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+        Err(e) => {
+            eprintln!("bartleby: {e}");
+            return ExitCode::from(78);
+        }
+    }
+    match bartleby::status::check_push(&c) {
+        Ok(true) => println!("recipients list push: enabled (PUT /recipients)"),
+        Ok(false) => {}
+        Err(e) => {
+            eprintln!("bartleby: {e}");
+            return ExitCode::from(78);
+        }
+    }
+    println!("{}: OK: {} relaying for {} to {}", path.display(), c.hostname, c.relay_domains.join(", "), c.primary_display());
+    ExitCode::SUCCESS
+}
+
+/// `bartleby mailq`: the queue, read from the spool (no server needed).
+fn list_queue(path: &std::path::Path) -> ExitCode {
+    let cfg = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let sp = match spool::Spool::open(&cfg.spool) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("bartleby: {e}");
+            return ExitCode::from(69);
+        }
+    };
+    let stdout = std::io::stdout();
+    match mailq::print(&sp, &mut stdout.lock()) {
+        Ok(()) => ExitCode::SUCCESS,
+        // `bartleby mailq | head`: the reader has seen enough.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bartleby: mailq: {e}");
+            ExitCode::from(74)
+        }
+    }
+}
+
+/// `bartleby flush`: asks the running server for a queue run.
+fn flush(path: &std::path::Path) -> ExitCode {
+    let cfg = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match bartleby::control::request(&cfg.spool, "flush") {
+        Ok(answer) => {
+            println!("bartleby: {answer}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bartleby: flush: {e}");
+            ExitCode::from(69) // EX_UNAVAILABLE
+        }
+    }
+}
+
+/// Threads started without a stack size get 64 KiB: tiny_http starts its
+/// threads with std's default stack size, and std reads RUST_MIN_STACK once,
+/// at the first such spawn. 64 KiB is enough for them and keeps the address
+/// space small on a 16 MB machine.
+///
+/// Called as the first statement of `main`, in every role (PID 1 included),
+/// so that `set_var` runs while this process has one thread: std starts no
+/// thread before `main`, and PID 1 has nothing else running in it (init's
+/// console and memory threads start later, in `init::boot`).
+fn small_thread_stacks() {
     if std::env::var_os("RUST_MIN_STACK").is_none() {
-        // SAFETY: called before any other thread exists (first thing in pid1
-        // and in the serve command).
+        // SAFETY: no other thread exists yet to read the environment (see
+        // above); only `main`'s first statement calls this.
         unsafe { std::env::set_var("RUST_MIN_STACK", "65536") };
     }
-    // Raise the descriptor limit to the hard limit: running out of
-    // descriptors must mean 421/503 to clients, not an abort in a library.
+}
+
+/// Raises the descriptor limit to the hard limit: running out of
+/// descriptors must mean 421/503 to clients, not an abort in a library.
+fn raise_fd_limit() {
     // SAFETY: plain getrlimit/setrlimit on a struct we own.
     unsafe {
         let mut lim: libc::rlimit = std::mem::zeroed();
@@ -200,7 +221,7 @@ fn prepare_process() {
 /// The relay runs with the configuration init parsed (and fell back on, if
 /// the one on the boot media is invalid): one file, one set of values.
 fn pid1() -> ! {
-    prepare_process();
+    raise_fd_limit();
     let mut boot = bartleby::init::boot();
     let _ = std::thread::Builder::new().name("reaper".into()).stack_size(32 * 1024).spawn(|| {
         loop {

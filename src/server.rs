@@ -1,5 +1,9 @@
-//! The server: listeners, the connection cap, the control socket, signals
-//! and graceful shutdown; it wires session → spool → scheduler together.
+//! The server: listeners, the connection cap, the control socket's
+//! listener, signals and graceful shutdown; it wires session → spool →
+//! scheduler together. What the control socket says is in `control.rs`.
+//!
+//! May touch: the spool directory's lock and control socket, the listening
+//! sockets, and every task it starts (sessions, scheduler, verifier).
 //!
 //! Everything runs on one current_thread tokio runtime (one core, 16 MB):
 //! sessions are tasks, not threads. A semaphore caps concurrent sessions;
@@ -10,7 +14,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{Semaphore, watch};
@@ -20,7 +24,8 @@ use crate::logging::MASTER;
 use crate::clients::Limits;
 use crate::policy::Recipients;
 use crate::scheduler::Scheduler;
-use crate::session::{self, Ctx};
+use crate::reply::Reply;
+use crate::session::{self, Shared};
 use crate::spool::{Committer, Spool};
 use crate::stats::Stats;
 
@@ -109,38 +114,19 @@ pub fn tcp_listen(addr: SocketAddr, freebind: bool) -> std::io::Result<std::net:
 /// Runs the relay until SIGTERM/SIGINT. Returns an error for problems at
 /// start (bad listen address, unusable spool).
 pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
-    let spool = Spool::create(&cfg.spool).map_err(|e| format!("spool {}: {e}", cfg.spool.display()))?;
-    let _lock = lock_spool(&spool)?;
-    let rec = spool.recover().map_err(|e| format!("spool {}: recovery failed: {e}", cfg.spool.display()))?;
-    log::info!(
-        target: MASTER,
-        "spool {}: {} queued, {} partial removed, {} damaged moved to corrupt/",
-        cfg.spool.display(),
-        rec.queued,
-        rec.removed_incoming,
-        rec.corrupt.len()
-    );
+    let (spool, _lock) = open_spool(&cfg)?;
     // Never fails: a list that cannot be used means 451 (try again later),
     // or the last good list kept in the spool, not a server that is down.
     let recipients = Recipients::start(cfg.recipients.as_deref(), &spool.root().join(crate::policy::LAST_GOOD), &stats);
-    let mut listeners = Vec::new();
-    for addr in &cfg.listen {
-        let l = tcp_listen(*addr, freebind(&cfg, addr))
-            .and_then(|l| {
-                l.set_nonblocking(true)?;
-                TcpListener::from_std(l)
-            })
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        listeners.push(l);
-    }
-    let sock_path = spool.control_socket();
+    let listeners = listen(&cfg)?;
+    let sock_path = crate::control::socket_path(spool.root());
     let _ = std::fs::remove_file(&sock_path);
     let control = UnixListener::bind(&sock_path).map_err(|e| format!("control socket {}: {e}", sock_path.display()))?;
 
     let committer = Committer::start(&spool).map_err(|e| format!("spool {}: {e}", spool.root().display()))?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let ctx = Arc::new(Ctx {
+    let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         spool: spool.clone(),
         committer: committer.clone(),
@@ -157,23 +143,23 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
         log::error!(target: MASTER, "error: TLS to the primary: {e}; deliveries that need TLS are deferred");
     }
     // The list is reread on its own thread, never on the SMTP runtime.
-    ctx.recipients.watch(stats.clone()).map_err(|e| format!("recipients list watcher: {e}"))?;
+    shared.recipients.watch(stats.clone()).map_err(|e| format!("recipients list watcher: {e}"))?;
     if cfg.etrn_allow.is_empty() {
         tokio::spawn(crate::route::learn_primary_addrs(cfg.clone()));
     }
     let scheduler = Scheduler::new(cfg.clone(), spool.clone(), stats.clone(), committer, rx);
     let sched_task = tokio::spawn(scheduler.run(shutdown_rx.clone()));
-    let verify_task = ctx.verifier.clone().map(|v| tokio::spawn(v.run(shutdown_rx.clone())));
+    let verify_task = shared.verifier.clone().map(|v| tokio::spawn(v.run(shutdown_rx.clone())));
 
     let sem = Arc::new(Semaphore::new(cfg.max_connections));
     for l in listeners {
-        tokio::spawn(accept_loop(l, ctx.clone(), sem.clone(), shutdown_rx.clone()));
+        tokio::spawn(accept_loop(l, shared.clone(), sem.clone(), shutdown_rx.clone()));
     }
     tokio::spawn(control_loop(control, stats.clone(), shutdown_rx.clone()));
     // The status page lives on its own threads and only reads the spool and
     // the shared counters (and swaps in a pushed recipients list, as the
     // watcher does): it can never stall SMTP.
-    crate::status::start_with(cfg.clone(), stats.clone(), Some(ctx.recipients.clone())).map_err(|e| format!("status page: {e}"))?;
+    crate::status::start_with(cfg.clone(), stats.clone(), Some(shared.recipients.clone())).map_err(|e| format!("status page: {e}"))?;
     log::info!(
         target: MASTER,
         "daemon started -- version {}, listening on {}, primary {}{}",
@@ -183,27 +169,7 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
         crate::init::since_boot()
     );
 
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
-    // SIGPWR: a UPS daemon (or the kernel) says power is failing.
-    let mut pwr = signal(SignalKind::from_raw(libc::SIGPWR)).map_err(|e| e.to_string())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = pwr.recv() => break,
-            _ = int.recv() => break,
-            _ = usr1.recv() => stats.request_flush(),
-            _ = hup.recv() => {
-                if ctx.recipients.force_reload() {
-                    log::info!(target: MASTER, "SIGHUP: rereading the recipients list, even if it drops most entries");
-                } else {
-                    log::info!(target: MASTER, "SIGHUP: no recipients list is configured; nothing to reload");
-                }
-            }
-        }
-    }
+    until_stop_signal(&shared).await?;
     log::info!(target: MASTER, "terminating on signal");
     let _ = shutdown_tx.send(true);
     // Wait for sessions to finish (everything acknowledged is already durable;
@@ -220,7 +186,65 @@ pub async fn serve(cfg: Arc<Config>, stats: Arc<Stats>) -> Result<(), String> {
     Ok(())
 }
 
-async fn accept_loop(l: TcpListener, ctx: Arc<Ctx>, sem: Arc<Semaphore>, mut shutdown: watch::Receiver<bool>) {
+/// The spool, locked for this server, with what a crash left behind
+/// recovered (and said in the log).
+fn open_spool(cfg: &Config) -> Result<(Spool, SpoolLock), String> {
+    let spool = Spool::create(&cfg.spool).map_err(|e| format!("spool {}: {e}", cfg.spool.display()))?;
+    let lock = lock_spool(&spool)?;
+    let rec = spool.recover().map_err(|e| format!("spool {}: recovery failed: {e}", cfg.spool.display()))?;
+    log::info!(
+        target: MASTER,
+        "spool {}: {} queued, {} partial removed, {} damaged moved to corrupt/",
+        cfg.spool.display(),
+        rec.queued,
+        rec.removed_incoming,
+        rec.corrupt.len()
+    );
+    Ok((spool, lock))
+}
+
+/// A listening socket on each address of `listen`.
+fn listen(cfg: &Config) -> Result<Vec<TcpListener>, String> {
+    let mut listeners = Vec::new();
+    for addr in &cfg.listen {
+        let l = tcp_listen(*addr, freebind(cfg, addr))
+            .and_then(|l| {
+                l.set_nonblocking(true)?;
+                TcpListener::from_std(l)
+            })
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        listeners.push(l);
+    }
+    Ok(listeners)
+}
+
+/// Serves signals until one says stop: SIGTERM, SIGINT, SIGPWR stop;
+/// SIGUSR1 asks for a queue run; SIGHUP rereads the recipients list.
+async fn until_stop_signal(shared: &Shared) -> Result<(), String> {
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    // SIGPWR: a UPS daemon (or the kernel) says power is failing.
+    let mut pwr = signal(SignalKind::from_raw(libc::SIGPWR)).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = pwr.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = usr1.recv() => shared.stats.request_flush(),
+            _ = hup.recv() => {
+                if shared.recipients.force_reload() {
+                    log::info!(target: MASTER, "SIGHUP: rereading the recipients list, even if it drops most entries");
+                } else {
+                    log::info!(target: MASTER, "SIGHUP: no recipients list is configured; nothing to reload");
+                }
+            }
+        }
+    }
+}
+
+async fn accept_loop(l: TcpListener, shared: Arc<Shared>, sem: Arc<Semaphore>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let accepted = tokio::select! {
             a = l.accept() => a,
@@ -239,71 +263,81 @@ async fn accept_loop(l: TcpListener, ctx: Arc<Ctx>, sem: Arc<Semaphore>, mut shu
         // The per-client cap first (as Postfix's anvil check, before the
         // greeting): one address must never hold every slot, and the last
         // slots are kept for clients without a session (see clients.rs).
-        let limits = Limits::of(&ctx.cfg);
-        let client = match ctx.stats.clients.connect(peer.ip(), &limits, crate::util::now(), sem.available_permits()) {
-            Ok(key) => ClientSlot { ctx: ctx.clone(), key, limits },
+        let limits = Limits::of(&shared.cfg);
+        let client = match shared.stats.clients.connect(peer.ip(), &limits, crate::util::now(), sem.available_permits()) {
+            Ok(key) => ClientSlot { shared: shared.clone(), key, limits },
             Err(r) => {
-                let ip = peer.ip().to_canonical();
-                crate::stats::Stats::inc(&ctx.stats.client_refusals_connections);
-                // At most once a minute per client (a flood would fill the
-                // console); the counter above counts every one.
-                if let crate::clients::Warn::Log { earlier } = r.warn {
-                    crate::clients::log_unlogged(crate::clients::ClientKey::of(ip), earlier);
-                    let why = if r.reserve {
-                        format!(" (the last {} of max_connections are kept for clients without a session)", limits.reserve)
-                    } else {
-                        String::new()
-                    };
-                    log::warn!(target: MASTER, "warning: Connection concurrency limit exceeded: {} from unknown[{ip}] for service smtp{why}", r.n);
-                }
-                let msg = format!("421 4.7.0 {} Error: too many connections from {ip}\r\n", ctx.cfg.hostname);
-                tokio::spawn(async move {
-                    let mut stream = stream;
-                    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(msg.as_bytes())).await;
-                });
+                turn_away(stream, client_refused(&shared, peer, r, &limits));
                 continue;
             }
         };
         match sem.clone().try_acquire_owned() {
             Ok(permit) => {
-                let ctx = ctx.clone();
+                let shared = shared.clone();
                 tokio::spawn(async move {
-                    ctx.stats.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    session::run(stream, peer, ctx.clone()).await;
-                    ctx.stats.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    shared.stats.connections.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    session::run(stream, peer, shared.clone()).await;
+                    shared.stats.connections.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
                     drop(client);
                     drop(permit);
                 });
             }
             Err(_) => {
                 drop(client);
-                // One line a minute: a flood from many addresses would
-                // otherwise write one per connection.
-                static WARN: crate::util::LogLimiter = crate::util::LogLimiter::new();
-                if let Some(n) = WARN.allow(crate::util::now()) {
-                    log::warn!(
-                        target: MASTER,
-                        "warning: too many connections (max_connections {}): refusing unknown[{}]{}",
-                        ctx.cfg.max_connections,
-                        peer.ip().to_canonical(),
-                        crate::util::LogLimiter::unlogged(n)
-                    );
-                }
-                let host = ctx.cfg.hostname.clone();
-                tokio::spawn(async move {
-                    let mut stream = stream;
-                    let msg = format!("421 4.7.0 {host} Error: too many connections; try again later\r\n");
-                    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(msg.as_bytes())).await;
-                });
+                turn_away(stream, server_full(&shared, peer));
             }
         }
     }
 }
 
+/// A client over its per-client connection limit: counted, logged at most
+/// once a minute per client (a flood would fill the console), and its 421.
+fn client_refused(shared: &Shared, peer: SocketAddr, r: crate::clients::Refused, limits: &Limits) -> Reply {
+    let ip = peer.ip().to_canonical();
+    crate::stats::Stats::inc(&shared.stats.client_refusals_connections);
+    if let crate::clients::Warn::Log { earlier } = r.warn {
+        crate::clients::log_unlogged(crate::clients::ClientKey::of(ip), earlier);
+        let why = if r.reserve {
+            format!(" (the last {} of max_connections are kept for clients without a session)", limits.reserve)
+        } else {
+            String::new()
+        };
+        log::warn!(target: MASTER, "warning: Connection concurrency limit exceeded: {} from unknown[{ip}] for service smtp{why}", r.n);
+    }
+    Reply::new(421, "4.7.0", format!("{} Error: too many connections from {ip}", shared.cfg.hostname))
+}
+
+/// Every session slot taken (max_connections): logged at most once a
+/// minute (a flood from many addresses would otherwise write one line per
+/// connection), and the 421.
+fn server_full(shared: &Shared, peer: SocketAddr) -> Reply {
+    static WARN: crate::util::LogLimiter = crate::util::LogLimiter::new();
+    if let Some(n) = WARN.allow(crate::util::now()) {
+        log::warn!(
+            target: MASTER,
+            "warning: too many connections (max_connections {}): refusing unknown[{}]{}",
+            shared.cfg.max_connections,
+            peer.ip().to_canonical(),
+            crate::util::LogLimiter::unlogged(n)
+        );
+    }
+    Reply::new(421, "4.7.0", format!("{} Error: too many connections; try again later", shared.cfg.hostname))
+}
+
+/// Says `reply` to a client that gets no session, in a task of its own
+/// (at most 5 s: a client that does not read cannot hold it), then closes.
+fn turn_away(mut stream: tokio::net::TcpStream, reply: Reply) {
+    let mut msg = Vec::with_capacity(96);
+    reply.write(&mut msg);
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&msg)).await;
+    });
+}
+
 /// A session's place in the per-client table, given back when dropped (also
 /// when the task is dropped at shutdown).
 struct ClientSlot {
-    ctx: Arc<Ctx>,
+    shared: Arc<Shared>,
     key: Option<crate::clients::ClientKey>,
     limits: Limits,
 }
@@ -311,13 +345,13 @@ struct ClientSlot {
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         if let Some(k) = self.key {
-            self.ctx.stats.clients.disconnect(k, &self.limits);
+            self.shared.stats.clients.disconnect(k, &self.limits);
         }
     }
 }
 
-/// `bartleby flush` and friends talk to the server over a Unix socket in
-/// the spool directory: one command line, one answer line.
+/// The control socket's listener: each connection is answered by
+/// [`crate::control::handle`] in a task of its own.
 async fn control_loop(l: UnixListener, stats: Arc<Stats>, mut shutdown: watch::Receiver<bool>) {
     loop {
         let conn = tokio::select! {
@@ -326,40 +360,7 @@ async fn control_loop(l: UnixListener, stats: Arc<Stats>, mut shutdown: watch::R
         };
         let Ok((stream, _)) = conn else { continue };
         let stats = stats.clone();
-        tokio::spawn(async move {
-            let (r, mut w) = stream.into_split();
-            let mut line = String::new();
-            let mut rd = BufReader::with_capacity(128, tokio::io::AsyncReadExt::take(r, 128));
-            if tokio::time::timeout(Duration::from_secs(5), rd.read_line(&mut line)).await.is_err() {
-                return;
-            }
-            let n = Stats::get(&stats.queue_messages);
-            let answer = match line.trim() {
-                "flush" => {
-                    stats.request_flush();
-                    format!("ok queue run started: {n} messages in the queue\n")
-                }
-                "ping" => format!("ok {n} messages in the queue\n"),
-                other => format!("error unknown command `{}`\n", other.chars().take(20).collect::<String>()),
-            };
-            let _ = w.write_all(answer.as_bytes()).await;
-        });
-    }
-}
-
-/// Client side of the control socket (`bartleby flush`).
-pub fn control_request(spool_root: &std::path::Path, cmd: &str) -> Result<String, String> {
-    use std::io::{Read, Write};
-    let path = spool_root.join("control.sock");
-    let mut s = std::os::unix::net::UnixStream::connect(&path)
-        .map_err(|e| format!("no bartleby server is running on spool {} ({}: {e})", spool_root.display(), path.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    s.write_all(format!("{cmd}\n").as_bytes()).map_err(|e| e.to_string())?;
-    let mut answer = String::new();
-    s.take(512).read_to_string(&mut answer).map_err(|e| e.to_string())?;
-    match answer.strip_prefix("ok ") {
-        Some(rest) => Ok(rest.trim().to_string()),
-        None => Err(answer.trim().to_string()),
+        tokio::spawn(async move { crate::control::handle(stream, &stats).await });
     }
 }
 
