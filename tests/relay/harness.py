@@ -200,11 +200,25 @@ class Sink:
             raise RuntimeError("smtp-sink did not start")
 
     def files(self):
+        """The messages received whole: smtp-sink creates a message's file
+        when the transaction starts and closes it at the end of data, so a
+        file it still holds open is left out (read in this order: a file
+        made after the listing is not in it)."""
         out = []
         for root, _, names in os.walk(self.dir):
             for n in names:
                 out.append(os.path.join(root, n))
-        return sorted(out)
+        writing = set()
+        fds = f"/proc/{self.proc.pid}/fd"
+        try:
+            for fd in os.listdir(fds):
+                try:
+                    writing.add(os.readlink(os.path.join(fds, fd)))
+                except OSError:
+                    pass
+        except OSError:
+            pass
+        return sorted(p for p in out if p not in writing)
 
     def messages(self):
         res = []
