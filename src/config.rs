@@ -115,7 +115,8 @@ pub fn allowed(list: &[Cidr], ip: IpAddr) -> bool {
 pub enum BareNewline {
     /// Treat it as a line end and store CRLF (Postfix's `normalize`).
     Normalize,
-    /// Refuse the message with 550 5.6.11 (Postfix's `reject`).
+    /// Refuse the message with 550 5.5.2 (what the session sends; Postfix's
+    /// smtpd_forbid_bare_newline = reject, with its reject code 550).
     Reject,
 }
 

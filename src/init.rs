@@ -35,9 +35,14 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Config, NetworkConfig};
 
+/// One line on the console: `bartleby-init: ...` (PID 1's duties), or with
+/// `@"net",` first `bartleby-net: ...` (the DHCP thread's own news). The one
+/// console writer of init and netcfg.
 macro_rules! say {
-    ($($a:tt)*) => { eprintln!("bartleby-init: {}", format_args!($($a)*)) };
+    (@$who:literal, $($a:tt)*) => { eprintln!(concat!("bartleby-", $who, ": {}"), format_args!($($a)*)) };
+    ($($a:tt)*) => { say!(@"init", $($a)*) };
 }
+pub(crate) use say;
 
 /// What `boot` found.
 #[derive(Debug, Clone)]
@@ -187,11 +192,13 @@ pub fn load_config(found: PathBuf, builtin: &Path) -> (PathBuf, Option<Config>, 
 /// processes, sync, unmount (or remount read-only), then reboot or power off.
 pub fn shutdown(reboot: bool) -> ! {
     say!("{}", if reboot { "rebooting" } else { "powering off" });
-    // SAFETY: plain syscalls with no pointers.
+    // SAFETY: kill(2) takes no pointers; -1 signals every process but
+    // PID 1 itself (this one), which is what shutting down means.
     unsafe {
         libc::kill(-1, libc::SIGTERM);
     }
     std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: as above; sync(2) takes no arguments.
     unsafe {
         libc::kill(-1, libc::SIGKILL);
         libc::sync();
@@ -213,18 +220,24 @@ pub fn shutdown(reboot: bool) -> ! {
         // SAFETY: c is a valid NUL-terminated path.
         let r = unsafe { libc::umount2(c.as_ptr(), 0) };
         if r != 0 {
+            // SAFETY: c is a valid NUL-terminated path; the null source,
+            // type and data pointers are what MS_REMOUNT takes.
             let ro = unsafe {
                 libc::mount(std::ptr::null(), c.as_ptr(), std::ptr::null(), libc::MS_REMOUNT | libc::MS_RDONLY, std::ptr::null())
             };
             say!("{dir}: busy, {}", if ro == 0 { "remounted read-only" } else { "left mounted (synced)" });
         }
     }
+    // SAFETY: sync(2) takes no arguments.
     unsafe { libc::sync() };
     // let the console thread (console_tee) drain the last lines
     std::thread::sleep(Duration::from_millis(300));
     let cmd = if reboot { libc::RB_AUTOBOOT } else { libc::RB_POWER_OFF };
+    // SAFETY: reboot(2) takes a command number, no pointers; the file
+    // systems are synced and unmounted (or read-only) above.
     unsafe { libc::reboot(cmd) };
     // power off is not possible on every 486 (no APM/ACPI): halt instead
+    // SAFETY: as above.
     unsafe { libc::reboot(libc::RB_HALT_SYSTEM) };
     loop {
         // SAFETY: pause(2) has no arguments.
@@ -388,49 +401,34 @@ fn console_tee() {
     if is_vt(main) || !names.iter().any(|n| is_vt(n)) {
         return;
     }
-    // SAFETY: plain fd syscalls on fds we own; the buffers outlive the calls.
+    use std::io::{Read, Write};
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut vga) = fs::OpenOptions::new().write(true).custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK).open("/dev/tty0") else { return };
+    let Ok(serial) = std::io::stderr().as_fd().try_clone_to_owned() else { return };
+    let mut serial = fs::File::from(serial);
+    let Ok((mut rd, wr)) = std::io::pipe() else { return };
+    let spawned = std::thread::Builder::new().name("console".into()).stack_size(16 * 1024).spawn(move || {
+        let mut buf = [0u8; 512];
+        loop {
+            let n = match rd.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            let _ = serial.write_all(&buf[..n]);
+            let _ = vga.write(&buf[..n]);
+        }
+    });
+    if spawned.is_err() {
+        return;
+    }
+    // SAFETY: dup2 of a pipe end we own (alive until the end of this
+    // function) onto stdout and stderr; no Rust object owns fds 1 and 2.
     unsafe {
-        let vga = libc::open(c"/dev/tty0".as_ptr(), libc::O_WRONLY | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC);
-        if vga < 0 {
-            return;
-        }
-        let serial = libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3);
-        let mut p = [0i32; 2];
-        if serial < 0 || libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-            libc::close(vga);
-            return;
-        }
-        let (rd, wr) = (p[0], p[1]);
-        let spawned = std::thread::Builder::new().name("console".into()).stack_size(16 * 1024).spawn(move || {
-            let mut buf = [0u8; 512];
-            loop {
-                let n = libc::read(rd, buf.as_mut_ptr() as *mut libc::c_void, buf.len());
-                if n <= 0 {
-                    if n < 0 && *libc::__errno_location() == libc::EINTR {
-                        continue;
-                    }
-                    break;
-                }
-                let n = n as usize;
-                let mut off = 0;
-                while off < n {
-                    let w = libc::write(serial, buf[off..n].as_ptr() as *const libc::c_void, n - off);
-                    if w <= 0 {
-                        break;
-                    }
-                    off += w as usize;
-                }
-                let _ = libc::write(vga, buf.as_ptr() as *const libc::c_void, n);
-            }
-        });
-        if spawned.is_err() {
-            libc::close(rd);
-            libc::close(wr);
-            return;
-        }
-        libc::dup2(wr, 1);
-        libc::dup2(wr, 2);
-        libc::close(wr);
+        libc::dup2(wr.as_raw_fd(), 1);
+        libc::dup2(wr.as_raw_fd(), 2);
     }
 }
 

@@ -17,9 +17,7 @@ use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-macro_rules! say {
-    ($($a:tt)*) => { eprintln!("bartleby-net: {}", format_args!($($a)*)) };
-}
+use crate::init::say;
 
 /// How long the first DHCP exchange may take before the console says no
 /// server answered (the relay is already listening: nothing waits on this).
@@ -54,13 +52,13 @@ pub fn start(iface: Option<&str>, address: &str, gateway: Option<&str>, dns: &[S
             None => match first_interface(Duration::from_secs(3)) {
                 Some(n) => n,
                 None => {
-                    eprintln!("bartleby-init: network: no network interface found (no NIC driver matched the hardware?)");
+                    say!("network: no network interface found (no NIC driver matched the hardware?)");
                     return;
                 }
             },
         };
         if let Err(e) = set_up(&name) {
-            eprintln!("bartleby-init: network: {e}");
+            say!("network: {e}");
         }
         // The fallback first, so the relay answers from the first second;
         // a lease replaces it when (if) a DHCP server answers.
@@ -72,23 +70,23 @@ pub fn start(iface: Option<&str>, address: &str, gateway: Option<&str>, dns: &[S
             }
         };
         let route = if fallback.is_some() { gw } else { None };
-        match apply(&name, addr, mask_of(prefix), route) {
+        match set_address(&name, addr, mask_of(prefix), route) {
             Ok(()) => {
                 if fallback.is_some() {
                     write_resolv_conf(&dns);
                 }
-                eprintln!("bartleby-init: network: {name} {addr}/{prefix} ({how}) until a DHCP lease comes; asking DHCP now");
+                say!("network: {name} {addr}/{prefix} ({how}) until a DHCP lease comes; asking DHCP now");
             }
-            Err(e) => eprintln!("bartleby-init: network: {how} {addr}/{prefix}: {e}"),
+            Err(e) => say!("network: {how} {addr}/{prefix}: {e}"),
         }
         let lease = match dhcp(&name, FIRST_DHCP_WAIT) {
             Ok(l) => {
-                eprintln!("bartleby-init: network: {}", take_lease(&name, &l, gw, &dns));
+                say!("network: {}", take_lease(&name, &l, gw, &dns));
                 Some(l)
             }
             Err(e) => {
-                eprintln!(
-                    "bartleby-init: network: WARNING: {e}; keeping {addr}/{prefix} ({how}); asking DHCP again every {}s",
+                say!(
+                    "network: WARNING: {e}; keeping {addr}/{prefix} ({how}); asking DHCP again every {}s",
                     DHCP_RETRY.as_secs()
                 );
                 None
@@ -110,7 +108,7 @@ pub fn link_local(mac: &[u8; 6]) -> (Ipv4Addr, u8) {
 
 /// Applies a lease; returns the console summary.
 fn take_lease(name: &str, lease: &Lease, gw: Option<Ipv4Addr>, dns: &[String]) -> String {
-    if let Err(e) = apply(name, lease.addr, lease.mask, gw.or(lease.router)) {
+    if let Err(e) = set_address(name, lease.addr, lease.mask, gw.or(lease.router)) {
         return format!("{name}: lease {}: {e}", lease.addr);
     }
     let servers: Vec<String> = if dns.is_empty() { lease.dns.iter().map(|a| a.to_string()).collect() } else { dns.to_vec() };
@@ -146,7 +144,7 @@ pub fn configure(iface: Option<&str>, address: &str, gateway: Option<&str>, dns:
         Some(g) if !g.is_empty() => Some(g.parse::<Ipv4Addr>().map_err(|_| inval(format!("gateway `{g}` is not an IPv4 address")))?),
         _ => None,
     };
-    apply(&name, addr, mask, gw)?;
+    set_address(&name, addr, mask, gw)?;
     write_resolv_conf(dns);
     Ok(format!(
         "{name} {addr}/{prefix} via {} dns {} (static)",
@@ -293,7 +291,7 @@ struct RtEntry {
 }
 
 /// Address, netmask, broadcast, and (optionally) the default route.
-fn apply(name: &str, addr: Ipv4Addr, mask: Ipv4Addr, gw: Option<Ipv4Addr>) -> io::Result<()> {
+fn set_address(name: &str, addr: Ipv4Addr, mask: Ipv4Addr, gw: Option<Ipv4Addr>) -> io::Result<()> {
     let s = raw_dgram()?;
     let fd = s.as_raw_fd();
     let mut r = IfReq::with_addr(name, addr)?;
@@ -304,38 +302,42 @@ fn apply(name: &str, addr: Ipv4Addr, mask: Ipv4Addr, gw: Option<Ipv4Addr>) -> io
     let mut r = IfReq::with_addr(name, bcast)?;
     let _ = ioctl(fd, libc::SIOCSIFBRDADDR as _, &mut r as *mut _ as *mut _);
     set_up(name)?;
-    if let Some(g) = gw {
-        let mut dev = [0u8; 16];
-        dev[..name.len()].copy_from_slice(name.as_bytes());
-        let mut rt = RtEntry {
-            rt_pad1: 0,
-            rt_dst: sockaddr_in(Ipv4Addr::UNSPECIFIED),
-            rt_gateway: sockaddr_in(g),
-            rt_genmask: sockaddr_in(Ipv4Addr::UNSPECIFIED),
-            rt_flags: (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort,
-            rt_pad2: 0,
-            rt_pad3: 0,
-            rt_pad4: std::ptr::null_mut(),
-            rt_metric: 0,
-            rt_dev: dev.as_mut_ptr() as *mut libc::c_char,
-            rt_mtu: 0,
-            rt_window: 0,
-            rt_irtt: 0,
-        };
-        // remove a stale default route (the fallback's, or a lease renewal
-        // with a new router): any gateway matches a zero one; none there is fine
-        rt.rt_gateway = sockaddr_in(Ipv4Addr::UNSPECIFIED);
-        rt.rt_flags = libc::RTF_UP as libc::c_ushort;
-        while ioctl(fd, libc::SIOCDELRT as _, &mut rt as *mut _ as *mut _).is_ok() {}
-        rt.rt_gateway = sockaddr_in(g);
-        rt.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
-        match ioctl(fd, libc::SIOCADDRT as _, &mut rt as *mut _ as *mut _) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(Error::new(e.kind(), format!("default route via {g}: {e}"))),
-        }
+    match gw {
+        Some(g) => replace_default_route(fd, name, g),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// Makes `g` the default route through `name`: first deletes every default
+/// route on `name` (the fallback's, or a lease renewal's with a new router;
+/// a zero gateway in SIOCDELRT matches any, and none there is fine), then
+/// adds the new one (already there is fine too).
+fn replace_default_route(fd: i32, name: &str, g: Ipv4Addr) -> io::Result<()> {
+    let mut dev = [0u8; 16];
+    dev[..name.len()].copy_from_slice(name.as_bytes());
+    let mut rt = RtEntry {
+        rt_pad1: 0,
+        rt_dst: sockaddr_in(Ipv4Addr::UNSPECIFIED),
+        rt_gateway: sockaddr_in(Ipv4Addr::UNSPECIFIED),
+        rt_genmask: sockaddr_in(Ipv4Addr::UNSPECIFIED),
+        rt_flags: libc::RTF_UP as libc::c_ushort,
+        rt_pad2: 0,
+        rt_pad3: 0,
+        rt_pad4: std::ptr::null_mut(),
+        rt_metric: 0,
+        rt_dev: dev.as_mut_ptr() as *mut libc::c_char,
+        rt_mtu: 0,
+        rt_window: 0,
+        rt_irtt: 0,
+    };
+    while ioctl(fd, libc::SIOCDELRT as _, &mut rt as *mut _ as *mut _).is_ok() {}
+    rt.rt_gateway = sockaddr_in(g);
+    rt.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
+    match ioctl(fd, libc::SIOCADDRT as _, &mut rt as *mut _ as *mut _) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(e) => Err(Error::new(e.kind(), format!("default route via {g}: {e}"))),
+    }
 }
 
 /// Writes /etc/resolv.conf (musl re-reads it on every lookup).
@@ -525,7 +527,7 @@ pub fn dhcp(name: &str, limit: Duration) -> io::Result<Lease> {
         let n = build(&mut pkt, xid, &mac, REQUEST, Some((offer.addr, offer.server)), start.elapsed().as_secs() as u16);
         match exchange(&s, &pkt[..n], xid, &mac, &[ACK, NAK], deadline)? {
             Some((ACK, lease)) => return Ok(lease),
-            Some(_) => say!("{name}: DHCPNAK from {}, starting over", offer.server),
+            Some(_) => say!(@"net", "{name}: DHCPNAK from {}, starting over", offer.server),
             None => break,
         }
     }
@@ -544,14 +546,14 @@ fn renew_loop(name: String, mut lease: Option<Lease>, gw: Option<Ipv4Addr>, dns:
             Ok(new) => {
                 let changed = lease.as_ref().is_none_or(|l| new.addr != l.addr || new.mask != l.mask || new.router != l.router);
                 if changed {
-                    say!("{}", take_lease(&name, &new, gw, &dns));
+                    say!(@"net", "{}", take_lease(&name, &new, gw, &dns));
                 }
                 lease = Some(new);
                 got = Instant::now();
             }
             Err(e) => {
                 if let Some(l) = &lease {
-                    say!("{name}: lease renewal failed ({e}); keeping {}", l.addr);
+                    say!(@"net", "{name}: lease renewal failed ({e}); keeping {}", l.addr);
                 }
             }
         }
