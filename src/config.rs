@@ -15,6 +15,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod toml;
+pub mod values;
+
+use toml::{Event, Item, Value, clip, parse_toml_with};
+pub use toml::MAX_ARRAY_ITEMS;
+pub use values::{Cidr, allowed, parse_duration, parse_fingerprint, parse_ip_port, parse_size, split_host_port, valid_domain};
+use values::secs_duration;
+
 /// Reads a configuration file: a regular file of at most [`MAX_CONFIG_BYTES`],
 /// never blocking (see [`crate::util::read_small_file`]).
 fn read_file(path: &Path) -> Result<Vec<u8>, String> {
@@ -43,72 +51,6 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
-
-/// An IPv4 or IPv6 network in CIDR notation (`192.0.2.0/24`, `2001:db8::/32`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl Cidr {
-    /// Parses `a.b.c.d/n`, `v6::/n`, or a bare address (a host: /32 or /128).
-    pub fn parse(s: &str) -> Result<Cidr, String> {
-        let (a, p) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = a
-            .trim()
-            .parse()
-            .map_err(|_| format!("`{s}` is not an IP address or CIDR network"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match p {
-            None => max,
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|n| *n <= max)
-                .ok_or_else(|| format!("`{s}`: prefix length must be 0 to {max}"))?,
-        };
-        Ok(Cidr { addr, prefix })
-    }
-
-    /// True when `ip` lies in this network. IPv4-mapped IPv6 addresses
-    /// (`::ffff:192.0.2.1`, what a dual-stack socket reports) match IPv4 networks.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6(v6),
-            },
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
-                (u32::from(net) & mask) == (u32::from(ip) & mask)
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
-                (u128::from(net) & mask) == (u128::from(ip) & mask)
-            }
-            _ => false,
-        }
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-/// True when any network in `list` contains `ip`.
-pub fn allowed(list: &[Cidr], ip: IpAddr) -> bool {
-    list.iter().any(|c| c.contains(ip))
-}
 
 /// What the relay does with a bare CR or LF inside message data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,27 +132,10 @@ pub struct TlsConfig {
 /// `[network] address`/`fallback`: an IPv4 address with its prefix, as
 /// netcfg applies it (`shape` names what else the key takes, for the error).
 fn want_ipv4_prefix(s: &str, shape: &str) -> Result<(), String> {
-    let (a, p) = s.split_once('/').ok_or_else(|| format!("`{s}` must be {shape} like \"192.168.1.20/24\""))?;
-    a.parse::<Ipv4Addr>().map_err(|_| format!("`{a}` is not an IPv4 address"))?;
-    p.parse::<u8>().ok().filter(|n| *n <= 32).ok_or_else(|| format!("`{p}` is not a prefix length"))?;
-    Ok(())
-}
-
-/// Parses `sha256:AB:CD:...` (or plain hex, with or without colons).
-pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
-    let t = s.trim();
-    let hex = t.strip_prefix("sha256:").or_else(|| t.strip_prefix("SHA256:")).unwrap_or(t);
-    let digits: Vec<u8> = hex.bytes().filter(|&b| b != b':').collect();
-    let bad = || format!("`{}` is not a SHA-256 fingerprint (64 hex digits, like \"sha256:3A:7F:...\")", clip(s));
-    if digits.len() != 64 {
-        return Err(bad());
+    if !s.contains('/') {
+        return Err(format!("`{s}` must be {shape} like \"192.168.1.20/24\""));
     }
-    let mut out = [0u8; 32];
-    for (i, pair) in digits.chunks(2).enumerate() {
-        let h = std::str::from_utf8(pair).map_err(|_| bad())?;
-        out[i] = u8::from_str_radix(h, 16).map_err(|_| bad())?;
-    }
-    Ok(out)
+    values::parse_ipv4_prefix(s).map(|_| ())
 }
 
 /// The whole configuration.
@@ -336,7 +261,11 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let mut b = Builder::new(path);
-        parse_toml_with(text, |it| b.set(&it).map_err(|message| (it.line, message))).map_err(|(line, message)| ConfigError {
+        parse_toml_with(text, |ev| match ev {
+            Event::Table(name, line) => known_table(name).map_err(|message| (line, message)),
+            Event::Item(it) => b.set(&it).map_err(|message| (it.line, message)),
+        })
+        .map_err(|(line, message)| ConfigError {
             file: file.clone(),
             line,
             message,
@@ -359,441 +288,26 @@ impl Config {
     }
 }
 
-/// A value as written in the file.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    Str(String),
-    Int(i64),
-    Bool(bool),
-    Array(Vec<Value>),
-}
-
-impl Value {
-    fn kind(&self) -> &'static str {
-        match self {
-            Value::Str(_) => "a string",
-            Value::Int(_) => "an integer",
-            Value::Bool(_) => "a boolean",
-            Value::Array(_) => "an array",
-        }
-    }
-}
-
-/// One `key = value` with its table and line.
-#[derive(Debug, Clone)]
-pub struct Item {
-    pub table: String,
-    pub key: String,
-    pub value: Value,
-    pub line: usize,
-}
-
 /// A `[tls]` table in a build without the `tls` feature.
 const NO_TLS: &str = "[tls]: this build of Bartleby has no TLS (built without the `tls` feature, as the floppy image may be): \
                       remove the [tls] table, or run the disk or CD image";
 /// The tables a configuration may have.
 const TABLES: [&str; 3] = ["status", "network", "tls"];
 
-/// Largest configuration file read: far more than any real configuration
-/// (the example is 1.5 KiB), small enough to read whole on a 16 MB machine.
-pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
-/// Most entries in one array (`relay_domains`, `listen`, `etrn_allow`,
-/// `[status] allow`, `[network] dns`): a backup MX on a 486 serves a handful
-/// of domains; a list of valid recipients belongs in the `recipients` file.
-pub const MAX_ARRAY_ITEMS: usize = 1000;
-/// Deepest nesting of arrays. No key takes nested arrays; the bound keeps the
-/// recursive value parser off the end of PID 1's stack (`[[[[...`).
-const MAX_DEPTH: usize = 4;
-
-/// Parses the TOML subset, handing each item to `each` as soon as it is read,
-/// so the first bad key stops the parse (a 1 MiB file of unknown keys never
-/// becomes a 250,000-item list). One pass over the bytes: the time is linear
-/// in the file's size whatever its shape (arrays over 100,000 lines included).
-/// A key set twice is the Builder's to refuse (it knows the few valid keys).
-///
-/// Accepted: a leading UTF-8 BOM (skipped), LF or CRLF line ends, `#`
-/// comments, `[table]` headers, bare keys, basic ("...") and literal ('...')
-/// strings, integers, booleans, arrays (over several lines, with comments and
-/// a trailing comma). Refused with the line: control characters other than
-/// tab (NUL, a CR that does not end a line, ...), multi-line strings, inline
-/// tables, floats, dates.
-pub fn parse_toml_with(text: &str, mut each: impl FnMut(Item) -> Result<(), (usize, String)>) -> Result<(), (usize, String)> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    check_bytes(text.as_bytes())?;
-    let mut lx = Lexer { s: text.as_bytes(), pos: 0, line: 1 };
-    let mut table = String::new();
-    let mut seen_tables: Vec<String> = Vec::new();
-    loop {
-        lx.skip_ws();
-        lx.skip_comment();
-        if lx.newline() {
-            continue;
-        }
-        let Some(c) = lx.peek() else { return Ok(()) };
-        let lineno = lx.line;
-        if c == b'[' {
-            let rest = lx.rest_of_line();
-            let name = rest[1..]
-                .split_once(']')
-                .map(|(n, _)| n)
-                .ok_or((lineno, "a table header must end with `]`".to_string()))?;
-            lx.pos += 1 + name.len() + 1;
-            let name = name.trim();
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-                return Err((lineno, format!("`[{}]` is not a valid table name", clip(name))));
-            }
-            if !TABLES.contains(&name) {
-                return Err((lineno, format!("unknown table `[{name}]` (known: [status], [network], [tls])")));
-            }
-            if name == "tls" && !cfg!(feature = "tls") {
-                return Err((lineno, NO_TLS.into()));
-            }
-            if seen_tables.iter().any(|t| t == name) {
-                return Err((lineno, format!("table `[{name}]` appears twice")));
-            }
-            seen_tables.push(name.to_string());
-            table = name.to_string();
-            lx.end_of_line().map_err(|_| (lineno, format!("unexpected text after `[{name}]`")))?;
-            continue;
-        }
-        let rest = lx.rest_of_line();
-        let Some((key, _)) = rest.split_once('=') else {
-            return Err((lineno, format!("expected `key = value`, found `{}`", clip(rest.trim()))));
-        };
-        lx.pos += key.len() + 1;
-        let key = key.trim();
-        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            return Err((lineno, format!("`{}` is not a valid key", clip(key))));
-        }
-        let value = lx.value(0).map_err(|(l, e)| (lineno, at_line(format!("`{key}`: {e}"), l, lineno)))?;
-        lx.end_of_line().map_err(|l| (lineno, at_line(format!("`{key}`: unexpected text after the value"), l, lineno)))?;
-        each(Item { table: table.clone(), key: key.to_string(), value, line: lineno })?;
+/// A `[table]` header the schema knows (and this build has).
+fn known_table(name: &str) -> Result<(), String> {
+    if !TABLES.contains(&name) {
+        return Err(format!("unknown table `[{name}]` (known: [status], [network], [tls])"));
     }
-}
-
-/// Adds "(line N)" to a value's error found on another line than its key's.
-fn at_line(msg: String, line: usize, key_line: usize) -> String {
-    if line == key_line { msg } else { format!("{msg} (line {line})") }
-}
-
-/// Text for an error message: at most 60 characters, anything but printable
-/// ASCII written as `\u{...}`, so an invisible character (a BOM, a NUL from an
-/// escape) shows. (Not `escape_debug`: its Unicode tables cost the floppy KBs.)
-fn clip(s: &str) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    for c in s.chars().take(60) {
-        if c == ' ' || c.is_ascii_graphic() {
-            out.push(c);
-        } else {
-            let _ = write!(out, "\\u{{{:x}}}", c as u32);
-        }
-    }
-    if s.chars().nth(60).is_some() {
-        out.push_str("...");
-    }
-    out
-}
-
-/// Refuses the bytes TOML refuses anywhere (tab aside, control characters
-/// are not allowed even in comments and strings), naming the line: binary
-/// garbage, NUL bytes, a CR that does not end a line (a file half converted
-/// between Mac and DOS line ends).
-fn check_bytes(s: &[u8]) -> Result<(), (usize, String)> {
-    let mut line = 1;
-    for (i, &b) in s.iter().enumerate() {
-        match b {
-            b'\n' => line += 1,
-            b'\t' => {}
-            b'\r' if s.get(i + 1) == Some(&b'\n') => {}
-            b'\r' => return Err((line, "a carriage return (CR) that does not end a line; save the file with LF or CRLF line ends".into())),
-            0 => return Err((line, "a NUL byte (is this a binary file?)".into())),
-            0..=0x1f | 0x7f => return Err((line, format!("control character 0x{b:02X} (is this a binary file?)"))),
-            _ => {}
-        }
+    if name == "tls" && !cfg!(feature = "tls") {
+        return Err(NO_TLS.into());
     }
     Ok(())
 }
 
-/// A cursor over the whole text; `line` counts the line ends passed.
-struct Lexer<'a> {
-    s: &'a [u8],
-    pos: usize,
-    line: usize,
-}
-
-impl<'a> Lexer<'a> {
-    fn peek(&self) -> Option<u8> {
-        self.s.get(self.pos).copied()
-    }
-
-    fn skip_ws(&mut self) {
-        while matches!(self.peek(), Some(b' ' | b'\t')) {
-            self.pos += 1;
-        }
-    }
-
-    /// Skips a `#` comment up to (not including) the line end.
-    fn skip_comment(&mut self) {
-        if self.peek() == Some(b'#') {
-            while !matches!(self.peek(), None | Some(b'\n' | b'\r')) {
-                self.pos += 1;
-            }
-        }
-    }
-
-    /// Consumes one line end (LF or CRLF: `check_bytes` made every CR one).
-    fn newline(&mut self) -> bool {
-        match self.peek() {
-            Some(b'\n') => self.pos += 1,
-            Some(b'\r') => self.pos += 2,
-            _ => return false,
-        }
-        self.line += 1;
-        true
-    }
-
-    /// Blanks, a comment, then the end of the line or of the file.
-    fn end_of_line(&mut self) -> Result<(), usize> {
-        self.skip_ws();
-        self.skip_comment();
-        if self.newline() || self.peek().is_none() { Ok(()) } else { Err(self.line) }
-    }
-
-    /// The rest of the current line (the text is valid UTF-8 and the cut is
-    /// at an ASCII byte, so this is a `str`).
-    fn rest_of_line(&self) -> &'a str {
-        let end = self.s[self.pos..].iter().position(|&c| c == b'\n' || c == b'\r').map_or(self.s.len(), |n| self.pos + n);
-        std::str::from_utf8(&self.s[self.pos..end]).unwrap_or("")
-    }
-
-    fn value(&mut self, depth: usize) -> Result<Value, (usize, String)> {
-        self.skip_ws();
-        let line = self.line;
-        let err = |m: &str| Err((line, m.to_string()));
-        match self.peek() {
-            None | Some(b'\n' | b'\r' | b'#') => err("a value is missing"),
-            Some(b'"') => self.basic_string().map(Value::Str).map_err(|e| (line, e)),
-            Some(b'\'') => {
-                if self.s[self.pos..].starts_with(b"'''") {
-                    return err("multi-line strings ('''...''') are not supported");
-                }
-                let start = self.pos + 1;
-                let Some(len) = self.s[start..].iter().position(|&c| c == b'\'' || c == b'\n' || c == b'\r') else {
-                    return err("a string is not closed with `'`");
-                };
-                if self.s[start + len] != b'\'' {
-                    return err("a string is not closed with `'` on its line");
-                }
-                self.pos = start + len + 1;
-                Ok(Value::Str(String::from_utf8_lossy(&self.s[start..start + len]).into_owned()))
-            }
-            Some(b'[') => {
-                if depth >= MAX_DEPTH {
-                    return err(&format!("arrays nested deeper than {MAX_DEPTH} levels"));
-                }
-                self.pos += 1;
-                let mut v = Vec::new();
-                loop {
-                    self.skip_blank();
-                    match self.peek() {
-                        Some(b']') => {
-                            self.pos += 1;
-                            return Ok(Value::Array(v));
-                        }
-                        None => return Err((self.line, "an array is not closed with `]`".into())),
-                        _ => {}
-                    }
-                    if v.len() == MAX_ARRAY_ITEMS {
-                        return Err((self.line, format!("an array has more than {MAX_ARRAY_ITEMS} entries")));
-                    }
-                    v.push(self.value(depth + 1)?);
-                    self.skip_blank();
-                    match self.peek() {
-                        Some(b',') => self.pos += 1,
-                        Some(b']') => {}
-                        None => return Err((self.line, "an array is not closed with `]`".into())),
-                        _ => return Err((self.line, "array items must be separated by `,`".into())),
-                    }
-                }
-            }
-            Some(b'{') => err("inline tables ({...}) are not supported"),
-            Some(_) => {
-                let start = self.pos;
-                while !matches!(self.peek(), None | Some(b',' | b']' | b' ' | b'\t' | b'\n' | b'\r' | b'#')) {
-                    self.pos += 1;
-                }
-                let word = std::str::from_utf8(&self.s[start..self.pos]).unwrap_or("");
-                match word {
-                    "true" => Ok(Value::Bool(true)),
-                    "false" => Ok(Value::Bool(false)),
-                    w => {
-                        let digits = w.strip_prefix(['+', '-']).unwrap_or(w);
-                        let number = !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit() || c == b'_');
-                        match w.replace('_', "").parse::<i64>() {
-                            Ok(n) if number => Ok(Value::Int(n)),
-                            _ if number => err(&format!("`{}` is too large a number", clip(w))),
-                            _ => err(&format!("`{}` is not a value (strings need quotes)", clip(w))),
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Blanks, comments and line ends between array items.
-    fn skip_blank(&mut self) {
-        loop {
-            self.skip_ws();
-            self.skip_comment();
-            if !self.newline() {
-                return;
-            }
-        }
-    }
-
-    /// A "basic string" with TOML's escapes; it ends on its own line.
-    fn basic_string(&mut self) -> Result<String, String> {
-        if self.s[self.pos..].starts_with(b"\"\"\"") {
-            return Err("multi-line strings (\"\"\"...\"\"\") are not supported".into());
-        }
-        self.pos += 1; // opening quote
-        let mut out = String::new();
-        loop {
-            let c = match self.peek() {
-                None | Some(b'\n' | b'\r') => return Err("a string is not closed with `\"` on its line".into()),
-                Some(c) => c,
-            };
-            self.pos += 1;
-            match c {
-                b'"' => return Ok(out),
-                b'\\' => {
-                    let e = self.peek().ok_or("a string is not closed with `\"`")?;
-                    self.pos += 1;
-                    match e {
-                        b'"' => out.push('"'),
-                        b'\\' => out.push('\\'),
-                        b'n' => out.push('\n'),
-                        b't' => out.push('\t'),
-                        b'r' => out.push('\r'),
-                        b'b' => out.push('\u{8}'),
-                        b'f' => out.push('\u{c}'),
-                        b'u' | b'U' => {
-                            let n = if e == b'u' { 4 } else { 8 };
-                            let hex = self.s.get(self.pos..self.pos + n).and_then(|h| std::str::from_utf8(h).ok()).unwrap_or("");
-                            let ch = u32::from_str_radix(hex, 16).ok().filter(|_| hex.len() == n).and_then(char::from_u32);
-                            out.push(ch.ok_or_else(|| format!("`\\{}{}` is not a Unicode escape", e as char, clip(hex)))?);
-                            self.pos += n;
-                        }
-                        _ => return Err(format!("unknown escape `\\{}` in a string", clip(&String::from_utf8_lossy(&[e])))),
-                    }
-                }
-                _ => {
-                    // copy the whole UTF-8 sequence (the text is valid UTF-8)
-                    let start = self.pos - 1;
-                    while self.peek().is_some_and(|b| (b & 0xC0) == 0x80) {
-                        self.pos += 1;
-                    }
-                    out.push_str(std::str::from_utf8(&self.s[start..self.pos]).unwrap_or("\u{fffd}"));
-                }
-            }
-        }
-    }
-}
-
-/// Parses a duration: `90` (seconds), `"90s"`, `"30m"`, `"1h"`, `"5d"`, `"1w"`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (like \"90s\", \"30m\", \"1h\", \"5d\")"))?;
-    let mult = match unit.trim() {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        "w" => 7 * 86400,
-        u => return Err(format!("`{u}` is not a duration unit (use s, m, h, d or w)")),
-    };
-    secs_duration(n.saturating_mul(mult), s)
-}
-
-/// Longest duration the configuration takes: ten years. Anything longer is
-/// a typo, and bounding it keeps every deadline sum (now + backoff, data
-/// timeout + rate allowance) far from overflow.
-const MAX_DURATION_SECS: u64 = 3650 * 86400;
-
-fn secs_duration(secs: u64, written: &str) -> Result<Duration, String> {
-    if secs > MAX_DURATION_SECS {
-        return Err(format!("`{written}` is longer than 3650d (ten years)"));
-    }
-    Ok(Duration::from_secs(secs))
-}
-
-/// Parses a size: `10240000`, `"10M"`, `"512k"`, `"1G"` (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|e: std::num::ParseIntError| match e.kind() {
-        std::num::IntErrorKind::PosOverflow => format!("`{s}` is too large"),
-        _ => format!("`{s}` is not a size (like 10240000 or \"10M\")"),
-    })?;
-    let mult = match unit.trim() {
-        "" => 1,
-        "k" | "K" => 1024,
-        "m" | "M" => 1024 * 1024,
-        "g" | "G" => 1024 * 1024 * 1024,
-        u => return Err(format!("`{u}` is not a size unit (use k, M or G)")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
-}
-
-/// Checks a domain name as written in the configuration.
-fn valid_domain(d: &str) -> bool {
-    !d.is_empty()
-        && d.len() <= 253
-        && d.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        })
-}
-
-/// Splits `host:port` (or `[v6]:port`); a missing port means 25.
-pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
-    if let Some(rest) = s.strip_prefix('[') {
-        let (h, p) = rest.split_once(']').ok_or_else(|| format!("`{s}`: missing `]`"))?;
-        let port = match p.strip_prefix(':') {
-            Some(p) => p.parse().map_err(|_| format!("`{s}`: bad port"))?,
-            None if p.is_empty() => 25,
-            None => return Err(format!("`{s}`: expected `:port` after `]`")),
-        };
-        return Ok((h.to_string(), port));
-    }
-    if s.matches(':').count() > 1 {
-        // A bare IPv6 address without a port.
-        return s
-            .parse::<Ipv6Addr>()
-            .map(|_| (s.to_string(), 25))
-            .map_err(|_| format!("`{s}`: write IPv6 addresses as [addr]:port"));
-    }
-    match s.split_once(':') {
-        Some((h, p)) => {
-            let port: u16 = p.parse().map_err(|_| format!("`{s}`: `{p}` is not a port number"))?;
-            if h.is_empty() {
-                return Err(format!("`{s}`: the host is missing"));
-            }
-            Ok((h.to_string(), port))
-        }
-        None => Ok((s.to_string(), 25)),
-    }
-}
-
+/// Largest configuration file read: far more than any real configuration
+/// (the example is 1.5 KiB), small enough to read whole on a 16 MB machine.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 struct Builder {
     c: Config,
     seen: Vec<(String, usize)>,
@@ -893,26 +407,6 @@ fn want_path(v: &Value) -> Result<PathBuf, String> {
 /// before its network is up.
 fn parse_log_host(s: &str) -> Result<SocketAddr, String> {
     parse_ip_port(s, 514).ok_or_else(|| format!("`{}` is not an IP address with an optional port (like \"192.168.1.5:514\")", clip(s)))
-}
-
-/// `ip`, `[ip6]`, `ip:port` or `[ip6]:port` (`[network] dns`, `log_host`),
-/// with `port` when none is given; never port 0, never a name. By hand:
-/// std's SocketAddr parser costs KBs of binary.
-pub fn parse_ip_port(s: &str, port: u16) -> Option<SocketAddr> {
-    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
-        return Some(SocketAddr::new(ip, port));
-    }
-    if let Some(ip) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-        return Some(SocketAddr::new(ip.parse().ok()?, port));
-    }
-    let (host, p) = s.rsplit_once(':')?;
-    let host = match host.strip_prefix('[') {
-        Some(h) => h.strip_suffix(']')?,
-        None if host.contains(':') => return None,
-        None => host,
-    };
-    let p: u16 = p.parse().ok().filter(|p| *p != 0)?;
-    Some(SocketAddr::new(host.parse().ok()?, p))
 }
 
 fn want_opt_path(v: &Value) -> Result<Option<PathBuf>, String> {
@@ -1990,7 +1484,7 @@ allow = ["127.0.0.1/32", "192.168.1.0/24", "fe80::/10"]
             assert!(net(bad).is_err(), "{bad}");
         }
         let c = net("address = \"dhcp\"\nfallback = \"10.0.2.15/24\"").unwrap();
-        assert_eq!(crate::netcfg::parse_cidr(c.network.fallback.as_deref().unwrap()).unwrap(), ("10.0.2.15".parse().unwrap(), 24));
+        assert_eq!(crate::config::values::parse_ipv4_prefix(c.network.fallback.as_deref().unwrap()).unwrap(), ("10.0.2.15".parse().unwrap(), 24));
         assert_eq!(net("interface = \"enp0s3\"").unwrap().network.interface.as_deref(), Some("enp0s3"));
     }
 

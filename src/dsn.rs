@@ -124,17 +124,7 @@ fn params(line: &[u8]) -> &[u8] {
     if rest.first() != Some(&b'<') {
         return rest.iter().position(|&c| c == b' ').map_or(&[], |i| &rest[i..]);
     }
-    let (mut quoted, mut escaped) = (false, false);
-    for (i, &b) in rest.iter().enumerate().skip(1) {
-        match b {
-            _ if escaped => escaped = false,
-            b'\\' if quoted => escaped = true,
-            b'"' => quoted = !quoted,
-            b'>' if !quoted => return &rest[i + 1..],
-            _ => {}
-        }
-    }
-    &[]
+    crate::policy::path_end(&rest[1..]).map_or(&[], |i| &rest[i + 2..])
 }
 
 /// Splits `KEY=value` words; yields (upper-case key, value bytes).

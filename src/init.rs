@@ -641,7 +641,7 @@ mod tests {
         assert_eq!(cfg.network.address, "192.168.1.20/24");
         assert_eq!(cfg.network.gateway.as_deref(), Some("192.168.1.1"));
         assert_eq!(cfg.network.dns, vec!["192.168.1.1", "9.9.9.9"]);
-        assert_eq!(crate::netcfg::parse_cidr(&cfg.network.address).unwrap(), ("192.168.1.20".parse().unwrap(), 24));
+        assert_eq!(crate::config::values::parse_ipv4_prefix(&cfg.network.address).unwrap(), ("192.168.1.20".parse().unwrap(), 24));
         let _ = fs::remove_dir_all(d);
     }
 

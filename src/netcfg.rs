@@ -157,13 +157,11 @@ fn inval(m: String) -> Error {
     Error::new(ErrorKind::InvalidInput, m)
 }
 
-/// `"192.168.1.20/24"` → (address, prefix). A bare address means /24.
-pub fn parse_cidr(s: &str) -> io::Result<(Ipv4Addr, u8)> {
-    let s = s.trim();
-    let (a, p) = s.split_once('/').unwrap_or((s, "24"));
-    let addr = a.parse::<Ipv4Addr>().map_err(|_| inval(format!("`{a}` is not an IPv4 address")))?;
-    let prefix = p.parse::<u8>().ok().filter(|p| *p <= 32).ok_or_else(|| inval(format!("`{p}` is not a prefix length")))?;
-    Ok((addr, prefix))
+/// `"192.168.1.20/24"` → (address, prefix), by the configuration's own
+/// parser ([`crate::config::values::parse_ipv4_prefix`]): what `bartleby
+/// check` accepts is what is applied here.
+fn parse_cidr(s: &str) -> io::Result<(Ipv4Addr, u8)> {
+    crate::config::values::parse_ipv4_prefix(s).map_err(inval)
 }
 
 fn mask_of(prefix: u8) -> Ipv4Addr {
@@ -588,7 +586,9 @@ mod tests {
     #[test]
     fn cidr_and_mask() {
         assert_eq!(parse_cidr("192.168.1.20/24").unwrap(), (Ipv4Addr::new(192, 168, 1, 20), 24));
-        assert_eq!(parse_cidr("10.0.0.1").unwrap().1, 24);
+        // a bare address: refused, as the configuration refuses it (this
+        // parser used to take it as a /24)
+        assert!(parse_cidr("10.0.0.1").is_err());
         assert!(parse_cidr("10.0.0.1/33").is_err());
         assert!(parse_cidr("nope/8").is_err());
         assert_eq!(mask_of(24), Ipv4Addr::new(255, 255, 255, 0));

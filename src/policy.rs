@@ -33,6 +33,26 @@ impl Refusal {
     }
 }
 
+/// The one quote-aware scanner of envelope paths: where the path that
+/// `s` starts (just after its `<`) ends, the index of the first `>`
+/// outside a quoted string (`"a>b"@x`, a `\` in quotes escaping the next
+/// byte). `None` when none does. Bytes: `>`, `"` and `\` are ASCII and
+/// never inside a UTF-8 sequence. Used by [`raw_path`], [`mail_params`] and
+/// the DSN parameters ([`crate::dsn`]).
+pub fn path_end(s: &[u8]) -> Option<usize> {
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, &b) in s.iter().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b'>' if !quoted => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Extracts the path between `<` and `>` after `FROM:` / `TO:` in a raw
 /// command line, exactly as written (quotes and routes kept).
 pub fn raw_path(line: &[u8]) -> Option<&str> {
@@ -40,22 +60,8 @@ pub fn raw_path(line: &[u8]) -> Option<&str> {
     let colon = s.find(':')?;
     let rest = s[colon + 1..].trim_start();
     let rest = rest.strip_prefix('<')?;
-    // The path ends at the first `>` outside a quoted string.
-    let mut in_quote = false;
-    let mut escaped = false;
-    for (i, c) in rest.char_indices() {
-        match c {
-            '\\' if in_quote && !escaped => {
-                escaped = true;
-                continue;
-            }
-            '"' if !escaped => in_quote = !in_quote,
-            '>' if !in_quote => return Some(&rest[..i]),
-            _ => {}
-        }
-        escaped = false;
-    }
-    None
+    // '>' is ASCII: the cut is on a character boundary.
+    path_end(rest.as_bytes()).map(|i| &rest[..i])
 }
 
 /// Reads a `SIZE=` parameter from the raw MAIL line as a 64-bit number, so
@@ -93,18 +99,8 @@ fn mail_params(s: &str) -> Option<&str> {
         // A path without brackets ends at the first space.
         return Some(rest.find(' ').map_or("", |i| &rest[i..]));
     };
-    let (mut quoted, mut escaped) = (false, false);
-    for (i, b) in path.bytes().enumerate() {
-        match b {
-            _ if escaped => escaped = false,
-            b'\\' if quoted => escaped = true,
-            b'"' => quoted = !quoted,
-            // '>' is ASCII, so i + 1 is a character boundary.
-            b'>' if !quoted => return Some(&path[i + 1..]),
-            _ => {}
-        }
-    }
-    None
+    // '>' is ASCII, so i + 1 is a character boundary.
+    path_end(path.as_bytes()).map(|i| &path[i + 1..])
 }
 
 fn printable(s: &str) -> bool {
@@ -176,16 +172,17 @@ pub fn check_sender(raw: &str, smtputf8: bool) -> Result<String, Refusal> {
     Ok(path.to_string())
 }
 
+/// The domain of a sender: an address literal (`[...]`, printable), or a
+/// domain name by the configuration's one check
+/// ([`crate::config::valid_domain`]; U-labels in their A-label form).
 fn valid_domain_part(d: &str) -> bool {
     if d.starts_with('[') && d.ends_with(']') {
         return d.len() > 2 && printable(d);
     }
     if !d.is_ascii() {
-        return crate::punycode::to_ascii(d).is_some();
+        return crate::punycode::to_ascii(d).is_some_and(|a| crate::config::valid_domain(&a));
     }
-    !d.is_empty()
-        && d.len() <= 255
-        && d.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'))
+    crate::config::valid_domain(d)
 }
 
 /// Checks a forward path (RCPT TO) against the relay rules. `parsed` is the
@@ -1090,6 +1087,37 @@ mod tests {
 
     fn rcpt(raw: &str) -> Result<String, Refusal> {
         check_recipient(&cfg(), raw, raw, &RecipientList::default(), false)
+    }
+
+    #[test]
+    fn path_end_is_quote_aware() {
+        assert_eq!(path_end(b"bob@example.org> SIZE=1"), Some(15));
+        assert_eq!(path_end(b"\"a>b\"@x> X"), Some(7));
+        // an escaped quote does not end the quoted string; outside quotes
+        // a backslash escapes nothing
+        assert_eq!(path_end(b"\"a\\\">\"@x>"), Some(8));
+        assert_eq!(path_end(b"a\\>b"), Some(2));
+        // hostile: empty, never closed, a quote never closed, a trailing
+        // backslash, UTF-8 around the brackets
+        for bad in [&b""[..], b"bob@example.org", b"\"a>b@x>", b"\"a\\", "\"ü>\"@bücher".as_bytes()] {
+            assert_eq!(path_end(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(path_end("jörg@bücher.test>".as_bytes()), Some("jörg@bücher.test".len()));
+        // the three users agree on where the path ends
+        let line = b"MAIL FROM:<\"a> SIZE=9\"@x> SIZE=10 RET=HDRS";
+        assert_eq!(raw_path(line), Some("\"a> SIZE=9\"@x"));
+        assert_eq!(size_param(line), Ok(Some(10)));
+    }
+
+    #[test]
+    fn sender_domain_by_the_one_check() {
+        // RFC 5321 4.1.2: a label neither starts nor ends with `-` (the
+        // config's check; this one took both before)
+        for bad in ["a@-x.example", "a@x-.example", &format!("a@{}.example", "b".repeat(64)), "a@x..example", "a@x_y.example"] {
+            assert!(check_sender(bad, false).is_err(), "{bad}");
+        }
+        assert!(check_sender("a@x-y.example", false).is_ok());
+        assert!(check_sender("a@[192.0.2.1]", false).is_ok());
     }
 
     #[test]
