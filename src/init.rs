@@ -74,20 +74,9 @@ const SPOOL_LABEL: &str = "BSPOOL";
 /// Called by main when running as PID 1: mounts, config, spool, network.
 pub fn boot() -> BootInfo {
     let t0 = Instant::now();
-    mount_pseudo();
-    ensure_console();
-    writable_etc();
-    console_tee();
-    // ctrl-alt-del: SIGINT to PID 1 instead of an immediate reboot
-    // SAFETY: reboot(2) with CAD_OFF only changes a kernel flag.
-    unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
+    first_steps();
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let arg = |k: &str| cmdline.split_whitespace().find_map(|w| w.strip_prefix(k)).map(str::to_string);
-    say!("{}", fs::read_to_string("/proc/version").unwrap_or_default().trim());
-    say!("started{}", since_boot());
-    if let Err(e) = crate::netcfg::set_up("lo") {
-        say!("lo: {e}");
-    }
 
     let parts = partitions(Duration::from_secs(3));
     say!("block devices: {}", if parts.is_empty() { "none".to_string() } else { parts.join(" ") });
@@ -104,45 +93,77 @@ pub fn boot() -> BootInfo {
     let (persistent_spool, spool_note) = mount_spool(&parts, &spool, forced.as_deref());
     let banner = if persistent_spool { "" } else { "WARNING: " };
     say!("{banner}{spool_note}");
-    let mut alerts = Vec::new();
-    // Booted from the disk (whose second partition is the spool), or a
-    // spool device named on the command line: a RAM spool is a fault, not
-    // a choice (at 10 MB the kernel once lacked /dev/sda* and the relay
-    // quietly took mail into RAM).
-    let boot_medium = arg("bartleby.boot=");
-    let expected = match forced.as_deref() {
-        Some("tmpfs") => None,
-        Some(dev) => Some(format!("bartleby.spool={dev} names the spool device")),
-        None if boot_medium.as_deref() == Some("disk") => Some("the machine booted from the disk, whose ext4 partition BSPOOL is the spool".to_string()),
-        None => None,
-    };
-    if let (false, Some(why)) = (persistent_spool, expected) {
-        let a = format!(
-            "The spool disk is MISSING: {why}, but it was not mounted (block devices seen: {}). Mail is kept in RAM and lost on power failure; check the disk and its cable, then reboot.",
-            if parts.is_empty() { "none".to_string() } else { parts.join(" ") }
-        );
-        say!("ERROR: {a}");
-        alerts.push(a);
-    }
+    let alerts: Vec<String> = if persistent_spool { None } else { missing_spool(forced.as_deref(), arg("bartleby.boot=").as_deref(), &parts) }
+        .into_iter()
+        .collect();
 
-    let net = config.as_ref().map_or_else(
+    start_network(config.as_ref());
+    say!("boot done in {:.1}s{}; {}", t0.elapsed().as_secs_f32(), since_boot(), meminfo());
+    watch_memory();
+    let spool_note = if persistent_spool { String::new() } else { spool_note };
+    BootInfo { config_path, config, config_error, spool_note, alerts }
+}
+
+/// What comes before anything can be read from a disk: the pseudo file
+/// systems, fds 0 to 2, a writable /etc, the console on both screens,
+/// ctrl-alt-del as a signal, the kernel's banner, `lo` up.
+fn first_steps() {
+    mount_pseudo();
+    ensure_console();
+    writable_etc();
+    console_tee();
+    // ctrl-alt-del: SIGINT to PID 1 instead of an immediate reboot
+    // SAFETY: reboot(2) with CAD_OFF only changes a kernel flag.
+    unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
+    say!("{}", fs::read_to_string("/proc/version").unwrap_or_default().trim());
+    say!("started{}", since_boot());
+    if let Err(e) = crate::netcfg::set_up("lo") {
+        say!("lo: {e}");
+    }
+}
+
+/// The alert when the spool is in RAM but a disk was expected: booted from
+/// the disk (whose second partition is the spool), or a spool device named
+/// on the command line (`forced`). A RAM spool is then a fault, not a
+/// choice (at 10 MB the kernel once lacked /dev/sda* and the relay quietly
+/// took mail into RAM). Said on the console too.
+fn missing_spool(forced: Option<&str>, boot_medium: Option<&str>, parts: &[String]) -> Option<String> {
+    let why = match forced {
+        Some("tmpfs") => return None,
+        Some(dev) => format!("bartleby.spool={dev} names the spool device"),
+        None if boot_medium == Some("disk") => "the machine booted from the disk, whose ext4 partition BSPOOL is the spool".to_string(),
+        None => return None,
+    };
+    let a = format!(
+        "The spool disk is MISSING: {why}, but it was not mounted (block devices seen: {}). Mail is kept in RAM and lost on power failure; check the disk and its cable, then reboot.",
+        if parts.is_empty() { "none".to_string() } else { parts.join(" ") }
+    );
+    say!("ERROR: {a}");
+    Some(a)
+}
+
+/// The network as configured (DHCP without a configuration); never waits on
+/// it: the relay listens on 0.0.0.0 / [::] at once.
+fn start_network(config: Option<&Config>) {
+    let net = config.map_or_else(
         || NetworkConfig { interface: None, address: "dhcp".into(), gateway: None, dns: Vec::new(), fallback: None },
         |c| c.network.clone(),
     );
-    // never waits on the network: the relay listens on 0.0.0.0 / [::] at once
     match crate::netcfg::start(net.interface.as_deref(), &net.address, net.gateway.as_deref(), &net.dns, net.fallback.as_deref()) {
         Ok(s) => say!("network: {s}"),
         Err(e) => say!("network: {e}"),
     }
-    say!("boot done in {:.1}s{}; {}", t0.elapsed().as_secs_f32(), since_boot(), meminfo());
-    // said at once: on a machine this short the relay may not live until
-    // the watcher below wakes up
+}
+
+/// Says at once when memory is short before the relay starts (on a machine
+/// this short the relay may not live until the watcher wakes up), then
+/// starts the watcher: one more report once the relay has settled, then a
+/// line each time memory gets short or recovers.
+fn watch_memory() {
     let short_at_boot = mem_available_kb().is_some_and(|a| a < MEM_SHORT_KB);
     if short_at_boot {
         say!("WARNING: memory short: {} kB available (below {MEM_SHORT_KB} kB) before the relay starts; it may be killed or refuse mail: give the machine more RAM (8 MB is the least it is tested with)", mem_available_kb().unwrap_or(0));
     }
-    // one more memory report once the relay has settled, then a line each
-    // time memory gets short or recovers
     let _ = std::thread::Builder::new().name("meminfo".into()).stack_size(32 * 1024).spawn(move || {
         std::thread::sleep(Duration::from_secs(20));
         say!("after start: {}", meminfo());
@@ -161,8 +182,6 @@ pub fn boot() -> BootInfo {
             std::thread::sleep(Duration::from_secs(10));
         }
     });
-    let spool_note = if persistent_spool { String::new() } else { spool_note };
-    BootInfo { config_path, config, config_error, spool_note, alerts }
 }
 
 /// Loads the configuration found on the boot media with the relay's parser;

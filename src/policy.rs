@@ -721,67 +721,116 @@ impl Recipients {
         // Before reading: a change after this is seen by the watcher.
         let seen_at_start = path.map(seen);
         let file_time = path.and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-        let mut push_error = None;
-        match read_pushed(&pushed_path) {
-            Ok(Some(mut p)) if file_time.is_none() || file_time <= p.modified() => {
-                let t = p.modified();
-                log::info!(
-                    target: crate::logging::MASTER,
-                    "recipients list: {} entries, pushed {} ({}){}",
-                    p.len(),
-                    t.map_or_else(|| "?".into(), |t| crate::util::iso_date(unix(t) as u64)),
-                    pushed_path.display(),
-                    match path {
-                        Some(f) if file_time.is_some() => format!(", newer than {}", f.display()),
-                        _ => String::new(),
-                    }
-                );
-                save_last(&p, last);
-                publish(stats, &p, Source::Push, t);
-                stats.recipients_kept.lock().unwrap_or_else(|e| e.into_inner()).clear();
-                p.path = Some(pushed_path.clone());
-                let r = Recipients::with_last(p, Some(last.to_path_buf()), seen_at_start, path.map(Path::to_path_buf));
-                *r.inner.pushed.lock().unwrap_or_else(|e| e.into_inner()) = t;
-                return r;
+        let push_error = match read_pushed(&pushed_path) {
+            Ok(Some(p)) if file_time.is_none() || file_time <= p.modified() => {
+                return Recipients::start_pushed(p, path, file_time.is_some(), last, seen_at_start, stats);
             }
             Ok(Some(_)) => {
                 if let Some(f) = path {
                     log::info!(target: crate::logging::MASTER, "recipients list {} is newer than the pushed list {}: using the file", f.display(), pushed_path.display());
                 }
+                None
             }
-            Ok(None) => {}
+            Ok(None) => None,
             Err(e) => {
                 log::warn!(target: crate::logging::MASTER, "warning: pushed {e}: not used");
-                push_error = Some(e);
+                Some(e)
             }
-        }
-        let Some(path) = path else {
-            let Some(why) = push_error else {
-                publish(stats, &RecipientList::default(), Source::None, None);
-                return Recipients::with_last(RecipientList::default(), Some(last.to_path_buf()), None, None);
-            };
-            // A list was pushed, but its copy is damaged: the last good
-            // list, else 451 until the next push (never "everyone").
-            let (list, source) = match RecipientList::read(last) {
-                Ok(mut l) => {
-                    log::warn!(target: crate::logging::MASTER, "warning: using the last good list {} ({} entries) until the next push", last.display(), l.len());
-                    let t = l.modified();
-                    l.path = Some(pushed_path);
-                    l.id = None;
-                    publish(stats, &l, Source::LastGood, t);
-                    (l, why)
-                }
-                Err(_) => {
-                    log::warn!(target: crate::logging::MASTER, "warning: no usable recipients list: every recipient in the relay domains gets 451 4.3.0 (try again later) until the next push");
-                    let l = RecipientList::unusable(&pushed_path);
-                    publish(stats, &l, Source::Push, None);
-                    (l, why)
-                }
-            };
-            *stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()) = source;
-            return Recipients::with_last(list, Some(last.to_path_buf()), None, None);
         };
-        let seen_at_start = seen_at_start.unwrap_or_else(|| seen(path));
+        match path {
+            Some(path) => Recipients::start_file(path, last, seen_at_start.unwrap_or_else(|| seen(path)), stats),
+            None => Recipients::start_no_file(push_error, last, stats),
+        }
+    }
+
+    /// Starts with the pushed list `p` (not older than the file, if any).
+    fn start_pushed(
+        mut p: RecipientList,
+        path: Option<&Path>,
+        file_exists: bool,
+        last: &Path,
+        seen_at_start: Option<Result<FileId, String>>,
+        stats: &crate::stats::Stats,
+    ) -> Recipients {
+        let pushed_path = last.with_file_name(PUSHED);
+        let t = p.modified();
+        log::info!(
+            target: crate::logging::MASTER,
+            "recipients list: {} entries, pushed {} ({}){}",
+            p.len(),
+            t.map_or_else(|| "?".into(), |t| crate::util::iso_date(unix(t) as u64)),
+            pushed_path.display(),
+            match path {
+                Some(f) if file_exists => format!(", newer than {}", f.display()),
+                _ => String::new(),
+            }
+        );
+        save_last(&p, last);
+        publish(stats, &p, Source::Push, t);
+        stats.recipients_kept.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        p.path = Some(pushed_path);
+        let r = Recipients::with_last(p, Some(last.to_path_buf()), seen_at_start, path.map(Path::to_path_buf));
+        *r.inner.pushed.lock().unwrap_or_else(|e| e.into_inner()) = t;
+        r
+    }
+
+    /// No file configured and no usable push: no list (every address), or,
+    /// when a pushed copy is damaged (`push_error`), the last good list,
+    /// else 451 until the next push (never "everyone").
+    fn start_no_file(push_error: Option<String>, last: &Path, stats: &crate::stats::Stats) -> Recipients {
+        let Some(why) = push_error else {
+            publish(stats, &RecipientList::default(), Source::None, None);
+            return Recipients::with_last(RecipientList::default(), Some(last.to_path_buf()), None, None);
+        };
+        let pushed_path = last.with_file_name(PUSHED);
+        let list = match RecipientList::read(last) {
+            Ok(mut l) => {
+                log::warn!(target: crate::logging::MASTER, "warning: using the last good list {} ({} entries) until the next push", last.display(), l.len());
+                let t = l.modified();
+                l.path = Some(pushed_path);
+                l.id = None;
+                publish(stats, &l, Source::LastGood, t);
+                l
+            }
+            Err(_) => {
+                log::warn!(target: crate::logging::MASTER, "warning: no usable recipients list: every recipient in the relay domains gets 451 4.3.0 (try again later) until the next push");
+                let l = RecipientList::unusable(&pushed_path);
+                publish(stats, &l, Source::Push, None);
+                l
+            }
+        };
+        *stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()) = why;
+        Recipients::with_last(list, Some(last.to_path_buf()), None, None)
+    }
+
+    /// Starts with the file at `path` (see [`Recipients::pick_at_start`]),
+    /// and says where the list in force came from.
+    fn start_file(path: &Path, last: &Path, seen_at_start: Result<FileId, String>, stats: &crate::stats::Stats) -> Recipients {
+        let (list, refused, why) = Recipients::pick_at_start(path, last, seen_at_start);
+        if refused.is_none() {
+            log::info!(target: crate::logging::MASTER, "recipients list {}: {} entries", path.display(), list.len());
+            save_last(&list, last);
+            publish(stats, &list, Source::File, list.modified());
+            // The file is newer than any push: the pushed copy is done with.
+            remove_pushed(&last.with_file_name(PUSHED));
+        } else if list.is_usable() {
+            let last_time = std::fs::metadata(last).and_then(|m| m.modified()).ok();
+            publish(stats, &list, Source::LastGood, last_time);
+        } else {
+            publish(stats, &list, Source::File, None);
+        }
+        *stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()) = why;
+        Recipients::with_last(list, Some(last.to_path_buf()), refused, Some(path.to_path_buf()))
+    }
+
+    /// The file when it can be used and holds at least half the entries of
+    /// the last good list; else the last good list; else an unusable list.
+    /// Returns the list, the version of the file refused (if it was) and why.
+    fn pick_at_start(
+        path: &Path,
+        last: &Path,
+        seen_at_start: Result<FileId, String>,
+    ) -> (RecipientList, Option<Result<FileId, String>>, String) {
         // The last good list instead of the file, for `why`; Err: why not.
         let from_last = |why: &str| match RecipientList::read(last) {
             Ok(mut l) => {
@@ -797,8 +846,7 @@ impl Recipients {
             }
             Err(e) => Err(e),
         };
-        let last_time = || std::fs::metadata(last).and_then(|m| m.modified()).ok();
-        let (list, refused, why) = match RecipientList::read(path) {
+        match RecipientList::read(path) {
             Ok(new) => match count_lines(last) {
                 Some(n) if new.len() * 2 < n => {
                     let why = format!(
@@ -832,20 +880,7 @@ impl Recipients {
                     (RecipientList::unusable(path), Some(seen_at_start), why)
                 }
             },
-        };
-        if refused.is_none() {
-            log::info!(target: crate::logging::MASTER, "recipients list {}: {} entries", path.display(), list.len());
-            save_last(&list, last);
-            publish(stats, &list, Source::File, list.modified());
-            // The file is newer than any push: the pushed copy is done with.
-            remove_pushed(&pushed_path);
-        } else if list.is_usable() {
-            publish(stats, &list, Source::LastGood, last_time());
-        } else {
-            publish(stats, &list, Source::File, None);
         }
-        *stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()) = why;
-        Recipients::with_last(list, Some(last.to_path_buf()), refused, Some(path.to_path_buf()))
     }
 
     /// The list in force now.
