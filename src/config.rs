@@ -32,12 +32,54 @@ fn read_file(path: &Path) -> Result<Vec<u8>, String> {
     })
 }
 
-/// One configuration error, with the place it was found.
+/// One configuration error, with the place it was found: the file, the
+/// line (0: none, as for a missing key or an unreadable file), the key it
+/// is about and its kind. Its text (Display) is `file:line: message`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub file: String,
     pub line: usize,
+    /// The key, as `table.key` (`network.address`); empty when the error is
+    /// about no one key (the file cannot be read, a syntax error).
+    pub key: String,
+    pub kind: ErrorKind,
     pub message: String,
+}
+
+/// What kind of error a [`ConfigError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The file cannot be read: missing, not a regular file, too large.
+    Read,
+    /// Not the TOML this reader takes: bytes, syntax, an unknown table.
+    Syntax,
+    /// A key that is unknown, set twice, or not in this build.
+    Key,
+    /// A key's value is wrong (type, form, bounds).
+    Value,
+    /// A required key is missing.
+    Missing,
+    /// Keys fine one by one do not go together (a certificate without its
+    /// key, a primary that is Bartleby itself).
+    Conflict,
+}
+
+/// An error found before its file is known (the schema's checks).
+struct Fault {
+    kind: ErrorKind,
+    key: String,
+    line: usize,
+    message: String,
+}
+
+impl Fault {
+    fn new(kind: ErrorKind, key: &str, line: usize, message: impl Into<String>) -> Fault {
+        Fault { kind, key: key.to_string(), line, message: message.into() }
+    }
+
+    fn in_file(self, file: &str) -> ConfigError {
+        ConfigError { file: file.to_string(), line: self.line, key: self.key, kind: self.kind, message: self.message }
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -233,7 +275,7 @@ impl Config {
     /// most [`MAX_CONFIG_BYTES`] is read; it is opened non-blocking, so a FIFO
     /// at the path is refused instead of hanging the start (or PID 1).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let bytes = read_file(path).map_err(|message| ConfigError { file: path.display().to_string(), line: 0, message })?;
+        let bytes = read_file(path).map_err(|message| Fault::new(ErrorKind::Read, "", 0, message).in_file(&path.display().to_string()))?;
         Config::parse_bytes(&bytes, path)
     }
 
@@ -245,14 +287,8 @@ impl Config {
             let good = &bytes[..e.valid_up_to()];
             let line = 1 + good.iter().filter(|&&b| b == b'\n').count();
             let column = 1 + good.iter().rev().take_while(|&&b| b != b'\n').count();
-            ConfigError {
-                file: path.display().to_string(),
-                line,
-                message: format!(
-                    "byte 0x{:02X} (column {column}) is not valid UTF-8; save the file as UTF-8",
-                    bytes[e.valid_up_to()]
-                ),
-            }
+            let message = format!("byte 0x{:02X} (column {column}) is not valid UTF-8; save the file as UTF-8", bytes[e.valid_up_to()]);
+            Fault::new(ErrorKind::Syntax, "", line, message).in_file(&path.display().to_string())
         })?;
         Config::parse(text, path)
     }
@@ -261,16 +297,17 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let mut b = Builder::new(path);
-        parse_toml_with(text, |ev| match ev {
-            Event::Table(name, line) => known_table(name).map_err(|message| (line, message)),
-            Event::Item(it) => b.set(&it).map_err(|message| (it.line, message)),
+        // The schema's error, kept whole while the reader stops on it.
+        let mut fault = None;
+        parse_toml_with(text, |ev| {
+            let f = match ev {
+                Event::Table(name, line) => known_table(name).map_err(|(kind, m)| Fault::new(kind, "", line, m)),
+                Event::Item(it) => b.set(&it),
+            };
+            f.map_err(|f| (f.line, fault.insert(f).message.clone()))
         })
-        .map_err(|(line, message)| ConfigError {
-            file: file.clone(),
-            line,
-            message,
-        })?;
-        b.finish().map_err(|(line, message)| ConfigError { file, line, message })
+        .map_err(|(line, message)| fault.take().unwrap_or_else(|| Fault::new(ErrorKind::Syntax, "", line, message)).in_file(&file))?;
+        b.finish().map_err(|f| f.in_file(&file))
     }
 
     /// True when `domain` (any case, U-labels or A-labels) is one of
@@ -295,12 +332,12 @@ const NO_TLS: &str = "[tls]: this build of Bartleby has no TLS (built without th
 const TABLES: [&str; 3] = ["status", "network", "tls"];
 
 /// A `[table]` header the schema knows (and this build has).
-fn known_table(name: &str) -> Result<(), String> {
+fn known_table(name: &str) -> Result<(), (ErrorKind, String)> {
     if !TABLES.contains(&name) {
-        return Err(format!("unknown table `[{name}]` (known: [status], [network], [tls])"));
+        return Err((ErrorKind::Syntax, format!("unknown table `[{name}]` (known: [status], [network], [tls])")));
     }
     if name == "tls" && !cfg!(feature = "tls") {
-        return Err(NO_TLS.into());
+        return Err((ErrorKind::Key, NO_TLS.into()));
     }
     Ok(())
 }
@@ -876,33 +913,38 @@ impl Builder {
         Builder { c, seen: Vec::new() }
     }
 
-    fn set(&mut self, it: &Item) -> Result<(), String> {
+    fn set(&mut self, it: &Item) -> Result<(), Fault> {
         let full = if it.table.is_empty() { it.key.clone() } else { format!("{}.{}", it.table, it.key) };
         // `seen` holds only keys set successfully: at most the known keys
         if self.seen.iter().any(|(k, _)| *k == full) {
-            return Err(format!("`{}` is set twice", it.key));
+            return Err(Fault::new(ErrorKind::Key, &full, it.line, format!("`{}` is set twice", it.key)));
         }
         // One function per group of keys (see KEYS); the first that knows
         // the key sets it.
-        let mut r = Err(unknown_key(it, &full));
+        let mut r = Err(Fault::new(ErrorKind::Key, &full, it.line, unknown_key(it, &full)));
         for group in KEYS {
             match group(&mut self.c, it) {
                 Ok(false) => continue,
                 Ok(true) => r = Ok(()),
-                Err(e) => r = Err(e),
+                Err(e) => r = Err(Fault::new(ErrorKind::Value, &full, it.line, e)),
             }
             break;
         }
         let key_tick = format!("`{}`", it.key);
-        r.map_err(|e| {
-            if e.starts_with("unknown") || e.starts_with(&full) || e.starts_with(&key_tick) {
-                e
-            } else {
-                format!("{full}: {e}")
+        r.map_err(|mut f| {
+            let e = &f.message;
+            if !(e.starts_with("unknown") || e.starts_with(&full) || e.starts_with(&key_tick)) {
+                f.message = format!("{full}: {e}");
             }
+            f
         })?;
         self.seen.push((full, it.line));
         Ok(())
+    }
+
+    /// An error about `key`, at the line that set it (0: not set).
+    fn fault(&self, kind: ErrorKind, key: &str, message: impl Into<String>) -> Fault {
+        Fault::new(kind, key, self.line_of(key), message)
     }
 
     fn line_of(&self, key: &str) -> usize {
@@ -912,7 +954,7 @@ impl Builder {
     /// The checks that need the whole file, then the defaults that depend
     /// on other keys; an error names the line of the key it is about (0:
     /// a key that is missing).
-    fn finish(mut self) -> Result<Config, (usize, String)> {
+    fn finish(mut self) -> Result<Config, Fault> {
         self.required()?;
         self.bounds()?;
         if self.line_of("smtpd_client_connection_count_limit") == 0 {
@@ -921,14 +963,15 @@ impl Builder {
             self.c.smtpd_client_connection_count_limit = (self.c.max_connections / 2).max(1);
         }
         if !self.c.status.push_allow.is_empty() && self.c.status.push_token_file.is_none() {
-            return Err((
-                self.line_of("status.push_allow"),
-                "`status.push_allow` needs `status.push_token_file`: a file holding the token the primary sends (Authorization: Bearer)".into(),
+            return Err(self.fault(
+                ErrorKind::Conflict,
+                "status.push_allow",
+                "`status.push_allow` needs `status.push_token_file`: a file holding the token the primary sends (Authorization: Bearer)",
             ));
         }
         self.tls()?;
         if let Some(e) = self_loop(&self.c) {
-            return Err((self.line_of("primary"), e));
+            return Err(self.fault(ErrorKind::Conflict, "primary", e));
         }
         let c = &mut self.c;
         if c.min_free_space == 0 {
@@ -940,25 +983,25 @@ impl Builder {
     }
 
     /// The keys without a default.
-    fn required(&self) -> Result<(), (usize, String)> {
+    fn required(&self) -> Result<(), Fault> {
         let c = &self.c;
         if c.hostname.is_empty() {
-            return Err((0, "`hostname` is required (the EHLO name, like \"backup.example.org\")".into()));
+            return Err(Fault::new(ErrorKind::Missing, "hostname", 0, "`hostname` is required (the EHLO name, like \"backup.example.org\")"));
         }
         if c.relay_domains.is_empty() {
-            return Err((0, "`relay_domains` is required: the domains this backup MX accepts mail for".into()));
+            return Err(Fault::new(ErrorKind::Missing, "relay_domains", 0, "`relay_domains` is required: the domains this backup MX accepts mail for"));
         }
         if c.primary.is_empty() {
-            return Err((0, "`primary` is required: host:port of the primary mail server".into()));
+            return Err(Fault::new(ErrorKind::Missing, "primary", 0, "`primary` is required: host:port of the primary mail server"));
         }
         if c.listen.is_empty() {
-            return Err((self.line_of("listen"), "`listen` must name at least one address".into()));
+            return Err(self.fault(ErrorKind::Value, "listen", "`listen` must name at least one address"));
         }
         Ok(())
     }
 
     /// Lower bounds (RFC 5321's minimums among them) and relations between keys.
-    fn bounds(&self) -> Result<(), (usize, String)> {
+    fn bounds(&self) -> Result<(), Fault> {
         let c = &self.c;
         let checks: [(&str, bool, &str); 13] = [
             ("error_limit", c.error_limit >= 1, "must be at least 1"),
@@ -978,7 +1021,7 @@ impl Builder {
         ];
         for (key, ok, why) in checks {
             if !ok {
-                return Err((self.line_of(key), format!("`{key}` {why}")));
+                return Err(self.fault(ErrorKind::Value, key, format!("`{key}` {why}")));
             }
         }
         Ok(())
@@ -987,13 +1030,13 @@ impl Builder {
     /// A `[tls]` table: this build has TLS, `primary` is "may" unless
     /// written, a certificate goes with its key, "verify" has something to
     /// verify with.
-    fn tls(&mut self) -> Result<(), (usize, String)> {
+    fn tls(&mut self) -> Result<(), Fault> {
         let Some(first) = self.seen.iter().find(|(k, _)| k.starts_with("tls.")).map(|(_, l)| *l) else { return Ok(()) };
         let tls_lines = [self.line_of("tls.certificate"), self.line_of("tls.key"), self.line_of("tls.primary")];
         let t = &mut self.c.tls;
         t.present = true;
         if !cfg!(feature = "tls") {
-            return Err((first, NO_TLS.into()));
+            return Err(Fault::new(ErrorKind::Key, "tls", first, NO_TLS));
         }
         // "may" unless written.
         if tls_lines[2] == 0 {
@@ -1002,12 +1045,14 @@ impl Builder {
         if t.certificate.is_some() != t.key.is_some() {
             let (has, lacks, line) =
                 if t.certificate.is_some() { ("certificate", "key", tls_lines[0]) } else { ("key", "certificate", tls_lines[1]) };
-            return Err((line, format!("`tls.{has}` needs `tls.{lacks}`")));
+            return Err(Fault::new(ErrorKind::Conflict, &format!("tls.{has}"), line, format!("`tls.{has}` needs `tls.{lacks}`")));
         }
         if t.primary == TlsLevel::Verify && t.ca_file.is_none() && t.primary_fingerprint.is_none() {
-            return Err((
+            return Err(Fault::new(
+                ErrorKind::Conflict,
+                "tls.primary",
                 tls_lines[2],
-                "`tls.primary = \"verify\"` needs `tls.ca_file` (the CA that signed the primary's certificate) or `tls.primary_fingerprint`".into(),
+                "`tls.primary = \"verify\"` needs `tls.ca_file` (the CA that signed the primary's certificate) or `tls.primary_fingerprint`",
             ));
         }
         Ok(())
@@ -1339,6 +1384,33 @@ allow = ["127.0.0.1/32", "192.168.1.0/24", "fe80::/10"]
         assert!(e.message.contains("unknown key `tls.cert`"), "{e}");
         let e = err("[tls]\ncertificate = \"relative.pem\"\nkey = \"/k\"\n");
         assert_eq!(e.line, 5, "{e}");
+    }
+
+    #[test]
+    fn errors_name_their_kind_and_key() {
+        let k = |extra: &str| {
+            let e = err(extra);
+            (e.kind, e.key, e.line)
+        };
+        assert_eq!(k("max_connections = 0\n"), (ErrorKind::Value, "max_connections".into(), 4));
+        assert_eq!(k("[network]\naddress = \"10.0.0.1\"\n"), (ErrorKind::Value, "network.address".into(), 5));
+        assert_eq!(k("mystery = 1\n"), (ErrorKind::Key, "mystery".into(), 4));
+        assert_eq!(k("spool = \"/a\"\nspool = \"/b\"\n"), (ErrorKind::Key, "spool".into(), 5));
+        assert_eq!(k("[nope]\n"), (ErrorKind::Syntax, String::new(), 4));
+        assert_eq!(k("max_connections = 5 6\n"), (ErrorKind::Syntax, String::new(), 4));
+        assert_eq!(k("minimal_backoff = \"2h\"\nmaximal_backoff = \"1h\"\n"), (ErrorKind::Value, "maximal_backoff".into(), 5));
+        assert_eq!(k("[status]\npush_allow = [\"10.0.0.1\"]\n"), (ErrorKind::Conflict, "status.push_allow".into(), 5));
+        assert_eq!(k("listen = [\"127.0.0.1:25\"]\nprimary = \"127.0.0.1:25\"\n").0, ErrorKind::Key, "primary set twice");
+        let e = Config::parse("relay_domains = [\"example.org\"]\nprimary = \"mail.example.org\"\n", Path::new("t.toml")).unwrap_err();
+        assert_eq!((e.kind, e.key.as_str(), e.line), (ErrorKind::Missing, "hostname", 0));
+        let e = Config::parse(&format!("{MIN}listen = [\"0.0.0.0:25\"]\n").replace("mail.example.org:25", "127.0.0.1:25"), Path::new("t.toml")).unwrap_err();
+        assert_eq!((e.kind, e.key.as_str(), e.line), (ErrorKind::Conflict, "primary", 3));
+        let e = Config::parse_bytes(b"hostname = \"\xff\"\n", Path::new("t.toml")).unwrap_err();
+        assert_eq!((e.kind, e.line), (ErrorKind::Syntax, 1));
+        let e = Config::load(Path::new("/nonexistent/bartleby.toml")).unwrap_err();
+        assert_eq!((e.kind, e.line, e.key.as_str()), (ErrorKind::Read, 0, ""));
+        // the text is as before: file:line: message
+        assert_eq!(err("mystery = 1\n").to_string(), "t.toml:4: unknown key `mystery`");
     }
 
     #[test]
