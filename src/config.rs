@@ -9,6 +9,11 @@
 //!
 //! Unknown keys are errors, never ignored: a typo in `relay_domains` must not
 //! silently turn the relay into something else.
+//!
+//! Role: the schema (which keys and tables exist, what each takes, the
+//! checks across keys); the reader is `config/toml.rs`, the value types
+//! `config/values.rs`. Touches only the one file it is given (read, never
+//! written); init and the relay both load it through [`Config::load`].
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -2,6 +2,8 @@
 //! RCPT. Read from the raw command line (smtp-proto decodes xtext and lets
 //! `+ZZ` or `NOTIFY=SUCCESS,NEVER` through), validated as Postfix's smtpd
 //! does, and kept as received: they are passed on to a primary unchanged.
+//! Pure functions of the command line; where its path ends is policy's
+//! scanner ([`crate::policy::path_end`]).
 
 /// NOTIFY bits.
 pub const NEVER: u8 = 1;

@@ -26,6 +26,10 @@
 //! something is missing: an appliance without a disk still relays (with a RAM
 //! spool, said loudly), and one without a lease still answers on its
 //! link-local address.
+//!
+//! Role: PID 1 only. Touches the machine: mounts, /dev nodes, fds 0 to 2,
+//! the hostname, processes at shutdown; the network through netcfg. The one
+//! console writer (`say!`) of init and netcfg is here.
 
 use std::ffi::CString;
 use std::fs;

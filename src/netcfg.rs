@@ -11,6 +11,10 @@
 //!
 //! IPv6 needs nothing here: the kernel gives every interface a link-local
 //! address and follows router advertisements (SLAAC) on its own.
+//!
+//! Role: PID 1 only. Touches network interfaces and routes (ioctls), UDP
+//! ports 67/68 and `/etc/resolv.conf`; the address comes from the config's
+//! parser ([`crate::config::values::parse_ipv4_prefix`]).
 
 use std::io::{self, Error, ErrorKind};
 use std::net::{Ipv4Addr, UdpSocket};

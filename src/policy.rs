@@ -9,6 +9,10 @@
 //!
 //! smtp-proto unquotes local parts and strips source routes, so the checks
 //! here look at the path *as the client wrote it* on the command line.
+//!
+//! Role: the relay rules at MAIL and RCPT and the recipients list. Touches
+//! the list file (read), `recipients.last` and `recipients.push` in the
+//! spool directory (written atomically), and the list's figures in Stats.
 
 use std::path::{Path, PathBuf};
 
