@@ -481,7 +481,7 @@ fn want_cidrs(v: &Value) -> Result<Vec<Cidr>, String> {
 fn want_addrs(v: &Value) -> Result<Vec<SocketAddr>, String> {
     want_strs(v)?
         .into_iter()
-        .map(|s| s.parse::<SocketAddr>().map_err(|_| format!("`{s}` is not an address:port (like \"0.0.0.0:25\" or \"[::]:25\")")))
+        .map(|s| values::parse_socket_addr(s).ok_or_else(|| format!("`{s}` is not an address:port (like \"0.0.0.0:25\" or \"[::]:25\")")))
         .collect()
 }
 
@@ -743,9 +743,9 @@ fn status(c: &mut Config, it: &Item) -> Result<bool, String> {
                 c.status.listen = None;
                 Ok(())
             } else {
-                s.parse::<SocketAddr>()
+                values::parse_socket_addr(s)
                     .map(|a| c.status.listen = Some(a))
-                    .map_err(|_| format!("`{s}` is not an address:port (like \"0.0.0.0:80\")"))
+                    .ok_or_else(|| format!("`{s}` is not an address:port (like \"0.0.0.0:80\")"))
             }
         }
         ("status", "allow") => want_cidrs(v).map(|a| c.status.allow = a),

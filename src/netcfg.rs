@@ -231,7 +231,7 @@ fn sockaddr_in(a: Ipv4Addr) -> [u8; 16] {
 }
 
 fn ctl_socket() -> io::Result<UdpSocket> {
-    UdpSocket::bind("0.0.0.0:0").or_else(|_| UdpSocket::bind("127.0.0.1:0"))
+    UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).or_else(|_| UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)))
 }
 
 fn ioctl(fd: i32, req: libc::c_ulong, arg: *mut libc::c_void) -> io::Result<()> {
@@ -472,7 +472,7 @@ fn random_u32(mac: &[u8; 6]) -> u32 {
 }
 
 fn dhcp_socket(name: &str) -> io::Result<UdpSocket> {
-    let s = UdpSocket::bind("0.0.0.0:68").map_err(|e| Error::new(e.kind(), format!("dhcp: bind 0.0.0.0:68: {e}")))?;
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 68)).map_err(|e| Error::new(e.kind(), format!("dhcp: bind 0.0.0.0:68: {e}")))?;
     s.set_broadcast(true)?;
     let n = name.as_bytes();
     // SAFETY: setsockopt with a byte buffer of the given length.
@@ -490,7 +490,7 @@ fn exchange(s: &UdpSocket, msg: &[u8], xid: u32, mac: &[u8; 6], want: &[u8], dea
     let mut buf = [0u8; 1500];
     let mut wait = Duration::from_secs(2);
     while Instant::now() < deadline {
-        s.send_to(msg, "255.255.255.255:67")?;
+        s.send_to(msg, (Ipv4Addr::BROADCAST, 67))?;
         let until = (Instant::now() + wait).min(deadline);
         loop {
             let left = until.saturating_duration_since(Instant::now());

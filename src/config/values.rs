@@ -200,23 +200,27 @@ pub fn parse_ipv4_prefix(s: &str) -> Result<(Ipv4Addr, u8), String> {
 }
 
 /// `ip`, `[ip6]`, `ip:port` or `[ip6]:port` (`[network] dns`, `log_host`),
-/// with `default` when no port is given; never port 0, never a name. By hand:
-/// std's SocketAddr parser costs KBs of binary.
+/// with `default` when no port is given; never port 0, never a name.
 pub fn parse_ip_port(s: &str, default: u16) -> Option<SocketAddr> {
-    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+    if let Ok(ip) = s.parse::<IpAddr>() {
         return Some(SocketAddr::new(ip, default));
     }
-    if let Some(ip) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-        return Some(SocketAddr::new(ip.parse().ok()?, default));
+    match s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        Some(ip) => Some(SocketAddr::new(IpAddr::V6(ip.parse().ok()?), default)),
+        None => parse_socket_addr(s),
     }
+}
+
+/// `ip:port` or `[ip6]:port`, the port required and never 0 (`listen`,
+/// `[status] listen`); brackets go around an IPv6 address and only there.
+/// By hand: std's SocketAddr parser costs KBs of binary.
+pub fn parse_socket_addr(s: &str) -> Option<SocketAddr> {
     let (host, p) = s.rsplit_once(':')?;
-    let host = match host.strip_prefix('[') {
-        Some(h) => h.strip_suffix(']')?,
-        None if host.contains(':') => return None,
-        None => host,
+    let ip = match host.strip_prefix('[') {
+        Some(h) => IpAddr::V6(h.strip_suffix(']')?.parse().ok()?),
+        None => IpAddr::V4(host.parse().ok()?),
     };
-    let p = port(p)?;
-    Some(SocketAddr::new(host.parse().ok()?, p))
+    Some(SocketAddr::new(ip, port(p)?))
 }
 
 /// Parses `sha256:AB:CD:...` (or plain hex, with or without colons).
@@ -332,8 +336,38 @@ mod tests {
         assert_eq!(parse_ip_port("[::1]", 514), Some("[::1]:514".parse().unwrap()));
         assert_eq!(parse_ip_port("[::1]:5", 514), Some("[::1]:5".parse().unwrap()));
         assert_eq!(parse_ip_port("fe80::1", 514), Some("[fe80::1]:514".parse().unwrap()));
-        for bad in ["", ":", "192.0.2.1:", "192.0.2.1:0", "192.0.2.1:65536", "192.0.2.1:+5", "name.example:53", "[::1]:", "::1:53x", "[192.0.2.1]x:5", "١.2.3.4"] {
+        for bad in ["", ":", "192.0.2.1:", "192.0.2.1:0", "192.0.2.1:65536", "192.0.2.1:+5", "name.example:53", "[::1]:", "::1:53x", "[192.0.2.1]x:5", "[192.0.2.1]", "[192.0.2.1]:5", "١.2.3.4"] {
             assert_eq!(parse_ip_port(bad, 53), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn socket_addr_hostile() {
+        assert_eq!(parse_socket_addr("0.0.0.0:25"), Some("0.0.0.0:25".parse().unwrap()));
+        assert_eq!(parse_socket_addr("[::]:25"), Some("[::]:25".parse().unwrap()));
+        assert_eq!(parse_socket_addr("[2001:db8::1]:65535"), Some("[2001:db8::1]:65535".parse().unwrap()));
+        for bad in [
+            "",
+            ":",
+            ":25",
+            "0.0.0.0",
+            "0.0.0.0:",
+            "0.0.0.0:0",
+            "0.0.0.0:65536",
+            "0.0.0.0:+25",
+            "0.0.0.0: 25",
+            "0.0.0.0:25 ",
+            " 0.0.0.0:25",
+            "[0.0.0.0]:25",
+            "::1:25",
+            "[::1]",
+            "[::1]25",
+            "[::1:25",
+            "localhost:25",
+            "0.0.0.0:２5",
+            "0.0.0.0:99999999999999999999",
+        ] {
+            assert_eq!(parse_socket_addr(bad), None, "{bad:?}");
         }
     }
 
