@@ -362,10 +362,7 @@ fn mount_pseudo() {
 /// /etc (resolv.conf from DHCP) becomes a small tmpfs holding copies of the
 /// files that were there.
 fn writable_etc() {
-    let Ok(c) = CString::new("/") else { return };
-    // SAFETY: a zeroed statvfs is a valid out-parameter; c is NUL-terminated.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 || st.f_flag & libc::ST_RDONLY == 0 {
+    if !crate::spool::disk_space(Path::new("/")).is_ok_and(|d| d.read_only) {
         return;
     }
     let files: Vec<(std::ffi::OsString, Vec<u8>)> = fs::read_dir("/etc")
@@ -625,14 +622,10 @@ fn mount_spool(parts: &[String], spool: &Path, forced: Option<&str>) -> (bool, S
     (false, note)
 }
 
+/// Bytes free for the relay on the file system at `path` (the spool's
+/// statvfs, [`crate::spool::disk_space`]).
 fn statvfs_free(path: &str) -> Option<u64> {
-    let c = CString::new(path).ok()?;
-    // SAFETY: zeroed statvfs is a valid out-parameter.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
+    crate::spool::disk_space(Path::new(path)).ok().map(|d| d.avail)
 }
 
 #[cfg(test)]
