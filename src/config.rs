@@ -9,11 +9,24 @@
 //!
 //! Unknown keys are errors, never ignored: a typo in `relay_domains` must not
 //! silently turn the relay into something else.
+//!
+//! Role: the schema (which keys and tables exist, what each takes, the
+//! checks across keys); the reader is `config/toml.rs`, the value types
+//! `config/values.rs`. Touches only the one file it is given (read, never
+//! written); init and the relay both load it through [`Config::load`].
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+mod toml;
+pub mod values;
+
+use toml::{Event, Item, Value, clip, parse_toml_with};
+pub use toml::MAX_ARRAY_ITEMS;
+pub use values::{Cidr, allowed, parse_duration, parse_fingerprint, parse_ip_port, parse_size, split_host_port, valid_domain};
+use values::secs_duration;
 
 /// Reads a configuration file: a regular file of at most [`MAX_CONFIG_BYTES`],
 /// never blocking (see [`crate::util::read_small_file`]).
@@ -24,12 +37,54 @@ fn read_file(path: &Path) -> Result<Vec<u8>, String> {
     })
 }
 
-/// One configuration error, with the place it was found.
+/// One configuration error, with the place it was found: the file, the
+/// line (0: none, as for a missing key or an unreadable file), the key it
+/// is about and its kind. Its text (Display) is `file:line: message`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub file: String,
     pub line: usize,
+    /// The key, as `table.key` (`network.address`); empty when the error is
+    /// about no one key (the file cannot be read, a syntax error).
+    pub key: String,
+    pub kind: ErrorKind,
     pub message: String,
+}
+
+/// What kind of error a [`ConfigError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The file cannot be read: missing, not a regular file, too large.
+    Read,
+    /// Not the TOML this reader takes: bytes, syntax, an unknown table.
+    Syntax,
+    /// A key that is unknown, set twice, or not in this build.
+    Key,
+    /// A key's value is wrong (type, form, bounds).
+    Value,
+    /// A required key is missing.
+    Missing,
+    /// Keys fine one by one do not go together (a certificate without its
+    /// key, a primary that is Bartleby itself).
+    Conflict,
+}
+
+/// An error found before its file is known (the schema's checks).
+struct Fault {
+    kind: ErrorKind,
+    key: String,
+    line: usize,
+    message: String,
+}
+
+impl Fault {
+    fn new(kind: ErrorKind, key: &str, line: usize, message: impl Into<String>) -> Fault {
+        Fault { kind, key: key.to_string(), line, message: message.into() }
+    }
+
+    fn in_file(self, file: &str) -> ConfigError {
+        ConfigError { file: file.to_string(), line: self.line, key: self.key, kind: self.kind, message: self.message }
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -44,78 +99,13 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// An IPv4 or IPv6 network in CIDR notation (`192.0.2.0/24`, `2001:db8::/32`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl Cidr {
-    /// Parses `a.b.c.d/n`, `v6::/n`, or a bare address (a host: /32 or /128).
-    pub fn parse(s: &str) -> Result<Cidr, String> {
-        let (a, p) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = a
-            .trim()
-            .parse()
-            .map_err(|_| format!("`{s}` is not an IP address or CIDR network"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match p {
-            None => max,
-            Some(p) => p
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|n| *n <= max)
-                .ok_or_else(|| format!("`{s}`: prefix length must be 0 to {max}"))?,
-        };
-        Ok(Cidr { addr, prefix })
-    }
-
-    /// True when `ip` lies in this network. IPv4-mapped IPv6 addresses
-    /// (`::ffff:192.0.2.1`, what a dual-stack socket reports) match IPv4 networks.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6(v6),
-            },
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
-                (u32::from(net) & mask) == (u32::from(ip) & mask)
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
-                (u128::from(net) & mask) == (u128::from(ip) & mask)
-            }
-            _ => false,
-        }
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-/// True when any network in `list` contains `ip`.
-pub fn allowed(list: &[Cidr], ip: IpAddr) -> bool {
-    list.iter().any(|c| c.contains(ip))
-}
-
 /// What the relay does with a bare CR or LF inside message data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BareNewline {
     /// Treat it as a line end and store CRLF (Postfix's `normalize`).
     Normalize,
-    /// Refuse the message with 550 5.6.11 (Postfix's `reject`).
+    /// Refuse the message with 550 5.5.2 (what the session sends; Postfix's
+    /// smtpd_forbid_bare_newline = reject, with its reject code 550).
     Reject,
 }
 
@@ -189,27 +179,10 @@ pub struct TlsConfig {
 /// `[network] address`/`fallback`: an IPv4 address with its prefix, as
 /// netcfg applies it (`shape` names what else the key takes, for the error).
 fn want_ipv4_prefix(s: &str, shape: &str) -> Result<(), String> {
-    let (a, p) = s.split_once('/').ok_or_else(|| format!("`{s}` must be {shape} like \"192.168.1.20/24\""))?;
-    a.parse::<Ipv4Addr>().map_err(|_| format!("`{a}` is not an IPv4 address"))?;
-    p.parse::<u8>().ok().filter(|n| *n <= 32).ok_or_else(|| format!("`{p}` is not a prefix length"))?;
-    Ok(())
-}
-
-/// Parses `sha256:AB:CD:...` (or plain hex, with or without colons).
-pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], String> {
-    let t = s.trim();
-    let hex = t.strip_prefix("sha256:").or_else(|| t.strip_prefix("SHA256:")).unwrap_or(t);
-    let digits: Vec<u8> = hex.bytes().filter(|&b| b != b':').collect();
-    let bad = || format!("`{}` is not a SHA-256 fingerprint (64 hex digits, like \"sha256:3A:7F:...\")", clip(s));
-    if digits.len() != 64 {
-        return Err(bad());
+    if !s.contains('/') {
+        return Err(format!("`{s}` must be {shape} like \"192.168.1.20/24\""));
     }
-    let mut out = [0u8; 32];
-    for (i, pair) in digits.chunks(2).enumerate() {
-        let h = std::str::from_utf8(pair).map_err(|_| bad())?;
-        out[i] = u8::from_str_radix(h, 16).map_err(|_| bad())?;
-    }
-    Ok(out)
+    values::parse_ipv4_prefix(s).map(|_| ())
 }
 
 /// The whole configuration.
@@ -307,7 +280,7 @@ impl Config {
     /// most [`MAX_CONFIG_BYTES`] is read; it is opened non-blocking, so a FIFO
     /// at the path is refused instead of hanging the start (or PID 1).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let bytes = read_file(path).map_err(|message| ConfigError { file: path.display().to_string(), line: 0, message })?;
+        let bytes = read_file(path).map_err(|message| Fault::new(ErrorKind::Read, "", 0, message).in_file(&path.display().to_string()))?;
         Config::parse_bytes(&bytes, path)
     }
 
@@ -319,14 +292,8 @@ impl Config {
             let good = &bytes[..e.valid_up_to()];
             let line = 1 + good.iter().filter(|&&b| b == b'\n').count();
             let column = 1 + good.iter().rev().take_while(|&&b| b != b'\n').count();
-            ConfigError {
-                file: path.display().to_string(),
-                line,
-                message: format!(
-                    "byte 0x{:02X} (column {column}) is not valid UTF-8; save the file as UTF-8",
-                    bytes[e.valid_up_to()]
-                ),
-            }
+            let message = format!("byte 0x{:02X} (column {column}) is not valid UTF-8; save the file as UTF-8", bytes[e.valid_up_to()]);
+            Fault::new(ErrorKind::Syntax, "", line, message).in_file(&path.display().to_string())
         })?;
         Config::parse(text, path)
     }
@@ -335,12 +302,17 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let mut b = Builder::new(path);
-        parse_toml_with(text, |it| b.set(&it).map_err(|message| (it.line, message))).map_err(|(line, message)| ConfigError {
-            file: file.clone(),
-            line,
-            message,
-        })?;
-        b.finish().map_err(|(line, message)| ConfigError { file, line, message })
+        // The schema's error, kept whole while the reader stops on it.
+        let mut fault = None;
+        parse_toml_with(text, |ev| {
+            let f = match ev {
+                Event::Table(name, line) => known_table(name).map_err(|(kind, m)| Fault::new(kind, "", line, m)),
+                Event::Item(it) => b.set(&it),
+            };
+            f.map_err(|f| (f.line, fault.insert(f).message.clone()))
+        })
+        .map_err(|(line, message)| fault.take().unwrap_or_else(|| Fault::new(ErrorKind::Syntax, "", line, message)).in_file(&file))?;
+        b.finish().map_err(|f| f.in_file(&file))
     }
 
     /// True when `domain` (any case, U-labels or A-labels) is one of
@@ -358,441 +330,26 @@ impl Config {
     }
 }
 
-/// A value as written in the file.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    Str(String),
-    Int(i64),
-    Bool(bool),
-    Array(Vec<Value>),
-}
-
-impl Value {
-    fn kind(&self) -> &'static str {
-        match self {
-            Value::Str(_) => "a string",
-            Value::Int(_) => "an integer",
-            Value::Bool(_) => "a boolean",
-            Value::Array(_) => "an array",
-        }
-    }
-}
-
-/// One `key = value` with its table and line.
-#[derive(Debug, Clone)]
-pub struct Item {
-    pub table: String,
-    pub key: String,
-    pub value: Value,
-    pub line: usize,
-}
-
 /// A `[tls]` table in a build without the `tls` feature.
 const NO_TLS: &str = "[tls]: this build of Bartleby has no TLS (built without the `tls` feature, as the floppy image may be): \
                       remove the [tls] table, or run the disk or CD image";
 /// The tables a configuration may have.
 const TABLES: [&str; 3] = ["status", "network", "tls"];
 
-/// Largest configuration file read: far more than any real configuration
-/// (the example is 1.5 KiB), small enough to read whole on a 16 MB machine.
-pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
-/// Most entries in one array (`relay_domains`, `listen`, `etrn_allow`,
-/// `[status] allow`, `[network] dns`): a backup MX on a 486 serves a handful
-/// of domains; a list of valid recipients belongs in the `recipients` file.
-pub const MAX_ARRAY_ITEMS: usize = 1000;
-/// Deepest nesting of arrays. No key takes nested arrays; the bound keeps the
-/// recursive value parser off the end of PID 1's stack (`[[[[...`).
-const MAX_DEPTH: usize = 4;
-
-/// Parses the TOML subset, handing each item to `each` as soon as it is read,
-/// so the first bad key stops the parse (a 1 MiB file of unknown keys never
-/// becomes a 250,000-item list). One pass over the bytes: the time is linear
-/// in the file's size whatever its shape (arrays over 100,000 lines included).
-/// A key set twice is the Builder's to refuse (it knows the few valid keys).
-///
-/// Accepted: a leading UTF-8 BOM (skipped), LF or CRLF line ends, `#`
-/// comments, `[table]` headers, bare keys, basic ("...") and literal ('...')
-/// strings, integers, booleans, arrays (over several lines, with comments and
-/// a trailing comma). Refused with the line: control characters other than
-/// tab (NUL, a CR that does not end a line, ...), multi-line strings, inline
-/// tables, floats, dates.
-pub fn parse_toml_with(text: &str, mut each: impl FnMut(Item) -> Result<(), (usize, String)>) -> Result<(), (usize, String)> {
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    check_bytes(text.as_bytes())?;
-    let mut lx = Lexer { s: text.as_bytes(), pos: 0, line: 1 };
-    let mut table = String::new();
-    let mut seen_tables: Vec<String> = Vec::new();
-    loop {
-        lx.skip_ws();
-        lx.skip_comment();
-        if lx.newline() {
-            continue;
-        }
-        let Some(c) = lx.peek() else { return Ok(()) };
-        let lineno = lx.line;
-        if c == b'[' {
-            let rest = lx.rest_of_line();
-            let name = rest[1..]
-                .split_once(']')
-                .map(|(n, _)| n)
-                .ok_or((lineno, "a table header must end with `]`".to_string()))?;
-            lx.pos += 1 + name.len() + 1;
-            let name = name.trim();
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-                return Err((lineno, format!("`[{}]` is not a valid table name", clip(name))));
-            }
-            if !TABLES.contains(&name) {
-                return Err((lineno, format!("unknown table `[{name}]` (known: [status], [network], [tls])")));
-            }
-            if name == "tls" && !cfg!(feature = "tls") {
-                return Err((lineno, NO_TLS.into()));
-            }
-            if seen_tables.iter().any(|t| t == name) {
-                return Err((lineno, format!("table `[{name}]` appears twice")));
-            }
-            seen_tables.push(name.to_string());
-            table = name.to_string();
-            lx.end_of_line().map_err(|_| (lineno, format!("unexpected text after `[{name}]`")))?;
-            continue;
-        }
-        let rest = lx.rest_of_line();
-        let Some((key, _)) = rest.split_once('=') else {
-            return Err((lineno, format!("expected `key = value`, found `{}`", clip(rest.trim()))));
-        };
-        lx.pos += key.len() + 1;
-        let key = key.trim();
-        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            return Err((lineno, format!("`{}` is not a valid key", clip(key))));
-        }
-        let value = lx.value(0).map_err(|(l, e)| (lineno, at_line(format!("`{key}`: {e}"), l, lineno)))?;
-        lx.end_of_line().map_err(|l| (lineno, at_line(format!("`{key}`: unexpected text after the value"), l, lineno)))?;
-        each(Item { table: table.clone(), key: key.to_string(), value, line: lineno })?;
+/// A `[table]` header the schema knows (and this build has).
+fn known_table(name: &str) -> Result<(), (ErrorKind, String)> {
+    if !TABLES.contains(&name) {
+        return Err((ErrorKind::Syntax, format!("unknown table `[{name}]` (known: [status], [network], [tls])")));
     }
-}
-
-/// Adds "(line N)" to a value's error found on another line than its key's.
-fn at_line(msg: String, line: usize, key_line: usize) -> String {
-    if line == key_line { msg } else { format!("{msg} (line {line})") }
-}
-
-/// Text for an error message: at most 60 characters, anything but printable
-/// ASCII written as `\u{...}`, so an invisible character (a BOM, a NUL from an
-/// escape) shows. (Not `escape_debug`: its Unicode tables cost the floppy KBs.)
-fn clip(s: &str) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    for c in s.chars().take(60) {
-        if c == ' ' || c.is_ascii_graphic() {
-            out.push(c);
-        } else {
-            let _ = write!(out, "\\u{{{:x}}}", c as u32);
-        }
-    }
-    if s.chars().nth(60).is_some() {
-        out.push_str("...");
-    }
-    out
-}
-
-/// Refuses the bytes TOML refuses anywhere (tab aside, control characters
-/// are not allowed even in comments and strings), naming the line: binary
-/// garbage, NUL bytes, a CR that does not end a line (a file half converted
-/// between Mac and DOS line ends).
-fn check_bytes(s: &[u8]) -> Result<(), (usize, String)> {
-    let mut line = 1;
-    for (i, &b) in s.iter().enumerate() {
-        match b {
-            b'\n' => line += 1,
-            b'\t' => {}
-            b'\r' if s.get(i + 1) == Some(&b'\n') => {}
-            b'\r' => return Err((line, "a carriage return (CR) that does not end a line; save the file with LF or CRLF line ends".into())),
-            0 => return Err((line, "a NUL byte (is this a binary file?)".into())),
-            0..=0x1f | 0x7f => return Err((line, format!("control character 0x{b:02X} (is this a binary file?)"))),
-            _ => {}
-        }
+    if name == "tls" && !cfg!(feature = "tls") {
+        return Err((ErrorKind::Key, NO_TLS.into()));
     }
     Ok(())
 }
 
-/// A cursor over the whole text; `line` counts the line ends passed.
-struct Lexer<'a> {
-    s: &'a [u8],
-    pos: usize,
-    line: usize,
-}
-
-impl<'a> Lexer<'a> {
-    fn peek(&self) -> Option<u8> {
-        self.s.get(self.pos).copied()
-    }
-
-    fn skip_ws(&mut self) {
-        while matches!(self.peek(), Some(b' ' | b'\t')) {
-            self.pos += 1;
-        }
-    }
-
-    /// Skips a `#` comment up to (not including) the line end.
-    fn skip_comment(&mut self) {
-        if self.peek() == Some(b'#') {
-            while !matches!(self.peek(), None | Some(b'\n' | b'\r')) {
-                self.pos += 1;
-            }
-        }
-    }
-
-    /// Consumes one line end (LF or CRLF: `check_bytes` made every CR one).
-    fn newline(&mut self) -> bool {
-        match self.peek() {
-            Some(b'\n') => self.pos += 1,
-            Some(b'\r') => self.pos += 2,
-            _ => return false,
-        }
-        self.line += 1;
-        true
-    }
-
-    /// Blanks, a comment, then the end of the line or of the file.
-    fn end_of_line(&mut self) -> Result<(), usize> {
-        self.skip_ws();
-        self.skip_comment();
-        if self.newline() || self.peek().is_none() { Ok(()) } else { Err(self.line) }
-    }
-
-    /// The rest of the current line (the text is valid UTF-8 and the cut is
-    /// at an ASCII byte, so this is a `str`).
-    fn rest_of_line(&self) -> &'a str {
-        let end = self.s[self.pos..].iter().position(|&c| c == b'\n' || c == b'\r').map_or(self.s.len(), |n| self.pos + n);
-        std::str::from_utf8(&self.s[self.pos..end]).unwrap_or("")
-    }
-
-    fn value(&mut self, depth: usize) -> Result<Value, (usize, String)> {
-        self.skip_ws();
-        let line = self.line;
-        let err = |m: &str| Err((line, m.to_string()));
-        match self.peek() {
-            None | Some(b'\n' | b'\r' | b'#') => err("a value is missing"),
-            Some(b'"') => self.basic_string().map(Value::Str).map_err(|e| (line, e)),
-            Some(b'\'') => {
-                if self.s[self.pos..].starts_with(b"'''") {
-                    return err("multi-line strings ('''...''') are not supported");
-                }
-                let start = self.pos + 1;
-                let Some(len) = self.s[start..].iter().position(|&c| c == b'\'' || c == b'\n' || c == b'\r') else {
-                    return err("a string is not closed with `'`");
-                };
-                if self.s[start + len] != b'\'' {
-                    return err("a string is not closed with `'` on its line");
-                }
-                self.pos = start + len + 1;
-                Ok(Value::Str(String::from_utf8_lossy(&self.s[start..start + len]).into_owned()))
-            }
-            Some(b'[') => {
-                if depth >= MAX_DEPTH {
-                    return err(&format!("arrays nested deeper than {MAX_DEPTH} levels"));
-                }
-                self.pos += 1;
-                let mut v = Vec::new();
-                loop {
-                    self.skip_blank();
-                    match self.peek() {
-                        Some(b']') => {
-                            self.pos += 1;
-                            return Ok(Value::Array(v));
-                        }
-                        None => return Err((self.line, "an array is not closed with `]`".into())),
-                        _ => {}
-                    }
-                    if v.len() == MAX_ARRAY_ITEMS {
-                        return Err((self.line, format!("an array has more than {MAX_ARRAY_ITEMS} entries")));
-                    }
-                    v.push(self.value(depth + 1)?);
-                    self.skip_blank();
-                    match self.peek() {
-                        Some(b',') => self.pos += 1,
-                        Some(b']') => {}
-                        None => return Err((self.line, "an array is not closed with `]`".into())),
-                        _ => return Err((self.line, "array items must be separated by `,`".into())),
-                    }
-                }
-            }
-            Some(b'{') => err("inline tables ({...}) are not supported"),
-            Some(_) => {
-                let start = self.pos;
-                while !matches!(self.peek(), None | Some(b',' | b']' | b' ' | b'\t' | b'\n' | b'\r' | b'#')) {
-                    self.pos += 1;
-                }
-                let word = std::str::from_utf8(&self.s[start..self.pos]).unwrap_or("");
-                match word {
-                    "true" => Ok(Value::Bool(true)),
-                    "false" => Ok(Value::Bool(false)),
-                    w => {
-                        let digits = w.strip_prefix(['+', '-']).unwrap_or(w);
-                        let number = !digits.is_empty() && digits.bytes().all(|c| c.is_ascii_digit() || c == b'_');
-                        match w.replace('_', "").parse::<i64>() {
-                            Ok(n) if number => Ok(Value::Int(n)),
-                            _ if number => err(&format!("`{}` is too large a number", clip(w))),
-                            _ => err(&format!("`{}` is not a value (strings need quotes)", clip(w))),
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Blanks, comments and line ends between array items.
-    fn skip_blank(&mut self) {
-        loop {
-            self.skip_ws();
-            self.skip_comment();
-            if !self.newline() {
-                return;
-            }
-        }
-    }
-
-    /// A "basic string" with TOML's escapes; it ends on its own line.
-    fn basic_string(&mut self) -> Result<String, String> {
-        if self.s[self.pos..].starts_with(b"\"\"\"") {
-            return Err("multi-line strings (\"\"\"...\"\"\") are not supported".into());
-        }
-        self.pos += 1; // opening quote
-        let mut out = String::new();
-        loop {
-            let c = match self.peek() {
-                None | Some(b'\n' | b'\r') => return Err("a string is not closed with `\"` on its line".into()),
-                Some(c) => c,
-            };
-            self.pos += 1;
-            match c {
-                b'"' => return Ok(out),
-                b'\\' => {
-                    let e = self.peek().ok_or("a string is not closed with `\"`")?;
-                    self.pos += 1;
-                    match e {
-                        b'"' => out.push('"'),
-                        b'\\' => out.push('\\'),
-                        b'n' => out.push('\n'),
-                        b't' => out.push('\t'),
-                        b'r' => out.push('\r'),
-                        b'b' => out.push('\u{8}'),
-                        b'f' => out.push('\u{c}'),
-                        b'u' | b'U' => {
-                            let n = if e == b'u' { 4 } else { 8 };
-                            let hex = self.s.get(self.pos..self.pos + n).and_then(|h| std::str::from_utf8(h).ok()).unwrap_or("");
-                            let ch = u32::from_str_radix(hex, 16).ok().filter(|_| hex.len() == n).and_then(char::from_u32);
-                            out.push(ch.ok_or_else(|| format!("`\\{}{}` is not a Unicode escape", e as char, clip(hex)))?);
-                            self.pos += n;
-                        }
-                        _ => return Err(format!("unknown escape `\\{}` in a string", clip(&String::from_utf8_lossy(&[e])))),
-                    }
-                }
-                _ => {
-                    // copy the whole UTF-8 sequence (the text is valid UTF-8)
-                    let start = self.pos - 1;
-                    while self.peek().is_some_and(|b| (b & 0xC0) == 0x80) {
-                        self.pos += 1;
-                    }
-                    out.push_str(std::str::from_utf8(&self.s[start..self.pos]).unwrap_or("\u{fffd}"));
-                }
-            }
-        }
-    }
-}
-
-/// Parses a duration: `90` (seconds), `"90s"`, `"30m"`, `"1h"`, `"5d"`, `"1w"`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (like \"90s\", \"30m\", \"1h\", \"5d\")"))?;
-    let mult = match unit.trim() {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        "w" => 7 * 86400,
-        u => return Err(format!("`{u}` is not a duration unit (use s, m, h, d or w)")),
-    };
-    secs_duration(n.saturating_mul(mult), s)
-}
-
-/// Longest duration the configuration takes: ten years. Anything longer is
-/// a typo, and bounding it keeps every deadline sum (now + backoff, data
-/// timeout + rate allowance) far from overflow.
-const MAX_DURATION_SECS: u64 = 3650 * 86400;
-
-fn secs_duration(secs: u64, written: &str) -> Result<Duration, String> {
-    if secs > MAX_DURATION_SECS {
-        return Err(format!("`{written}` is longer than 3650d (ten years)"));
-    }
-    Ok(Duration::from_secs(secs))
-}
-
-/// Parses a size: `10240000`, `"10M"`, `"512k"`, `"1G"` (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|e: std::num::ParseIntError| match e.kind() {
-        std::num::IntErrorKind::PosOverflow => format!("`{s}` is too large"),
-        _ => format!("`{s}` is not a size (like 10240000 or \"10M\")"),
-    })?;
-    let mult = match unit.trim() {
-        "" => 1,
-        "k" | "K" => 1024,
-        "m" | "M" => 1024 * 1024,
-        "g" | "G" => 1024 * 1024 * 1024,
-        u => return Err(format!("`{u}` is not a size unit (use k, M or G)")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
-}
-
-/// Checks a domain name as written in the configuration.
-fn valid_domain(d: &str) -> bool {
-    !d.is_empty()
-        && d.len() <= 253
-        && d.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        })
-}
-
-/// Splits `host:port` (or `[v6]:port`); a missing port means 25.
-pub fn split_host_port(s: &str) -> Result<(String, u16), String> {
-    if let Some(rest) = s.strip_prefix('[') {
-        let (h, p) = rest.split_once(']').ok_or_else(|| format!("`{s}`: missing `]`"))?;
-        let port = match p.strip_prefix(':') {
-            Some(p) => p.parse().map_err(|_| format!("`{s}`: bad port"))?,
-            None if p.is_empty() => 25,
-            None => return Err(format!("`{s}`: expected `:port` after `]`")),
-        };
-        return Ok((h.to_string(), port));
-    }
-    if s.matches(':').count() > 1 {
-        // A bare IPv6 address without a port.
-        return s
-            .parse::<Ipv6Addr>()
-            .map(|_| (s.to_string(), 25))
-            .map_err(|_| format!("`{s}`: write IPv6 addresses as [addr]:port"));
-    }
-    match s.split_once(':') {
-        Some((h, p)) => {
-            let port: u16 = p.parse().map_err(|_| format!("`{s}`: `{p}` is not a port number"))?;
-            if h.is_empty() {
-                return Err(format!("`{s}`: the host is missing"));
-            }
-            Ok((h.to_string(), port))
-        }
-        None => Ok((s.to_string(), 25)),
-    }
-}
-
+/// Largest configuration file read: far more than any real configuration
+/// (the example is 1.5 KiB), small enough to read whole on a 16 MB machine.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 struct Builder {
     c: Config,
     seen: Vec<(String, usize)>,
@@ -894,26 +451,6 @@ fn parse_log_host(s: &str) -> Result<SocketAddr, String> {
     parse_ip_port(s, 514).ok_or_else(|| format!("`{}` is not an IP address with an optional port (like \"192.168.1.5:514\")", clip(s)))
 }
 
-/// `ip`, `[ip6]`, `ip:port` or `[ip6]:port` (`[network] dns`, `log_host`),
-/// with `port` when none is given; never port 0, never a name. By hand:
-/// std's SocketAddr parser costs KBs of binary.
-pub fn parse_ip_port(s: &str, port: u16) -> Option<SocketAddr> {
-    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
-        return Some(SocketAddr::new(ip, port));
-    }
-    if let Some(ip) = s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
-        return Some(SocketAddr::new(ip.parse().ok()?, port));
-    }
-    let (host, p) = s.rsplit_once(':')?;
-    let host = match host.strip_prefix('[') {
-        Some(h) => h.strip_suffix(']')?,
-        None if host.contains(':') => return None,
-        None => host,
-    };
-    let p: u16 = p.parse().ok().filter(|p| *p != 0)?;
-    Some(SocketAddr::new(host.parse().ok()?, p))
-}
-
 fn want_opt_path(v: &Value) -> Result<Option<PathBuf>, String> {
     match v {
         Value::Str(s) if s.is_empty() => Ok(None),
@@ -944,8 +481,377 @@ fn want_cidrs(v: &Value) -> Result<Vec<Cidr>, String> {
 fn want_addrs(v: &Value) -> Result<Vec<SocketAddr>, String> {
     want_strs(v)?
         .into_iter()
-        .map(|s| s.parse::<SocketAddr>().map_err(|_| format!("`{s}` is not an address:port (like \"0.0.0.0:25\" or \"[::]:25\")")))
+        .map(|s| values::parse_socket_addr(s).ok_or_else(|| format!("`{s}` is not an address:port (like \"0.0.0.0:25\" or \"[::]:25\")")))
         .collect()
+}
+
+/// The keys, by group: each function sets the keys it knows (`Ok(true)`)
+/// and leaves the others (`Ok(false)`). A new key goes into its group's
+/// `match`, before the `_` arm.
+type SetKey = fn(&mut Config, &Item) -> Result<bool, String>;
+const KEYS: [SetKey; 8] = [site, limits, queue, logging, verify, status, network, tls_table];
+
+/// The error for a key no group knows.
+fn unknown_key(it: &Item, full: &str) -> String {
+    match (it.table.as_str(), it.key.as_str()) {
+        ("", "status") | ("", "network") | ("", "tls") => format!("`{}` is a table: write it as [{}]", it.key, it.key),
+        ("", k) => format!("unknown key `{k}`"),
+        ("status", _) | ("network", _) | ("tls", _) => format!("unknown key `{full}`"),
+        (t, _) => format!("unknown table `[{t}]`"),
+    }
+}
+
+/// The host and where mail goes: `hostname`, `listen`, `spool`, `relay_domains`,
+/// `primary`, `recipients`, `my_names`, `smtp_tcp_port`.
+fn site(c: &mut Config, it: &Item) -> Result<bool, String> {
+    let v = &it.value;
+    let r: Result<(), String> = match (it.table.as_str(), it.key.as_str()) {
+        ("", "hostname") => {
+            let h = want_str(v)?;
+            if !valid_domain(h) {
+                return Err(format!("hostname: `{h}` is not a valid host name"));
+            }
+            c.hostname = h.to_ascii_lowercase();
+            Ok(())
+        }
+        ("", "listen") => want_addrs(v).map(|a| c.listen = a),
+        ("", "spool") => want_path(v).map(|p| c.spool = p),
+        ("", "relay_domains") => {
+            let mut out = Vec::new();
+            for d in want_strs(v)? {
+                let d = d.trim_end_matches('.');
+                // U-labels or A-labels: kept in ASCII form (A-labels),
+                // which is how every domain is compared.
+                match crate::punycode::to_ascii(d).filter(|a| valid_domain(a)) {
+                    Some(a) => out.push(a),
+                    None => return Err(format!("relay_domains: `{d}` is not a valid domain name")),
+                }
+            }
+            c.relay_domains = out;
+            Ok(())
+        }
+        ("", "primary") => {
+            let list = want_strs(v)?;
+            if list.len() == 1 && list[0].eq_ignore_ascii_case("mx") {
+                c.primary = "mx".into();
+                c.primary_list.clear();
+                return Ok(true);
+            }
+            if list.is_empty() {
+                return Err("must name at least one host:port, or be \"mx\"".into());
+            }
+            if list.len() > 8 {
+                return Err(format!("at most 8 hosts, found {}", list.len()));
+            }
+            for p in &list {
+                split_host_port(p)?;
+            }
+            c.primary = list[0].to_string();
+            c.primary_list = list.iter().map(|p| p.to_string()).collect();
+            Ok(())
+        }
+        ("", "recipients") => want_opt_path(v).map(|p| c.recipients = p),
+        ("", "my_names") => {
+            let mut out = Vec::new();
+            for n in want_strs(v)? {
+                let n = n.trim_end_matches('.');
+                if !valid_domain(n) {
+                    return Err(format!("my_names: `{n}` is not a valid host name"));
+                }
+                out.push(n.to_ascii_lowercase());
+            }
+            c.my_names = out;
+            Ok(())
+        }
+        ("", "smtp_tcp_port") => want_range(v, 1, 65535, "").map(|n| c.smtp_tcp_port = n as u16),
+        _ => return Ok(false),
+    };
+    r.map(|()| true)
+}
+
+/// What one client and one message may use: sizes, counts, rates, bare newlines.
+fn limits(c: &mut Config, it: &Item) -> Result<bool, String> {
+    let v = &it.value;
+    let r: Result<(), String> = match (it.table.as_str(), it.key.as_str()) {
+        ("", "max_message_size") => want_range(v, 0, MAX_MESSAGE_SIZE, " (1G)").map(|n| c.max_message_size = n),
+        ("", "max_connections") => want_range(v, 1, 10_000, "").and_then(to_usize).map(|n| c.max_connections = n),
+        ("", "max_recipients") => want_range(v, 0, 1000, "").and_then(to_usize).map(|n| c.max_recipients = n),
+        ("", "max_line_length") => want_range(v, 0, MAX_LINE_LENGTH, " (64k)").and_then(to_usize).map(|n| c.max_line_length = n),
+        ("", "error_limit") => want_range(v, 0, 1000, "").and_then(to_u32).map(|n| c.error_limit = n),
+        ("", "min_data_rate") => want_range(v, 0, 1 << 30, " (1G)").map(|n| c.min_data_rate = n),
+        ("", "max_received_headers") => want_range(v, 1, 1000, "").and_then(to_u32).map(|n| c.max_received_headers = n),
+        ("", "min_free_space") => want_range(v, 0, 1 << 50, " (1048576G, 1 PiB)").map(|n| c.min_free_space = n),
+        ("", "max_queue_messages") => want_range(v, 0, 100_000, "").and_then(to_usize).map(|n| c.max_queue_messages = n),
+        ("", "bare_newline") => match want_str(v)? {
+            "normalize" => {
+                c.bare_newline = BareNewline::Normalize;
+                Ok(())
+            }
+            "reject" => {
+                c.bare_newline = BareNewline::Reject;
+                Ok(())
+            }
+            o => Err(format!("`{o}` must be \"normalize\" or \"reject\"")),
+        },
+        ("", "smtpd_client_connection_count_limit") => match want_uint(v)? {
+            n @ 0..=10_000 => {
+                c.smtpd_client_connection_count_limit = n as usize;
+                Ok(())
+            }
+            _ => Err("must be 0 (no limit) to 10000".into()),
+        },
+        ("", "smtpd_client_queue_share") => match want_uint(v)? {
+            n @ 0..=100 => {
+                c.smtpd_client_queue_share = n as u32;
+                Ok(())
+            }
+            _ => Err("must be a percentage of max_queue_messages, 0 (no limit) to 100".into()),
+        },
+        ("", "smtpd_client_message_rate_limit") => match want_uint(v)? {
+            n @ 0..=1_000_000 => {
+                c.smtpd_client_message_rate_limit = n as u32;
+                Ok(())
+            }
+            _ => Err("must be 0 (no limit) to 1000000".into()),
+        },
+        ("", "anvil_rate_time_unit") => {
+            let d = want_duration(v)?;
+            if d.is_zero() || d.as_secs() > 86400 {
+                return Err("must be 1s to 1d".into());
+            }
+            c.anvil_rate_time_unit = d;
+            Ok(())
+        }
+        _ => return Ok(false),
+    };
+    r.map(|()| true)
+}
+
+/// The queue and the delivery client: timers, backoff, lifetime, ETRN, connections, bounces.
+fn queue(c: &mut Config, it: &Item) -> Result<bool, String> {
+    let v = &it.value;
+    let r: Result<(), String> = match (it.table.as_str(), it.key.as_str()) {
+        ("", "queue_run_interval") => want_duration_max(v, 86400, "1d").map(|d| c.queue_run_interval = d),
+        ("", "minimal_backoff") => want_duration(v).map(|d| c.minimal_backoff = d),
+        ("", "maximal_backoff") => want_duration(v).map(|d| c.maximal_backoff = d),
+        ("", "max_queue_lifetime") => want_duration_max(v, 100 * 86400, "100d").map(|d| c.max_queue_lifetime = d),
+        ("", "etrn_allow") => want_cidrs(v).map(|a| c.etrn_allow = a),
+        ("", "command_timeout") => want_duration_max(v, 3600, "1h").map(|d| c.command_timeout = d),
+        ("", "data_timeout") => want_duration_max(v, 3600, "1h").map(|d| c.data_timeout = d),
+        ("", "delivery_timeout") => want_duration_max(v, 3600, "1h").map(|d| c.delivery_timeout = d),
+        ("", "connect_timeout") => want_duration_max(v, 600, "10m").map(|d| c.connect_timeout = d),
+        ("", "delivery_connections") => want_range(v, 1, 64, "").and_then(to_usize).map(|n| c.delivery_connections = n),
+        ("", "delay_warning_time") => want_duration_max(v, 100 * 86400, "100d").map(|d| c.delay_warning_time = d),
+        ("", "bounce_size_limit") => want_range(v, 0, MAX_MESSAGE_SIZE, " (1G)").map(|n| c.bounce_size_limit = n),
+        _ => return Ok(false),
+    };
+    r.map(|()| true)
+}
+
+/// `log_file`, `log_level`, `log_format`, `log_host`.
+fn logging(c: &mut Config, it: &Item) -> Result<bool, String> {
+    let v = &it.value;
+    let r: Result<(), String> = match (it.table.as_str(), it.key.as_str()) {
+        ("", "log_file") => want_opt_path(v).map(|p| c.log_file = p),
+        ("", "log_level") => {
+            use log::LevelFilter as L;
+            let level = match want_str(v)?.to_ascii_lowercase().as_str() {
+                "error" => L::Error,
+                "warn" => L::Warn,
+                "info" => L::Info,
+                "debug" => L::Debug,
+                "trace" => L::Trace,
+                o => return Err(format!("`{o}` must be error, warn, info, debug or trace")),
+            };
+            c.log_level = level;
+            Ok(())
+        }
+        ("", "log_format") => match want_str(v)? {
+            "syslog" => {
+                c.log_format = crate::logging::Format::Syslog;
+                Ok(())
+            }
+            "iso" => {
+                c.log_format = crate::logging::Format::Iso;
+                Ok(())
+            }
+            o => Err(format!("`{}` must be \"syslog\" or \"iso\"", clip(o))),
+        },
+        ("", "log_host") => {
+            let s = want_str(v)?;
+            if s.is_empty() {
+                c.log_host = None;
+                return Ok(true);
+            }
+            c.log_host = Some(parse_log_host(s)?);
+            Ok(())
+        }
+        _ => return Ok(false),
+    };
+    r.map(|()| true)
+}
+
+/// Recipient verification: `verify_*`.
+fn verify(c: &mut Config, it: &Item) -> Result<bool, String> {
+    let v = &it.value;
+    let r: Result<(), String> = match (it.table.as_str(), it.key.as_str()) {
+        ("", "verify_recipients") => want_bool(v).map(|b| c.verify_recipients = b),
+        ("", "verify_timeout") => {
+            let d = want_duration_max(v, 600, "10m")?;
+            if d.is_zero() {
+                return Err("must be more than 0".into());
+            }
+            c.verify_timeout = d;
+            Ok(())
+        }
+        ("", "verify_positive_ttl") | ("", "verify_negative_ttl") => {
+            let d = want_duration_max(v, 365 * 86400, "365d")?;
+            if d.as_secs() < 1 {
+                return Err("must be at least 1s".into());
+            }
+            if it.key == "verify_positive_ttl" {
+                c.verify_positive_ttl = d;
+            } else {
+                c.verify_negative_ttl = d;
+            }
+            Ok(())
+        }
+        ("", "verify_unknown") => match want_str(v)? {
+            "accept" => {
+                c.verify_unknown = VerifyUnknown::Accept;
+                Ok(())
+            }
+            "defer" => {
+                c.verify_unknown = VerifyUnknown::Defer;
+                Ok(())
+            }
+            o => Err(format!("`{}` must be \"accept\" or \"defer\"", clip(o))),
+        },
+        ("", "verify_cache_size") => want_range(v, 100, 50_000, "").and_then(to_usize).map(|n| c.verify_cache_size = n),
+        _ => return Ok(false),
+    };
+    r.map(|()| true)
+}
+
+/// The `[status]` table: the page, its gate and pushes.
+fn status(c: &mut Config, it: &Item) -> Result<bool, String> {
+    let v = &it.value;
+    let r: Result<(), String> = match (it.table.as_str(), it.key.as_str()) {
+        ("status", "listen") => {
+            let s = want_str(v)?;
+            if s.is_empty() {
+                c.status.listen = None;
+                Ok(())
+            } else {
+                values::parse_socket_addr(s)
+                    .map(|a| c.status.listen = Some(a))
+                    .ok_or_else(|| format!("`{s}` is not an address:port (like \"0.0.0.0:80\")"))
+            }
+        }
+        ("status", "allow") => want_cidrs(v).map(|a| c.status.allow = a),
+        ("status", "flush_interval") => want_duration(v).map(|d| c.status.flush_interval = d),
+        ("status", "recipients_max_age") => want_duration(v).map(|d| c.status.recipients_max_age = d),
+        ("status", "names") => {
+            let mut out = Vec::new();
+            for n in want_strs(v)? {
+                let bare = n.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(n);
+                if let Ok(ip) = bare.parse::<IpAddr>() {
+                    out.push(ip.to_canonical().to_string());
+                    continue;
+                }
+                let name = n.strip_suffix('.').unwrap_or(n);
+                if !valid_domain(name) {
+                    return Err(format!("`{n}` is not a host name or an IP address"));
+                }
+                out.push(name.to_ascii_lowercase());
+            }
+            c.status.names = out;
+            Ok(())
+        }
+        ("status", "push_allow") => want_cidrs(v).map(|a| c.status.push_allow = a),
+        ("status", "push_token_file") => want_opt_path(v).map(|p| c.status.push_token_file = p),
+        _ => return Ok(false),
+    };
+    r.map(|()| true)
+}
+
+/// The `[network]` table (PID 1 only).
+fn network(c: &mut Config, it: &Item) -> Result<bool, String> {
+    let v = &it.value;
+    let r: Result<(), String> = match (it.table.as_str(), it.key.as_str()) {
+        ("network", "interface") => {
+            // IFNAMSIZ is 16 with the NUL; a name is never empty and has no `/` or blank
+            // (ASCII only here)
+            let s = want_str(v)?;
+            if s.is_empty() || s.len() > 15 || !s.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
+                return Err(format!("`{}` is not an interface name (like \"eth0\": 1 to 15 characters)", clip(s)));
+            }
+            c.network.interface = Some(s.to_string());
+            Ok(())
+        }
+        ("network", "address") => {
+            let s = want_str(v)?;
+            // netcfg does DHCP or a static IPv4 address: what passes here works there
+            let s = if s.eq_ignore_ascii_case("dhcp") { "dhcp" } else { s };
+            if s != "dhcp" {
+                want_ipv4_prefix(s, "\"dhcp\" or address/prefix")?;
+            }
+            c.network.address = s.to_string();
+            Ok(())
+        }
+        ("network", "gateway") => {
+            let s = want_str(v)?;
+            // netcfg sets an IPv4 default route; IPv6 comes from router advertisements
+            s.parse::<Ipv4Addr>().map_err(|_| format!("`{s}` is not an IPv4 address"))?;
+            c.network.gateway = Some(s.to_string());
+            Ok(())
+        }
+        ("network", "dns") => {
+            let mut out = Vec::new();
+            for s in want_strs(v)? {
+                crate::dns::parse_server(s).ok_or_else(|| format!("`{s}` is not an IP address (with an optional :port)"))?;
+                out.push(s.to_string());
+            }
+            c.network.dns = out;
+            Ok(())
+        }
+        ("network", "fallback") => {
+            // used only with address = "dhcp", while no DHCP server answers
+            let s = want_str(v)?;
+            want_ipv4_prefix(s, "address/prefix")?;
+            c.network.fallback = Some(s.to_string());
+            Ok(())
+        }
+        _ => return Ok(false),
+    };
+    r.map(|()| true)
+}
+
+/// The `[tls]` table.
+fn tls_table(c: &mut Config, it: &Item) -> Result<bool, String> {
+    let v = &it.value;
+    let r: Result<(), String> = match (it.table.as_str(), it.key.as_str()) {
+        ("tls", "certificate") => want_opt_path(v).map(|p| c.tls.certificate = p),
+        ("tls", "key") => want_opt_path(v).map(|p| c.tls.key = p),
+        ("tls", "ca_file") => want_opt_path(v).map(|p| c.tls.ca_file = p),
+        ("tls", "primary") => {
+            c.tls.primary = match want_str(v)? {
+                "none" => TlsLevel::None,
+                "may" => TlsLevel::May,
+                "encrypt" => TlsLevel::Encrypt,
+                "verify" => TlsLevel::Verify,
+                o => return Err(format!("`{}` must be \"none\", \"may\", \"encrypt\" or \"verify\"", clip(o))),
+            };
+            Ok(())
+        }
+        ("tls", "primary_fingerprint") => {
+            let s = want_str(v)?;
+            c.tls.primary_fingerprint = if s.is_empty() { None } else { Some(parse_fingerprint(s)?) };
+            Ok(())
+        }
+        _ => return Ok(false),
+    };
+    r.map(|()| true)
 }
 
 impl Builder {
@@ -1012,333 +918,96 @@ impl Builder {
         Builder { c, seen: Vec::new() }
     }
 
-    fn set(&mut self, it: &Item) -> Result<(), String> {
-        let v = &it.value;
-        let c = &mut self.c;
+    fn set(&mut self, it: &Item) -> Result<(), Fault> {
         let full = if it.table.is_empty() { it.key.clone() } else { format!("{}.{}", it.table, it.key) };
         // `seen` holds only keys set successfully: at most the known keys
         if self.seen.iter().any(|(k, _)| *k == full) {
-            return Err(format!("`{}` is set twice", it.key));
+            return Err(Fault::new(ErrorKind::Key, &full, it.line, format!("`{}` is set twice", it.key)));
         }
-        let r: Result<(), String> = (|| match (it.table.as_str(), it.key.as_str()) {
-            ("", "hostname") => {
-                let h = want_str(v)?;
-                if !valid_domain(h) {
-                    return Err(format!("hostname: `{h}` is not a valid host name"));
-                }
-                c.hostname = h.to_ascii_lowercase();
-                Ok(())
+        // One function per group of keys (see KEYS); the first that knows
+        // the key sets it.
+        let mut r = Err(Fault::new(ErrorKind::Key, &full, it.line, unknown_key(it, &full)));
+        for group in KEYS {
+            match group(&mut self.c, it) {
+                Ok(false) => continue,
+                Ok(true) => r = Ok(()),
+                Err(e) => r = Err(Fault::new(ErrorKind::Value, &full, it.line, e)),
             }
-            ("", "listen") => want_addrs(v).map(|a| c.listen = a),
-            ("", "spool") => want_path(v).map(|p| c.spool = p),
-            ("", "relay_domains") => {
-                let mut out = Vec::new();
-                for d in want_strs(v)? {
-                    let d = d.trim_end_matches('.');
-                    // U-labels or A-labels: kept in ASCII form (A-labels),
-                    // which is how every domain is compared.
-                    match crate::punycode::to_ascii(d).filter(|a| valid_domain(a)) {
-                        Some(a) => out.push(a),
-                        None => return Err(format!("relay_domains: `{d}` is not a valid domain name")),
-                    }
-                }
-                c.relay_domains = out;
-                Ok(())
-            }
-            ("", "primary") => {
-                let list = want_strs(v)?;
-                if list.len() == 1 && list[0].eq_ignore_ascii_case("mx") {
-                    c.primary = "mx".into();
-                    c.primary_list.clear();
-                    return Ok(());
-                }
-                if list.is_empty() {
-                    return Err("must name at least one host:port, or be \"mx\"".into());
-                }
-                if list.len() > 8 {
-                    return Err(format!("at most 8 hosts, found {}", list.len()));
-                }
-                for p in &list {
-                    split_host_port(p)?;
-                }
-                c.primary = list[0].to_string();
-                c.primary_list = list.iter().map(|p| p.to_string()).collect();
-                Ok(())
-            }
-            ("", "recipients") => want_opt_path(v).map(|p| c.recipients = p),
-            ("", "max_message_size") => want_range(v, 0, MAX_MESSAGE_SIZE, " (1G)").map(|n| c.max_message_size = n),
-            ("", "max_connections") => want_range(v, 1, 10_000, "").and_then(to_usize).map(|n| c.max_connections = n),
-            ("", "max_recipients") => want_range(v, 0, 1000, "").and_then(to_usize).map(|n| c.max_recipients = n),
-            ("", "queue_run_interval") => want_duration_max(v, 86400, "1d").map(|d| c.queue_run_interval = d),
-            ("", "minimal_backoff") => want_duration(v).map(|d| c.minimal_backoff = d),
-            ("", "maximal_backoff") => want_duration(v).map(|d| c.maximal_backoff = d),
-            ("", "max_queue_lifetime") => want_duration_max(v, 100 * 86400, "100d").map(|d| c.max_queue_lifetime = d),
-            ("", "etrn_allow") => want_cidrs(v).map(|a| c.etrn_allow = a),
-            ("", "command_timeout") => want_duration_max(v, 3600, "1h").map(|d| c.command_timeout = d),
-            ("", "data_timeout") => want_duration_max(v, 3600, "1h").map(|d| c.data_timeout = d),
-            ("", "max_line_length") => want_range(v, 0, MAX_LINE_LENGTH, " (64k)").and_then(to_usize).map(|n| c.max_line_length = n),
-            ("", "error_limit") => want_range(v, 0, 1000, "").and_then(to_u32).map(|n| c.error_limit = n),
-            ("", "min_data_rate") => want_range(v, 0, 1 << 30, " (1G)").map(|n| c.min_data_rate = n),
-            ("", "max_received_headers") => want_range(v, 1, 1000, "").and_then(to_u32).map(|n| c.max_received_headers = n),
-            ("", "min_free_space") => want_range(v, 0, 1 << 50, " (1048576G, 1 PiB)").map(|n| c.min_free_space = n),
-            ("", "max_queue_messages") => want_range(v, 0, 100_000, "").and_then(to_usize).map(|n| c.max_queue_messages = n),
-            ("", "bare_newline") => match want_str(v)? {
-                "normalize" => {
-                    c.bare_newline = BareNewline::Normalize;
-                    Ok(())
-                }
-                "reject" => {
-                    c.bare_newline = BareNewline::Reject;
-                    Ok(())
-                }
-                o => Err(format!("`{o}` must be \"normalize\" or \"reject\"")),
-            },
-            ("", "delivery_timeout") => want_duration_max(v, 3600, "1h").map(|d| c.delivery_timeout = d),
-            ("", "connect_timeout") => want_duration_max(v, 600, "10m").map(|d| c.connect_timeout = d),
-            ("", "delivery_connections") => want_range(v, 1, 64, "").and_then(to_usize).map(|n| c.delivery_connections = n),
-            ("", "log_file") => want_opt_path(v).map(|p| c.log_file = p),
-            ("", "log_level") => {
-                use log::LevelFilter as L;
-                let level = match want_str(v)?.to_ascii_lowercase().as_str() {
-                    "error" => L::Error,
-                    "warn" => L::Warn,
-                    "info" => L::Info,
-                    "debug" => L::Debug,
-                    "trace" => L::Trace,
-                    o => return Err(format!("`{o}` must be error, warn, info, debug or trace")),
-                };
-                c.log_level = level;
-                Ok(())
-            }
-            ("status", "listen") => {
-                let s = want_str(v)?;
-                if s.is_empty() {
-                    c.status.listen = None;
-                    Ok(())
-                } else {
-                    s.parse::<SocketAddr>()
-                        .map(|a| c.status.listen = Some(a))
-                        .map_err(|_| format!("`{s}` is not an address:port (like \"0.0.0.0:80\")"))
-                }
-            }
-            ("status", "allow") => want_cidrs(v).map(|a| c.status.allow = a),
-            ("status", "flush_interval") => want_duration(v).map(|d| c.status.flush_interval = d),
-            ("status", "recipients_max_age") => want_duration(v).map(|d| c.status.recipients_max_age = d),
-            ("network", "interface") => {
-                // IFNAMSIZ is 16 with the NUL; a name is never empty and has no `/` or blank
-                // (ASCII only here)
-                let s = want_str(v)?;
-                if s.is_empty() || s.len() > 15 || !s.bytes().all(|b| b.is_ascii_graphic() && b != b'/') {
-                    return Err(format!("`{}` is not an interface name (like \"eth0\": 1 to 15 characters)", clip(s)));
-                }
-                c.network.interface = Some(s.to_string());
-                Ok(())
-            }
-            ("network", "address") => {
-                let s = want_str(v)?;
-                // netcfg does DHCP or a static IPv4 address: what passes here works there
-                let s = if s.eq_ignore_ascii_case("dhcp") { "dhcp" } else { s };
-                if s != "dhcp" {
-                    want_ipv4_prefix(s, "\"dhcp\" or address/prefix")?;
-                }
-                c.network.address = s.to_string();
-                Ok(())
-            }
-            ("network", "gateway") => {
-                let s = want_str(v)?;
-                // netcfg sets an IPv4 default route; IPv6 comes from router advertisements
-                s.parse::<Ipv4Addr>().map_err(|_| format!("`{s}` is not an IPv4 address"))?;
-                c.network.gateway = Some(s.to_string());
-                Ok(())
-            }
-            ("network", "dns") => {
-                let mut out = Vec::new();
-                for s in want_strs(v)? {
-                    crate::dns::parse_server(s).ok_or_else(|| format!("`{s}` is not an IP address (with an optional :port)"))?;
-                    out.push(s.to_string());
-                }
-                c.network.dns = out;
-                Ok(())
-            }
-            ("status", "names") => {
-                let mut out = Vec::new();
-                for n in want_strs(v)? {
-                    let bare = n.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(n);
-                    if let Ok(ip) = bare.parse::<IpAddr>() {
-                        out.push(ip.to_canonical().to_string());
-                        continue;
-                    }
-                    let name = n.strip_suffix('.').unwrap_or(n);
-                    if !valid_domain(name) {
-                        return Err(format!("`{n}` is not a host name or an IP address"));
-                    }
-                    out.push(name.to_ascii_lowercase());
-                }
-                c.status.names = out;
-                Ok(())
-            }
-            ("", "smtpd_client_connection_count_limit") => match want_uint(v)? {
-                n @ 0..=10_000 => {
-                    c.smtpd_client_connection_count_limit = n as usize;
-                    Ok(())
-                }
-                _ => Err("must be 0 (no limit) to 10000".into()),
-            },
-            ("", "smtpd_client_queue_share") => match want_uint(v)? {
-                n @ 0..=100 => {
-                    c.smtpd_client_queue_share = n as u32;
-                    Ok(())
-                }
-                _ => Err("must be a percentage of max_queue_messages, 0 (no limit) to 100".into()),
-            },
-            ("", "smtpd_client_message_rate_limit") => match want_uint(v)? {
-                n @ 0..=1_000_000 => {
-                    c.smtpd_client_message_rate_limit = n as u32;
-                    Ok(())
-                }
-                _ => Err("must be 0 (no limit) to 1000000".into()),
-            },
-            ("", "anvil_rate_time_unit") => {
-                let d = want_duration(v)?;
-                if d.is_zero() || d.as_secs() > 86400 {
-                    return Err("must be 1s to 1d".into());
-                }
-                c.anvil_rate_time_unit = d;
-                Ok(())
-            }
-            ("", "log_format") => match want_str(v)? {
-                "syslog" => {
-                    c.log_format = crate::logging::Format::Syslog;
-                    Ok(())
-                }
-                "iso" => {
-                    c.log_format = crate::logging::Format::Iso;
-                    Ok(())
-                }
-                o => Err(format!("`{}` must be \"syslog\" or \"iso\"", clip(o))),
-            },
-            ("", "log_host") => {
-                let s = want_str(v)?;
-                if s.is_empty() {
-                    c.log_host = None;
-                    return Ok(());
-                }
-                c.log_host = Some(parse_log_host(s)?);
-                Ok(())
-            }
-            ("status", "push_allow") => want_cidrs(v).map(|a| c.status.push_allow = a),
-            ("status", "push_token_file") => want_opt_path(v).map(|p| c.status.push_token_file = p),
-            ("", "verify_recipients") => want_bool(v).map(|b| c.verify_recipients = b),
-            ("", "verify_timeout") => {
-                let d = want_duration_max(v, 600, "10m")?;
-                if d.is_zero() {
-                    return Err("must be more than 0".into());
-                }
-                c.verify_timeout = d;
-                Ok(())
-            }
-            ("", "verify_positive_ttl") | ("", "verify_negative_ttl") => {
-                let d = want_duration_max(v, 365 * 86400, "365d")?;
-                if d.as_secs() < 1 {
-                    return Err("must be at least 1s".into());
-                }
-                if it.key == "verify_positive_ttl" {
-                    c.verify_positive_ttl = d;
-                } else {
-                    c.verify_negative_ttl = d;
-                }
-                Ok(())
-            }
-            ("", "verify_unknown") => match want_str(v)? {
-                "accept" => {
-                    c.verify_unknown = VerifyUnknown::Accept;
-                    Ok(())
-                }
-                "defer" => {
-                    c.verify_unknown = VerifyUnknown::Defer;
-                    Ok(())
-                }
-                o => Err(format!("`{}` must be \"accept\" or \"defer\"", clip(o))),
-            },
-            ("", "verify_cache_size") => want_range(v, 100, 50_000, "").and_then(to_usize).map(|n| c.verify_cache_size = n),
-            ("", "my_names") => {
-                let mut out = Vec::new();
-                for n in want_strs(v)? {
-                    let n = n.trim_end_matches('.');
-                    if !valid_domain(n) {
-                        return Err(format!("my_names: `{n}` is not a valid host name"));
-                    }
-                    out.push(n.to_ascii_lowercase());
-                }
-                c.my_names = out;
-                Ok(())
-            }
-            ("", "smtp_tcp_port") => want_range(v, 1, 65535, "").map(|n| c.smtp_tcp_port = n as u16),
-            ("", "delay_warning_time") => want_duration_max(v, 100 * 86400, "100d").map(|d| c.delay_warning_time = d),
-            ("", "bounce_size_limit") => want_range(v, 0, MAX_MESSAGE_SIZE, " (1G)").map(|n| c.bounce_size_limit = n),
-            ("tls", "certificate") => want_opt_path(v).map(|p| c.tls.certificate = p),
-            ("tls", "key") => want_opt_path(v).map(|p| c.tls.key = p),
-            ("tls", "ca_file") => want_opt_path(v).map(|p| c.tls.ca_file = p),
-            ("tls", "primary") => {
-                c.tls.primary = match want_str(v)? {
-                    "none" => TlsLevel::None,
-                    "may" => TlsLevel::May,
-                    "encrypt" => TlsLevel::Encrypt,
-                    "verify" => TlsLevel::Verify,
-                    o => return Err(format!("`{}` must be \"none\", \"may\", \"encrypt\" or \"verify\"", clip(o))),
-                };
-                Ok(())
-            }
-            ("tls", "primary_fingerprint") => {
-                let s = want_str(v)?;
-                c.tls.primary_fingerprint = if s.is_empty() { None } else { Some(parse_fingerprint(s)?) };
-                Ok(())
-            }
-            ("network", "fallback") => {
-                // used only with address = "dhcp", while no DHCP server answers
-                let s = want_str(v)?;
-                want_ipv4_prefix(s, "address/prefix")?;
-                c.network.fallback = Some(s.to_string());
-                Ok(())
-            }
-            ("", "status") | ("", "network") | ("", "tls") => Err(format!("`{}` is a table: write it as [{}]", it.key, it.key)),
-            ("", k) => Err(format!("unknown key `{k}`")),
-            ("status", _) | ("network", _) | ("tls", _) => Err(format!("unknown key `{full}`")),
-            (t, _) => Err(format!("unknown table `[{t}]`")),
-        })();
+            break;
+        }
         let key_tick = format!("`{}`", it.key);
-        r.map_err(|e| {
-            if e.starts_with("unknown") || e.starts_with(&full) || e.starts_with(&key_tick) {
-                e
-            } else {
-                format!("{full}: {e}")
+        r.map_err(|mut f| {
+            let e = &f.message;
+            if !(e.starts_with("unknown") || e.starts_with(&full) || e.starts_with(&key_tick)) {
+                f.message = format!("{full}: {e}");
             }
+            f
         })?;
         self.seen.push((full, it.line));
         Ok(())
+    }
+
+    /// An error about `key`, at the line that set it (0: not set).
+    fn fault(&self, kind: ErrorKind, key: &str, message: impl Into<String>) -> Fault {
+        Fault::new(kind, key, self.line_of(key), message)
     }
 
     fn line_of(&self, key: &str) -> usize {
         self.seen.iter().find(|(k, _)| k == key).map(|(_, l)| *l).unwrap_or(0)
     }
 
-    fn finish(mut self) -> Result<Config, (usize, String)> {
-        let client_limit_set = self.line_of("smtpd_client_connection_count_limit") != 0;
-        let tls_first = self.seen.iter().find(|(k, _)| k.starts_with("tls.")).map(|(_, l)| *l);
-        let tls_lines = [self.line_of("tls.certificate"), self.line_of("tls.key"), self.line_of("tls.primary")];
+    /// The checks that need the whole file, then the defaults that depend
+    /// on other keys; an error names the line of the key it is about (0:
+    /// a key that is missing).
+    fn finish(mut self) -> Result<Config, Fault> {
+        self.required()?;
+        self.bounds()?;
+        if self.line_of("smtpd_client_connection_count_limit") == 0 {
+            // Not set: one client may take half the sessions, so one address
+            // can never lock everyone else out.
+            self.c.smtpd_client_connection_count_limit = (self.c.max_connections / 2).max(1);
+        }
+        if !self.c.status.push_allow.is_empty() && self.c.status.push_token_file.is_none() {
+            return Err(self.fault(
+                ErrorKind::Conflict,
+                "status.push_allow",
+                "`status.push_allow` needs `status.push_token_file`: a file holding the token the primary sends (Authorization: Bearer)",
+            ));
+        }
+        self.tls()?;
+        if let Some(e) = self_loop(&self.c) {
+            return Err(self.fault(ErrorKind::Conflict, "primary", e));
+        }
         let c = &mut self.c;
+        if c.min_free_space == 0 {
+            // Room for a few messages in flight plus the logs, like Postfix's
+            // queue_minfree advice (at least 1.5 x message_size_limit).
+            c.min_free_space = c.max_message_size.saturating_mul(2).max(4 * 1024 * 1024);
+        }
+        Ok(self.c)
+    }
+
+    /// The keys without a default.
+    fn required(&self) -> Result<(), Fault> {
+        let c = &self.c;
         if c.hostname.is_empty() {
-            return Err((0, "`hostname` is required (the EHLO name, like \"backup.example.org\")".into()));
+            return Err(Fault::new(ErrorKind::Missing, "hostname", 0, "`hostname` is required (the EHLO name, like \"backup.example.org\")"));
         }
         if c.relay_domains.is_empty() {
-            return Err((0, "`relay_domains` is required: the domains this backup MX accepts mail for".into()));
+            return Err(Fault::new(ErrorKind::Missing, "relay_domains", 0, "`relay_domains` is required: the domains this backup MX accepts mail for"));
         }
         if c.primary.is_empty() {
-            return Err((0, "`primary` is required: host:port of the primary mail server".into()));
+            return Err(Fault::new(ErrorKind::Missing, "primary", 0, "`primary` is required: host:port of the primary mail server"));
         }
         if c.listen.is_empty() {
-            return Err((self.line_of("listen"), "`listen` must name at least one address".into()));
+            return Err(self.fault(ErrorKind::Value, "listen", "`listen` must name at least one address"));
         }
+        Ok(())
+    }
+
+    /// Lower bounds (RFC 5321's minimums among them) and relations between keys.
+    fn bounds(&self) -> Result<(), Fault> {
+        let c = &self.c;
         let checks: [(&str, bool, &str); 13] = [
             ("error_limit", c.error_limit >= 1, "must be at least 1"),
             ("max_queue_messages", c.max_queue_messages >= 1, "must be at least 1"),
@@ -1357,51 +1026,41 @@ impl Builder {
         ];
         for (key, ok, why) in checks {
             if !ok {
-                return Err((self.line_of(key), format!("`{key}` {why}")));
+                return Err(self.fault(ErrorKind::Value, key, format!("`{key}` {why}")));
             }
         }
-        if !client_limit_set {
-            // Not set: one client may take half the sessions, so one address
-            // can never lock everyone else out.
-            c.smtpd_client_connection_count_limit = (c.max_connections / 2).max(1);
+        Ok(())
+    }
+
+    /// A `[tls]` table: this build has TLS, `primary` is "may" unless
+    /// written, a certificate goes with its key, "verify" has something to
+    /// verify with.
+    fn tls(&mut self) -> Result<(), Fault> {
+        let Some(first) = self.seen.iter().find(|(k, _)| k.starts_with("tls.")).map(|(_, l)| *l) else { return Ok(()) };
+        let tls_lines = [self.line_of("tls.certificate"), self.line_of("tls.key"), self.line_of("tls.primary")];
+        let t = &mut self.c.tls;
+        t.present = true;
+        if !cfg!(feature = "tls") {
+            return Err(Fault::new(ErrorKind::Key, "tls", first, NO_TLS));
         }
-        if !c.status.push_allow.is_empty() && c.status.push_token_file.is_none() {
-            return Err((
-                self.line_of("status.push_allow"),
-                "`status.push_allow` needs `status.push_token_file`: a file holding the token the primary sends (Authorization: Bearer)".into(),
+        // "may" unless written.
+        if tls_lines[2] == 0 {
+            t.primary = TlsLevel::May;
+        }
+        if t.certificate.is_some() != t.key.is_some() {
+            let (has, lacks, line) =
+                if t.certificate.is_some() { ("certificate", "key", tls_lines[0]) } else { ("key", "certificate", tls_lines[1]) };
+            return Err(Fault::new(ErrorKind::Conflict, &format!("tls.{has}"), line, format!("`tls.{has}` needs `tls.{lacks}`")));
+        }
+        if t.primary == TlsLevel::Verify && t.ca_file.is_none() && t.primary_fingerprint.is_none() {
+            return Err(Fault::new(
+                ErrorKind::Conflict,
+                "tls.primary",
+                tls_lines[2],
+                "`tls.primary = \"verify\"` needs `tls.ca_file` (the CA that signed the primary's certificate) or `tls.primary_fingerprint`",
             ));
         }
-        if let Some(first) = tls_first {
-            let t = &mut c.tls;
-            t.present = true;
-            if !cfg!(feature = "tls") {
-                return Err((first, NO_TLS.into()));
-            }
-            // "may" unless written.
-            if tls_lines[2] == 0 {
-                t.primary = TlsLevel::May;
-            }
-            if t.certificate.is_some() != t.key.is_some() {
-                let (has, lacks, line) =
-                    if t.certificate.is_some() { ("certificate", "key", tls_lines[0]) } else { ("key", "certificate", tls_lines[1]) };
-                return Err((line, format!("`tls.{has}` needs `tls.{lacks}`")));
-            }
-            if t.primary == TlsLevel::Verify && t.ca_file.is_none() && t.primary_fingerprint.is_none() {
-                return Err((
-                    tls_lines[2],
-                    "`tls.primary = \"verify\"` needs `tls.ca_file` (the CA that signed the primary's certificate) or `tls.primary_fingerprint`".into(),
-                ));
-            }
-        }
-        if let Some(e) = self_loop(c) {
-            return Err((self.line_of("primary"), e));
-        }
-        if c.min_free_space == 0 {
-            // Room for a few messages in flight plus the logs, like Postfix's
-            // queue_minfree advice (at least 1.5 x message_size_limit).
-            c.min_free_space = c.max_message_size.saturating_mul(2).max(4 * 1024 * 1024);
-        }
-        Ok(self.c)
+        Ok(())
     }
 }
 
@@ -1733,6 +1392,33 @@ allow = ["127.0.0.1/32", "192.168.1.0/24", "fe80::/10"]
     }
 
     #[test]
+    fn errors_name_their_kind_and_key() {
+        let k = |extra: &str| {
+            let e = err(extra);
+            (e.kind, e.key, e.line)
+        };
+        assert_eq!(k("max_connections = 0\n"), (ErrorKind::Value, "max_connections".into(), 4));
+        assert_eq!(k("[network]\naddress = \"10.0.0.1\"\n"), (ErrorKind::Value, "network.address".into(), 5));
+        assert_eq!(k("mystery = 1\n"), (ErrorKind::Key, "mystery".into(), 4));
+        assert_eq!(k("spool = \"/a\"\nspool = \"/b\"\n"), (ErrorKind::Key, "spool".into(), 5));
+        assert_eq!(k("[nope]\n"), (ErrorKind::Syntax, String::new(), 4));
+        assert_eq!(k("max_connections = 5 6\n"), (ErrorKind::Syntax, String::new(), 4));
+        assert_eq!(k("minimal_backoff = \"2h\"\nmaximal_backoff = \"1h\"\n"), (ErrorKind::Value, "maximal_backoff".into(), 5));
+        assert_eq!(k("[status]\npush_allow = [\"10.0.0.1\"]\n"), (ErrorKind::Conflict, "status.push_allow".into(), 5));
+        assert_eq!(k("listen = [\"127.0.0.1:25\"]\nprimary = \"127.0.0.1:25\"\n").0, ErrorKind::Key, "primary set twice");
+        let e = Config::parse("relay_domains = [\"example.org\"]\nprimary = \"mail.example.org\"\n", Path::new("t.toml")).unwrap_err();
+        assert_eq!((e.kind, e.key.as_str(), e.line), (ErrorKind::Missing, "hostname", 0));
+        let e = Config::parse(&format!("{MIN}listen = [\"0.0.0.0:25\"]\n").replace("mail.example.org:25", "127.0.0.1:25"), Path::new("t.toml")).unwrap_err();
+        assert_eq!((e.kind, e.key.as_str(), e.line), (ErrorKind::Conflict, "primary", 3));
+        let e = Config::parse_bytes(b"hostname = \"\xff\"\n", Path::new("t.toml")).unwrap_err();
+        assert_eq!((e.kind, e.line), (ErrorKind::Syntax, 1));
+        let e = Config::load(Path::new("/nonexistent/bartleby.toml")).unwrap_err();
+        assert_eq!((e.kind, e.line, e.key.as_str()), (ErrorKind::Read, 0, ""));
+        // the text is as before: file:line: message
+        assert_eq!(err("mystery = 1\n").to_string(), "t.toml:4: unknown key `mystery`");
+    }
+
+    #[test]
     fn fingerprints() {
         let hex: String = (0..32).map(|i| format!("{i:02x}")).collect();
         let want: Vec<u8> = (0..32).collect();
@@ -1989,7 +1675,7 @@ allow = ["127.0.0.1/32", "192.168.1.0/24", "fe80::/10"]
             assert!(net(bad).is_err(), "{bad}");
         }
         let c = net("address = \"dhcp\"\nfallback = \"10.0.2.15/24\"").unwrap();
-        assert_eq!(crate::netcfg::parse_cidr(c.network.fallback.as_deref().unwrap()).unwrap(), ("10.0.2.15".parse().unwrap(), 24));
+        assert_eq!(crate::config::values::parse_ipv4_prefix(c.network.fallback.as_deref().unwrap()).unwrap(), ("10.0.2.15".parse().unwrap(), 24));
         assert_eq!(net("interface = \"enp0s3\"").unwrap().network.interface.as_deref(), Some("enp0s3"));
     }
 

@@ -2,6 +2,8 @@
 //! RCPT. Read from the raw command line (smtp-proto decodes xtext and lets
 //! `+ZZ` or `NOTIFY=SUCCESS,NEVER` through), validated as Postfix's smtpd
 //! does, and kept as received: they are passed on to a primary unchanged.
+//! Pure functions of the command line; where its path ends is policy's
+//! scanner ([`crate::policy::path_end`]).
 
 /// NOTIFY bits.
 pub const NEVER: u8 = 1;
@@ -124,17 +126,7 @@ fn params(line: &[u8]) -> &[u8] {
     if rest.first() != Some(&b'<') {
         return rest.iter().position(|&c| c == b' ').map_or(&[], |i| &rest[i..]);
     }
-    let (mut quoted, mut escaped) = (false, false);
-    for (i, &b) in rest.iter().enumerate().skip(1) {
-        match b {
-            _ if escaped => escaped = false,
-            b'\\' if quoted => escaped = true,
-            b'"' => quoted = !quoted,
-            b'>' if !quoted => return &rest[i + 1..],
-            _ => {}
-        }
-    }
-    &[]
+    crate::policy::path_end(&rest[1..]).map_or(&[], |i| &rest[i + 2..])
 }
 
 /// Splits `KEY=value` words; yields (upper-case key, value bytes).

@@ -26,18 +26,33 @@
 //! something is missing: an appliance without a disk still relays (with a RAM
 //! spool, said loudly), and one without a lease still answers on its
 //! link-local address.
+//!
+//! Role: PID 1 only. Touches the machine: mounts, /dev nodes, fds 0 to 2,
+//! the hostname, processes at shutdown; the network through netcfg. The one
+//! console writer (`say!`) of init and netcfg is here; the console itself
+//! is `init/console.rs`, the disks (config medium, spool) `init/disks.rs`.
 
 use std::ffi::CString;
 use std::fs;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, NetworkConfig};
 
+mod console;
+mod disks;
+
+use console::{console_tee, ensure_console};
+use disks::{find_config, mount_spool, partitions};
+
+/// One line on the console: `bartleby-init: ...` (PID 1's duties), or with
+/// `@"net",` first `bartleby-net: ...` (the DHCP thread's own news). The one
+/// console writer of init and netcfg.
 macro_rules! say {
-    ($($a:tt)*) => { eprintln!("bartleby-init: {}", format_args!($($a)*)) };
+    (@$who:literal, $($a:tt)*) => { eprintln!(concat!("bartleby-", $who, ": {}"), format_args!($($a)*)) };
+    ($($a:tt)*) => { say!(@"init", $($a)*) };
 }
+pub(crate) use say;
 
 /// What `boot` found.
 #[derive(Debug, Clone)]
@@ -60,29 +75,15 @@ pub struct BootInfo {
     pub alerts: Vec<String>,
 }
 
-const BOOT_MNT: &str = "/boot";
-const CD_MNT: &str = "/cdrom";
 const BUILTIN_CONFIG: &str = "/etc/bartleby.toml";
 const DEFAULT_SPOOL: &str = "/var/spool/bartleby";
-const SPOOL_LABEL: &str = "BSPOOL";
 
 /// Called by main when running as PID 1: mounts, config, spool, network.
 pub fn boot() -> BootInfo {
     let t0 = Instant::now();
-    mount_pseudo();
-    ensure_console();
-    writable_etc();
-    console_tee();
-    // ctrl-alt-del: SIGINT to PID 1 instead of an immediate reboot
-    // SAFETY: reboot(2) with CAD_OFF only changes a kernel flag.
-    unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
+    first_steps();
     let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let arg = |k: &str| cmdline.split_whitespace().find_map(|w| w.strip_prefix(k)).map(str::to_string);
-    say!("{}", fs::read_to_string("/proc/version").unwrap_or_default().trim());
-    say!("started{}", since_boot());
-    if let Err(e) = crate::netcfg::set_up("lo") {
-        say!("lo: {e}");
-    }
 
     let parts = partitions(Duration::from_secs(3));
     say!("block devices: {}", if parts.is_empty() { "none".to_string() } else { parts.join(" ") });
@@ -99,45 +100,84 @@ pub fn boot() -> BootInfo {
     let (persistent_spool, spool_note) = mount_spool(&parts, &spool, forced.as_deref());
     let banner = if persistent_spool { "" } else { "WARNING: " };
     say!("{banner}{spool_note}");
-    let mut alerts = Vec::new();
-    // Booted from the disk (whose second partition is the spool), or a
-    // spool device named on the command line: a RAM spool is a fault, not
-    // a choice (at 10 MB the kernel once lacked /dev/sda* and the relay
-    // quietly took mail into RAM).
-    let boot_medium = arg("bartleby.boot=");
-    let expected = match forced.as_deref() {
-        Some("tmpfs") => None,
-        Some(dev) => Some(format!("bartleby.spool={dev} names the spool device")),
-        None if boot_medium.as_deref() == Some("disk") => Some("the machine booted from the disk, whose ext4 partition BSPOOL is the spool".to_string()),
-        None => None,
-    };
-    if let (false, Some(why)) = (persistent_spool, expected) {
-        let a = format!(
-            "The spool disk is MISSING: {why}, but it was not mounted (block devices seen: {}). Mail is kept in RAM and lost on power failure; check the disk and its cable, then reboot.",
-            if parts.is_empty() { "none".to_string() } else { parts.join(" ") }
-        );
-        say!("ERROR: {a}");
-        alerts.push(a);
-    }
+    let alerts: Vec<String> = if persistent_spool { None } else { missing_spool(forced.as_deref(), arg("bartleby.boot=").as_deref(), &parts) }
+        .into_iter()
+        .collect();
 
-    let net = config.as_ref().map_or_else(
+    start_network(config.as_ref());
+    say!("boot done in {}s{}; {}", tenths(t0.elapsed()), since_boot(), meminfo());
+    watch_memory();
+    let spool_note = if persistent_spool { String::new() } else { spool_note };
+    BootInfo { config_path, config, config_error, spool_note, alerts }
+}
+
+/// `d` in seconds with one decimal, rounded half up ("12.3"), in integers:
+/// no float formatting in the binary for one console line.
+fn tenths(d: Duration) -> String {
+    let t = d.as_secs().saturating_mul(10).saturating_add((u64::from(d.subsec_micros()) + 50_000) / 100_000);
+    format!("{}.{}", t / 10, t % 10)
+}
+
+/// What comes before anything can be read from a disk: the pseudo file
+/// systems, fds 0 to 2, a writable /etc, the console on both screens,
+/// ctrl-alt-del as a signal, the kernel's banner, `lo` up.
+fn first_steps() {
+    mount_pseudo();
+    ensure_console();
+    writable_etc();
+    console_tee();
+    // ctrl-alt-del: SIGINT to PID 1 instead of an immediate reboot
+    // SAFETY: reboot(2) with CAD_OFF only changes a kernel flag.
+    unsafe { libc::reboot(libc::RB_DISABLE_CAD) };
+    say!("{}", fs::read_to_string("/proc/version").unwrap_or_default().trim());
+    say!("started{}", since_boot());
+    if let Err(e) = crate::netcfg::set_up("lo") {
+        say!("lo: {e}");
+    }
+}
+
+/// The alert when the spool is in RAM but a disk was expected: booted from
+/// the disk (whose second partition is the spool), or a spool device named
+/// on the command line (`forced`). A RAM spool is then a fault, not a
+/// choice (at 10 MB the kernel once lacked /dev/sda* and the relay quietly
+/// took mail into RAM). Said on the console too.
+fn missing_spool(forced: Option<&str>, boot_medium: Option<&str>, parts: &[String]) -> Option<String> {
+    let why = match forced {
+        Some("tmpfs") => return None,
+        Some(dev) => format!("bartleby.spool={dev} names the spool device"),
+        None if boot_medium == Some("disk") => "the machine booted from the disk, whose ext4 partition BSPOOL is the spool".to_string(),
+        None => return None,
+    };
+    let a = format!(
+        "The spool disk is MISSING: {why}, but it was not mounted (block devices seen: {}). Mail is kept in RAM and lost on power failure; check the disk and its cable, then reboot.",
+        if parts.is_empty() { "none".to_string() } else { parts.join(" ") }
+    );
+    say!("ERROR: {a}");
+    Some(a)
+}
+
+/// The network as configured (DHCP without a configuration); never waits on
+/// it: the relay listens on 0.0.0.0 / [::] at once.
+fn start_network(config: Option<&Config>) {
+    let net = config.map_or_else(
         || NetworkConfig { interface: None, address: "dhcp".into(), gateway: None, dns: Vec::new(), fallback: None },
         |c| c.network.clone(),
     );
-    // never waits on the network: the relay listens on 0.0.0.0 / [::] at once
     match crate::netcfg::start(net.interface.as_deref(), &net.address, net.gateway.as_deref(), &net.dns, net.fallback.as_deref()) {
         Ok(s) => say!("network: {s}"),
         Err(e) => say!("network: {e}"),
     }
-    say!("boot done in {:.1}s{}; {}", t0.elapsed().as_secs_f32(), since_boot(), meminfo());
-    // said at once: on a machine this short the relay may not live until
-    // the watcher below wakes up
+}
+
+/// Says at once when memory is short before the relay starts (on a machine
+/// this short the relay may not live until the watcher wakes up), then
+/// starts the watcher: one more report once the relay has settled, then a
+/// line each time memory gets short or recovers.
+fn watch_memory() {
     let short_at_boot = mem_available_kb().is_some_and(|a| a < MEM_SHORT_KB);
     if short_at_boot {
         say!("WARNING: memory short: {} kB available (below {MEM_SHORT_KB} kB) before the relay starts; it may be killed or refuse mail: give the machine more RAM (8 MB is the least it is tested with)", mem_available_kb().unwrap_or(0));
     }
-    // one more memory report once the relay has settled, then a line each
-    // time memory gets short or recovers
     let _ = std::thread::Builder::new().name("meminfo".into()).stack_size(32 * 1024).spawn(move || {
         std::thread::sleep(Duration::from_secs(20));
         say!("after start: {}", meminfo());
@@ -156,8 +196,6 @@ pub fn boot() -> BootInfo {
             std::thread::sleep(Duration::from_secs(10));
         }
     });
-    let spool_note = if persistent_spool { String::new() } else { spool_note };
-    BootInfo { config_path, config, config_error, spool_note, alerts }
 }
 
 /// Loads the configuration found on the boot media with the relay's parser;
@@ -187,11 +225,13 @@ pub fn load_config(found: PathBuf, builtin: &Path) -> (PathBuf, Option<Config>, 
 /// processes, sync, unmount (or remount read-only), then reboot or power off.
 pub fn shutdown(reboot: bool) -> ! {
     say!("{}", if reboot { "rebooting" } else { "powering off" });
-    // SAFETY: plain syscalls with no pointers.
+    // SAFETY: kill(2) takes no pointers; -1 signals every process but
+    // PID 1 itself (this one), which is what shutting down means.
     unsafe {
         libc::kill(-1, libc::SIGTERM);
     }
     std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: as above; sync(2) takes no arguments.
     unsafe {
         libc::kill(-1, libc::SIGKILL);
         libc::sync();
@@ -213,18 +253,24 @@ pub fn shutdown(reboot: bool) -> ! {
         // SAFETY: c is a valid NUL-terminated path.
         let r = unsafe { libc::umount2(c.as_ptr(), 0) };
         if r != 0 {
+            // SAFETY: c is a valid NUL-terminated path; the null source,
+            // type and data pointers are what MS_REMOUNT takes.
             let ro = unsafe {
                 libc::mount(std::ptr::null(), c.as_ptr(), std::ptr::null(), libc::MS_REMOUNT | libc::MS_RDONLY, std::ptr::null())
             };
             say!("{dir}: busy, {}", if ro == 0 { "remounted read-only" } else { "left mounted (synced)" });
         }
     }
+    // SAFETY: sync(2) takes no arguments.
     unsafe { libc::sync() };
     // let the console thread (console_tee) drain the last lines
     std::thread::sleep(Duration::from_millis(300));
     let cmd = if reboot { libc::RB_AUTOBOOT } else { libc::RB_POWER_OFF };
+    // SAFETY: reboot(2) takes a command number, no pointers; the file
+    // systems are synced and unmounted (or read-only) above.
     unsafe { libc::reboot(cmd) };
     // power off is not possible on every 486 (no APM/ACPI): halt instead
+    // SAFETY: as above.
     unsafe { libc::reboot(libc::RB_HALT_SYSTEM) };
     loop {
         // SAFETY: pause(2) has no arguments.
@@ -326,10 +372,7 @@ fn mount_pseudo() {
 /// /etc (resolv.conf from DHCP) becomes a small tmpfs holding copies of the
 /// files that were there.
 fn writable_etc() {
-    let Ok(c) = CString::new("/") else { return };
-    // SAFETY: a zeroed statvfs is a valid out-parameter; c is NUL-terminated.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 || st.f_flag & libc::ST_RDONLY == 0 {
+    if !crate::spool::disk_space(Path::new("/")).is_ok_and(|d| d.read_only) {
         return;
     }
     let files: Vec<(std::ffi::OsString, Vec<u8>)> = fs::read_dir("/etc")
@@ -350,90 +393,6 @@ fn writable_etc() {
     }
 }
 
-/// Makes sure fds 0, 1, 2 are open on the console (the kernel opens them only
-/// when /dev/console existed in the initramfs).
-fn ensure_console() {
-    // SAFETY: fcntl(F_GETFD) just probes; open/dup2 on a fixed path.
-    unsafe {
-        if libc::fcntl(2, libc::F_GETFD) >= 0 && libc::fcntl(1, libc::F_GETFD) >= 0 {
-            return;
-        }
-        let fd = libc::open(c"/dev/console".as_ptr(), libc::O_RDWR | libc::O_NOCTTY);
-        if fd >= 0 {
-            for t in 0..3 {
-                if libc::fcntl(t, libc::F_GETFD) < 0 {
-                    libc::dup2(fd, t);
-                }
-            }
-            if fd > 2 {
-                libc::close(fd);
-            }
-        }
-    }
-}
-
-/// With `console=tty0 console=ttyS0` the kernel prints on both, but PID 1's
-/// stdout/stderr (`/dev/console`) reach only the last one. When that is a
-/// serial port and a VGA text console is active too, copy everything PID 1
-/// and the relay write to both, through a pipe and a small thread, so a 486
-/// with a monitor shows the same as the serial line. The VGA side is
-/// non-blocking: Scroll Lock on the keyboard drops output instead of
-/// stalling the relay.
-fn console_tee() {
-    let active = fs::read_to_string("/sys/class/tty/console/active").unwrap_or_default();
-    let names: Vec<&str> = active.split_whitespace().collect();
-    let is_vt = |n: &str| n.len() > 3 && n.starts_with("tty") && n[3..].bytes().all(|b| b.is_ascii_digit());
-    // the kernel lists the console behind /dev/console last
-    let Some(main) = names.last() else { return };
-    if is_vt(main) || !names.iter().any(|n| is_vt(n)) {
-        return;
-    }
-    // SAFETY: plain fd syscalls on fds we own; the buffers outlive the calls.
-    unsafe {
-        let vga = libc::open(c"/dev/tty0".as_ptr(), libc::O_WRONLY | libc::O_NOCTTY | libc::O_NONBLOCK | libc::O_CLOEXEC);
-        if vga < 0 {
-            return;
-        }
-        let serial = libc::fcntl(2, libc::F_DUPFD_CLOEXEC, 3);
-        let mut p = [0i32; 2];
-        if serial < 0 || libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-            libc::close(vga);
-            return;
-        }
-        let (rd, wr) = (p[0], p[1]);
-        let spawned = std::thread::Builder::new().name("console".into()).stack_size(16 * 1024).spawn(move || {
-            let mut buf = [0u8; 512];
-            loop {
-                let n = libc::read(rd, buf.as_mut_ptr() as *mut libc::c_void, buf.len());
-                if n <= 0 {
-                    if n < 0 && *libc::__errno_location() == libc::EINTR {
-                        continue;
-                    }
-                    break;
-                }
-                let n = n as usize;
-                let mut off = 0;
-                while off < n {
-                    let w = libc::write(serial, buf[off..n].as_ptr() as *const libc::c_void, n - off);
-                    if w <= 0 {
-                        break;
-                    }
-                    off += w as usize;
-                }
-                let _ = libc::write(vga, buf.as_ptr() as *const libc::c_void, n);
-            }
-        });
-        if spawned.is_err() {
-            libc::close(rd);
-            libc::close(wr);
-            return;
-        }
-        libc::dup2(wr, 1);
-        libc::dup2(wr, 2);
-        libc::close(wr);
-    }
-}
-
 fn set_hostname(h: &str) {
     let short = h.trim();
     if short.is_empty() {
@@ -441,177 +400,6 @@ fn set_hostname(h: &str) {
     }
     // SAFETY: pointer/length of a live byte slice.
     unsafe { libc::sethostname(short.as_ptr() as *const libc::c_char, short.len()) };
-}
-
-/// Block devices from /proc/partitions (whole disks listed too), waiting up
-/// to `wait` for at least one to show up.
-fn partitions(wait: Duration) -> Vec<String> {
-    let until = Instant::now() + wait;
-    loop {
-        let mut names: Vec<String> = fs::read_to_string("/proc/partitions")
-            .unwrap_or_default()
-            .lines()
-            .skip(2)
-            .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
-            .filter(|n| !n.starts_with("ram") && !n.starts_with("loop"))
-            .collect();
-        // floppy drives have no size (so no /proc/partitions line) until a disk is read
-        if let Ok(d) = fs::read_dir("/sys/block") {
-            for e in d.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if n.starts_with("fd") && !names.contains(&n) {
-                    names.push(n);
-                }
-            }
-        }
-        if !names.is_empty() || Instant::now() >= until {
-            for n in &names {
-                ensure_dev_node(n);
-            }
-            return names;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-/// Makes `/dev/NAME` from /sys/class/block/NAME/dev when devtmpfs lacks it
-/// (seen at 10 MB of RAM: /proc/partitions listed sda2, /dev had no node,
-/// and the spool went to RAM).
-fn ensure_dev_node(name: &str) {
-    let path = format!("/dev/{name}");
-    if Path::new(&path).exists() {
-        return;
-    }
-    let Ok(dev) = fs::read_to_string(format!("/sys/class/block/{name}/dev")) else { return };
-    let Some((ma, mi)) = dev.trim().split_once(':') else { return };
-    let (Ok(ma), Ok(mi)) = (ma.parse::<u32>(), mi.parse::<u32>()) else { return };
-    let Ok(c) = CString::new(path.as_str()) else { return };
-    // SAFETY: mknod with a NUL-terminated path and a device number.
-    let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFBLK | 0o600, libc::makedev(ma, mi)) };
-    if r == 0 {
-        say!("{path}: missing in /dev (devtmpfs), made it ({ma}:{mi})");
-    } else {
-        say!("{path}: missing in /dev and cannot be made: {}", std::io::Error::last_os_error());
-    }
-}
-
-fn kind(dev: &str) -> &'static str {
-    if dev.starts_with("sr") {
-        "cd"
-    } else if dev.starts_with("fd") {
-        "floppy"
-    } else {
-        "disk"
-    }
-}
-
-/// Finds bartleby.toml: on the boot medium first, then disk, floppy, CD,
-/// then the built-in default.
-fn find_config(parts: &[String], boot: Option<&str>) -> PathBuf {
-    let mut order: Vec<&str> = vec!["disk", "floppy", "cd"];
-    if let Some(b) = boot
-        && let Some(i) = order.iter().position(|k| *k == b)
-    {
-        let k = order.remove(i);
-        order.insert(0, k);
-    }
-    for k in order {
-        for dev in parts.iter().filter(|d| kind(d) == k) {
-            // a whole disk that has partitions is not itself a filesystem
-            if k == "disk" && parts.iter().any(|p| p != dev && p.starts_with(dev.as_str())) {
-                continue;
-            }
-            // skip ext* (the spool) quickly
-            if ext_label(&format!("/dev/{dev}")).is_some() {
-                continue;
-            }
-            let (mnt, types): (&str, &[&str]) = if k == "cd" { (CD_MNT, &["iso9660"]) } else { (BOOT_MNT, &["vfat", "msdos"]) };
-            for t in types {
-                if mount(&format!("/dev/{dev}"), mnt, t, libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV, "").is_ok() {
-                    let p = Path::new(mnt).join("bartleby.toml");
-                    if p.is_file() {
-                        say!("configuration: {} (on /dev/{dev}, {k}, mounted read-only at {mnt})", p.display());
-                        return p;
-                    }
-                    umount(mnt);
-                    break;
-                }
-            }
-        }
-    }
-    say!("configuration: no bartleby.toml on any disk, floppy or CD; using the built-in {BUILTIN_CONFIG}");
-    PathBuf::from(BUILTIN_CONFIG)
-}
-
-/// The volume label if `dev` holds an ext2/3/4 filesystem.
-fn ext_label(dev: &str) -> Option<String> {
-    let mut f = fs::File::open(dev).ok()?;
-    let mut sb = [0u8; 256];
-    f.seek(SeekFrom::Start(1024)).ok()?;
-    f.read_exact(&mut sb).ok()?;
-    if sb[0x38] != 0x53 || sb[0x39] != 0xEF {
-        return None;
-    }
-    let name = &sb[0x78..0x88];
-    let end = name.iter().position(|b| *b == 0).unwrap_or(16);
-    Some(String::from_utf8_lossy(&name[..end]).into_owned())
-}
-
-/// Mounts the persistent spool (ext4 labelled BSPOOL, or the device named on
-/// the kernel command line) at `spool`; falls back to tmpfs.
-fn mount_spool(parts: &[String], spool: &Path, forced: Option<&str>) -> (bool, String) {
-    let target = spool.to_string_lossy().into_owned();
-    if let Err(e) = fs::create_dir_all(&target) {
-        // The root is read-only on the disk and floppy boots: a `spool` path
-        // that is not already there can be neither made nor mounted on.
-        say!("ERROR: spool: the directory {target} named by `spool` in bartleby.toml does not exist and cannot be made ({e}); the image has /var/spool/bartleby (the default)");
-    }
-    let mut candidates: Vec<String> = Vec::new();
-    match forced {
-        Some("tmpfs") => {}
-        Some(dev) => candidates.push(dev.to_string()),
-        None => {
-            for p in parts.iter().filter(|p| kind(p) == "disk") {
-                let dev = format!("/dev/{p}");
-                if ext_label(&dev).as_deref() == Some(SPOOL_LABEL) {
-                    candidates.push(dev);
-                }
-            }
-        }
-    }
-    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_NOATIME;
-    for dev in &candidates {
-        match mount(dev, &target, "ext4", flags, "") {
-            Ok(()) => {
-                let free = statvfs_free(&target).map(|b| format!(", {} MB free", b / 1_000_000)).unwrap_or_default();
-                return (true, format!("spool: {dev} (ext4, label {SPOOL_LABEL}) mounted at {target}{free}; queued mail survives power loss"));
-            }
-            Err(e) => say!("spool: cannot mount {dev} at {target}: {e}"),
-        }
-    }
-    let why = match forced {
-        Some("tmpfs") => "bartleby.spool=tmpfs on the kernel command line".to_string(),
-        _ if candidates.is_empty() => format!("no disk partition labelled {SPOOL_LABEL} was found"),
-        _ => format!("{} could not be mounted", candidates.join(", ")),
-    };
-    let note = match mount("tmpfs", &target, "tmpfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "mode=0700,size=25%") {
-        Ok(()) => format!(
-            "spool: IN RAM ONLY (tmpfs at {target}, {} kB max) because {why}. Queued mail is LOST on power failure or reboot. Attach a disk with an ext4 partition labelled {SPOOL_LABEL} for a persistent spool.",
-            statvfs_free(&target).map(|b| b / 1024).unwrap_or(0)
-        ),
-        Err(e) => format!("spool: IN RAM ONLY (initramfs directory {target}; tmpfs failed: {e}) because {why}. Queued mail is LOST on power failure or reboot."),
-    };
-    (false, note)
-}
-
-fn statvfs_free(path: &str) -> Option<u64> {
-    let c = CString::new(path).ok()?;
-    // SAFETY: zeroed statvfs is a valid out-parameter.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 #[cfg(test)]
@@ -630,6 +418,17 @@ mod tests {
     }
 
     #[test]
+    fn tenths_round_like_the_float_format() {
+        let ms = Duration::from_millis;
+        for (d, want) in [(ms(0), "0.0"), (ms(49), "0.0"), (ms(50), "0.1"), (ms(1960), "2.0"), (ms(1234), "1.2"), (ms(59_999), "60.0")] {
+            assert_eq!(tenths(d), want, "{d:?}");
+            assert_eq!(format!("{:.1}", d.as_secs_f32()), want, "{d:?}");
+        }
+        // u64 seconds: no overflow on a machine up for years
+        assert_eq!(tenths(Duration::from_secs(400 * 86400)), "34560000.0");
+    }
+
+    #[test]
     fn init_reads_what_the_relay_reads() {
         // the values init mounts and configures are the relay's own
         let d = dir();
@@ -643,7 +442,7 @@ mod tests {
         assert_eq!(cfg.network.address, "192.168.1.20/24");
         assert_eq!(cfg.network.gateway.as_deref(), Some("192.168.1.1"));
         assert_eq!(cfg.network.dns, vec!["192.168.1.1", "9.9.9.9"]);
-        assert_eq!(crate::netcfg::parse_cidr(&cfg.network.address).unwrap(), ("192.168.1.20".parse().unwrap(), 24));
+        assert_eq!(crate::config::values::parse_ipv4_prefix(&cfg.network.address).unwrap(), ("192.168.1.20".parse().unwrap(), 24));
         let _ = fs::remove_dir_all(d);
     }
 

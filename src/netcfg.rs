@@ -11,15 +11,23 @@
 //!
 //! IPv6 needs nothing here: the kernel gives every interface a link-local
 //! address and follows router advertisements (SLAAC) on its own.
+//!
+//! Role: PID 1 only. Touches network interfaces and routes (ioctls), UDP
+//! ports 67/68 and `/etc/resolv.conf`. The DHCP messages are
+//! `netcfg/dhcp.rs`; the address comes from the config's parser
+//! ([`crate::config::values::parse_ipv4_prefix`]).
 
 use std::io::{self, Error, ErrorKind};
 use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-macro_rules! say {
-    ($($a:tt)*) => { eprintln!("bartleby-net: {}", format_args!($($a)*)) };
-}
+use crate::init::say;
+
+mod dhcp;
+
+use dhcp::{ACK, DISCOVER, NAK, OFFER, REQUEST, build, parse};
+pub use dhcp::Lease;
 
 /// How long the first DHCP exchange may take before the console says no
 /// server answered (the relay is already listening: nothing waits on this).
@@ -54,13 +62,13 @@ pub fn start(iface: Option<&str>, address: &str, gateway: Option<&str>, dns: &[S
             None => match first_interface(Duration::from_secs(3)) {
                 Some(n) => n,
                 None => {
-                    eprintln!("bartleby-init: network: no network interface found (no NIC driver matched the hardware?)");
+                    say!("network: no network interface found (no NIC driver matched the hardware?)");
                     return;
                 }
             },
         };
         if let Err(e) = set_up(&name) {
-            eprintln!("bartleby-init: network: {e}");
+            say!("network: {e}");
         }
         // The fallback first, so the relay answers from the first second;
         // a lease replaces it when (if) a DHCP server answers.
@@ -72,23 +80,23 @@ pub fn start(iface: Option<&str>, address: &str, gateway: Option<&str>, dns: &[S
             }
         };
         let route = if fallback.is_some() { gw } else { None };
-        match apply(&name, addr, mask_of(prefix), route) {
+        match set_address(&name, addr, mask_of(prefix), route) {
             Ok(()) => {
                 if fallback.is_some() {
                     write_resolv_conf(&dns);
                 }
-                eprintln!("bartleby-init: network: {name} {addr}/{prefix} ({how}) until a DHCP lease comes; asking DHCP now");
+                say!("network: {name} {addr}/{prefix} ({how}) until a DHCP lease comes; asking DHCP now");
             }
-            Err(e) => eprintln!("bartleby-init: network: {how} {addr}/{prefix}: {e}"),
+            Err(e) => say!("network: {how} {addr}/{prefix}: {e}"),
         }
         let lease = match dhcp(&name, FIRST_DHCP_WAIT) {
             Ok(l) => {
-                eprintln!("bartleby-init: network: {}", take_lease(&name, &l, gw, &dns));
+                say!("network: {}", take_lease(&name, &l, gw, &dns));
                 Some(l)
             }
             Err(e) => {
-                eprintln!(
-                    "bartleby-init: network: WARNING: {e}; keeping {addr}/{prefix} ({how}); asking DHCP again every {}s",
+                say!(
+                    "network: WARNING: {e}; keeping {addr}/{prefix} ({how}); asking DHCP again every {}s",
                     DHCP_RETRY.as_secs()
                 );
                 None
@@ -110,7 +118,7 @@ pub fn link_local(mac: &[u8; 6]) -> (Ipv4Addr, u8) {
 
 /// Applies a lease; returns the console summary.
 fn take_lease(name: &str, lease: &Lease, gw: Option<Ipv4Addr>, dns: &[String]) -> String {
-    if let Err(e) = apply(name, lease.addr, lease.mask, gw.or(lease.router)) {
+    if let Err(e) = set_address(name, lease.addr, lease.mask, gw.or(lease.router)) {
         return format!("{name}: lease {}: {e}", lease.addr);
     }
     let servers: Vec<String> = if dns.is_empty() { lease.dns.iter().map(|a| a.to_string()).collect() } else { dns.to_vec() };
@@ -146,7 +154,7 @@ pub fn configure(iface: Option<&str>, address: &str, gateway: Option<&str>, dns:
         Some(g) if !g.is_empty() => Some(g.parse::<Ipv4Addr>().map_err(|_| inval(format!("gateway `{g}` is not an IPv4 address")))?),
         _ => None,
     };
-    apply(&name, addr, mask, gw)?;
+    set_address(&name, addr, mask, gw)?;
     write_resolv_conf(dns);
     Ok(format!(
         "{name} {addr}/{prefix} via {} dns {} (static)",
@@ -159,13 +167,11 @@ fn inval(m: String) -> Error {
     Error::new(ErrorKind::InvalidInput, m)
 }
 
-/// `"192.168.1.20/24"` → (address, prefix). A bare address means /24.
-pub fn parse_cidr(s: &str) -> io::Result<(Ipv4Addr, u8)> {
-    let s = s.trim();
-    let (a, p) = s.split_once('/').unwrap_or((s, "24"));
-    let addr = a.parse::<Ipv4Addr>().map_err(|_| inval(format!("`{a}` is not an IPv4 address")))?;
-    let prefix = p.parse::<u8>().ok().filter(|p| *p <= 32).ok_or_else(|| inval(format!("`{p}` is not a prefix length")))?;
-    Ok((addr, prefix))
+/// `"192.168.1.20/24"` → (address, prefix), by the configuration's own
+/// parser ([`crate::config::values::parse_ipv4_prefix`]): what `bartleby
+/// check` accepts is what is applied here.
+fn parse_cidr(s: &str) -> io::Result<(Ipv4Addr, u8)> {
+    crate::config::values::parse_ipv4_prefix(s).map_err(inval)
 }
 
 fn mask_of(prefix: u8) -> Ipv4Addr {
@@ -231,7 +237,7 @@ fn sockaddr_in(a: Ipv4Addr) -> [u8; 16] {
 }
 
 fn ctl_socket() -> io::Result<UdpSocket> {
-    UdpSocket::bind("0.0.0.0:0").or_else(|_| UdpSocket::bind("127.0.0.1:0"))
+    UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).or_else(|_| UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)))
 }
 
 fn ioctl(fd: i32, req: libc::c_ulong, arg: *mut libc::c_void) -> io::Result<()> {
@@ -293,7 +299,7 @@ struct RtEntry {
 }
 
 /// Address, netmask, broadcast, and (optionally) the default route.
-fn apply(name: &str, addr: Ipv4Addr, mask: Ipv4Addr, gw: Option<Ipv4Addr>) -> io::Result<()> {
+fn set_address(name: &str, addr: Ipv4Addr, mask: Ipv4Addr, gw: Option<Ipv4Addr>) -> io::Result<()> {
     let s = raw_dgram()?;
     let fd = s.as_raw_fd();
     let mut r = IfReq::with_addr(name, addr)?;
@@ -304,38 +310,42 @@ fn apply(name: &str, addr: Ipv4Addr, mask: Ipv4Addr, gw: Option<Ipv4Addr>) -> io
     let mut r = IfReq::with_addr(name, bcast)?;
     let _ = ioctl(fd, libc::SIOCSIFBRDADDR as _, &mut r as *mut _ as *mut _);
     set_up(name)?;
-    if let Some(g) = gw {
-        let mut dev = [0u8; 16];
-        dev[..name.len()].copy_from_slice(name.as_bytes());
-        let mut rt = RtEntry {
-            rt_pad1: 0,
-            rt_dst: sockaddr_in(Ipv4Addr::UNSPECIFIED),
-            rt_gateway: sockaddr_in(g),
-            rt_genmask: sockaddr_in(Ipv4Addr::UNSPECIFIED),
-            rt_flags: (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort,
-            rt_pad2: 0,
-            rt_pad3: 0,
-            rt_pad4: std::ptr::null_mut(),
-            rt_metric: 0,
-            rt_dev: dev.as_mut_ptr() as *mut libc::c_char,
-            rt_mtu: 0,
-            rt_window: 0,
-            rt_irtt: 0,
-        };
-        // remove a stale default route (the fallback's, or a lease renewal
-        // with a new router): any gateway matches a zero one; none there is fine
-        rt.rt_gateway = sockaddr_in(Ipv4Addr::UNSPECIFIED);
-        rt.rt_flags = libc::RTF_UP as libc::c_ushort;
-        while ioctl(fd, libc::SIOCDELRT as _, &mut rt as *mut _ as *mut _).is_ok() {}
-        rt.rt_gateway = sockaddr_in(g);
-        rt.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
-        match ioctl(fd, libc::SIOCADDRT as _, &mut rt as *mut _ as *mut _) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(Error::new(e.kind(), format!("default route via {g}: {e}"))),
-        }
+    match gw {
+        Some(g) => replace_default_route(fd, name, g),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// Makes `g` the default route through `name`: first deletes every default
+/// route on `name` (the fallback's, or a lease renewal's with a new router;
+/// a zero gateway in SIOCDELRT matches any, and none there is fine), then
+/// adds the new one (already there is fine too).
+fn replace_default_route(fd: i32, name: &str, g: Ipv4Addr) -> io::Result<()> {
+    let mut dev = [0u8; 16];
+    dev[..name.len()].copy_from_slice(name.as_bytes());
+    let mut rt = RtEntry {
+        rt_pad1: 0,
+        rt_dst: sockaddr_in(Ipv4Addr::UNSPECIFIED),
+        rt_gateway: sockaddr_in(Ipv4Addr::UNSPECIFIED),
+        rt_genmask: sockaddr_in(Ipv4Addr::UNSPECIFIED),
+        rt_flags: libc::RTF_UP as libc::c_ushort,
+        rt_pad2: 0,
+        rt_pad3: 0,
+        rt_pad4: std::ptr::null_mut(),
+        rt_metric: 0,
+        rt_dev: dev.as_mut_ptr() as *mut libc::c_char,
+        rt_mtu: 0,
+        rt_window: 0,
+        rt_irtt: 0,
+    };
+    while ioctl(fd, libc::SIOCDELRT as _, &mut rt as *mut _ as *mut _).is_ok() {}
+    rt.rt_gateway = sockaddr_in(g);
+    rt.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
+    match ioctl(fd, libc::SIOCADDRT as _, &mut rt as *mut _ as *mut _) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(e) => Err(Error::new(e.kind(), format!("default route via {g}: {e}"))),
+    }
 }
 
 /// Writes /etc/resolv.conf (musl re-reads it on every lookup).
@@ -361,103 +371,6 @@ pub fn write_resolv_conf(servers: &[String]) {
 
 // ---------------------------------------------------------------- DHCP
 
-/// What a DHCPACK gave us.
-#[derive(Debug, Clone)]
-pub struct Lease {
-    pub addr: Ipv4Addr,
-    pub mask: Ipv4Addr,
-    pub router: Option<Ipv4Addr>,
-    pub dns: Vec<Ipv4Addr>,
-    pub server: Ipv4Addr,
-    /// Seconds; `u32::MAX` means infinite.
-    pub lease_secs: u32,
-}
-
-const DISCOVER: u8 = 1;
-const OFFER: u8 = 2;
-const REQUEST: u8 = 3;
-const ACK: u8 = 5;
-const NAK: u8 = 6;
-const COOKIE: [u8; 4] = [99, 130, 83, 99];
-
-/// Builds a BOOTREQUEST (300 bytes, the BOOTP minimum some servers insist on).
-fn build(buf: &mut [u8; 300], xid: u32, mac: &[u8; 6], kind: u8, want: Option<(Ipv4Addr, Ipv4Addr)>, secs: u16) -> usize {
-    buf.fill(0);
-    buf[0] = 1; // BOOTREQUEST
-    buf[1] = 1; // ethernet
-    buf[2] = 6;
-    buf[4..8].copy_from_slice(&xid.to_be_bytes());
-    buf[8..10].copy_from_slice(&secs.to_be_bytes());
-    buf[10] = 0x80; // broadcast flag: we cannot take unicast before we have an address
-    buf[28..34].copy_from_slice(mac);
-    buf[236..240].copy_from_slice(&COOKIE);
-    let mut i = 240;
-    let mut opt = |buf: &mut [u8; 300], code: u8, data: &[u8]| {
-        buf[i] = code;
-        buf[i + 1] = data.len() as u8;
-        buf[i + 2..i + 2 + data.len()].copy_from_slice(data);
-        i += 2 + data.len();
-    };
-    opt(buf, 53, &[kind]);
-    let mut cid = [1u8; 7];
-    cid[1..].copy_from_slice(mac);
-    opt(buf, 61, &cid);
-    if let Some((addr, server)) = want {
-        opt(buf, 50, &addr.octets());
-        opt(buf, 54, &server.octets());
-    }
-    opt(buf, 55, &[1, 3, 6, 15, 51, 54, 58, 59]);
-    opt(buf, 57, &576u16.to_be_bytes());
-    buf[i] = 255;
-    300
-}
-
-/// Parses a BOOTREPLY for us; returns (message type, lease fields).
-fn parse(p: &[u8], xid: u32, mac: &[u8; 6]) -> Option<(u8, Lease)> {
-    if p.len() < 241 || p[0] != 2 || p[4..8] != xid.to_be_bytes() || p[28..34] != mac[..] || p[236..240] != COOKIE {
-        return None;
-    }
-    let ip = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
-    let mut l = Lease {
-        addr: ip(&p[16..20]),
-        mask: Ipv4Addr::new(255, 255, 255, 0),
-        router: None,
-        dns: Vec::new(),
-        server: ip(&p[20..24]),
-        lease_secs: 3600,
-    };
-    let mut kind = 0;
-    let mut i = 240;
-    while i < p.len() {
-        let code = p[i];
-        if code == 0 {
-            i += 1;
-            continue;
-        }
-        if code == 255 || i + 1 >= p.len() {
-            break;
-        }
-        let len = p[i + 1] as usize;
-        let Some(d) = p.get(i + 2..i + 2 + len) else { break };
-        match (code, len) {
-            (53, 1) => kind = d[0],
-            (1, 4) => l.mask = ip(d),
-            (3, n) if n >= 4 => l.router = Some(ip(d)),
-            (6, n) if n >= 4 => l.dns = d.chunks_exact(4).take(3).map(ip).collect(),
-            (51, 4) => l.lease_secs = u32::from_be_bytes([d[0], d[1], d[2], d[3]]),
-            (54, 4) => l.server = ip(d),
-            _ => {}
-        }
-        i += 2 + len;
-    }
-    // an offer or lease must name an address this host can take
-    let a = l.addr;
-    if matches!(kind, OFFER | ACK) && (a.is_unspecified() || a.is_broadcast() || a.is_loopback() || a.is_multicast()) {
-        return None;
-    }
-    Some((kind, l))
-}
-
 fn random_u32(mac: &[u8; 6]) -> u32 {
     let mut b = [0u8; 4];
     // SAFETY: getrandom into a 4-byte stack buffer.
@@ -468,7 +381,7 @@ fn random_u32(mac: &[u8; 6]) -> u32 {
 }
 
 fn dhcp_socket(name: &str) -> io::Result<UdpSocket> {
-    let s = UdpSocket::bind("0.0.0.0:68").map_err(|e| Error::new(e.kind(), format!("dhcp: bind 0.0.0.0:68: {e}")))?;
+    let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 68)).map_err(|e| Error::new(e.kind(), format!("dhcp: bind 0.0.0.0:68: {e}")))?;
     s.set_broadcast(true)?;
     let n = name.as_bytes();
     // SAFETY: setsockopt with a byte buffer of the given length.
@@ -486,7 +399,7 @@ fn exchange(s: &UdpSocket, msg: &[u8], xid: u32, mac: &[u8; 6], want: &[u8], dea
     let mut buf = [0u8; 1500];
     let mut wait = Duration::from_secs(2);
     while Instant::now() < deadline {
-        s.send_to(msg, "255.255.255.255:67")?;
+        s.send_to(msg, (Ipv4Addr::BROADCAST, 67))?;
         let until = (Instant::now() + wait).min(deadline);
         loop {
             let left = until.saturating_duration_since(Instant::now());
@@ -525,7 +438,7 @@ pub fn dhcp(name: &str, limit: Duration) -> io::Result<Lease> {
         let n = build(&mut pkt, xid, &mac, REQUEST, Some((offer.addr, offer.server)), start.elapsed().as_secs() as u16);
         match exchange(&s, &pkt[..n], xid, &mac, &[ACK, NAK], deadline)? {
             Some((ACK, lease)) => return Ok(lease),
-            Some(_) => say!("{name}: DHCPNAK from {}, starting over", offer.server),
+            Some(_) => say!(@"net", "{name}: DHCPNAK from {}, starting over", offer.server),
             None => break,
         }
     }
@@ -544,14 +457,14 @@ fn renew_loop(name: String, mut lease: Option<Lease>, gw: Option<Ipv4Addr>, dns:
             Ok(new) => {
                 let changed = lease.as_ref().is_none_or(|l| new.addr != l.addr || new.mask != l.mask || new.router != l.router);
                 if changed {
-                    say!("{}", take_lease(&name, &new, gw, &dns));
+                    say!(@"net", "{}", take_lease(&name, &new, gw, &dns));
                 }
                 lease = Some(new);
                 got = Instant::now();
             }
             Err(e) => {
                 if let Some(l) = &lease {
-                    say!("{name}: lease renewal failed ({e}); keeping {}", l.addr);
+                    say!(@"net", "{name}: lease renewal failed ({e}); keeping {}", l.addr);
                 }
             }
         }
@@ -586,7 +499,9 @@ mod tests {
     #[test]
     fn cidr_and_mask() {
         assert_eq!(parse_cidr("192.168.1.20/24").unwrap(), (Ipv4Addr::new(192, 168, 1, 20), 24));
-        assert_eq!(parse_cidr("10.0.0.1").unwrap().1, 24);
+        // a bare address: refused, as the configuration refuses it (this
+        // parser used to take it as a /24)
+        assert!(parse_cidr("10.0.0.1").is_err());
         assert!(parse_cidr("10.0.0.1/33").is_err());
         assert!(parse_cidr("nope/8").is_err());
         assert_eq!(mask_of(24), Ipv4Addr::new(255, 255, 255, 0));
@@ -633,42 +548,5 @@ mod tests {
         }
         // different cards get different addresses (almost always)
         assert!(seen.len() > 1900, "{}", seen.len());
-    }
-
-    #[test]
-    fn dhcp_roundtrip() {
-        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
-        let mut p = [0u8; 300];
-        let n = build(&mut p, 0xdeadbeef, &mac, DISCOVER, None, 0);
-        assert_eq!(n, 300);
-        assert_eq!(&p[236..240], &COOKIE);
-        // turn our request into a fake server reply
-        let mut r = p.to_vec();
-        r[0] = 2;
-        r[16..20].copy_from_slice(&[10, 0, 2, 15]);
-        let opts: &[u8] = &[53, 1, ACK, 1, 4, 255, 255, 255, 0, 3, 4, 10, 0, 2, 2, 6, 4, 10, 0, 2, 3, 51, 4, 0, 1, 81, 128, 54, 4, 10, 0, 2, 2, 255];
-        r.truncate(240);
-        r.extend_from_slice(opts);
-        let (k, l) = parse(&r, 0xdeadbeef, &mac).unwrap();
-        assert_eq!(k, ACK);
-        assert_eq!(l.addr, Ipv4Addr::new(10, 0, 2, 15));
-        assert_eq!(l.router, Some(Ipv4Addr::new(10, 0, 2, 2)));
-        assert_eq!(l.dns, vec![Ipv4Addr::new(10, 0, 2, 3)]);
-        assert_eq!(l.lease_secs, 86400);
-        assert!(parse(&r, 1, &mac).is_none());
-        // an OFFER or ACK without a usable address (yiaddr 0.0.0.0 from a
-        // broken or hostile server) is not a lease: applied, it would take
-        // the fallback address away and leave the relay unreachable
-        for bad in [[0, 0, 0, 0], [255, 255, 255, 255], [127, 0, 0, 1], [224, 0, 0, 1]] {
-            r[16..20].copy_from_slice(&bad);
-            assert!(parse(&r, 0xdeadbeef, &mac).is_none(), "{bad:?}");
-            r[242] = OFFER;
-            assert!(parse(&r, 0xdeadbeef, &mac).is_none(), "{bad:?}");
-            r[242] = ACK;
-        }
-        // a NAK has no address: still understood
-        r[16..20].copy_from_slice(&[0, 0, 0, 0]);
-        r[242] = NAK;
-        assert_eq!(parse(&r, 0xdeadbeef, &mac).unwrap().0, NAK);
     }
 }

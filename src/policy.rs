@@ -9,6 +9,10 @@
 //!
 //! smtp-proto unquotes local parts and strips source routes, so the checks
 //! here look at the path *as the client wrote it* on the command line.
+//!
+//! Role: the relay rules at MAIL and RCPT and the recipients list. Touches
+//! the list file (read), `recipients.last` and `recipients.push` in the
+//! spool directory (written atomically), and the list's figures in Stats.
 
 use std::path::{Path, PathBuf};
 
@@ -33,6 +37,26 @@ impl Refusal {
     }
 }
 
+/// The one quote-aware scanner of envelope paths: where the path that
+/// `s` starts (just after its `<`) ends, the index of the first `>`
+/// outside a quoted string (`"a>b"@x`, a `\` in quotes escaping the next
+/// byte). `None` when none does. Bytes: `>`, `"` and `\` are ASCII and
+/// never inside a UTF-8 sequence. Used by [`raw_path`], [`mail_params`] and
+/// the DSN parameters ([`crate::dsn`]).
+pub fn path_end(s: &[u8]) -> Option<usize> {
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, &b) in s.iter().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if quoted => escaped = true,
+            b'"' => quoted = !quoted,
+            b'>' if !quoted => return Some(i),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Extracts the path between `<` and `>` after `FROM:` / `TO:` in a raw
 /// command line, exactly as written (quotes and routes kept).
 pub fn raw_path(line: &[u8]) -> Option<&str> {
@@ -40,22 +64,8 @@ pub fn raw_path(line: &[u8]) -> Option<&str> {
     let colon = s.find(':')?;
     let rest = s[colon + 1..].trim_start();
     let rest = rest.strip_prefix('<')?;
-    // The path ends at the first `>` outside a quoted string.
-    let mut in_quote = false;
-    let mut escaped = false;
-    for (i, c) in rest.char_indices() {
-        match c {
-            '\\' if in_quote && !escaped => {
-                escaped = true;
-                continue;
-            }
-            '"' if !escaped => in_quote = !in_quote,
-            '>' if !in_quote => return Some(&rest[..i]),
-            _ => {}
-        }
-        escaped = false;
-    }
-    None
+    // '>' is ASCII: the cut is on a character boundary.
+    path_end(rest.as_bytes()).map(|i| &rest[..i])
 }
 
 /// Reads a `SIZE=` parameter from the raw MAIL line as a 64-bit number, so
@@ -93,18 +103,8 @@ fn mail_params(s: &str) -> Option<&str> {
         // A path without brackets ends at the first space.
         return Some(rest.find(' ').map_or("", |i| &rest[i..]));
     };
-    let (mut quoted, mut escaped) = (false, false);
-    for (i, b) in path.bytes().enumerate() {
-        match b {
-            _ if escaped => escaped = false,
-            b'\\' if quoted => escaped = true,
-            b'"' => quoted = !quoted,
-            // '>' is ASCII, so i + 1 is a character boundary.
-            b'>' if !quoted => return Some(&path[i + 1..]),
-            _ => {}
-        }
-    }
-    None
+    // '>' is ASCII, so i + 1 is a character boundary.
+    path_end(path.as_bytes()).map(|i| &path[i + 1..])
 }
 
 fn printable(s: &str) -> bool {
@@ -176,16 +176,17 @@ pub fn check_sender(raw: &str, smtputf8: bool) -> Result<String, Refusal> {
     Ok(path.to_string())
 }
 
+/// The domain of a sender: an address literal (`[...]`, printable), or a
+/// domain name by the configuration's one check
+/// ([`crate::config::valid_domain`]; U-labels in their A-label form).
 fn valid_domain_part(d: &str) -> bool {
     if d.starts_with('[') && d.ends_with(']') {
         return d.len() > 2 && printable(d);
     }
     if !d.is_ascii() {
-        return crate::punycode::to_ascii(d).is_some();
+        return crate::punycode::to_ascii(d).is_some_and(|a| crate::config::valid_domain(&a));
     }
-    !d.is_empty()
-        && d.len() <= 255
-        && d.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-'))
+    crate::config::valid_domain(d)
 }
 
 /// Checks a forward path (RCPT TO) against the relay rules. `parsed` is the
@@ -724,67 +725,116 @@ impl Recipients {
         // Before reading: a change after this is seen by the watcher.
         let seen_at_start = path.map(seen);
         let file_time = path.and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
-        let mut push_error = None;
-        match read_pushed(&pushed_path) {
-            Ok(Some(mut p)) if file_time.is_none() || file_time <= p.modified() => {
-                let t = p.modified();
-                log::info!(
-                    target: crate::logging::MASTER,
-                    "recipients list: {} entries, pushed {} ({}){}",
-                    p.len(),
-                    t.map_or_else(|| "?".into(), |t| crate::util::iso_date(unix(t) as u64)),
-                    pushed_path.display(),
-                    match path {
-                        Some(f) if file_time.is_some() => format!(", newer than {}", f.display()),
-                        _ => String::new(),
-                    }
-                );
-                save_last(&p, last);
-                publish(stats, &p, Source::Push, t);
-                stats.recipients_kept.lock().unwrap_or_else(|e| e.into_inner()).clear();
-                p.path = Some(pushed_path.clone());
-                let r = Recipients::with_last(p, Some(last.to_path_buf()), seen_at_start, path.map(Path::to_path_buf));
-                *r.inner.pushed.lock().unwrap_or_else(|e| e.into_inner()) = t;
-                return r;
+        let push_error = match read_pushed(&pushed_path) {
+            Ok(Some(p)) if file_time.is_none() || file_time <= p.modified() => {
+                return Recipients::start_pushed(p, path, file_time.is_some(), last, seen_at_start, stats);
             }
             Ok(Some(_)) => {
                 if let Some(f) = path {
                     log::info!(target: crate::logging::MASTER, "recipients list {} is newer than the pushed list {}: using the file", f.display(), pushed_path.display());
                 }
+                None
             }
-            Ok(None) => {}
+            Ok(None) => None,
             Err(e) => {
                 log::warn!(target: crate::logging::MASTER, "warning: pushed {e}: not used");
-                push_error = Some(e);
+                Some(e)
             }
-        }
-        let Some(path) = path else {
-            let Some(why) = push_error else {
-                publish(stats, &RecipientList::default(), Source::None, None);
-                return Recipients::with_last(RecipientList::default(), Some(last.to_path_buf()), None, None);
-            };
-            // A list was pushed, but its copy is damaged: the last good
-            // list, else 451 until the next push (never "everyone").
-            let (list, source) = match RecipientList::read(last) {
-                Ok(mut l) => {
-                    log::warn!(target: crate::logging::MASTER, "warning: using the last good list {} ({} entries) until the next push", last.display(), l.len());
-                    let t = l.modified();
-                    l.path = Some(pushed_path);
-                    l.id = None;
-                    publish(stats, &l, Source::LastGood, t);
-                    (l, why)
-                }
-                Err(_) => {
-                    log::warn!(target: crate::logging::MASTER, "warning: no usable recipients list: every recipient in the relay domains gets 451 4.3.0 (try again later) until the next push");
-                    let l = RecipientList::unusable(&pushed_path);
-                    publish(stats, &l, Source::Push, None);
-                    (l, why)
-                }
-            };
-            *stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()) = source;
-            return Recipients::with_last(list, Some(last.to_path_buf()), None, None);
         };
-        let seen_at_start = seen_at_start.unwrap_or_else(|| seen(path));
+        match path {
+            Some(path) => Recipients::start_file(path, last, seen_at_start.unwrap_or_else(|| seen(path)), stats),
+            None => Recipients::start_no_file(push_error, last, stats),
+        }
+    }
+
+    /// Starts with the pushed list `p` (not older than the file, if any).
+    fn start_pushed(
+        mut p: RecipientList,
+        path: Option<&Path>,
+        file_exists: bool,
+        last: &Path,
+        seen_at_start: Option<Result<FileId, String>>,
+        stats: &crate::stats::Stats,
+    ) -> Recipients {
+        let pushed_path = last.with_file_name(PUSHED);
+        let t = p.modified();
+        log::info!(
+            target: crate::logging::MASTER,
+            "recipients list: {} entries, pushed {} ({}){}",
+            p.len(),
+            t.map_or_else(|| "?".into(), |t| crate::util::iso_date(unix(t) as u64)),
+            pushed_path.display(),
+            match path {
+                Some(f) if file_exists => format!(", newer than {}", f.display()),
+                _ => String::new(),
+            }
+        );
+        save_last(&p, last);
+        publish(stats, &p, Source::Push, t);
+        stats.recipients_kept.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        p.path = Some(pushed_path);
+        let r = Recipients::with_last(p, Some(last.to_path_buf()), seen_at_start, path.map(Path::to_path_buf));
+        *r.inner.pushed.lock().unwrap_or_else(|e| e.into_inner()) = t;
+        r
+    }
+
+    /// No file configured and no usable push: no list (every address), or,
+    /// when a pushed copy is damaged (`push_error`), the last good list,
+    /// else 451 until the next push (never "everyone").
+    fn start_no_file(push_error: Option<String>, last: &Path, stats: &crate::stats::Stats) -> Recipients {
+        let Some(why) = push_error else {
+            publish(stats, &RecipientList::default(), Source::None, None);
+            return Recipients::with_last(RecipientList::default(), Some(last.to_path_buf()), None, None);
+        };
+        let pushed_path = last.with_file_name(PUSHED);
+        let list = match RecipientList::read(last) {
+            Ok(mut l) => {
+                log::warn!(target: crate::logging::MASTER, "warning: using the last good list {} ({} entries) until the next push", last.display(), l.len());
+                let t = l.modified();
+                l.path = Some(pushed_path);
+                l.id = None;
+                publish(stats, &l, Source::LastGood, t);
+                l
+            }
+            Err(_) => {
+                log::warn!(target: crate::logging::MASTER, "warning: no usable recipients list: every recipient in the relay domains gets 451 4.3.0 (try again later) until the next push");
+                let l = RecipientList::unusable(&pushed_path);
+                publish(stats, &l, Source::Push, None);
+                l
+            }
+        };
+        *stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()) = why;
+        Recipients::with_last(list, Some(last.to_path_buf()), None, None)
+    }
+
+    /// Starts with the file at `path` (see [`Recipients::pick_at_start`]),
+    /// and says where the list in force came from.
+    fn start_file(path: &Path, last: &Path, seen_at_start: Result<FileId, String>, stats: &crate::stats::Stats) -> Recipients {
+        let (list, refused, why) = Recipients::pick_at_start(path, last, seen_at_start);
+        if refused.is_none() {
+            log::info!(target: crate::logging::MASTER, "recipients list {}: {} entries", path.display(), list.len());
+            save_last(&list, last);
+            publish(stats, &list, Source::File, list.modified());
+            // The file is newer than any push: the pushed copy is done with.
+            remove_pushed(&last.with_file_name(PUSHED));
+        } else if list.is_usable() {
+            let last_time = std::fs::metadata(last).and_then(|m| m.modified()).ok();
+            publish(stats, &list, Source::LastGood, last_time);
+        } else {
+            publish(stats, &list, Source::File, None);
+        }
+        *stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()) = why;
+        Recipients::with_last(list, Some(last.to_path_buf()), refused, Some(path.to_path_buf()))
+    }
+
+    /// The file when it can be used and holds at least half the entries of
+    /// the last good list; else the last good list; else an unusable list.
+    /// Returns the list, the version of the file refused (if it was) and why.
+    fn pick_at_start(
+        path: &Path,
+        last: &Path,
+        seen_at_start: Result<FileId, String>,
+    ) -> (RecipientList, Option<Result<FileId, String>>, String) {
         // The last good list instead of the file, for `why`; Err: why not.
         let from_last = |why: &str| match RecipientList::read(last) {
             Ok(mut l) => {
@@ -800,8 +850,7 @@ impl Recipients {
             }
             Err(e) => Err(e),
         };
-        let last_time = || std::fs::metadata(last).and_then(|m| m.modified()).ok();
-        let (list, refused, why) = match RecipientList::read(path) {
+        match RecipientList::read(path) {
             Ok(new) => match count_lines(last) {
                 Some(n) if new.len() * 2 < n => {
                     let why = format!(
@@ -835,20 +884,7 @@ impl Recipients {
                     (RecipientList::unusable(path), Some(seen_at_start), why)
                 }
             },
-        };
-        if refused.is_none() {
-            log::info!(target: crate::logging::MASTER, "recipients list {}: {} entries", path.display(), list.len());
-            save_last(&list, last);
-            publish(stats, &list, Source::File, list.modified());
-            // The file is newer than any push: the pushed copy is done with.
-            remove_pushed(&pushed_path);
-        } else if list.is_usable() {
-            publish(stats, &list, Source::LastGood, last_time());
-        } else {
-            publish(stats, &list, Source::File, None);
         }
-        *stats.recipients_kept.lock().unwrap_or_else(|p| p.into_inner()) = why;
-        Recipients::with_last(list, Some(last.to_path_buf()), refused, Some(path.to_path_buf()))
     }
 
     /// The list in force now.
@@ -1090,6 +1126,37 @@ mod tests {
 
     fn rcpt(raw: &str) -> Result<String, Refusal> {
         check_recipient(&cfg(), raw, raw, &RecipientList::default(), false)
+    }
+
+    #[test]
+    fn path_end_is_quote_aware() {
+        assert_eq!(path_end(b"bob@example.org> SIZE=1"), Some(15));
+        assert_eq!(path_end(b"\"a>b\"@x> X"), Some(7));
+        // an escaped quote does not end the quoted string; outside quotes
+        // a backslash escapes nothing
+        assert_eq!(path_end(b"\"a\\\">\"@x>"), Some(8));
+        assert_eq!(path_end(b"a\\>b"), Some(2));
+        // hostile: empty, never closed, a quote never closed, a trailing
+        // backslash, UTF-8 around the brackets
+        for bad in [&b""[..], b"bob@example.org", b"\"a>b@x>", b"\"a\\", "\"ü>\"@bücher".as_bytes()] {
+            assert_eq!(path_end(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(path_end("jörg@bücher.test>".as_bytes()), Some("jörg@bücher.test".len()));
+        // the three users agree on where the path ends
+        let line = b"MAIL FROM:<\"a> SIZE=9\"@x> SIZE=10 RET=HDRS";
+        assert_eq!(raw_path(line), Some("\"a> SIZE=9\"@x"));
+        assert_eq!(size_param(line), Ok(Some(10)));
+    }
+
+    #[test]
+    fn sender_domain_by_the_one_check() {
+        // RFC 5321 4.1.2: a label neither starts nor ends with `-` (the
+        // config's check; this one took both before)
+        for bad in ["a@-x.example", "a@x-.example", &format!("a@{}.example", "b".repeat(64)), "a@x..example", "a@x_y.example"] {
+            assert!(check_sender(bad, false).is_err(), "{bad}");
+        }
+        assert!(check_sender("a@x-y.example", false).is_ok());
+        assert!(check_sender("a@[192.0.2.1]", false).is_ok());
     }
 
     #[test]
