@@ -142,7 +142,7 @@ pub fn queue_bounce(
         Reason::Expired => {
             let days = lifetime as f64 / 86400.0;
             h("I'm sorry to have to inform you that your message could not");
-            h(&format!("be delivered to one or more recipients within {days:.1} days: the"));
+            h(&format!("be delivered to one or more recipients within {} days: the", util::decimal(days, 1)));
             h("destination's primary mail server could not be reached.");
         }
         Reason::Delayed => {
@@ -151,7 +151,7 @@ pub fn queue_bounce(
             h("# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #");
             h("####################################################################");
             h("");
-            h(&format!("Your message could not be delivered for {hours:.1} hour(s)."));
+            h(&format!("Your message could not be delivered for {} hour(s).", util::decimal(hours, 1)));
             h(&format!("It will be retried until {}.", util::rfc5322_date(msg.env.arrival.saturating_add(lifetime))));
         }
         Reason::Relayed => {

@@ -129,7 +129,7 @@ pub fn boot() -> BootInfo {
         Ok(s) => say!("network: {s}"),
         Err(e) => say!("network: {e}"),
     }
-    say!("boot done in {:.1}s{}; {}", t0.elapsed().as_secs_f32(), since_boot(), meminfo());
+    say!("boot done in {}s{}; {}", crate::util::decimal(t0.elapsed().as_secs_f32().into(), 1), since_boot(), meminfo());
     // said at once: on a machine this short the relay may not live until
     // the watcher below wakes up
     let short_at_boot = mem_available_kb().is_some_and(|a| a < MEM_SHORT_KB);
@@ -326,10 +326,7 @@ fn mount_pseudo() {
 /// /etc (resolv.conf from DHCP) becomes a small tmpfs holding copies of the
 /// files that were there.
 fn writable_etc() {
-    let Ok(c) = CString::new("/") else { return };
-    // SAFETY: a zeroed statvfs is a valid out-parameter; c is NUL-terminated.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 || st.f_flag & libc::ST_RDONLY == 0 {
+    if !crate::sys::disk_space(std::path::Path::new("/")).is_ok_and(|d| d.read_only) {
         return;
     }
     let files: Vec<(std::ffi::OsString, Vec<u8>)> = fs::read_dir("/etc")
@@ -605,13 +602,7 @@ fn mount_spool(parts: &[String], spool: &Path, forced: Option<&str>) -> (bool, S
 }
 
 fn statvfs_free(path: &str) -> Option<u64> {
-    let c = CString::new(path).ok()?;
-    // SAFETY: zeroed statvfs is a valid out-parameter.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
+    crate::sys::disk_space(std::path::Path::new(path)).ok().map(|d| d.avail)
 }
 
 #[cfg(test)]

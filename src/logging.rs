@@ -39,7 +39,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
-use simplelog::{CombinedLogger, ConfigBuilder, SharedLogger, WriteLogger};
 
 pub const SMTPD: &str = "bartleby/smtpd";
 pub const QMGR: &str = "bartleby/qmgr";
@@ -207,18 +206,44 @@ fn severity(l: Level) -> u8 {
     }
 }
 
+/// Where whole lines go (stderr, the log file), each behind its own buffer:
+/// a line goes into a buffer in one piece, line end included, so lines from
+/// the page's threads and the relay never interleave, and several lines of
+/// the relay's thread go out in one write(2) (see Logger::log for when).
+/// One write(2) per line was measured to triple the drain rate over
+/// unbuffered writes.
+struct Writers(Vec<Mutex<io::BufWriter<Box<dyn io::Write + Send>>>>);
+
+impl Writers {
+    /// `line` ends with its line end.
+    fn write(&self, line: &str) {
+        for w in &self.0 {
+            if let Ok(mut w) = w.lock() {
+                let _ = io::Write::write_all(&mut *w, line.as_bytes());
+            }
+        }
+    }
+
+    fn flush(&self) {
+        for w in &self.0 {
+            if let Ok(mut w) = w.lock() {
+                let _ = io::Write::flush(&mut *w);
+            }
+        }
+    }
+}
+
 /// The installed logger: masks each line ([`printable`]), formats it once
-/// and hands it to simplelog's writers (stderr, the log file), the ring and
-/// the log host. simplelog has no option for syslog's `HOST TAG[PID]:`
-/// prefix, so the line is formatted here and simplelog is configured to
-/// write the message alone.
+/// (the date by [`crate::util`]'s calendar: no time zone database, no date
+/// crate) and hands it to the writers (stderr, the log file), the ring and
+/// the log host.
 struct Logger {
     level: LevelFilter,
     format: Format,
     /// The host field: the first label of `hostname`.
     host: String,
     pid: u32,
-    writers: Box<CombinedLogger>,
+    writers: Writers,
     udp: Option<(UdpSocket, SocketAddr)>,
     /// When the oldest line not yet written out was logged.
     held_since: Mutex<Option<Instant>>,
@@ -278,7 +303,8 @@ impl Log for Logger {
             ring_push(&line);
         }
         self.send(r, &line, &clean, now);
-        self.writers.log(&Record::builder().metadata(r.metadata().clone()).args(format_args!("{line}")).build());
+        line.push('\n');
+        self.writers.write(&line);
         // Written out now: a warning or an error (never delayed behind
         // whatever comes next), a line from any other thread (the status
         // page's, a blocking task's: no runtime flushes for them), or once
@@ -317,9 +343,9 @@ pub fn delay(secs: f64) -> String {
     let text = if secs >= 10.0 {
         return format!("{}", secs.round() as u64);
     } else if secs >= 1.0 {
-        format!("{:.1}", (secs * 10.0).round() / 10.0)
+        crate::util::decimal((secs * 10.0).round() / 10.0, 1)
     } else {
-        format!("{:.2}", (secs * 100.0).round() / 100.0)
+        crate::util::decimal((secs * 100.0).round() / 100.0, 2)
     };
     let t = text.trim_end_matches('0').trim_end_matches('.');
     if t.is_empty() { "0".to_string() } else { t.to_string() }
@@ -349,23 +375,11 @@ fn log_socket(to: SocketAddr) -> io::Result<UdpSocket> {
 
 /// Installs the logger. Call once, before the runtime starts.
 pub fn init(o: &Options<'_>) -> Result<(), String> {
-    // simplelog writes only the message: the line is formatted by Logger.
-    let cfg = ConfigBuilder::new()
-        .set_time_level(LevelFilter::Off)
-        .set_max_level(LevelFilter::Off)
-        .set_thread_level(LevelFilter::Off)
-        .set_target_level(LevelFilter::Off)
-        .set_location_level(LevelFilter::Off)
-        .build();
-    // simplelog writes a line in pieces; the buffer makes whole lines go
-    // out (one write(2) per line was measured to triple the drain rate over
-    // unbuffered writes), so lines from the page's threads and the relay
-    // never interleave, and several lines of the relay's thread go out in
-    // one write(2) (see Logger::log for when).
-    let mut writers: Vec<Box<dyn SharedLogger>> = vec![WriteLogger::new(o.level, cfg.clone(), io::BufWriter::with_capacity(LOG_BUF, io::stderr()))];
+    let buffered = |w: Box<dyn io::Write + Send>| Mutex::new(io::BufWriter::with_capacity(LOG_BUF, w));
+    let mut writers = vec![buffered(Box::new(io::stderr()))];
     if let Some(path) = o.file {
         let f = open_log_file(path).map_err(|e| format!("log file {}: {e}", path.display()))?;
-        writers.push(WriteLogger::new(o.level, cfg, io::BufWriter::with_capacity(LOG_BUF, f)));
+        writers.push(buffered(Box::new(f)));
     }
     // A socket that cannot be opened (IPv6 turned off, no descriptors)
     // stops nothing: the log goes to the other places, with a warning.
@@ -385,7 +399,7 @@ pub fn init(o: &Options<'_>) -> Result<(), String> {
     }
     // SAFETY: tzset takes no argument; it reads TZ and the zone file.
     unsafe { tzset() };
-    let logger = Logger { level: o.level, format: o.format, host: host_field(o.hostname).to_string(), pid: std::process::id(), writers: CombinedLogger::new(writers), udp, held_since: Mutex::new(None) };
+    let logger = Logger { level: o.level, format: o.format, host: host_field(o.hostname).to_string(), pid: std::process::id(), writers: Writers(writers), udp, held_since: Mutex::new(None) };
     log::set_boxed_logger(Box::new(logger)).map_err(|e| e.to_string())?;
     log::set_max_level(o.level);
     if let Some(w) = udp_error {

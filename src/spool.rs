@@ -309,27 +309,8 @@ pub struct Recovery {
     pub unreadable: usize,
 }
 
-/// Space on the spool's file system, as `df` shows it.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DiskSpace {
-    pub total: u64,
-    pub used: u64,
-    /// Available to an unprivileged writer (df's "Avail").
-    pub avail: u64,
-    /// Inodes in all, and free for an unprivileged writer (`df -i`); both 0
-    /// on file systems without an inode limit (btrfs).
-    pub files: u64,
-    pub favail: u64,
-    /// Mounted read-only (statvfs ST_RDONLY).
-    pub read_only: bool,
-}
-
-impl DiskSpace {
-    pub fn percent_used(&self) -> u32 {
-        let denom = self.used + self.avail;
-        if denom == 0 { 0 } else { (self.used as u128 * 100).div_ceil(denom as u128) as u32 }
-    }
-}
+/// Space on the spool's file system (statvfs, in [`crate::sys`]).
+pub use crate::sys::{DiskSpace, disk_space};
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
@@ -1166,28 +1147,6 @@ impl Spool {
     pub fn disk_space(&self) -> io::Result<DiskSpace> {
         disk_space(&self.root)
     }
-}
-
-/// Space on the file system holding `path` (statvfs, as `df` computes it).
-pub fn disk_space(path: &Path) -> io::Result<DiskSpace> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| invalid("NUL in path".into()))?;
-    // SAFETY: statvfs writes into the zeroed struct we own; c is NUL-terminated.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let frsize = st.f_frsize as u64;
-    let total = st.f_blocks as u64 * frsize;
-    let free = st.f_bfree as u64 * frsize;
-    Ok(DiskSpace {
-        total,
-        used: total.saturating_sub(free),
-        avail: st.f_bavail as u64 * frsize,
-        files: st.f_files as u64,
-        favail: st.f_favail as u64,
-        read_only: st.f_flag & libc::ST_RDONLY != 0,
-    })
 }
 
 /// Free inodes the spool keeps in reserve: below it, MAIL gets 452.

@@ -145,20 +145,11 @@ fn bind_backend(gate: &gate::Gate) -> io::Result<tiny_http::Server> {
     Ok(server)
 }
 
-/// 128 random bits as hex, from the kernel (std's `RandomState`, itself
-/// seeded from the kernel, if `getrandom` is missing).
+/// 128 random bits as hex, from the kernel ([`crate::sys::random_bytes`];
+/// std's `RandomState`, itself seeded from the kernel, if it gives none).
 fn random_hex() -> String {
     let mut b = [0u8; 16];
-    // SAFETY: writes at most b.len() bytes into the buffer we own.
-    // GRND_INSECURE: never wait for the entropy pool. On a 486 without a TSC
-    // the pool can take minutes to initialise at boot, and a CSRF token does
-    // not need more than the kernel has. Older kernels: GRND_NONBLOCK.
-    let mut n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0x0004 /* GRND_INSECURE */) };
-    if n != b.len() as isize {
-        // SAFETY: as above.
-        n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_NONBLOCK) };
-    }
-    if n != b.len() as isize {
+    if !crate::sys::random_bytes(&mut b) {
         use std::hash::{BuildHasher, RandomState};
         let t = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
         b[..8].copy_from_slice(&RandomState::new().hash_one((t, std::process::id())).to_le_bytes());
@@ -500,7 +491,7 @@ fn metrics(ctx: &Ctx) -> String {
         // the machine's own clock (also under an emulator's instruction
         // counting, where the host's clock says nothing about the guest's speed)
         if let Some(up) = std::fs::read_to_string("/proc/uptime").ok().and_then(|u| u.split_whitespace().next().and_then(|x| x.parse::<f64>().ok())) {
-            metric(&mut o, "bartleby_machine_uptime_seconds", "gauge", "Seconds since the machine booted (/proc/uptime, 10 ms steps).", format!("{up:.2}"));
+            metric(&mut o, "bartleby_machine_uptime_seconds", "gauge", "Seconds since the machine booted (/proc/uptime, 10 ms steps).", crate::util::decimal(up, 2));
         }
         let sys = render::SystemView::read();
         if sys.mem_total > 0 {
