@@ -999,11 +999,6 @@ fn start_alerts(o: &mut String, alerts: &[String]) {
     }
 }
 
-/// Appends one metric with its HELP and TYPE lines.
-pub fn metric(o: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
-    let _ = write!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n");
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
