@@ -29,6 +29,10 @@
 //! as every Postfix log line passes through its printable(): text from the
 //! envelope (a HELO name, a quoted local part, a primary's reply) cannot put
 //! terminal escapes, bells or line breaks into the log.
+//!
+//! Role: the `log` crate's logger and its writers (no logging crate beyond
+//! `log`: the line is formatted here, dates by [`crate::util`]). May touch:
+//! stderr, the log file, the UDP socket to `log_host`, the ring.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;

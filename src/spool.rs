@@ -1,5 +1,8 @@
 //! The spool: the durable queue on disk.
 //!
+//! Role: every file under the spool directory, and only there; its file
+//! system's space comes from [`crate::sys`].
+//!
 //! Layout under the spool directory:
 //!
 //! ```text
@@ -504,11 +507,25 @@ impl Spool {
     ///   crash).
     pub fn recover(&self) -> io::Result<Recovery> {
         let mut r = Recovery::default();
-        let mut changed = false;
         // A write probe cut short by the crash: not a partial message.
         for d in PROBED {
             let _ = fs::remove_file(self.root.join(d).join(PROBE));
         }
+        let mut changed = self.recover_incoming(&mut r);
+        changed |= self.recover_pool(&mut r);
+        changed |= self.recover_queue(&mut r)?;
+        changed |= self.recover_states(&mut r);
+        if changed && let Err(e) = self.sync() {
+            log::error!(target: MASTER, "error: spool {}: sync after recovery: {e}", self.root.display());
+        }
+        Ok(r)
+    }
+
+    /// `incoming/` (versions before `free/`): partial messages are removed,
+    /// anything else is moved to `corrupt/NAME.incoming`. True when the
+    /// spool changed.
+    fn recover_incoming(&self, r: &mut Recovery) -> bool {
+        let mut changed = false;
         let incoming = self.root.join("incoming");
         match fs::read_dir(&incoming) {
             Ok(rd) => {
@@ -524,7 +541,7 @@ impl Spool {
                         },
                         Ok(t) => {
                             let name = format!("{}.incoming", e.file_name().to_string_lossy());
-                            changed |= self.quarantine_logged(&p, &name, &format!("not a regular file ({})", crate::util::file_kind(t)), &mut r);
+                            changed |= self.quarantine_logged(&p, &name, &format!("not a regular file ({})", crate::util::file_kind(t)), r);
                         }
                         Err(err) => log::warn!(target: MASTER, "warning: {}: {err}", p.display()),
                     }
@@ -532,7 +549,14 @@ impl Spool {
             }
             Err(e) => log::error!(target: MASTER, "error: {}: cannot list partial messages: {e}", incoming.display()),
         }
-        changed |= self.recover_pool(&mut r);
+        changed
+    }
+
+    /// `queue/`: every queue file checked; a damaged one goes to
+    /// `corrupt/` with its state, an unreadable one stays. True when the
+    /// spool changed; an error when the queue cannot be listed.
+    fn recover_queue(&self, r: &mut Recovery) -> io::Result<bool> {
+        let mut changed = false;
         for id in self.ids()? {
             match self.check(&id) {
                 Ok(()) => r.queued += 1,
@@ -565,6 +589,14 @@ impl Spool {
                 }
             }
         }
+        Ok(changed)
+    }
+
+    /// `state/`: leftovers deleted, damaged states moved to
+    /// `corrupt/ID.state`, unreadable ones left in place. True when the
+    /// spool changed.
+    fn recover_states(&self, r: &mut Recovery) -> bool {
+        let mut changed = false;
         let state = self.root.join("state");
         match fs::read_dir(&state) {
             Ok(rd) => {
@@ -588,7 +620,7 @@ impl Spool {
                                 Err(err) => log::warn!(target: MASTER, "warning: {}: cannot remove: {err}", p.display()),
                             }
                         } else {
-                            changed |= self.quarantine_logged(&p, &name, &what(), &mut r);
+                            changed |= self.quarantine_logged(&p, &name, &what(), r);
                         }
                         continue;
                     }
@@ -623,10 +655,7 @@ impl Spool {
             }
             Err(e) => log::error!(target: MASTER, "error: {}: cannot list delivery states: {e}", state.display()),
         }
-        if changed && let Err(e) = self.sync() {
-            log::error!(target: MASTER, "error: spool {}: sync after recovery: {e}", self.root.display());
-        }
-        Ok(r)
+        changed
     }
 
     /// Takes the files in `free/` into the pool (what is there was never a

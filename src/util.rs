@@ -1,4 +1,8 @@
-//! Small helpers shared by several roles: clock, dates, queue IDs.
+//! Small helpers shared by several roles: clock, dates (the one calendar:
+//! no date crate, no time zone database), numbers with decimals without
+//! float formatting, queue IDs, reading an admin's small files.
+//!
+//! Role: pure helpers. May touch: the clock, files it is asked to read.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -19,6 +19,9 @@
 //! (a thread of its own: temporary file, fsync, rename, fsync of the
 //! directory) at most every [`SAVE_INTERVAL`] when it changed, and at
 //! shutdown: a crash loses at most the last minute of answers.
+//!
+//! Role: the cache and the prober. May touch: its cache file in the spool,
+//! connections to the primary (through the delivery client), the Stats.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, Write};

@@ -1,6 +1,9 @@
 //! The gate: a small, bounded front end that vets every HTTP connection
 //! before tiny_http sees it.
 //!
+//! Role: the status page's only socket on the network. May touch: that
+//! socket, its connections, the private socket of [`super::backend`].
+//!
 //! Why: tiny_http 0.12 spawns a thread per connection, buffers headers
 //! without limit, has no timeouts and stops accepting for good after one
 //! `accept()` error (see /work/shared/research/crates.md §2). On a 16 MB

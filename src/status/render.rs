@@ -1,4 +1,9 @@
-//! Rendering of the status page, the JSON queue and the Prometheus metrics.
+//! Rendering of the status page and the JSON queue (the metrics are
+//! [`super::metrics`]'s).
+//!
+//! Role: HTML and JSON from a snapshot ([`PageData`], the spool for the
+//! JSON). May touch: nothing but the spool it is given (read only) and
+//! sysinfo's memory figures.
 //!
 //! Everything is written by hand into a `String` (no template engine, no
 //! serde): it keeps the binary small and makes the escaping explicit. Every
