@@ -66,10 +66,11 @@ pub fn iso_date(t: u64) -> String {
 /// writes a non-negative finite number (correctly rounded from its binary
 /// value, ties to even), from integer arithmetic alone: float formatting
 /// (core's flt2dec) is several KB of code the i486 binary need not carry.
-/// Negative numbers and NaN give 0; numbers of 2^64 and above saturate.
+/// Negative numbers and NaN give 0; the result saturates at
+/// u64::MAX / 10^places (numbers beyond ~1.8e19 / 10^places).
 pub fn decimal(x: f64, places: u32) -> String {
     if x.is_nan() || x <= 0.0 {
-        return fraction(0, 1, places);
+        return fraction(0, 0, places);
     }
     // x = m x 2^e exactly
     let bits = x.to_bits();
@@ -77,25 +78,34 @@ pub fn decimal(x: f64, places: u32) -> String {
     let frac = u128::from(bits & ((1u64 << 52) - 1));
     let (m, e) = if biased == 0 { (frac, -1074) } else { (frac | (1 << 52), biased - 1075) };
     match e {
-        // 2^64 and above (and infinity)
-        12.. => fraction(u128::from(u64::MAX), 1, places),
-        0.. => fraction(m << e, 1, places),
+        // 2^64 and above (and infinity): saturated below
+        12.. => fraction(u128::from(u64::MAX), 0, places),
+        0.. => fraction(m << e, 0, places),
         // far under one half of the last place (m x 10^9 < 2^83)
-        ..-100 => fraction(0, 1, places),
-        _ => fraction(m, 1 << e.unsigned_abs(), places),
+        ..-100 => fraction(0, 0, places),
+        _ => fraction(m, e.unsigned_abs(), places),
     }
 }
 
-/// `num / den` with `places` decimals (at most 9), rounded to the nearest,
-/// ties to even (as float formatting rounds), from integers alone.
-/// `num` below 2^90, `den` above 0 and below 2^101.
-pub fn fraction(num: u128, den: u128, places: u32) -> String {
+/// `num / 2^shift` with `places` decimals (at most 9), rounded to the
+/// nearest, ties to even (as float formatting rounds). Shifts and 64-bit
+/// divisions only (a 128-bit division is a large routine on the i486).
+/// `num` below 2^90, `shift` at most 127; the rounded value, scaled by
+/// 10^places, saturates at u64::MAX.
+pub fn fraction(num: u128, shift: u32, places: u32) -> String {
     let places = places.min(9);
-    let scale = 10u128.pow(places);
-    let den = den.max(1);
-    let n = num * scale;
-    let (q, r) = (n / den, n % den);
-    let q = if 2 * r > den || (2 * r == den && q & 1 == 1) { q + 1 } else { q };
+    let scale = 10u64.pow(places);
+    let n = num * u128::from(scale);
+    let shift = shift.min(127);
+    let q = n >> shift;
+    let q = if shift == 0 {
+        q
+    } else {
+        let r = n - (q << shift);
+        let half = 1u128 << (shift - 1);
+        if r > half || (r == half && q & 1 == 1) { q + 1 } else { q }
+    };
+    let q = u64::try_from(q).unwrap_or(u64::MAX);
     let int = q / scale;
     if places == 0 {
         return int.to_string();
@@ -272,9 +282,10 @@ mod tests {
         assert_eq!(decimal(f64::NAN, 1), "0.0");
         assert_eq!(decimal(1.25f32.into(), 1), "1.2");
         assert_eq!(decimal(f64::INFINITY, 0), u64::MAX.to_string());
-        assert_eq!(fraction(1280, 1024, 1), "1.2");
-        assert_eq!(fraction(1, 3, 3), "0.333");
-        assert_eq!(fraction(2, 3, 0), "1");
+        assert_eq!(fraction(1280, 10, 1), "1.2");
+        assert_eq!(fraction(1, 3, 3), "0.125");
+        assert_eq!(fraction(3, 1, 0), "2");
+        assert_eq!(fraction(5, 1, 0), "2");
         assert_eq!(fraction(5, 0, 1), "5.0");
     }
 

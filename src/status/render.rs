@@ -98,16 +98,15 @@ pub fn json(out: &mut String, s: &str) {
 /// rounded as float formatting rounds, from integers alone ([`crate::util::fraction`]).
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let (mut unit, mut u) = (1u64, 0);
-    while n / unit >= 1024 && u < UNITS.len() - 1 {
-        unit *= 1024;
+    let mut u = 0;
+    while n >> (10 * u) >= 1024 && u < UNITS.len() - 1 {
         u += 1;
     }
-    let (n, unit) = (u128::from(n), u128::from(unit));
+    let shift = 10 * u as u32;
     match u {
         0 => format!("{n} B"),
-        _ if n < 10 * unit => format!("{} {}", crate::util::fraction(n, unit, 1), UNITS[u]),
-        _ => format!("{} {}", crate::util::fraction(n, unit, 0), UNITS[u]),
+        _ if n < 10 << shift => format!("{} {}", crate::util::fraction(n.into(), shift, 1), UNITS[u]),
+        _ => format!("{} {}", crate::util::fraction(n.into(), shift, 0), UNITS[u]),
     }
 }
 
