@@ -193,7 +193,7 @@ impl Notice<'_> {
             Reason::Expired => {
                 let days = lifetime as f64 / 86400.0;
                 t.h("I'm sorry to have to inform you that your message could not");
-                t.h(&format!("be delivered to one or more recipients within {days:.1} days: the"));
+                t.h(&format!("be delivered to one or more recipients within {} days: the", util::decimal(days, 1)));
                 t.h("destination's primary mail server could not be reached.");
             }
             Reason::Delayed => {
@@ -202,7 +202,7 @@ impl Notice<'_> {
                 t.h("# THIS IS A WARNING ONLY.  YOU DO NOT NEED TO RESEND YOUR MESSAGE. #");
                 t.h("####################################################################");
                 t.h("");
-                t.h(&format!("Your message could not be delivered for {hours:.1} hour(s)."));
+                t.h(&format!("Your message could not be delivered for {} hour(s).", util::decimal(hours, 1)));
                 t.h(&format!("It will be retried until {}.", util::rfc5322_date(msg.env.arrival.saturating_add(lifetime))));
             }
             Reason::Relayed => {

@@ -254,20 +254,6 @@ pub fn servers(configured: &[String]) -> Vec<SocketAddr> {
     out
 }
 
-/// Random bytes from the kernel (getrandom(2)); a clock-based fallback
-/// when it fails (never on Linux 3.17 and later).
-pub fn random_u32() -> u32 {
-    let mut b = [0u8; 4];
-    // SAFETY: `b` is valid for 4 bytes.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };
-    if n == 4 {
-        u32::from_ne_bytes(b)
-    } else {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        t.subsec_nanos() ^ (std::process::id() << 16)
-    }
-}
-
 struct Cached {
     expires: Instant,
     answer: Answer,
@@ -350,7 +336,7 @@ async fn lookup_inner(configured: &[String], name: &str, qtype: u16) -> Result<A
 
 /// One try with one server: UDP, then TCP if the answer was truncated.
 async fn ask(server: SocketAddr, name: &str, qtype: u16) -> Result<Response, String> {
-    let id = random_u32() as u16;
+    let id = crate::sys::random_u32() as u16;
     let q = query(id, name, qtype).ok_or("bad name")?;
     let bind: SocketAddr = if server.is_ipv4() { (Ipv4Addr::UNSPECIFIED, 0).into() } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
     let sock = tokio::net::UdpSocket::bind(bind).await.map_err(|e| e.to_string())?;

@@ -105,17 +105,10 @@ pub fn boot() -> BootInfo {
         .collect();
 
     start_network(config.as_ref());
-    say!("boot done in {}s{}; {}", tenths(t0.elapsed()), since_boot(), meminfo());
+    say!("boot done in {}s{}; {}", crate::util::decimal(t0.elapsed().as_secs_f64(), 1), since_boot(), meminfo());
     watch_memory();
     let spool_note = if persistent_spool { String::new() } else { spool_note };
     BootInfo { config_path, config, config_error, spool_note, alerts }
-}
-
-/// `d` in seconds with one decimal, rounded half up ("12.3"), in integers:
-/// no float formatting in the binary for one console line.
-fn tenths(d: Duration) -> String {
-    let t = d.as_secs().saturating_mul(10).saturating_add((u64::from(d.subsec_micros()) + 50_000) / 100_000);
-    format!("{}.{}", t / 10, t % 10)
 }
 
 /// What comes before anything can be read from a disk: the pseudo file
@@ -415,17 +408,6 @@ mod tests {
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
         d
-    }
-
-    #[test]
-    fn tenths_round_like_the_float_format() {
-        let ms = Duration::from_millis;
-        for (d, want) in [(ms(0), "0.0"), (ms(49), "0.0"), (ms(50), "0.1"), (ms(1960), "2.0"), (ms(1234), "1.2"), (ms(59_999), "60.0")] {
-            assert_eq!(tenths(d), want, "{d:?}");
-            assert_eq!(format!("{:.1}", d.as_secs_f32()), want, "{d:?}");
-        }
-        // u64 seconds: no overflow on a machine up for years
-        assert_eq!(tenths(Duration::from_secs(400 * 86400)), "34560000.0");
     }
 
     #[test]

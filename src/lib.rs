@@ -28,6 +28,7 @@ pub mod session;
 pub mod spool;
 pub mod stats;
 pub mod status;
+pub mod sys;
 pub mod tls;
 #[cfg(feature = "tls")]
 pub mod tls_io;

@@ -29,6 +29,11 @@
 //! as every Postfix log line passes through its printable(): text from the
 //! envelope (a HELO name, a quoted local part, a primary's reply) cannot put
 //! terminal escapes, bells or line breaks into the log.
+//!
+//! Role: the `log` crate's logger. The line is formatted here (dates by
+//! [`crate::util`]); simplelog's writers, each behind a buffer, put it on
+//! stderr and in the log file. May touch: stderr, the log file, the UDP
+//! socket to `log_host`, the ring.
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -317,9 +322,9 @@ pub fn delay(secs: f64) -> String {
     let text = if secs >= 10.0 {
         return format!("{}", secs.round() as u64);
     } else if secs >= 1.0 {
-        format!("{:.1}", (secs * 10.0).round() / 10.0)
+        crate::util::decimal((secs * 10.0).round() / 10.0, 1)
     } else {
-        format!("{:.2}", (secs * 100.0).round() / 100.0)
+        crate::util::decimal((secs * 100.0).round() / 100.0, 2)
     };
     let t = text.trim_end_matches('0').trim_end_matches('.');
     if t.is_empty() { "0".to_string() } else { t.to_string() }

@@ -372,12 +372,7 @@ pub fn write_resolv_conf(servers: &[String]) {
 // ---------------------------------------------------------------- DHCP
 
 fn random_u32(mac: &[u8; 6]) -> u32 {
-    let mut b = [0u8; 4];
-    // SAFETY: getrandom into a 4-byte stack buffer.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut _, 4, libc::GRND_NONBLOCK) };
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let r = if n == 4 { u32::from_ne_bytes(b) } else { 0 };
-    r ^ t ^ u32::from_be_bytes([mac[2], mac[3], mac[4], mac[5]])
+    crate::sys::random_u32() ^ u32::from_be_bytes([mac[2], mac[3], mac[4], mac[5]])
 }
 
 fn dhcp_socket(name: &str) -> io::Result<UdpSocket> {

@@ -220,7 +220,7 @@ async fn mx_route(cfg: &Config, domain: &str) -> Result<Route, Reply> {
     while i < mxs.len() {
         let j = mxs[i..].iter().position(|(p, _)| *p != mxs[i].0).map_or(mxs.len(), |n| i + n);
         for k in (i + 1..j).rev() {
-            let r = i + (dns::random_u32() as usize) % (k - i + 1);
+            let r = i + (crate::sys::random_u32() as usize) % (k - i + 1);
             mxs.swap(k, r);
         }
         i = j;

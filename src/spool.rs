@@ -1,5 +1,8 @@
 //! The spool: the durable queue on disk.
 //!
+//! Role: every file under the spool directory, and only there; its file
+//! system's space comes from [`crate::sys`].
+//!
 //! Layout under the spool directory:
 //!
 //! ```text
@@ -309,27 +312,8 @@ pub struct Recovery {
     pub unreadable: usize,
 }
 
-/// Space on the spool's file system, as `df` shows it.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct DiskSpace {
-    pub total: u64,
-    pub used: u64,
-    /// Available to an unprivileged writer (df's "Avail").
-    pub avail: u64,
-    /// Inodes in all, and free for an unprivileged writer (`df -i`); both 0
-    /// on file systems without an inode limit (btrfs).
-    pub files: u64,
-    pub favail: u64,
-    /// Mounted read-only (statvfs ST_RDONLY).
-    pub read_only: bool,
-}
-
-impl DiskSpace {
-    pub fn percent_used(&self) -> u32 {
-        let denom = self.used + self.avail;
-        if denom == 0 { 0 } else { (self.used as u128 * 100).div_ceil(denom as u128) as u32 }
-    }
-}
+/// Space on the spool's file system (statvfs, in [`crate::sys`]).
+pub use crate::sys::{DiskSpace, disk_space};
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
@@ -523,11 +507,25 @@ impl Spool {
     ///   crash).
     pub fn recover(&self) -> io::Result<Recovery> {
         let mut r = Recovery::default();
-        let mut changed = false;
         // A write probe cut short by the crash: not a partial message.
         for d in PROBED {
             let _ = fs::remove_file(self.root.join(d).join(PROBE));
         }
+        let mut changed = self.recover_incoming(&mut r);
+        changed |= self.recover_pool(&mut r);
+        changed |= self.recover_queue(&mut r)?;
+        changed |= self.recover_states(&mut r);
+        if changed && let Err(e) = self.sync() {
+            log::error!(target: MASTER, "error: spool {}: sync after recovery: {e}", self.root.display());
+        }
+        Ok(r)
+    }
+
+    /// `incoming/` (versions before `free/`): partial messages are removed,
+    /// anything else is moved to `corrupt/NAME.incoming`. True when the
+    /// spool changed.
+    fn recover_incoming(&self, r: &mut Recovery) -> bool {
+        let mut changed = false;
         let incoming = self.root.join("incoming");
         match fs::read_dir(&incoming) {
             Ok(rd) => {
@@ -543,7 +541,7 @@ impl Spool {
                         },
                         Ok(t) => {
                             let name = format!("{}.incoming", e.file_name().to_string_lossy());
-                            changed |= self.quarantine_logged(&p, &name, &format!("not a regular file ({})", crate::util::file_kind(t)), &mut r);
+                            changed |= self.quarantine_logged(&p, &name, &format!("not a regular file ({})", crate::util::file_kind(t)), r);
                         }
                         Err(err) => log::warn!(target: MASTER, "warning: {}: {err}", p.display()),
                     }
@@ -551,7 +549,14 @@ impl Spool {
             }
             Err(e) => log::error!(target: MASTER, "error: {}: cannot list partial messages: {e}", incoming.display()),
         }
-        changed |= self.recover_pool(&mut r);
+        changed
+    }
+
+    /// `queue/`: every queue file checked; a damaged one goes to
+    /// `corrupt/` with its state, an unreadable one stays. True when the
+    /// spool changed; an error when the queue cannot be listed.
+    fn recover_queue(&self, r: &mut Recovery) -> io::Result<bool> {
+        let mut changed = false;
         for id in self.ids()? {
             match self.check(&id) {
                 Ok(()) => r.queued += 1,
@@ -584,6 +589,14 @@ impl Spool {
                 }
             }
         }
+        Ok(changed)
+    }
+
+    /// `state/`: leftovers deleted, damaged states moved to
+    /// `corrupt/ID.state`, unreadable ones left in place. True when the
+    /// spool changed.
+    fn recover_states(&self, r: &mut Recovery) -> bool {
+        let mut changed = false;
         let state = self.root.join("state");
         match fs::read_dir(&state) {
             Ok(rd) => {
@@ -607,7 +620,7 @@ impl Spool {
                                 Err(err) => log::warn!(target: MASTER, "warning: {}: cannot remove: {err}", p.display()),
                             }
                         } else {
-                            changed |= self.quarantine_logged(&p, &name, &what(), &mut r);
+                            changed |= self.quarantine_logged(&p, &name, &what(), r);
                         }
                         continue;
                     }
@@ -642,10 +655,7 @@ impl Spool {
             }
             Err(e) => log::error!(target: MASTER, "error: {}: cannot list delivery states: {e}", state.display()),
         }
-        if changed && let Err(e) = self.sync() {
-            log::error!(target: MASTER, "error: spool {}: sync after recovery: {e}", self.root.display());
-        }
-        Ok(r)
+        changed
     }
 
     /// Takes the files in `free/` into the pool (what is there was never a
@@ -1166,28 +1176,6 @@ impl Spool {
     pub fn disk_space(&self) -> io::Result<DiskSpace> {
         disk_space(&self.root)
     }
-}
-
-/// Space on the file system holding `path` (statvfs, as `df` computes it).
-pub fn disk_space(path: &Path) -> io::Result<DiskSpace> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| invalid("NUL in path".into()))?;
-    // SAFETY: statvfs writes into the zeroed struct we own; c is NUL-terminated.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let frsize = st.f_frsize as u64;
-    let total = st.f_blocks as u64 * frsize;
-    let free = st.f_bfree as u64 * frsize;
-    Ok(DiskSpace {
-        total,
-        used: total.saturating_sub(free),
-        avail: st.f_bavail as u64 * frsize,
-        files: st.f_files as u64,
-        favail: st.f_favail as u64,
-        read_only: st.f_flag & libc::ST_RDONLY != 0,
-    })
 }
 
 /// Free inodes the spool keeps in reserve: below it, MAIL gets 452.

@@ -1,4 +1,8 @@
-//! Small helpers shared by several roles: clock, dates, queue IDs.
+//! Small helpers shared by several roles: clock, dates (the one calendar:
+//! no date crate, no time zone database), numbers with decimals without
+//! float formatting, queue IDs, reading an admin's small files.
+//!
+//! Role: pure helpers. May touch: the clock, files it is asked to read.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -56,6 +60,57 @@ pub fn iso_date(t: u64) -> String {
     let (y, m, d) = civil_from_days((t / 86400) as i64);
     let s = t % 86400;
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", s / 3600, (s / 60) % 60, s % 60)
+}
+
+/// `x` with `places` decimals (at most 9), exactly as `format!("{x:.places$}")`
+/// writes a non-negative finite number (correctly rounded from its binary
+/// value, ties to even), from integer arithmetic alone: float formatting
+/// (core's flt2dec) is several KB of code the i486 binary need not carry.
+/// Negative numbers and NaN give 0; the result saturates at
+/// u64::MAX / 10^places (numbers beyond ~1.8e19 / 10^places).
+pub fn decimal(x: f64, places: u32) -> String {
+    if x.is_nan() || x <= 0.0 {
+        return fraction(0, 0, places);
+    }
+    // x = m x 2^e exactly
+    let bits = x.to_bits();
+    let biased = ((bits >> 52) & 0x7ff) as i32;
+    let frac = u128::from(bits & ((1u64 << 52) - 1));
+    let (m, e) = if biased == 0 { (frac, -1074) } else { (frac | (1 << 52), biased - 1075) };
+    match e {
+        // 2^64 and above (and infinity): saturated below
+        12.. => fraction(u128::from(u64::MAX), 0, places),
+        0.. => fraction(m << e, 0, places),
+        // far under one half of the last place (m x 10^9 < 2^83)
+        ..-100 => fraction(0, 0, places),
+        _ => fraction(m, e.unsigned_abs(), places),
+    }
+}
+
+/// `num / 2^shift` with `places` decimals (at most 9), rounded to the
+/// nearest, ties to even (as float formatting rounds). Shifts and 64-bit
+/// divisions only (a 128-bit division is a large routine on the i486).
+/// `num` below 2^90, `shift` at most 127; the rounded value, scaled by
+/// 10^places, saturates at u64::MAX.
+pub fn fraction(num: u128, shift: u32, places: u32) -> String {
+    let places = places.min(9);
+    let scale = 10u64.pow(places);
+    let n = num * u128::from(scale);
+    let shift = shift.min(127);
+    let q = n >> shift;
+    let q = if shift == 0 {
+        q
+    } else {
+        let r = n - (q << shift);
+        let half = 1u128 << (shift - 1);
+        if r > half || (r == half && q & 1 == 1) { q + 1 } else { q }
+    };
+    let q = u64::try_from(q).unwrap_or(u64::MAX);
+    let int = q / scale;
+    if places == 0 {
+        return int.to_string();
+    }
+    format!("{int}.{:0w$}", q % scale, w = places as usize)
 }
 
 /// A short human duration: `45s`, `12m`, `3h07m`, `2d04h`.
@@ -196,6 +251,42 @@ mod tests {
         assert_eq!(iso_date(1_795_320_958), "2026-11-22T04:15:58Z");
         assert_eq!(mailq_date(1_795_320_958), "Sun Nov 22 04:15:58");
         assert_eq!(human_duration(3 * 3600 + 7 * 60), "3h07m");
+    }
+
+    /// `decimal` must write what `format!("{:.N}")` writes, byte for byte:
+    /// ties (0.125, 2.5), values just under a tie (0.15 is 0.1499...),
+    /// carries (9.96 -> 10.0), tiny and huge numbers, f32 values.
+    #[test]
+    fn decimal_is_float_formatting_without_floats() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut xs = vec![0.0, 0.125, 0.375, 2.5, 0.5, 1.5, 0.25, 0.15, 0.05, 9.95, 9.96, 1.05, 0.045, 999.999, 1e-9, 5e-324, 1.0e15, 4503599627370495.5, 9007199254740993.0, 0.1 + 0.2];
+        for _ in 0..20_000 {
+            let r = next();
+            xs.push((r >> 11) as f64 / (1u64 << (r % 53)) as f64);
+            xs.push(f64::from(f32::from_bits((r as u32) & 0x7f7f_ffff)).min(1e15));
+            xs.push((r % 100_000) as f64 / 100.0);
+            xs.push((r % 100_000) as f64 / 86400.0);
+        }
+        for x in xs {
+            for p in 0..=3u32 {
+                assert_eq!(decimal(x, p), format!("{x:.*}", p as usize), "{x:e} with {p} places");
+            }
+        }
+        assert_eq!(decimal(-1.0, 2), "0.00");
+        assert_eq!(decimal(f64::NAN, 1), "0.0");
+        assert_eq!(decimal(1.25f32.into(), 1), "1.2");
+        assert_eq!(decimal(f64::INFINITY, 0), u64::MAX.to_string());
+        assert_eq!(fraction(1280, 10, 1), "1.2");
+        assert_eq!(fraction(1, 3, 3), "0.125");
+        assert_eq!(fraction(3, 1, 0), "2");
+        assert_eq!(fraction(5, 1, 0), "2");
+        assert_eq!(fraction(5, 0, 1), "5.0");
     }
 
     #[test]

@@ -19,6 +19,9 @@
 //! (a thread of its own: temporary file, fsync, rename, fsync of the
 //! directory) at most every [`SAVE_INTERVAL`] when it changed, and at
 //! shutdown: a crash loses at most the last minute of answers.
+//!
+//! Role: the cache and the prober. May touch: its cache file in the spool,
+//! connections to the primary (through the delivery client), the Stats.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, Write};
@@ -335,6 +338,18 @@ pub enum Answer {
     Unreachable(String),
 }
 
+/// What a probe's outcome means: a 2xx is a yes, a permanent "no such
+/// user" a no, any other reply no verdict for now, no reply at all an
+/// unreachable primary.
+fn classify(result: Result<crate::delivery::Reply, String>) -> Answer {
+    match result {
+        Ok(r) if r.is_ok() => Answer::Yes,
+        Ok(r) if r.is_permanent() && no_such_user(&r) => Answer::No(r.text),
+        Ok(r) => Answer::TempFail(r.text),
+        Err(why) => Answer::Unreachable(why),
+    }
+}
+
 /// True when a 5xx to the probe's RCPT says the mailbox does not exist:
 /// an enhanced code 5.1.x (but 5.1.7 and 5.1.8, the sender's: Postfix's
 /// smtpd_delay_reject answers a refused `MAIL FROM:<>` at RCPT), or 550,
@@ -495,6 +510,9 @@ impl Verifier {
     }
 
     /// The prober: one task, one connection to the primary at a time.
+    /// Each round: wait for a request (a second at most), answer the
+    /// requests, refresh one positive entry when due, close an idle
+    /// connection, save the cache when due.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         // The connection, with the route it goes to (`primary = "mx"`:
         // each recipient domain's MX hosts; else the primary, key "").
@@ -516,76 +534,20 @@ impl Verifier {
                     _ = shutdown.changed() => break,
                 }
             }
-            // Requests first, for a second at most: under a load that never
-            // lets the queue run empty, the refresh below still has its turn.
-            let round = util::now();
-            loop {
-                if util::now() != round {
-                    break;
-                }
-                let next = {
-                    let mut st = self.lock();
-                    let n = st.queue.pop_front();
-                    if let Some((k, w)) = n {
-                        let k2 = k.to_string();
-                        st.inflight = Some((k, w));
-                        Some(k2)
-                    } else {
-                        None
-                    }
-                };
-                let Some(addr) = next else { break };
-                let up = self.primary_up(&self.lock());
-                let answer = if up {
-                    tokio::select! {
-                        a = self.probe(&mut conn, &addr) => a,
-                        _ = shutdown.changed() => Answer::Unreachable("shutting down".into()),
-                    }
-                } else {
-                    Answer::Unreachable("primary unreachable".into())
-                };
-                idle_since = tokio::time::Instant::now();
-                let waiters = self.lock().inflight.take().map(|(_, w)| w).unwrap_or_default();
-                for w in waiters {
-                    let _ = w.send(answer.clone());
-                }
-                if *shutdown.borrow() {
-                    break;
-                }
-                // Also here: under a load that never lets the queue run
-                // empty, the save below this loop would never come.
-                self.save_if_due(&mut last_save);
-            }
+            self.answer_requests(&mut conn, &mut shutdown, &mut idle_since, &mut last_save).await;
             // Background refresh of positives, at most one a second, only
             // while the primary is up.
             let now = util::now();
-            if now != last_refresh_probe {
-                let due = {
-                    let mut st = self.lock();
-                    // A quarter of the TTL (Postfix: 7 d of 31 d), and at most
-                    // half of `[status] recipients_max_age`, so a primary that is
-                    // up keeps the cache from being flagged stale on the page.
-                    let mut after = self.cfg.verify_positive_ttl / 4;
-                    let max_age = self.cfg.status.recipients_max_age;
-                    if !max_age.is_zero() {
-                        after = after.min(max_age / 2);
-                    }
-                    let after = u32::try_from(after.as_secs()).unwrap_or(u32::MAX);
-                    let due = if self.primary_up(&st) { st.cache.due_refresh(now as u32, after) } else { None };
-                    if let Some(a) = &due {
-                        st.cache.mark_tried(a, now as u32);
-                    }
-                    due
-                };
-                if let Some(addr) = due {
-                    last_refresh_probe = now;
-                    log::info!(target: SMTP, "verify: refreshing <{addr}>");
-                    tokio::select! {
-                        _ = self.probe(&mut conn, &addr) => {}
-                        _ = shutdown.changed() => break,
-                    }
-                    idle_since = tokio::time::Instant::now();
+            if now != last_refresh_probe
+                && let Some(addr) = self.refresh_due(now)
+            {
+                last_refresh_probe = now;
+                log::info!(target: SMTP, "verify: refreshing <{addr}>");
+                tokio::select! {
+                    _ = self.probe(&mut conn, &addr) => {}
+                    _ = shutdown.changed() => break,
                 }
+                idle_since = tokio::time::Instant::now();
             }
             if conn.is_some() && idle_since.elapsed() >= IDLE_QUIT
                 && let Some((_, c)) = conn.take()
@@ -594,7 +556,76 @@ impl Verifier {
             }
             self.save_if_due(&mut last_save);
         }
-        // Shutdown: answer the waiting sessions, close, save.
+        self.shut_down(conn).await;
+    }
+
+    /// Answers the queued requests, for a second at most: under a load that
+    /// never lets the queue run empty, the refresh after it still has its
+    /// turn. Stops early at a shutdown.
+    async fn answer_requests(
+        &self,
+        conn: &mut Option<(String, Connection)>,
+        shutdown: &mut watch::Receiver<bool>,
+        idle_since: &mut tokio::time::Instant,
+        last_save: &mut tokio::time::Instant,
+    ) {
+        let round = util::now();
+        while util::now() == round {
+            let Some(addr) = self.next_request() else { break };
+            let up = self.primary_up(&self.lock());
+            let answer = if up {
+                tokio::select! {
+                    a = self.probe(conn, &addr) => a,
+                    _ = shutdown.changed() => Answer::Unreachable("shutting down".into()),
+                }
+            } else {
+                Answer::Unreachable("primary unreachable".into())
+            };
+            *idle_since = tokio::time::Instant::now();
+            let waiters = self.lock().inflight.take().map(|(_, w)| w).unwrap_or_default();
+            for w in waiters {
+                let _ = w.send(answer.clone());
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            // Also here: under a load that never lets the queue run
+            // empty, the save after the round would never come.
+            self.save_if_due(last_save);
+        }
+    }
+
+    /// The oldest request, now in flight (its waiters answered when done).
+    fn next_request(&self) -> Option<String> {
+        let mut st = self.lock();
+        let (k, w) = st.queue.pop_front()?;
+        let addr = k.to_string();
+        st.inflight = Some((k, w));
+        Some(addr)
+    }
+
+    /// A positive entry due for a background refresh, marked as tried;
+    /// none while the primary is down.
+    fn refresh_due(&self, now: u64) -> Option<String> {
+        let mut st = self.lock();
+        // A quarter of the TTL (Postfix: 7 d of 31 d), and at most
+        // half of `[status] recipients_max_age`, so a primary that is
+        // up keeps the cache from being flagged stale on the page.
+        let mut after = self.cfg.verify_positive_ttl / 4;
+        let max_age = self.cfg.status.recipients_max_age;
+        if !max_age.is_zero() {
+            after = after.min(max_age / 2);
+        }
+        let after = u32::try_from(after.as_secs()).unwrap_or(u32::MAX);
+        let due = if self.primary_up(&st) { st.cache.due_refresh(now as u32, after) } else { None };
+        if let Some(a) = &due {
+            st.cache.mark_tried(a, now as u32);
+        }
+        due
+    }
+
+    /// At shutdown: answers the waiting sessions, closes, saves.
+    async fn shut_down(&self, mut conn: Option<(String, Connection)>) {
         {
             let mut st = self.lock();
             let q: Vec<_> = st.queue.drain(..).collect();
@@ -666,12 +697,22 @@ impl Verifier {
     /// Asks the primary about `addr` and records the answer. Bounded by
     /// `verify_timeout` for the connection and once more for the probe.
     async fn probe(&self, conn: &mut Option<(String, Connection)>, addr: &str) -> Answer {
+        let answer = classify(self.ask(conn, addr).await);
+        self.record(addr, &answer);
+        self.publish();
+        answer
+    }
+
+    /// The primary's reply to RCPT TO:<addr>, or why there is none. Uses
+    /// the connection kept from earlier when it goes to the same route,
+    /// with one more try on a new one if that was closed meanwhile.
+    async fn ask(&self, conn: &mut Option<(String, Connection)>, addr: &str) -> Result<crate::delivery::Reply, String> {
         let limit = self.cfg.verify_timeout;
         let mut fresh = false;
         // With `primary = "mx"` the address is asked where its mail would go:
         // the MX hosts of its domain, as delivery routes it.
         let domain = if self.cfg.primary_list.is_empty() { crate::route::domain_of(addr) } else { String::new() };
-        let result = loop {
+        loop {
             if conn.as_ref().is_some_and(|(key, _)| *key != domain) {
                 *conn = None;
             }
@@ -710,19 +751,19 @@ impl Verifier {
                     break Err(format!("conversation with {} timed out after verify_timeout", self.cfg.primary));
                 }
             }
-        };
+        }
+    }
+
+    /// Keeps an answer: a yes or no in the cache (and the page's figures),
+    /// no answer at all as the primary down until `minimal_backoff` has
+    /// passed; and logs it.
+    fn record(&self, addr: &str, answer: &Answer) {
         let now = now32();
-        let answer = match result {
-            Ok(r) if r.is_ok() => Answer::Yes,
-            Ok(r) if r.is_permanent() && no_such_user(&r) => Answer::No(r.text),
-            Ok(r) => Answer::TempFail(r.text),
-            Err(why) => Answer::Unreachable(why),
-        };
         {
             let mut st = self.lock();
-            match &answer {
+            match answer {
                 Answer::Yes | Answer::No(_) => {
-                    st.cache.insert(addr, answer == Answer::Yes, now);
+                    st.cache.insert(addr, *answer == Answer::Yes, now);
                     st.dirty += 1;
                     Stats::inc(&self.stats.verify_answered);
                     self.stats.verify_last_refresh.store(now, Ordering::Relaxed);
@@ -738,7 +779,7 @@ impl Verifier {
                 }
             }
         }
-        match &answer {
+        match answer {
             Answer::Yes => log::info!(target: SMTP, "verify: <{addr}>: status=deliverable"),
             // Debug only: the session's reject line says it already, and a
             // dictionary attack would double the console's lines.
@@ -746,8 +787,6 @@ impl Verifier {
             Answer::TempFail(r) => log::info!(target: SMTP, "verify: <{addr}>: status=deferred ({r})"),
             _ => {}
         }
-        self.publish();
-        answer
     }
 
     /// What to answer when nothing is known and the primary cannot be
@@ -767,6 +806,24 @@ mod tests {
     use super::*;
 
     const DAY: Duration = Duration::from_secs(86400);
+
+    /// Only a permanent "no such user" is a no (what gets 550 from the
+    /// cache for weeks): a 5xx about anything else (a policy block, a bad
+    /// sender, 5.1.7/5.1.8 about the probe's sender) or a 4xx is no verdict,
+    /// and no reply at all is an unreachable primary.
+    #[test]
+    fn classify_outcomes() {
+        let r = |code: u16, text: &str| Ok(crate::delivery::Reply { code, text: format!("{code} {text}") });
+        assert_eq!(classify(r(250, "2.1.5 Ok")), Answer::Yes);
+        assert_eq!(classify(r(550, "5.1.1 <x@y>: User unknown")), Answer::No("550 5.1.1 <x@y>: User unknown".into()));
+        assert_eq!(classify(r(550, "User unknown")), Answer::No("550 User unknown".into()));
+        assert!(matches!(classify(r(554, "5.7.1 Relay access denied")), Answer::TempFail(_)));
+        assert!(matches!(classify(r(550, "5.1.8 Bad sender address")), Answer::TempFail(_)));
+        assert!(matches!(classify(r(550, "5.1.7 Bad sender mailbox")), Answer::TempFail(_)));
+        assert!(matches!(classify(r(450, "4.1.1 try later")), Answer::TempFail(_)));
+        assert!(matches!(classify(r(554, "no")), Answer::TempFail(_)));
+        assert_eq!(classify(Err("connect: refused".into())), Answer::Unreachable("connect: refused".into()));
+    }
 
     #[test]
     fn ttl_expires_entries() {

@@ -1,6 +1,9 @@
 //! The gate: a small, bounded front end that vets every HTTP connection
 //! before tiny_http sees it.
 //!
+//! Role: the status page's only socket on the network. May touch: that
+//! socket, its connections, the private socket of [`super::backend`].
+//!
 //! Why: tiny_http 0.12 spawns a thread per connection, buffers headers
 //! without limit, has no timeouts and stops accepting for good after one
 //! `accept()` error (see /work/shared/research/crates.md §2). On a 16 MB
@@ -33,6 +36,32 @@
 //!   pending set) up to [`READY_WAIT`] for one, and gets 503 after that.
 //! * Errors never stop the accept loop: on EMFILE and the like it drops the
 //!   oldest pending connection, sleeps 50 ms and carries on.
+//!
+//! # Every limit, in one place
+//!
+//! The constants below this comment are all the bounds of the page's
+//! network side; nothing else in `status/` sets one, except where noted:
+//!
+//! | what | bound | constant |
+//! |---|---|---|
+//! | connections held (reading, waiting, draining) | 40, oldest dropped | [`MAX_PENDING`] |
+//! | complete requests waiting for a worker | 16, then 503 | [`MAX_READY`], [`READY_WAIT`] 10 s |
+//! | request head | 8 KiB, then 431 | [`MAX_HEAD`] |
+//! | request body (`POST /flush`) | 4 KiB, then 413 | [`MAX_BODY`] |
+//! | pushed recipients list (`PUT /recipients`) | 1 MiB, then 413 | [`crate::policy::MAX_LIST_BYTES`]; its time: [`super::push::PUSH_DEADLINE`] |
+//! | time to send the request | 5 s, then 408 | [`REQUEST_DEADLINE`] |
+//! | one read or write | 5 s | [`IO_TIMEOUT`] |
+//! | the page to be rendered | 30 s | [`BACKEND_TIMEOUT`] |
+//! | the response to be delivered | 30 s | [`RESPONSE_DEADLINE`] |
+//! | draining after an error reply | 2 s, 256 KiB | [`LINGER`], [`LINGER_BYTES`] |
+//! | forwarding threads, their stacks | 4 x 64 KiB | [`WORKERS`], [`STACK`] |
+//! | requests handed over, not yet taken | 2 | [`QUEUE`] |
+//! | free descriptors before reaching tiny_http | 6; none for 1 s after an EMFILE | [`FD_HEADROOM`], [`FD_PRESSURE`], [`ACCEPT_GRACE`] |
+//!
+//! Behind the gate: tiny_http's own accept thread and pool of 4 threads
+//! (stacks from `RUST_MIN_STACK`), restarted by [`super::backend`] if its
+//! accept loop dies, and one handler thread ([`super::HANDLER_STACK`]) that
+//! answers one request at a time, so one page at most is in memory.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -79,6 +108,16 @@ const BACKEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// the reply before the client read it (Apache's "lingering close").
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 256 * 1024;
+
+/// Free descriptors needed before connecting to tiny_http: ours, its
+/// accepted socket and clone, and a couple for the handler's spool reads.
+const FD_HEADROOM: usize = 6;
+/// How long a worker keeps the gate from accepting after connecting to
+/// tiny_http (its accept thread does nothing else, so this is ample).
+const ACCEPT_GRACE: Duration = Duration::from_millis(200);
+
+/// After an EMFILE, requests are not passed to tiny_http for this long.
+const FD_PRESSURE: Duration = Duration::from_secs(1);
 
 /// What the gate shares with the rest of the status page.
 pub struct Gate {
@@ -267,16 +306,6 @@ fn is_local_address(ip: IpAddr) -> bool {
     unsafe { libc::freeifaddrs(list) };
     found
 }
-
-/// Free descriptors needed before connecting to tiny_http: ours, its
-/// accepted socket and clone, and a couple for the handler's spool reads.
-const FD_HEADROOM: usize = 6;
-/// How long a worker keeps the gate from accepting after connecting to
-/// tiny_http (its accept thread does nothing else, so this is ample).
-const ACCEPT_GRACE: Duration = Duration::from_millis(200);
-
-/// After an EMFILE, requests are not passed to tiny_http for this long.
-const FD_PRESSURE: Duration = Duration::from_secs(1);
 
 /// True when `n` more descriptors can be opened now (by dup'ing `fd` and
 /// closing the copies).

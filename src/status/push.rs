@@ -188,7 +188,7 @@ impl Push {
             let (scheme, cred) = v.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| cred.trim_start_matches(' '))
         });
-        let ok = given.is_some_and(|g| super::same(g, &token));
+        let ok = given.is_some_and(|g| super::csrf::same(g, &token));
         if !ok {
             if let Some(n) = self.auth_warning.allow(crate::util::now()) {
                 log::warn!(
