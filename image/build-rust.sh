@@ -13,7 +13,6 @@ SYSROOT=$(readlink -f "$OUT/sysroot486")
 TARGET_JSON=$IMAGE_DIR/i486-unknown-linux-musl.json
 srcfiles() { (cd "$CRATE" && find Cargo.toml Cargo.lock .cargo src build.rs "$@" -type f 2>/dev/null | LC_ALL=C sort); }
 H=$( { for f in $(srcfiles); do echo "== $f"; cat "$CRATE/$f"; done
-       cat "$TOP/src/init.rs" "$TOP/src/netcfg.rs" "$TOP/src/config.rs" 2>/dev/null   # #[path]-included by image/pid1-probe
        cat "$TARGET_JSON" "$IMAGE_DIR/i486-bartleby-musl-cc" "$0"; echo "$SYSROOT $BIN $CRATE features=$FEATURES"; rustc -vV; } | sha256sum | cut -c1-16)
 DEST=$CACHE/rust-$H
 if [ -x "$DEST/$BIN" ]; then

@@ -1,7 +1,7 @@
 #!/bin/bash
 # `make image`: everything, in order, each step cached by the hash of its inputs
 # (kernel ~4-15 min and musl ~1 min the first time; a rerun takes seconds).
-# Env: BIN_CRATE/BIN_NAME to put another binary in /init (e.g. the pid1-probe),
+# Env: BIN_CRATE/BIN_NAME to put another binary in /init,
 #      IMG output dir (default image/out), SKIP_DEPS=1 to skip the apt/rustup step.
 . "$(dirname "$0")/common.sh"
 t0=$(date +%s)
