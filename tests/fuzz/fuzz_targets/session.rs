@@ -32,7 +32,7 @@ use watched::Watched;
 
 use bartleby::config::Config;
 use bartleby::policy::{RecipientList, Recipients};
-use bartleby::session::{self, Ctx};
+use bartleby::session::{self, Shared};
 use bartleby::spool::{Committer, Spool};
 use bartleby::stats::Stats;
 use bartleby::util::QueueId;
@@ -46,9 +46,9 @@ const PIPE: usize = 1 << 20;
 struct Harness {
     rt: tokio::runtime::Runtime,
     /// Normalises bare CR/LF, accepts any address of the relay domains.
-    lax: Arc<Ctx>,
+    lax: Arc<Shared>,
     /// Rejects bare CR/LF, has a recipients list.
-    strict: Arc<Ctx>,
+    strict: Arc<Shared>,
     spool: Spool,
     root: PathBuf,
     /// What the sessions told the scheduler: (ID, message size).
@@ -83,7 +83,7 @@ static H: LazyLock<Harness> = LazyLock::new(|| {
     };
     let ctx = |cfg: Config| {
         let list = RecipientList::load(cfg.recipients.as_deref()).expect("recipients");
-        Arc::new(Ctx {
+        Arc::new(Shared {
             cfg: Arc::new(cfg),
             spool: spool.clone(),
             committer: committer.clone(),
@@ -118,7 +118,7 @@ async fn wait_idle(idle: &AtomicBool, done: &AtomicBool) {
 }
 
 /// Runs one session; returns everything the server wrote.
-async fn exchange(ctx: Arc<Ctx>, peer: SocketAddr, chunks: &[&[u8]]) -> Vec<u8> {
+async fn exchange(ctx: Arc<Shared>, peer: SocketAddr, chunks: &[&[u8]]) -> Vec<u8> {
     let (client, server) = tokio::io::duplex(PIPE);
     let idle = Arc::new(AtomicBool::new(false));
     let done = AtomicBool::new(false);
