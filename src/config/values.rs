@@ -207,6 +207,8 @@ pub fn parse_ip_port(s: &str, default: u16) -> Option<SocketAddr> {
     }
     match s.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
         Some(ip) => Some(SocketAddr::new(IpAddr::V6(ip.parse().ok()?), default)),
+        // No IPv6 zone here: these were never taken with one.
+        None if s.contains('%') => None,
         None => parse_socket_addr(s),
     }
 }
@@ -216,11 +218,17 @@ pub fn parse_ip_port(s: &str, default: u16) -> Option<SocketAddr> {
 /// By hand: std's SocketAddr parser costs KBs of binary.
 pub fn parse_socket_addr(s: &str) -> Option<SocketAddr> {
     let (host, p) = s.rsplit_once(':')?;
-    let ip = match host.strip_prefix('[') {
-        Some(h) => IpAddr::V6(h.strip_suffix(']')?.parse().ok()?),
-        None => IpAddr::V4(host.parse().ok()?),
+    let port = port(p)?;
+    let Some(h) = host.strip_prefix('[') else {
+        return Some(SocketAddr::new(IpAddr::V4(host.parse().ok()?), port));
     };
-    Some(SocketAddr::new(ip, port(p)?))
+    // An IPv6 zone, `[fe80::1%2]`: its interface number, as std's parser
+    // (used here before) took it.
+    let (ip, zone) = match h.strip_suffix(']')?.split_once('%') {
+        Some((ip, z)) => (ip, digits(z, 10)?.parse().ok()?),
+        None => (h.strip_suffix(']')?, 0),
+    };
+    Some(SocketAddr::V6(std::net::SocketAddrV6::new(ip.parse().ok()?, port, 0, zone)))
 }
 
 /// Parses `sha256:AB:CD:...` (or plain hex, with or without colons).
@@ -336,7 +344,7 @@ mod tests {
         assert_eq!(parse_ip_port("[::1]", 514), Some("[::1]:514".parse().unwrap()));
         assert_eq!(parse_ip_port("[::1]:5", 514), Some("[::1]:5".parse().unwrap()));
         assert_eq!(parse_ip_port("fe80::1", 514), Some("[fe80::1]:514".parse().unwrap()));
-        for bad in ["", ":", "192.0.2.1:", "192.0.2.1:0", "192.0.2.1:65536", "192.0.2.1:+5", "name.example:53", "[::1]:", "::1:53x", "[192.0.2.1]x:5", "[192.0.2.1]", "[192.0.2.1]:5", "١.2.3.4"] {
+        for bad in ["", ":", "192.0.2.1:", "192.0.2.1:0", "192.0.2.1:65536", "192.0.2.1:+5", "name.example:53", "[::1]:", "::1:53x", "[192.0.2.1]x:5", "[192.0.2.1]", "[192.0.2.1]:5", "١.2.3.4", "[fe80::1%2]:53", "[fe80::1%2]"] {
             assert_eq!(parse_ip_port(bad, 53), None, "{bad:?}");
         }
     }
@@ -367,6 +375,23 @@ mod tests {
             "0.0.0.0:２5",
             "0.0.0.0:99999999999999999999",
         ] {
+            assert_eq!(parse_socket_addr(bad), None, "{bad:?}");
+        }
+    }
+
+    /// An IPv6 address with a zone (`[fe80::1%2]:25`, the interface's
+    /// number): std's SocketAddr parser, used for `listen` and `[status]
+    /// listen` before this one, took it (a link-local address means nothing
+    /// without its interface), so a configuration that listened there must
+    /// still boot. The zone is a number, as std took it (no interface name).
+    #[test]
+    fn socket_addr_keeps_an_ipv6_zone() {
+        for good in ["[fe80::1%2]:25", "[fe80::1%0]:2525", "[fe80::1%4294967295]:80", "[::1%1]:25"] {
+            let std_took = good.parse::<SocketAddr>().ok();
+            assert!(std_took.is_some(), "{good:?}");
+            assert_eq!(parse_socket_addr(good), std_took, "{good:?}");
+        }
+        for bad in ["[fe80::1%]:25", "[fe80::1%eth0]:25", "[fe80::1%+2]:25", "[fe80::1%-2]:25", "[fe80::1%4294967296]:25", "[fe80::1% 2]:25", "[fe80::1%2 ]:25", "[192.0.2.1%2]:25", "[fe80::1%2]:0", "[fe80::1%2%3]:25", "[fe80::1%２]:25"] {
             assert_eq!(parse_socket_addr(bad), None, "{bad:?}");
         }
     }
