@@ -63,7 +63,7 @@ static H: LazyLock<Harness> = LazyLock::new(|| {
     std::fs::write(&rcpts, "alice@example.org\nbob@example.org OK\n@example.net\n").unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let base = format!(
-        "hostname = \"backup.example.org\"\nlisten = [\"127.0.0.1:0\"]\nspool = \"{}\"\n\
+        "hostname = \"backup.example.org\"\nlisten = [\"127.0.0.1:2525\"]\nspool = \"{}\"\n\
          relay_domains = [\"example.org\", \"example.net\"]\nprimary = \"127.0.0.1:9\"\n\
          max_message_size = 65536\ncommand_timeout = 1\ndata_timeout = 1\nmax_recipients = 100\n\
          error_limit = 10\nmax_received_headers = 5\nmin_free_space = 1\nmax_line_length = 512\n",
