@@ -480,11 +480,6 @@ impl Spool {
         self.root.join("state").join(id)
     }
 
-    /// Path of the control socket (`bartleby flush` talks to the server there).
-    pub fn control_socket(&self) -> PathBuf {
-        self.root.join("control.sock")
-    }
-
     /// Cleans up after a crash, and makes sure no single bad entry can stop
     /// the server or strand a message. Never fails on one entry: each is
     /// logged with its path and skipped or moved to `corrupt/`; it fails
